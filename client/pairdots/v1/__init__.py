@@ -1,0 +1,1 @@
+"""pairdots.v1: generated messages and stubs (protos/pairdots/v1)."""
