@@ -1,0 +1,92 @@
+"""pairdots: typed Python client for the pairdots gRPC service ("Pair the Dots",
+arXiv 2010.06943).
+
+    from pairdots import ClientConfig, PairdotsClient
+    with PairdotsClient(ClientConfig.from_env()) as client:
+        expl = client.explain("the acting is wooden", model="minilm-sst2", top_words=2)
+        for word in expl.target.salient_words:
+            print(word.text, word.saliency, word.supporting[0].text)
+
+Generated messages and stubs: ``from pairdots.v1 import pairdots_pb2, pairdots_pb2_grpc``.
+HTML report: ``from pairdots.report import render_html, write_html``.
+"""
+
+from pairdots.aio import AsyncPairdotsClient
+from pairdots.client import PairdotsClient, ProgressCallback
+from pairdots.config import ClientConfig
+from pairdots.errors import (
+    AbortedError,
+    AlreadyExistsError,
+    DataLossError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    FieldViolation,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    OutOfRangeError,
+    PairdotsError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    RpcCancelledError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnexpectedResponseError,
+    UnimplementedError,
+    UnknownError,
+)
+from pairdots.operations import (
+    AttackOutcome,
+    Evaluation,
+    JobProgress,
+    OperationHandle,
+    OperationOutcome,
+    OperationPage,
+    RepairOutcome,
+    TrainingEdit,
+)
+from pairdots.results import (
+    AttackMode,
+    CandidateSearch,
+    Curvature,
+    Diagnostics,
+    Explanation,
+    ExplanationRole,
+    InfluenceOptions,
+    InfluentialExample,
+    LabeledText,
+    LabelExplanation,
+    ModelInfo,
+    Prediction,
+    RepairMode,
+    RetrainMode,
+    RetrainOptions,
+    SaliencyOptions,
+    SalientWord,
+    Solver,
+    SolverDiagnostics,
+    SolverOptions,
+    StageTiming,
+    TargetFunction,
+    TokenInfluenceMethod,
+    TokenScoreMethod,
+    Word,
+    WordInfluence,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbortedError", "AlreadyExistsError", "AsyncPairdotsClient", "AttackMode", "AttackOutcome",
+    "CandidateSearch", "ClientConfig", "Curvature", "DataLossError", "DeadlineExceededError",
+    "Diagnostics", "Evaluation", "Explanation", "ExplanationRole", "FailedPreconditionError",
+    "FieldViolation", "InfluenceOptions", "InfluentialExample", "InternalError",
+    "InvalidArgumentError", "JobProgress", "LabelExplanation", "LabeledText", "ModelInfo",
+    "NotFoundError", "OperationHandle", "OperationOutcome", "OperationPage", "OutOfRangeError",
+    "PairdotsClient", "PairdotsError", "PermissionDeniedError", "Prediction", "ProgressCallback",
+    "RepairMode", "RepairOutcome", "ResourceExhaustedError", "RetrainMode", "RetrainOptions",
+    "RpcCancelledError", "SaliencyOptions", "SalientWord", "Solver", "SolverDiagnostics",
+    "SolverOptions", "StageTiming", "TargetFunction", "TokenInfluenceMethod", "TokenScoreMethod",
+    "TrainingEdit", "UnauthenticatedError", "UnavailableError", "UnexpectedResponseError",
+    "UnimplementedError", "UnknownError", "Word", "WordInfluence", "__version__",
+]

@@ -1,0 +1,243 @@
+"""Long-running operation types (Attack, Repair) read from google.longrunning.Operation.
+
+An operation's ``metadata`` is a pairdots.v1.JobMetadata (`JobProgress` here), its
+``response`` an AttackResult or RepairResult (`AttackOutcome` / `RepairOutcome`), its
+``error`` a google.rpc.Status (raised as a typed `PairdotsError`).
+
+google.longrunning ships without type information, so the Operation message is typed ``Any``
+at this boundary only; everything handed to callers is typed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeAlias
+
+from pairdots.errors import PairdotsError, UnexpectedResponseError, error_from_status
+from pairdots.results import _timestamp
+from pairdots.v1 import pairdots_pb2
+
+__all__ = [
+    "AttackOutcome", "Evaluation", "JobProgress", "OperationHandle", "OperationOutcome",
+    "OperationPage", "RepairOutcome", "TrainingEdit", "operation_from_proto",
+]
+
+_TYPE_PREFIX = "type.googleapis.com/"
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """Progress of an Attack/Repair operation (pairdots.v1.JobMetadata)."""
+
+    kind: str
+    model: str
+    stage: str
+    done: int
+    total: int
+    create_time: datetime | None
+    update_time: datetime | None
+
+    @classmethod
+    def from_proto(cls, msg: pairdots_pb2.JobMetadata) -> JobProgress:
+        return cls(msg.kind, msg.model, msg.stage, msg.done, msg.total,
+                   _timestamp(msg.create_time), _timestamp(msg.update_time))
+
+    @property
+    def fraction(self) -> float | None:
+        """done / total of the current stage, None when the total is unknown."""
+        return self.done / self.total if self.total > 0 else None
+
+
+@dataclass(frozen=True)
+class TrainingEdit:
+    """One perturbed (attack) or added (repair) training example; `influence_change` is
+    I(z̃, w) - I(z, w) (paper Eq. 7)."""
+
+    train_index: int
+    original_text: str
+    new_text: str
+    label: int
+    example_index: int
+    word_index: int
+    original_word: str
+    substitute: str
+    relation: str
+    influence_change: float
+    objective: str
+
+    @classmethod
+    def from_proto(cls, msg: pairdots_pb2.TrainingEdit) -> TrainingEdit:
+        return cls(msg.train_index, msg.original_text, msg.new_text, msg.label,
+                   msg.example_index, msg.word_index, msg.original_word, msg.substitute,
+                   msg.relation, msg.influence_change, msg.objective)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Accuracy before and after retraining on the edited training set."""
+
+    accuracy_before: float
+    accuracy_after: float
+    examples: int
+    saved_model: str
+    retrain_seconds: float
+
+    @classmethod
+    def from_proto(cls, msg: pairdots_pb2.Evaluation) -> Evaluation:
+        return cls(msg.accuracy_before, msg.accuracy_after, msg.examples, msg.saved_model,
+                   msg.retrain_seconds)
+
+
+@dataclass(frozen=True)
+class AttackOutcome:
+    """The result of a finished Attack operation (paper §4.2)."""
+
+    operation: str
+    edits: tuple[TrainingEdit, ...]
+    evaluation: Evaluation | None
+    notes: tuple[str, ...]
+    raw: pairdots_pb2.AttackResult = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, operation: str, msg: pairdots_pb2.AttackResult) -> AttackOutcome:
+        return cls(operation, tuple(TrainingEdit.from_proto(e) for e in msg.edits),
+                   Evaluation.from_proto(msg.evaluation) if msg.HasField("evaluation") else None,
+                   tuple(msg.notes), msg)
+
+
+@dataclass(frozen=True)
+class RepairOutcome:
+    """The result of a finished Repair operation (paper §4.3)."""
+
+    operation: str
+    errors_found: int
+    edits: tuple[TrainingEdit, ...]
+    evaluation: Evaluation | None
+    notes: tuple[str, ...]
+    raw: pairdots_pb2.RepairResult = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, operation: str, msg: pairdots_pb2.RepairResult) -> RepairOutcome:
+        return cls(operation, msg.errors_found,
+                   tuple(TrainingEdit.from_proto(e) for e in msg.edits),
+                   Evaluation.from_proto(msg.evaluation) if msg.HasField("evaluation") else None,
+                   tuple(msg.notes), msg)
+
+
+OperationOutcome: TypeAlias = AttackOutcome | RepairOutcome
+
+
+@dataclass(frozen=True)
+class OperationHandle:
+    """The state of one operation. When `done`, exactly one of `outcome` / `error` is set."""
+
+    name: str
+    done: bool
+    progress: JobProgress | None
+    outcome: OperationOutcome | None
+    error: PairdotsError | None
+    raw: Any = field(repr=False, compare=False)  # google.longrunning.Operation
+
+    def result(self) -> OperationOutcome:
+        """The outcome; raises the operation's error, or ValueError when not done yet."""
+        if self.error is not None:
+            raise self.error
+        if self.outcome is None:
+            raise ValueError(f"operation {self.name} is not done yet; use wait_operation()")
+        return self.outcome
+
+
+@dataclass(frozen=True)
+class OperationPage:
+    """One page of ListOperations; pass `next_page_token` back for the next ("" = last)."""
+
+    operations: tuple[OperationHandle, ...]
+    next_page_token: str
+
+
+def _type_name(any_msg: Any) -> str:
+    url = str(any_msg.type_url)
+    return url[len(_TYPE_PREFIX):] if url.startswith(_TYPE_PREFIX) else url.rsplit("/", 1)[-1]
+
+
+def operation_from_proto(op: Any) -> OperationHandle:
+    """Convert a google.longrunning.Operation."""
+    name = str(op.name)
+    progress: JobProgress | None = None
+    if op.HasField("metadata") and _type_name(op.metadata) == "pairdots.v1.JobMetadata":
+        meta = pairdots_pb2.JobMetadata()
+        meta.ParseFromString(bytes(op.metadata.value))
+        progress = JobProgress.from_proto(meta)
+    outcome: OperationOutcome | None = None
+    error: PairdotsError | None = None
+    result = str(op.WhichOneof("result") or "")
+    if result == "error":
+        error = error_from_status(op.error)
+    elif result == "response":
+        kind = _type_name(op.response)
+        data = bytes(op.response.value)
+        if kind == "pairdots.v1.AttackResult":
+            outcome = AttackOutcome.from_proto(name, pairdots_pb2.AttackResult.FromString(data))
+        elif kind == "pairdots.v1.RepairResult":
+            outcome = RepairOutcome.from_proto(name, pairdots_pb2.RepairResult.FromString(data))
+        else:
+            error = UnexpectedResponseError(
+                f"operation {name} finished with a {kind or 'typeless'} response; this client "
+                "reads pairdots.v1.AttackResult and pairdots.v1.RepairResult (upgrade the client?)",
+                reason="UNEXPECTED_RESPONSE_TYPE")
+    done = bool(op.done)
+    if done and outcome is None and error is None:
+        error = UnexpectedResponseError(
+            f"operation {name} is done but has neither a response nor an error",
+            reason="EMPTY_OPERATION_RESULT")
+    return OperationHandle(name, done, progress, outcome, error, op)
+
+
+def page_from_proto(resp: Any) -> OperationPage:
+    """Convert a google.longrunning.ListOperationsResponse."""
+    return OperationPage(tuple(operation_from_proto(op) for op in resp.operations),
+                         str(resp.next_page_token))
+
+
+# ---- request builders for the google.longrunning.Operations service ------------------------
+
+def get_request(name: str) -> Any:
+    from google.longrunning import operations_pb2
+
+    return operations_pb2.GetOperationRequest(name=name)
+
+
+def list_request(filter: str, page_size: int, page_token: str) -> Any:
+    from google.longrunning import operations_pb2
+
+    return operations_pb2.ListOperationsRequest(
+        name="operations", filter=filter, page_size=page_size, page_token=page_token)
+
+
+def cancel_request(name: str) -> Any:
+    from google.longrunning import operations_pb2
+
+    return operations_pb2.CancelOperationRequest(name=name)
+
+
+def delete_request(name: str) -> Any:
+    from google.longrunning import operations_pb2
+
+    return operations_pb2.DeleteOperationRequest(name=name)
+
+
+def wait_request(name: str, timeout_s: float) -> Any:
+    from google.longrunning import operations_pb2
+    from google.protobuf import duration_pb2
+
+    timeout = duration_pb2.Duration()
+    timeout.FromNanoseconds(max(0, int(timeout_s * 1e9)))
+    return operations_pb2.WaitOperationRequest(name=name, timeout=timeout)
+
+
+def operations_stub(channel: Any) -> Any:
+    """google.longrunning OperationsStub for a sync or asyncio channel (untyped upstream)."""
+    from google.longrunning import operations_pb2_grpc
+
+    return operations_pb2_grpc.OperationsStub(channel)
