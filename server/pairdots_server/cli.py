@@ -1,0 +1,429 @@
+"""`pairdots` command line: prepare / index / serve / explain / demo.
+
+    pairdots prepare [--model DIR] [--train F] [--dev F] [--name N] [--out ROOT]
+    pairdots index build --bundle DIR [--shard I --num-shards N --out PARTS]
+    pairdots index merge --bundle DIR --parts PARTS
+    pairdots serve --bundles ROOT [--port 50051] [--metrics-port 9090] ...
+    pairdots explain "text" [--address host:port] [--model NAME] [--html out.html] [--json]
+    pairdots demo [--bundles ROOT] [--text "..."] [--html report.html]
+
+Every flag of `serve` has a PAIRDOTS_* environment fallback (deploy/ uses them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pairdots_server.errors import PairdotsError
+
+DEFAULT_TEXT = "i loved it !"
+
+
+def _env(name: str, default: Any = None) -> Any:
+    return os.environ.get(f"PAIRDOTS_{name}", default)
+
+
+# -- prepare / index -------------------------------------------------------------------------
+
+
+def _artifact_config(args: argparse.Namespace) -> Any:
+    from pairdots_server.artifacts import ArtifactConfig
+
+    return ArtifactConfig(
+        index=not getattr(args, "no_index", False),
+        index_dim=args.index_dim,
+        index_seed=args.index_seed,
+        grad_batch_size=args.grad_batch_size,
+        low_rank=getattr(args, "low_rank", 0),
+    )
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from pairdots_server.artifacts import build_artifacts
+    from pairdots_server.bundle import Bundle
+    from pairdots_server.prepare import PrepareConfig, prepare_bundle
+    from pairdots_server.runtime import ModelRuntime
+    from pairdots_server.task import ScopeSpec
+    from pairdots_server.train import TrainConfig
+
+    train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                        max_length=args.max_length, seed=args.seed, max_steps=args.max_steps)
+    cfg = PrepareConfig(
+        model_path=args.model, train_path=args.train, dev_path=args.dev, name=args.name,
+        out_root=args.out, scope=ScopeSpec.from_dict({"kind": args.scope, "n": args.scope_n,
+                                                      "pattern": args.scope_pattern}),
+        train=train, limit_train=args.limit_train, limit_dev=args.limit_dev,
+        overwrite=args.overwrite,
+    )
+    art = _artifact_config(args)
+    started = time.perf_counter()
+
+    def after_train(task: Any, examples: Any, scratch: Path) -> Any:
+        manifest = {"labels": list(task.labels), "train": train.to_dict(), "files": {}}
+        rt = ModelRuntime(Bundle(cfg.name, scratch, manifest, task, list(examples)))
+        return build_artifacts(rt, art, scratch, progress=not args.quiet)
+
+    path = prepare_bundle(cfg, progress=not args.quiet, after_train=after_train)
+    print(f"bundle written: {path} ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+def _load_runtime(path: str, device: str) -> Any:
+    from pairdots_server.bundle import load_bundle
+    from pairdots_server.runtime import ModelRuntime
+
+    return ModelRuntime(load_bundle(path, device=device))
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from pairdots_server.artifacts import (
+        build_index_dir,
+        build_index_shard,
+        index_files,
+    )
+    from pairdots_server.bundle import update_bundle
+
+    rt = _load_runtime(args.bundle, args.device)
+    cfg = _artifact_config(args)
+    if args.num_shards is not None or args.shard is not None:
+        from pairdots_server.index.build import shard_from_env
+
+        shard, num = shard_from_env(args.shard, args.num_shards)
+        if not args.out:
+            raise SystemExit("--out PARTS_DIR is required for a sharded build")
+        part = build_index_shard(rt, cfg, shard, num, Path(args.out), not args.quiet)
+        print(f"wrote {part}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="pairdots-index-") as tmp:
+        out = build_index_dir(rt, cfg, Path(tmp) / "index", not args.quiet)
+        update_bundle(args.bundle, index_files(out), {})
+    print(f"index written into {args.bundle}")
+    return 0
+
+
+def cmd_index_merge(args: argparse.Namespace) -> int:
+    from pairdots_server.artifacts import index_files, merge_index_parts
+    from pairdots_server.bundle import update_bundle
+
+    with tempfile.TemporaryDirectory(prefix="pairdots-index-") as tmp:
+        out = merge_index_parts(Path(args.parts), Path(tmp) / "index")
+        update_bundle(args.bundle, index_files(out), {})
+    print(f"merged index written into {args.bundle}")
+    return 0
+
+
+# -- serve -----------------------------------------------------------------------------------
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 3), "level": record.levelname,
+               "logger": record.name, "msg": record.getMessage()}
+        for key in ("request_id", "method", "code", "seconds"):
+            if hasattr(record, key):
+                out[key] = getattr(record, key)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(fmt: str, level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def server_config(args: argparse.Namespace) -> Any:
+    from pairdots_server.config import ServerConfig
+
+    def path(v: str | None) -> Path | None:
+        return Path(v) if v else None
+
+    return ServerConfig(
+        bundles=Path(args.bundles),
+        host=args.host,
+        port=int(args.port),
+        metrics_port=int(args.metrics_port) if args.metrics_port not in (None, "") else None,
+        device=args.device,
+        max_workers=int(args.max_workers),
+        max_queue=int(args.max_queue),
+        tls_cert=path(args.tls_cert),
+        tls_key=path(args.tls_key),
+        tls_client_ca=path(args.tls_client_ca),
+        auth_tokens_file=path(args.auth_tokens_file),
+        reflection=bool(args.reflection),
+        jobs_db=path(args.jobs_db),
+        grace_s=float(args.grace_s),
+        log_format=args.log_format,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pairdots_server.rpc.app import serve
+
+    setup_logging(args.log_format)
+    asyncio.run(serve(server_config(args)))
+    return 0
+
+
+# -- explain / demo --------------------------------------------------------------------------
+
+
+def print_explanation(expl: Any) -> None:
+    """Readable text rendering of a pairdots.Explanation."""
+    pred = expl.prediction
+    probs = ", ".join(f"{p:.3f}" for p in pred.probabilities)
+    print(f"model {expl.model}: predicted {pred.label_name!r} (p = [{probs}])")
+    for e in expl.explanations:
+        print(f"\n== explaining label {e.label_name!r} ({e.role}) ==")
+        print("word saliency: " + "  ".join(
+            f"{w.text}:{s:+.3f}" for w, s in zip(expl.words, e.word_saliency)))
+        for sw in e.salient_words:
+            d = sw.solver
+            print(f"\n  salient word {sw.text!r} (saliency {sw.saliency:+.4f}; s_test by "
+                  f"{getattr(d.solver, "name", d.solver)} in {d.iterations} it, converged={d.converged}, "
+                  f"{d.seconds:.2f} s{', cached' if d.cached else ''})")
+            for title, items in (("supporting", sw.supporting), ("opposing", sw.opposing)):
+                print(f"    {title}:")
+                for ex in items:
+                    resp = ""
+                    if 0 <= ex.responsible_word < len(ex.words):
+                        resp = f"  [responsible: {ex.words[ex.responsible_word].text!r}]"
+                    print(f"      #{ex.train_index:<6} I={ex.influence:+.3e} "
+                          f"({ex.label_name}) {ex.text[:90]}{resp}")
+    diag = expl.diagnostics
+    stages = ", ".join(f"{t.stage} {t.seconds:.2f}s" for t in diag.timings)
+    print(f"\ncandidates scored: {diag.candidates_scored} of {diag.training_examples}; "
+          f"{stages}; total {diag.total_seconds:.2f} s")
+    for w in diag.warnings:
+        print(f"warning: {w}")
+    for n in diag.notes:
+        print(f"note: {n}")
+
+
+def _explain_call(client: Any, args: argparse.Namespace, model: str) -> Any:
+    return client.explain(
+        args.text, model=model, target_label=args.target_label, gold_label=args.gold_label,
+        top_words=args.top_words, examples_per_word=args.examples,
+        timeout=args.timeout,
+    )
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from pairdots import ClientConfig, PairdotsClient
+
+    overrides: dict[str, Any] = {"address": args.address} if args.address else {}
+    if args.timeout:
+        overrides["default_timeout_s"] = args.timeout
+    with PairdotsClient(ClientConfig.from_env(**overrides)) as client:
+        model = args.model or client.list_models()[0].name
+        expl = _explain_call(client, args, model)
+    if args.json:
+        from google.protobuf.json_format import MessageToJson
+
+        print(MessageToJson(expl.raw) if getattr(expl, "raw", None) is not None else expl)
+    else:
+        print_explanation(expl)
+    if args.html:
+        from pairdots.report import write_html
+
+        write_html(expl, args.html)
+        print(f"HTML report: {args.html}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Prepare the default bundle if missing, serve it on localhost, Explain, write HTML, stop."""
+    import asyncio
+    import threading
+
+    from pairdots import ClientConfig, PairdotsClient
+    from pairdots.report import write_html
+    from pairdots_server.config import ServerConfig
+    from pairdots_server.rpc.app import create_server
+
+    started = time.perf_counter()
+    bundles = Path(args.bundles)
+    if not (bundles / args.name / "manifest.json").exists():
+        print(f"no bundle {args.name!r} under {bundles}: preparing it (fine-tune + index)...")
+        prep = build_parser().parse_args(
+            ["prepare", "--name", args.name, "--out", str(bundles)]
+            + (["--train", args.train] if args.train else [])
+            + (["--dev", args.dev] if args.dev else [])
+            + (["--limit-train", str(args.limit_train)] if args.limit_train else [])
+        )
+        cmd_prepare(prep)
+    setup_logging("text", "WARNING")
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder: dict[str, Any] = {}
+
+    async def run_server() -> None:
+        app, port = await create_server(ServerConfig(bundles=bundles, port=0, grace_s=1))
+        holder["app"], holder["port"] = app, port
+        ready.set()
+        holder["stop"] = asyncio.Event()
+        await holder["stop"].wait()
+        await app.stop(1)
+
+    thread = threading.Thread(target=lambda: loop.run_until_complete(run_server()), daemon=True)
+    thread.start()
+    if not ready.wait(timeout=600):
+        raise SystemExit("the server did not start within 10 minutes")
+    try:
+        with PairdotsClient(ClientConfig(address=f"127.0.0.1:{holder['port']}",
+                                         default_timeout_s=1800)) as client:
+            print("models:", ", ".join(m.name for m in client.list_models()))
+            expl = _explain_call(client, args, args.name)
+        print_explanation(expl)
+        write_html(expl, args.html)
+        print(f"\nHTML report: {args.html}")
+    finally:
+        loop.call_soon_threadsafe(holder["stop"].set)
+        thread.join(timeout=30)
+    print(f"demo finished in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------------
+
+
+def _add_artifact_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index-dim", type=int, default=None,
+                   help="projection dimension k of the candidate index "
+                        "(default 1024 on CUDA, 256 on CPU)")
+    p.add_argument("--index-seed", type=int, default=0, help="projection seed")
+    p.add_argument("--grad-batch-size", type=int, default=32,
+                   help="training examples per per-example-gradient batch")
+    p.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu | cuda | cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_explain_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target-label", type=int, default=None, help="label to explain "
+                   "(default: the prediction)")
+    p.add_argument("--gold-label", type=int, default=None,
+                   help="gold label: also explain it when it differs (error analysis)")
+    p.add_argument("--top-words", type=int, default=None, help="salient words to explain (3)")
+    p.add_argument("--examples", type=int, default=0, help="training examples per word (5)")
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.add_argument("--html", default=None, help="write a self-contained HTML report here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pairdots", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="fine-tune a model and write a bundle")
+    p.add_argument("--model", default=None,
+                   help="local HF model dir (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--train", default=None, help="training file (default: SST-2 train.tsv)")
+    p.add_argument("--dev", default=None, help="dev file (default: SST-2 dev.tsv)")
+    p.add_argument("--name", default="minilm-sst2", help="bundle name")
+    p.add_argument("--out", default=_env("BUNDLES", "bundles"), help="bundle root directory")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit-train", type=int, default=None)
+    p.add_argument("--limit-dev", type=int, default=None)
+    p.add_argument("--scope", default="default",
+                   choices=["default", "head", "last_n", "all", "pattern"],
+                   help="parameters influence is computed over")
+    p.add_argument("--scope-n", type=int, default=1)
+    p.add_argument("--scope-pattern", default=None)
+    p.add_argument("--no-index", action="store_true", help="skip the candidate index")
+    p.add_argument("--low-rank", type=int, default=32,
+                   help="rank of the precomputed GGN eigendecomposition (0: none)")
+    p.add_argument("--overwrite", action="store_true")
+    _add_artifact_flags(p)
+    p.set_defaults(fn=cmd_prepare)
+
+    idx = sub.add_parser("index", help="build or merge a bundle's candidate index")
+    isub = idx.add_subparsers(dest="index_command", required=True)
+    b = isub.add_parser("build", help="(re)build the index, whole or one shard")
+    b.add_argument("--bundle", required=True)
+    b.add_argument("--shard", type=int, default=None,
+                   help="shard index (default: $JOB_COMPLETION_INDEX when --num-shards is set)")
+    b.add_argument("--num-shards", type=int, default=None)
+    b.add_argument("--out", default=None, help="parts directory for a sharded build")
+    _add_artifact_flags(b)
+    b.set_defaults(fn=cmd_index_build)
+    m = isub.add_parser("merge", help="merge shard parts into the bundle's index")
+    m.add_argument("--bundle", required=True)
+    m.add_argument("--parts", required=True)
+    m.set_defaults(fn=cmd_index_merge)
+
+    s = sub.add_parser("serve", help="run the gRPC server")
+    s.add_argument("--bundles", default=_env("BUNDLES", "bundles"))
+    s.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    s.add_argument("--port", default=_env("PORT", 50051))
+    s.add_argument("--metrics-port", default=_env("METRICS_PORT"))
+    s.add_argument("--device", default=_env("DEVICE", "auto"))
+    s.add_argument("--max-workers", default=_env("MAX_WORKERS", 1))
+    s.add_argument("--max-queue", default=_env("MAX_QUEUE", 8))
+    s.add_argument("--tls-cert", default=_env("TLS_CERT"))
+    s.add_argument("--tls-key", default=_env("TLS_KEY"))
+    s.add_argument("--tls-client-ca", default=_env("TLS_CLIENT_CA"))
+    s.add_argument("--auth-tokens-file", default=_env("AUTH_TOKENS_FILE"))
+    s.add_argument("--reflection", action="store_true",
+                   default=_env("REFLECTION", "") in ("1", "true"))
+    s.add_argument("--jobs-db", default=_env("JOBS_DB"))
+    s.add_argument("--grace-s", default=_env("GRACE_S", 10))
+    s.add_argument("--log-format", default=_env("LOG_FORMAT", "text"), choices=["text", "json"])
+    s.set_defaults(fn=cmd_serve)
+
+    e = sub.add_parser("explain", help="explain a sentence through a running server")
+    e.add_argument("text")
+    e.add_argument("--address", default=None, help="host:port (default $PAIRDOTS_ADDRESS or "
+                   "localhost:50051)")
+    e.add_argument("--model", default=None, help="model name (default: the first served)")
+    e.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_explain_flags(e)
+    e.set_defaults(fn=cmd_explain)
+
+    d = sub.add_parser("demo", help="prepare (if missing), serve, explain, write HTML, stop")
+    d.add_argument("--bundles", default=_env("BUNDLES", "bundles"))
+    d.add_argument("--name", default="minilm-sst2")
+    d.add_argument("--text", default=DEFAULT_TEXT)
+    d.add_argument("--train", default=None)
+    d.add_argument("--dev", default=None)
+    d.add_argument("--limit-train", type=int, default=None)
+    _add_explain_flags(d)
+    d.set_defaults(fn=cmd_demo, html="pairdots-report.html")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pairdots.errors import PairdotsError as ClientError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except PairdotsError as exc:
+        print(f"pairdots: error: {exc.message}", file=sys.stderr)
+        return 2
+    except ClientError as exc:
+        print(f"pairdots: server answered {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,151 @@
+"""Build and run the gRPC server.
+
+`create_server(config)` loads the bundles, wires the servicers, interceptors, health,
+reflection and metrics, binds the port and returns (App, port) without starting the loop's
+wait — tests use it on 127.0.0.1:0. `serve(config)` runs until SIGTERM/SIGINT, then drains:
+health goes NOT_SERVING, in-flight calls get `grace_s` to finish, running jobs are recorded
+as interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from pairdots.v1 import pairdots_pb2, pairdots_pb2_grpc
+from pairdots_server.config import ServerConfig
+from pairdots_server.jobs.runner import JobRunner
+from pairdots_server.jobs.store import JobStore
+from pairdots_server.metrics import Metrics
+from pairdots_server.rpc.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
+from pairdots_server.rpc.operations import add_operations_servicer
+from pairdots_server.rpc.servicer import PairdotsServicer
+from pairdots_server.service import ModelRegistry, PairdotsService
+
+log = logging.getLogger("pairdots.server")
+
+SERVICE_NAME = pairdots_pb2.DESCRIPTOR.services_by_name["PairdotsService"].full_name
+
+
+@dataclass
+class App:
+    server: grpc.aio.Server
+    service: PairdotsService
+    health: health.aio.HealthServicer
+    metrics: Metrics
+    jobs: JobRunner
+    store: JobStore
+    port: int
+    config: ServerConfig
+    _stopped: bool = field(default=False)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: NOT_SERVING, finish in-flight calls within the grace period, stop jobs."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.grace_s if grace_s is None else grace_s
+        await self.set_serving(False)
+        await self.server.stop(grace)
+        interrupted = await asyncio.to_thread(self.jobs.shutdown, grace)
+        if interrupted:
+            log.warning("%d running job(s) recorded as interrupted", interrupted)
+        self.service.close()
+        self.store.close()
+        self.metrics.stop()
+
+
+def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    key = config.tls_key.read_bytes()
+    cert = config.tls_cert.read_bytes()
+    ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+async def create_server(config: ServerConfig, registry: ModelRegistry | None = None
+                        ) -> tuple[App, int]:
+    """Load bundles, build the server, bind and start it; health turns SERVING at the end."""
+    metrics = Metrics(config.metrics_port)
+    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics.observe_rpc)]
+    tokens = config.load_tokens()
+    if tokens:
+        interceptors.insert(0, AuthInterceptor(tokens))
+    interceptors.append(ErrorInterceptor())
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
+
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    if registry is None:
+        registry = ModelRegistry(
+            config.bundles, device=config.resolve_device(),
+            cache_size=config.explain.s_test_cache_size,
+        )
+        await asyncio.to_thread(registry.load_all)
+    metrics.set_models(len(registry.names()), len(registry.errors))
+    service = PairdotsService(config, registry)
+    service.pool.on_depth_change = metrics.set_queue_depth
+    pairdots_pb2_grpc.add_PairdotsServiceServicer_to_server(PairdotsServicer(service), server)
+
+    config.jobs_db_path.parent.mkdir(parents=True, exist_ok=True)
+    store = JobStore(config.jobs_db_path)
+    interrupted = store.mark_interrupted_on_startup()
+    if interrupted:
+        log.warning("%d job(s) from a previous run marked as interrupted", interrupted)
+    jobs = JobRunner(store, config.jobs.max_concurrent, config.jobs.max_queued)
+    add_operations_servicer(server, store, jobs)
+
+    if config.reflection:
+        from grpc_reflection.v1alpha import reflection
+
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, "google.longrunning.Operations", health.SERVICE_NAME,
+             reflection.SERVICE_NAME),
+            server,
+        )
+
+    address = f"{config.host}:{config.port}"
+    creds = _credentials(config)
+    port = (server.add_secure_port(address, creds) if creds
+            else server.add_insecure_port(address))
+    if port == 0:
+        raise OSError(f"cannot bind {address}; is the port in use?")
+    await server.start()
+    app = App(server, service, health_servicer, metrics, jobs, store, port, config)
+    await app.set_serving(True)
+    log.info("pairdots listening on %s:%d (%s)", config.host, port, "TLS" if creds else "plaintext")
+    return app, port
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM/SIGINT, then drain within config.grace_s."""
+    app, _port = await create_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: draining (grace %.1f s)", config.grace_s)
+    await app.stop()
