@@ -1,0 +1,128 @@
+"""Explain end to end through the typed client against a real server, checked against the
+core computed directly on the same bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pairdots import (
+    CandidateSearch,
+    ExplanationRole,
+    InfluenceOptions,
+    NotFoundError,
+    PairdotsClient,
+    Solver,
+    SolverOptions,
+    TokenInfluenceMethod,
+)
+from pairdots_server.bundle import load_bundle
+from pairdots_server.core.grads import per_example_loss_grads
+from pairdots_server.core.saliency import token_saliency, word_scores
+from pairdots_server.runtime import ModelRuntime
+from pairdots_server.solvers import SolverChoice, SolverSettings, solve_s_test
+
+TEXT = "i loved it !"
+CG = SolverOptions(solver=Solver.CONJUGATE_GRADIENT, max_iterations=40, damping=0.01)
+CG_SETTINGS = SolverSettings(method=SolverChoice.CG, max_iterations=40, damping=0.01)
+
+
+@pytest.fixture(scope="module")
+def runtime(bundle_root: Path) -> ModelRuntime:
+    return ModelRuntime(load_bundle(bundle_root / "tiny"))
+
+
+def exact_influences(rt: ModelRuntime, text: str, label: int, word: int) -> torch.Tensor:
+    """I(z_i, w) for every training example, straight from the core (Eq. 5)."""
+    from pairdots_server.core.saliency import Target, TokenScore, grad_theta_word_score
+
+    enc = rt.task.encode([text], max_length=rt.max_length)
+    e = rt.task.embed(enc.input_ids).detach()
+    pos = [t for t, w in enumerate(enc.word_ids[0]) if w == word]
+    g_w = grad_theta_word_score(rt.task.logits_fn, rt.params, e, enc.attention_mask, label,
+                                Target.LOG_PROB, TokenScore.GRAD_INPUT, pos)
+    s_test, _ = solve_s_test(rt, g_w, CG_SETTINGS, lambda: None)
+    tr = rt.encode_train(list(range(rt.n_train)))
+    grads = per_example_loss_grads(rt.task.logits_fn, rt.params, tr.embeds, tr.mask, tr.labels)
+    return -(grads @ s_test)
+
+
+def test_list_and_get_models(client: PairdotsClient) -> None:
+    models = client.list_models()
+    assert [m.name for m in models] == ["tiny"]
+    m = client.get_model("tiny")
+    assert m.training_examples == 64 and m.has_index and m.has_low_rank
+    assert list(m.labels) == ["negative", "positive"]
+    with pytest.raises(NotFoundError):
+        client.get_model("nope")
+
+
+def test_saliency_matches_core(client: PairdotsClient, runtime: ModelRuntime) -> None:
+    expl = client.explain(TEXT, model="tiny", top_words=0)
+    rt = runtime
+    enc = rt.task.encode([TEXT], max_length=rt.max_length)
+    e = rt.task.embed(enc.input_ids).detach()
+    probs = torch.softmax(rt.task.logits_fn({}, e, enc.attention_mask), -1)[0]
+    assert expl.prediction.label == int(probs.argmax())
+    assert expl.prediction.probabilities == pytest.approx(probs.tolist(), abs=1e-6)
+    tok = token_saliency(rt.task.logits_fn, rt.params, e, enc.attention_mask,
+                         expl.prediction.label)
+    ws = word_scores(tok, enc.word_ids[0], len(enc.words[0]))
+    assert [w.text for w in expl.words] == ["i", "loved", "it", "!"]
+    assert list(expl.target.word_saliency) == pytest.approx(ws.tolist(), rel=1e-5, abs=1e-9)
+    assert not expl.diagnostics.influence_computed and expl.target.salient_words == ()
+
+
+def test_exhaustive_influence_equals_core(client: PairdotsClient, runtime: ModelRuntime) -> None:
+    opts = InfluenceOptions(solver=CG, candidate_search=CandidateSearch.EXHAUSTIVE,
+                            token_influence=TokenInfluenceMethod.NONE)
+    expl = client.explain(TEXT, model="tiny", top_words=1, examples_per_word=3, influence=opts)
+    sw = expl.target.salient_words[0]
+    exact = exact_influences(runtime, TEXT, expl.target.label, sw.word_index)
+    for ex in sw.supporting + sw.opposing:
+        assert ex.influence == pytest.approx(float(exact[ex.train_index]), rel=1e-4, abs=1e-10)
+    # the returned examples are the exhaustive top-3 in each direction (positive = supporting)
+    top_pos = [i for i in torch.argsort(-exact).tolist() if exact[i] > 0][:3]
+    top_neg = [i for i in torch.argsort(exact).tolist() if exact[i] < 0][:3]
+    assert [e.train_index for e in sw.supporting] == top_pos
+    assert [e.train_index for e in sw.opposing] == top_neg
+    assert len(sw.supporting) + len(sw.opposing) > 0
+    assert expl.diagnostics.candidates_scored == 64
+
+
+def test_index_prefilter_scores_exactly(client: PairdotsClient, runtime: ModelRuntime) -> None:
+    opts = InfluenceOptions(solver=CG, candidate_search=CandidateSearch.INDEX, candidates=16)
+    expl = client.explain(TEXT, model="tiny", top_words=1, examples_per_word=2, influence=opts)
+    sw = expl.target.salient_words[0]
+    exact = exact_influences(runtime, TEXT, expl.target.label, sw.word_index)
+    assert 0 < expl.diagnostics.candidates_scored <= 32
+    assert sw.supporting or sw.opposing
+    for ex in sw.supporting + sw.opposing:
+        assert ex.influence == pytest.approx(float(exact[ex.train_index]), rel=1e-4, abs=1e-10)
+        # Eq. 8 words are present and the responsible word is a valid index
+        assert len(ex.words) > 0 and 0 <= ex.responsible_word < len(ex.words)
+
+
+def test_error_analysis_explains_gold_too(client: PairdotsClient) -> None:
+    base = client.explain(TEXT, model="tiny", top_words=0)
+    wrong = 1 - base.prediction.label
+    expl = client.explain(TEXT, model="tiny", target_label=wrong, gold_label=1 - wrong,
+                          top_words=1, examples_per_word=1,
+                          influence=InfluenceOptions(solver=CG))
+    roles = [e.role for e in expl.explanations]
+    assert roles == [ExplanationRole.TARGET, ExplanationRole.GOLD]
+    assert [e.label for e in expl.explanations] == [wrong, 1 - wrong]
+    # each label gets its own saliency (not a copy of the target's)
+    assert expl.explanations[0].word_saliency != expl.explanations[1].word_saliency
+
+
+def test_low_rank_default_and_cache(client: PairdotsClient) -> None:
+    first = client.explain(TEXT, model="tiny", top_words=1, examples_per_word=1)
+    d = first.target.salient_words[0].solver
+    assert d.solver == Solver.LOW_RANK and d.converged
+    again = client.explain(TEXT, model="tiny", top_words=1, examples_per_word=1)
+    assert again.target.salient_words[0].solver.cached
+    assert [e.influence for e in again.target.salient_words[0].supporting] == \
+        [e.influence for e in first.target.salient_words[0].supporting]
