@@ -30,7 +30,7 @@ class ArtifactConfig:
     index_seed: int = 0
     index_kind: str = "auto"
     grad_batch_size: int = 32
-    low_rank: int = 32  # 0: none
+    low_rank: int = 24  # 0: none
     low_rank_seed: int = 0
 
     def resolved_dim(self, device: str) -> int:

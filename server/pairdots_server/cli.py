@@ -196,7 +196,7 @@ def print_explanation(expl: Any) -> None:
         for sw in e.salient_words:
             d = sw.solver
             print(f"\n  salient word {sw.text!r} (saliency {sw.saliency:+.4f}; s_test by "
-                  f"{getattr(d.solver, "name", d.solver)} in {d.iterations} it, converged={d.converged}, "
+                  f"{getattr(d.solver, 'name', d.solver)} in {d.iterations} it, converged={d.converged}, "
                   f"{d.seconds:.2f} s{', cached' if d.cached else ''})")
             for title, items in (("supporting", sw.supporting), ("opposing", sw.opposing)):
                 print(f"    {title}:")
@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scope-n", type=int, default=1)
     p.add_argument("--scope-pattern", default=None)
     p.add_argument("--no-index", action="store_true", help="skip the candidate index")
-    p.add_argument("--low-rank", type=int, default=32,
+    p.add_argument("--low-rank", type=int, default=24,
                    help="rank of the precomputed GGN eigendecomposition (0: none)")
     p.add_argument("--overwrite", action="store_true")
     _add_artifact_flags(p)

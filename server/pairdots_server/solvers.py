@@ -62,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "lissa_tol": 0.05,
     "cg_max_iter": 50,
     "cg_tol": 1e-3,
-    "curvature_sample": 512,
+    "curvature_sample": 256,
     "curvature_batch_size": 16,
     "power_iters": 20,
     "seed": 0,
