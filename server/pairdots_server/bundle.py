@@ -1,0 +1,512 @@
+"""A model bundle on disk: the unit that is prepared, shipped and served (DESIGN §3).
+
+Layout of ``<root>/<name>/``::
+
+    manifest.json        format_version, name, labels, created_at, model source, dataset
+                         (path, SHA-256, count), scope, train config, dev accuracy, defaults,
+                         library versions, files: {relpath: sha256} for every other file
+    model/               save_pretrained output: safetensors weights + tokenizer
+    train.jsonl          the training examples in order (line i = training example i)
+    index/ ...           optional artifacts added later with update_bundle
+
+Guarantees: ``save_bundle`` builds the bundle in ``<root>/.tmp-<name>-<rand>`` and renames
+it into place, so a crash never leaves a half bundle under ``<root>/<name>``;
+``update_bundle`` writes the manifest last, so it never lists a missing or mismatching file;
+``load_bundle`` verifies the format version and every listed file's SHA-256. Everything is
+JSON or safetensors: no pickles.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from pairdots_server.errors import (
+    AlreadyExists,
+    BundleError,
+    InvalidArgument,
+    NotFound,
+    PairdotsError,
+)
+
+if TYPE_CHECKING:
+    from pairdots_server.data import Example
+    from pairdots_server.task import Task
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_DIR = "model"
+TRAIN_FILE = "train.jsonl"
+TMP_PREFIX = ".tmp-"
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_RESERVED = ("format_version", "name", "files")
+_FIX = "re-run `pairdots prepare` to rebuild it"
+
+
+# --------------------------------------------------------------------------------------------
+# names and paths
+# --------------------------------------------------------------------------------------------
+
+
+def validate_bundle_name(name: str) -> str:
+    """Return ``name`` if it matches ``^[a-z0-9][a-z0-9._-]{0,62}$`` and is not a path."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise InvalidArgument.for_field(
+            "name",
+            f"bad bundle name {name!r}: use 1-63 lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, no '..' and no '/'",
+        )
+    return name
+
+
+def _check_relpath(relpath: str) -> str:
+    p = PurePosixPath(relpath)
+    if (
+        not relpath
+        or p.is_absolute()
+        or "\\" in relpath
+        or any(part in ("", ".", "..") for part in relpath.split("/"))
+        or relpath == MANIFEST
+    ):
+        raise InvalidArgument.for_field(
+            "files",
+            f"bad artifact path {relpath!r}: use a relative path like 'index/x.bin' "
+            "inside the bundle (no '..', not manifest.json)",
+        )
+    return relpath
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or directory (directories: best effort, not all platforms allow it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _hash_tree(root: Path) -> dict[str, str]:
+    """{relpath: sha256} for every regular file under root except manifest.json."""
+    out: dict[str, str] = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not (p.parent == root and p.name == MANIFEST):
+            out[p.relative_to(root).as_posix()] = _sha256_file(p)
+    return out
+
+
+def _write_json_atomic(path: Path, obj: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def _write_file(dest: Path, content: bytes | Path) -> None:
+    """Write bytes (or copy a file) to dest via a temp file + fsync + os.replace."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        if isinstance(content, (bytes, bytearray, memoryview)):
+            with tmp.open("wb") as f:
+                f.write(content)
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            src = Path(content)
+            if not src.is_file():
+                raise NotFound(f"artifact source {src} is not a file")
+            shutil.copyfile(src, tmp)
+            _fsync_path(tmp)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _deep_merge(base: dict[str, Any], updates: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; a value of None deletes the key."""
+    out = copy.deepcopy(base)
+    for key, value in updates.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value) if isinstance(value, (dict, list)) else value
+    return out
+
+
+def _check_reserved(updates: Mapping[str, Any], what: str) -> None:
+    bad = [k for k in _RESERVED if k in updates]
+    if bad:
+        raise InvalidArgument.for_field(
+            what, f"keys {bad} are managed by pairdots and cannot be set here"
+        )
+
+
+def library_versions() -> dict[str, str]:
+    import tokenizers
+    import torch
+    import transformers
+
+    import pairdots_server
+
+    return {
+        "pairdots": pairdots_server.__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Bundle
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: its manifest, the model adapter and the training examples."""
+
+    name: str
+    path: Path
+    manifest: dict[str, Any]
+    task: Task
+    train: list[Example]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.manifest["labels"])
+
+    @property
+    def files(self) -> dict[str, str]:
+        return dict(self.manifest.get("files", {}))
+
+    def has_artifact(self, relpath: str) -> bool:
+        return relpath in self.manifest.get("files", {})
+
+
+def save_bundle(
+    root: str | Path,
+    name: str,
+    task: Task,
+    train_examples: Sequence[Example],
+    manifest_extra: Mapping[str, Any] | None = None,
+    *,
+    files: Mapping[str, bytes | Path] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a new bundle ``<root>/<name>`` atomically and return its path.
+
+    manifest_extra is deep-merged into the manifest (e.g. {"dataset": {"path": ...},
+    "train": {...}, "dev": {"accuracy": ...}, "defaults": {...}}); files are extra artifacts
+    {relpath: bytes | source path}. AlreadyExists if the bundle exists unless overwrite=True,
+    in which case the old one is swapped out by renames and then deleted.
+    """
+    from pairdots_server.data import sha256_of_examples, write_jsonl
+
+    validate_bundle_name(name)
+    extra = dict(manifest_extra or {})
+    _check_reserved(extra, "manifest_extra")
+    for rel in files or {}:
+        _check_relpath(rel)
+        if rel == TRAIN_FILE or rel.startswith(MODEL_DIR + "/"):
+            raise InvalidArgument.for_field("files", f"{rel!r} is written by save_bundle itself")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    if final.exists() and not overwrite:
+        raise AlreadyExists(
+            f"bundle {name!r} already exists at {final}; choose another name or pass overwrite"
+        )
+    tmp = root / f"{TMP_PREFIX}{name}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        task.save_pretrained(tmp / MODEL_DIR)
+        write_jsonl(tmp / TRAIN_FILE, train_examples)
+        for rel, content in (files or {}).items():
+            _write_file(tmp / rel, content)
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                p.chmod(0o644)  # save_pretrained may leave 0600 temp-file modes; bundles ship
+                _fsync_path(p)
+        manifest: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "name": name,
+            "labels": list(task.labels),
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": {
+                "source": str(getattr(task.model.config, "_name_or_path", "") or ""),
+                "architecture": type(task.model).__name__,
+                "model_type": str(getattr(task.model.config, "model_type", "")),
+                "num_parameters": int(sum(p.numel() for p in task.model.parameters())),
+                "dtype": str(task.dtype).replace("torch.", ""),
+            },
+            "dataset": {
+                "path": None,
+                "sha256": sha256_of_examples(train_examples),
+                "count": len(train_examples),
+            },
+            "scope": task.scope.to_dict(),
+            "scope_description": task.scope.describe(),
+            "scope_num_parameters": int(sum(t.numel() for t in task.scope_params().values())),
+            "train": None,
+            "dev": None,
+            "defaults": {},
+            "versions": library_versions(),
+        }
+        manifest = _deep_merge(manifest, extra) if extra else manifest
+        manifest["files"] = _hash_tree(tmp)
+        _write_json_atomic(tmp / MANIFEST, manifest)
+        _fsync_path(tmp)
+        if final.exists():  # overwrite: swap by renames, then delete the old one
+            old = root / f"{TMP_PREFIX}old-{name}-{secrets.token_hex(4)}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_path(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    mpath = path / MANIFEST
+    if not path.is_dir():
+        raise NotFound(f"no bundle directory at {path}")
+    if not mpath.is_file():
+        raise BundleError(f"bundle at {path} has no {MANIFEST}; {_FIX}")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(
+            f"bundle at {path}: {MANIFEST} is not valid JSON ({exc}); {_FIX}"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"bundle at {path}: {MANIFEST} is not a JSON object; {_FIX}")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"bundle at {path} has format_version {version!r}; this server reads version "
+            f"{FORMAT_VERSION}; {_FIX} with this version of pairdots"
+        )
+    for key, typ in (("name", str), ("labels", list), ("files", dict), ("scope", dict)):
+        if not isinstance(manifest.get(key), typ):
+            raise BundleError(
+                f"bundle at {path}: {MANIFEST} lacks a valid {key!r} ({typ.__name__}); {_FIX}"
+            )
+    return manifest
+
+
+def verify_files(path: Path, manifest: Mapping[str, Any], *, check_hashes: bool = True) -> None:
+    """Every listed file exists (and matches its SHA-256); model/ and train.jsonl are listed."""
+    name = manifest.get("name", path.name)
+    files = manifest["files"]
+    for required in (TRAIN_FILE, f"{MODEL_DIR}/config.json"):
+        if required not in files:
+            raise BundleError(
+                f"bundle {name!r} ({path}): manifest does not list {required}; {_FIX}"
+            )
+    for rel, digest in files.items():
+        try:
+            _check_relpath(rel)
+        except InvalidArgument:
+            raise BundleError(
+                f"bundle {name!r} ({path}): manifest lists a bad path {rel!r}; {_FIX}"
+            ) from None
+        fp = path / rel
+        if not fp.is_file():
+            raise BundleError(f"bundle {name!r} ({path}): file {rel} is missing; {_FIX}")
+        if check_hashes and _sha256_file(fp) != digest:
+            raise BundleError(
+                f"bundle {name!r} ({path}): file {rel} does not match its SHA-256 in the "
+                f"manifest (corrupted or modified); {_FIX}"
+            )
+
+
+def load_bundle(
+    path: str | Path, *, device: str = "cpu", verify: bool = True, dtype: Any = None
+) -> Bundle:
+    """Load and verify a bundle directory (BundleError naming the bundle + file on problems).
+
+    verify=True checks every listed file's SHA-256 and the dataset hash of train.jsonl;
+    verify=False only checks that the listed files exist.
+    """
+    from pairdots_server.data import read_examples, sha256_of_examples
+    from pairdots_server.task import ScopeSpec, Task
+
+    path = Path(path)
+    manifest = _read_manifest(path)
+    name = manifest["name"]
+    try:
+        validate_bundle_name(name)
+    except InvalidArgument:
+        raise BundleError(f"bundle at {path}: manifest name {name!r} is invalid; {_FIX}") from None
+    verify_files(path, manifest, check_hashes=verify)
+    try:
+        train = read_examples(path / TRAIN_FILE, "jsonl", label_names=manifest["labels"])
+        dataset = manifest.get("dataset") or {}
+        if verify and dataset.get("sha256") not in (None, sha256_of_examples(train)):
+            raise BundleError(
+                f"bundle {name!r} ({path}): {TRAIN_FILE} does not match the dataset SHA-256 in "
+                f"the manifest; {_FIX}"
+            )
+        if dataset.get("count") not in (None, len(train)):
+            raise BundleError(
+                f"bundle {name!r} ({path}): {TRAIN_FILE} has {len(train)} examples, the "
+                f"manifest says {dataset.get('count')}; {_FIX}"
+            )
+        config = json.loads((path / MODEL_DIR / "config.json").read_text(encoding="utf-8"))
+        saved_n = len(config.get("id2label") or {}) or int(config.get("num_labels", 2))
+        if saved_n != len(manifest["labels"]):
+            raise BundleError(
+                f"bundle {name!r} ({path}): the manifest names {len(manifest['labels'])} labels "
+                f"but model/config.json has {saved_n} classes; {_FIX}"
+            )
+        scope = ScopeSpec.from_dict(manifest["scope"])
+        if dtype is None:  # the dtype the bundle was saved in (float32 unless stated)
+            import torch
+
+            dtype = getattr(torch, str((manifest.get("model") or {}).get("dtype", "float32")))
+            if not isinstance(dtype, torch.dtype):
+                raise BundleError(f"bundle {name!r} ({path}): unknown model dtype; {_FIX}")
+        task = Task.from_pretrained(
+            path / MODEL_DIR, labels=manifest["labels"], scope=scope, device=device, dtype=dtype
+        )
+    except BundleError:
+        raise
+    except PairdotsError as exc:
+        raise BundleError(f"bundle {name!r} ({path}): {exc.message}; {_FIX}") from exc
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise BundleError(
+            f"bundle {name!r} ({path}): cannot load ({type(exc).__name__}: {exc}); {_FIX}"
+        ) from exc
+    return Bundle(name=name, path=path, manifest=manifest, task=task, train=train)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The validated manifest of a bundle dir, without loading the model."""
+    return _read_manifest(Path(path))
+
+
+def update_bundle(
+    bundle_dir: str | Path,
+    files: Mapping[str, bytes | Path] | None = None,
+    manifest_updates: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Add/replace artifacts and deep-merge manifest keys (None deletes a key); returns the
+    new manifest.
+
+    Crash safety: files that replace listed ones are first dropped from the manifest (written
+    atomically), then every file is written via temp + os.replace, then the final manifest
+    (with fresh hashes) replaces the old one. At every instant the manifest on disk lists only
+    files that exist with the listed hash.
+    """
+    path = Path(bundle_dir)
+    manifest = _read_manifest(path)
+    files = dict(files or {})
+    updates = dict(manifest_updates or {})
+    _check_reserved(updates, "manifest_updates")
+    for rel in files:
+        _check_relpath(rel)
+    replaced = [rel for rel in files if rel in manifest["files"]]
+    if replaced:
+        interim = copy.deepcopy(manifest)
+        for rel in replaced:
+            del interim["files"][rel]
+        _write_json_atomic(path / MANIFEST, interim)
+    new_hashes: dict[str, str] = {}
+    for rel, content in files.items():
+        _write_file(path / rel, content)
+        new_hashes[rel] = _sha256_file(path / rel)
+    final = _deep_merge(manifest, updates) if updates else copy.deepcopy(manifest)
+    final["files"] = {**manifest["files"], **new_hashes}
+    _write_json_atomic(path / MANIFEST, final)
+    return final
+
+
+def read_artifact(bundle: Bundle | str | Path, relpath: str) -> Path:
+    """Path of a listed artifact of the bundle; NotFound if the manifest does not list it."""
+    _check_relpath(relpath)
+    if isinstance(bundle, Bundle):
+        path, manifest = bundle.path, bundle.manifest
+    else:
+        path = Path(bundle)
+        manifest = _read_manifest(path)
+    if relpath not in manifest.get("files", {}):
+        raise NotFound(
+            f"bundle {manifest.get('name', path.name)!r} has no artifact {relpath}; build it "
+            "(e.g. `pairdots index`) or re-run `pairdots prepare`"
+        )
+    fp = path / relpath
+    if not fp.is_file():
+        raise BundleError(
+            f"bundle {manifest.get('name')!r} ({path}): file {relpath} is listed "
+            f"but missing; {_FIX}"
+        )
+    return fp
+
+
+def discover_bundles(
+    root: str | Path, *, device: str = "cpu", verify: bool = True
+) -> tuple[list[Bundle], dict[str, str]]:
+    """Load every bundle directory under root (skipping hidden and .tmp-* dirs).
+
+    Returns (good bundles sorted by directory name, {dir: error message} for the bad ones).
+    A bundle whose manifest name repeats an earlier one's is reported as an error.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise NotFound(f"bundle root {root} does not exist; run `pairdots prepare` first")
+    good: list[Bundle] = []
+    bad: dict[str, str] = {}
+    seen: dict[str, Path] = {}
+    for d in sorted(root.iterdir()):
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        try:
+            b = load_bundle(d, device=device, verify=verify)
+        except PairdotsError as exc:
+            bad[str(d)] = exc.message
+            continue
+        if b.name in seen:
+            bad[str(d)] = (
+                f"bundle {b.name!r} at {d} has the same name as the bundle at {seen[b.name]}; "
+                "rename or remove one of them"
+            )
+            continue
+        seen[b.name] = d
+        good.append(b)
+    return good, bad
