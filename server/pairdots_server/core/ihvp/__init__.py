@@ -1,0 +1,1 @@
+"""Inverse curvature-vector products x = (H + δI)⁻¹ v: exact, CG, LiSSA (App. B), low-rank."""

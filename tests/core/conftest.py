@@ -1,0 +1,11 @@
+"""Fixtures of the core tests (helpers live in core_tiny.py)."""
+
+from __future__ import annotations
+
+import pytest
+from core_tiny import Tiny, make_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Tiny:
+    return make_tiny()
