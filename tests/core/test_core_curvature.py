@@ -48,8 +48,8 @@ def test_products_with_layernorm_in_scope_match_references(tiny) -> None:
     theta = {k: p.clone().requires_grad_(True) for k, p in params.items()}
     loss = F.cross_entropy(tiny.logits_fn(theta, tiny.embeds[:n], tiny.mask[:n]), tiny.labels[:n])
     grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True)
-    dot = sum((g * u).sum() for g, u in zip(grads, unflatten(v, params).values()))
-    hv = flatten(dict(zip(theta, torch.autograd.grad(dot, list(theta.values())))))
+    dot = sum((g * u).sum() for g, u in zip(grads, unflatten(v, params).values(), strict=True))
+    hv = flatten(dict(zip(theta, torch.autograd.grad(dot, list(theta.values())), strict=True)))
     torch.testing.assert_close(hess.matvec(v), hv, atol=1e-12, rtol=1e-9)
 
 

@@ -97,7 +97,8 @@ def per_example_loss_grads_loop(
             loss = F.cross_entropy(logits, labels[i : i + 1].long())
             grads = torch.autograd.grad(loss, list(theta.values()), allow_unused=True)
         filled = {
-            k: (g if g is not None else torch.zeros_like(theta[k])) for k, g in zip(theta, grads)
+            k: (g if g is not None else torch.zeros_like(theta[k]))
+            for k, g in zip(theta, grads, strict=True)
         }
         rows.append(flatten(filled).detach())
     return torch.stack(rows)  # [B,P]

@@ -155,11 +155,15 @@ def token_influence_fast(
     e = embeds.detach().requires_grad_(True)  # [1,T,D]
     with torch.enable_grad():
         loss = F.cross_entropy(logits_fn(theta, e, mask), label_t)
-        grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True, allow_unused=True)
-        g = -sum(
-            ((gr * direction[k]).sum() for k, gr in zip(theta, grads) if gr is not None),
-            torch.zeros((), dtype=e.dtype, device=e.device),
+        grads = torch.autograd.grad(
+            loss, list(theta.values()), create_graph=True, allow_unused=True
         )
+        terms = [
+            (gr * direction[k]).sum()
+            for k, gr in zip(theta, grads, strict=True)
+            if gr is not None
+        ]
+        g = -sum(terms, torch.zeros((), dtype=e.dtype, device=e.device))
         (grad_e,) = torch.autograd.grad(g, e)
     grad_e = grad_e[0]  # [T,D]
     first_order = (grad_e * (embeds[0].detach() - unk_embed.to(embeds.dtype))).sum(-1)  # [T]

@@ -169,6 +169,6 @@ def grad_theta_word_score(
         grads = torch.autograd.grad(w, list(theta.values()), allow_unused=True)
     filled = {
         k: (g if g is not None else torch.zeros_like(theta[k])).detach()
-        for k, g in zip(theta, grads)
+        for k, g in zip(theta, grads, strict=True)
     }
     return flatten(filled)
