@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fidelity import load_minilm_problem, log, salient_word_positions
+from fidelity import lissa_progress, load_minilm_problem, log, salient_word_positions
 
 from pairdots_server.core.batches import Batch, TensorBatches
 from pairdots_server.core.curvature import (
@@ -120,7 +120,8 @@ def main() -> None:
     op = CurvatureOperator(p.logits_fn, p.params, data, Curvature.GGN)
     t_pow, lam = timed(lambda: estimate_lambda_max(op, iters=args.power_iters), 1)
     lissa = LissaSolver(op, damping_ratio=args.damping_ratio, batch_size=args.batch_size,
-                        depth=args.lissa_depth, tol=args.lissa_tol, lambda_max=float(lam))
+                        depth=args.lissa_depth, tol=args.lissa_tol, lambda_max=float(lam),
+                        progress=lissa_progress)
     damping, scale = lissa.resolve()
     res = lissa.solve(gw)
     d = res.diagnostics

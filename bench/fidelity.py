@@ -369,6 +369,11 @@ def loo_fidelity(n: int, l2: float, k: int) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------
 
 
+def lissa_progress(repeat: int, step: int, rel: float, norm: float) -> None:
+    if step % 100 == 0:
+        log(f"  LiSSA repeat {repeat} step {step}: rel_change/10 steps {rel:.3g}, ‖h‖ {norm:.4g}")
+
+
 def minilm_fidelity(args: argparse.Namespace) -> dict[str, float]:
     from scipy import stats
 
@@ -386,7 +391,8 @@ def minilm_fidelity(args: argparse.Namespace) -> dict[str, float]:
     log(f"[minilm] {p.source}: P={op.num_params}, curvature on {nc} examples, "
         f"λ_max={lam:.4g} ({args.power_iters} power iterations, {time.perf_counter() - t0:.1f}s)")
     lissa = LissaSolver(op, damping_ratio=args.damping_ratio, batch_size=args.batch_size,
-                        depth=args.depth, tol=args.tol, repeats=args.repeats, lambda_max=lam)
+                        depth=args.depth, tol=args.tol, repeats=args.repeats, lambda_max=lam,
+                        progress=lissa_progress)
     damping, scale = lissa.resolve()
     res_l = lissa.solve(grad_w)
     dl = res_l.diagnostics
@@ -429,15 +435,15 @@ def main() -> None:
     ap.add_argument("--bundle", help="prepared bundle dir (MiniLM SST-2); default: raw MiniLM")
     ap.add_argument("--no-minilm", action="store_true", help="only the tiny/convex problems")
     ap.add_argument("--n-train", type=int, default=200, help="MiniLM influence candidates")
-    ap.add_argument("--n-curv", type=int, default=64, help="MiniLM curvature examples")
+    ap.add_argument("--n-curv", type=int, default=32, help="MiniLM curvature examples")
     ap.add_argument("--batch-size", type=int, default=8, help="LiSSA minibatch size")
     ap.add_argument("--damping-ratio", type=float, default=0.01, help="δ = ratio · λ_max")
-    ap.add_argument("--depth", type=int, default=1000, help="LiSSA max steps")
+    ap.add_argument("--depth", type=int, default=300, help="LiSSA max steps (1000: to tolerance)")
     ap.add_argument("--tol", type=float, default=0.05, help="LiSSA tolerance")
     ap.add_argument("--repeats", type=int, default=1, help="LiSSA repeats")
-    ap.add_argument("--power-iters", type=int, default=20)
-    ap.add_argument("--rank", type=int, default=32, help="low-rank k on MiniLM")
-    ap.add_argument("--oversample", type=int, default=10)
+    ap.add_argument("--power-iters", type=int, default=10)
+    ap.add_argument("--rank", type=int, default=16, help="low-rank k on MiniLM")
+    ap.add_argument("--oversample", type=int, default=8)
     ap.add_argument("--top", type=int, default=100, help="ranking size for the Spearman")
     ap.add_argument(
         "--threads", type=int, default=1,

@@ -102,10 +102,11 @@ class CurvatureOperator:
         def f(p: Mapping[str, Tensor]) -> Tensor:
             return self.logits_fn(p, batch.embeds, batch.mask)  # [B,C]
 
-        logits, jv = torch.func.jvp(f, (self.params,), (dict(vd),))  # [B,C], [B,C]
+        fwd = torch.func.jvp(f, (self.params,), (dict(vd),))
+        logits, jv = fwd[0], fwd[1]  # [B,C], [B,C]
         prob = torch.softmax(logits.detach(), dim=-1)
         hu = prob * jv - prob * (prob * jv).sum(-1, keepdim=True)  # H_logits J v, [B,C]
-        _, vjp_fn = torch.func.vjp(f, self.params)
+        vjp_fn = torch.func.vjp(f, self.params)[1]
         (g,) = vjp_fn(hu.detach() / batch.size)
         return flatten(g).detach()
 
@@ -114,7 +115,7 @@ class CurvatureOperator:
             logits = self.logits_fn(p, batch.embeds, batch.mask)
             return F.cross_entropy(logits, batch.labels.long())
 
-        _, hv = torch.func.jvp(torch.func.grad(loss), (self.params,), (dict(vd),))
+        hv = torch.func.jvp(torch.func.grad(loss), (self.params,), (dict(vd),))[1]
         return flatten(hv).detach()
 
 

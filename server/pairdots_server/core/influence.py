@@ -58,7 +58,7 @@ def _neg_directional_loss(
         logits = logits_fn(p, embeds, mask)  # [B,C]
         return F.cross_entropy(logits, labels.long(), reduction="none")  # [B]
 
-    _, dl = torch.func.jvp(losses, (dict(params),), (dict(direction),))
+    dl = torch.func.jvp(losses, (dict(params),), (dict(direction),))[1]  # [B]
     return -dl
 
 

@@ -23,6 +23,8 @@ remaining relative error is at most c·ρ^w / (1 - ρ^w); a repeat stops when th
 ≤ ``tol``. With stochastic H_j the minibatch noise puts a floor under c, so the repeat may run
 to ``depth`` and report converged=False. ``repeats`` independent runs are averaged.
 
+``progress(repeat, step, rel_change, norm)``, if given, is called at every check.
+
 Divergence: a convergent recursion keeps ‖h_j‖ ≤ ‖v‖·s/δ; NaN/Inf or a norm beyond 10× that
 bound raises ``SolverDiverged`` naming the settings to change.
 """
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -66,6 +69,7 @@ class LissaSolver(InverseHVPSolver):
         check_every: int = 10,
         power_iters: int = 20,
         lambda_max: float | None = None,
+        progress: Callable[[int, int, float, float], None] | None = None,
     ) -> None:
         if damping is not None and damping <= 0:
             raise SolverError(f"LiSSA damping must be > 0 (it bounds the series), got {damping}")
@@ -98,6 +102,7 @@ class LissaSolver(InverseHVPSolver):
         self._damping = damping
         self._scale = scale
         self.lambda_max = lambda_max
+        self.progress = progress
 
     def resolve(self) -> tuple[float, float]:
         """(δ, s): the given values, or the defaults from a power-iteration λ_max (cached)."""
@@ -148,6 +153,8 @@ class LissaSolver(InverseHVPSolver):
             if j % w == 0:
                 rel = float((h - h_prev_check).norm()) / max(norm, 1e-300)
                 h_prev_check = h.clone()
+                if self.progress is not None:
+                    self.progress(repeat, j, rel, norm)
                 if rel * factor <= self.tol:
                     return h / scale, j, rel, True
         return h / scale, self.depth, rel, False
