@@ -55,7 +55,7 @@ class ExplainQuery:
     solver: SolverSettings = field(default_factory=SolverSettings)
     use_index: bool | None = None  # None: index when the bundle has one
     candidates: int = 0  # 0: server default
-    token_influence: str = "first_order"  # exact | first_order | none
+    token_influence: str = "exact"  # exact | first_order | none
 
 
 # -- answer --------------------------------------------------------------------------------

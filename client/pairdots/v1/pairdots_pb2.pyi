@@ -207,11 +207,17 @@ class _TokenInfluenceMethod:
 class _TokenInfluenceMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TokenInfluenceMethod.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     TOKEN_INFLUENCE_METHOD_UNSPECIFIED: _TokenInfluenceMethod.ValueType  # 0
-    """Server default: TOKEN_INFLUENCE_METHOD_FIRST_ORDER."""
+    """Server default: TOKEN_INFLUENCE_METHOD_EXACT."""
     TOKEN_INFLUENCE_METHOD_EXACT: _TokenInfluenceMethod.ValueType  # 1
-    """I(z, w) - I(z̃(t, UNK), w) with one UNK-replaced copy of z per word. Exact, slower."""
+    """I(z, w) - I(z̃(t, UNK), w) with one UNK-replaced copy of z per token, summed per word.
+    Exact (paper Eq. 8); ~250 ms for a 20-token example with MiniLM on CPU.
+    """
     TOKEN_INFLUENCE_METHOD_FIRST_ORDER: _TokenInfluenceMethod.ValueType  # 2
-    """First-order estimate from one mixed second derivative with respect to z's embeddings."""
+    """First-order estimate from one mixed second derivative with respect to z's embeddings.
+    ~4x faster, but on fine-tuned MiniLM it correlates poorly with the exact value
+    (Pearson 0.04 measured on one SST-2 example): replacing a token by [UNK] is far from
+    infinitesimal. Good on near-linear models only.
+    """
     TOKEN_INFLUENCE_METHOD_NONE: _TokenInfluenceMethod.ValueType  # 3
     """Skip token-level influence."""
 
@@ -219,11 +225,17 @@ class TokenInfluenceMethod(_TokenInfluenceMethod, metaclass=_TokenInfluenceMetho
     """How the responsible word inside a training example is found (paper Eq. 8)."""
 
 TOKEN_INFLUENCE_METHOD_UNSPECIFIED: TokenInfluenceMethod.ValueType  # 0
-"""Server default: TOKEN_INFLUENCE_METHOD_FIRST_ORDER."""
+"""Server default: TOKEN_INFLUENCE_METHOD_EXACT."""
 TOKEN_INFLUENCE_METHOD_EXACT: TokenInfluenceMethod.ValueType  # 1
-"""I(z, w) - I(z̃(t, UNK), w) with one UNK-replaced copy of z per word. Exact, slower."""
+"""I(z, w) - I(z̃(t, UNK), w) with one UNK-replaced copy of z per token, summed per word.
+Exact (paper Eq. 8); ~250 ms for a 20-token example with MiniLM on CPU.
+"""
 TOKEN_INFLUENCE_METHOD_FIRST_ORDER: TokenInfluenceMethod.ValueType  # 2
-"""First-order estimate from one mixed second derivative with respect to z's embeddings."""
+"""First-order estimate from one mixed second derivative with respect to z's embeddings.
+~4x faster, but on fine-tuned MiniLM it correlates poorly with the exact value
+(Pearson 0.04 measured on one SST-2 example): replacing a token by [UNK] is far from
+infinitesimal. Good on near-linear models only.
+"""
 TOKEN_INFLUENCE_METHOD_NONE: TokenInfluenceMethod.ValueType  # 3
 """Skip token-level influence."""
 Global___TokenInfluenceMethod: _TypeAlias = TokenInfluenceMethod  # noqa: Y015
