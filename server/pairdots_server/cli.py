@@ -157,6 +157,7 @@ def server_config(args: argparse.Namespace) -> Any:
         host=args.host,
         port=int(args.port),
         metrics_port=int(args.metrics_port) if args.metrics_port not in (None, "") else None,
+        health_port=int(args.health_port) if args.health_port not in (None, "") else None,
         device=args.device,
         max_workers=int(args.max_workers),
         max_queue=int(args.max_queue),
@@ -376,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     s.add_argument("--port", default=_env("PORT", 50051))
     s.add_argument("--metrics-port", default=_env("METRICS_PORT"))
+    s.add_argument("--health-port", default=_env("HEALTH_PORT"),
+                   help="plaintext port serving only grpc.health.v1 (for kubelet probes when "
+                   "--tls-cert is set); same status as the main port")
     s.add_argument("--device", default=_env("DEVICE", "auto"))
     s.add_argument("--max-workers", default=_env("MAX_WORKERS", 1))
     s.add_argument("--max-queue", default=_env("MAX_QUEUE", 8))

@@ -84,6 +84,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port (tests)
     metrics_port: int | None = None  # Prometheus /metrics on its own HTTP port when set
+    # Plaintext gRPC port serving only grpc.health.v1 (same status as the main port) when set:
+    # kubelet gRPC probes cannot speak TLS. 0 picks a free port (tests).
+    health_port: int | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_workers: int = 1  # concurrent model computations (per device)
     max_queue: int = 8  # requests waiting for a worker; beyond → RESOURCE_EXHAUSTED
@@ -105,6 +108,12 @@ class ServerConfig:
         _require(0 <= self.port < 65536, "port", "must be in 0..65535")
         if self.metrics_port is not None:
             _require(0 <= self.metrics_port < 65536, "metrics_port", "must be in 0..65535")
+        if self.health_port is not None:
+            _require(0 <= self.health_port < 65536, "health_port", "must be in 0..65535")
+            _require(
+                self.health_port == 0 or self.health_port != self.port, "health_port",
+                "must differ from --port (the health-only port is a second listener)",
+            )
         _require(self.max_workers >= 1, "max_workers", "must be >= 1")
         _require(self.max_queue >= 0, "max_queue", "must be >= 0")
         _require(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")

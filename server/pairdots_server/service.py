@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pairdots_server.bundle import discover_bundles, validate_bundle_name
 from pairdots_server.config import ServerConfig
@@ -16,6 +17,9 @@ from pairdots_server.errors import CancelToken, InvalidArgument, NotFound
 from pairdots_server.explain import ExplainAnswer, ExplainQuery, explain
 from pairdots_server.runtime import ModelRuntime
 from pairdots_server.workers import WorkerPool
+
+if TYPE_CHECKING:
+    from pairdots_server.jobs.runner import JobRunner
 
 log = logging.getLogger("pairdots.service")
 
@@ -79,6 +83,7 @@ class PairdotsService:
         self.config = config
         self.registry = registry
         self.pool = WorkerPool(config.max_workers, config.max_queue)
+        self.jobs: JobRunner | None = None  # set by rpc/app.py (Attack/Repair operations)
 
     async def explain(self, model: str, query: ExplainQuery, token: CancelToken) -> ExplainAnswer:
         runtime = self.registry.get(model)

@@ -12,9 +12,9 @@ import pytest
 
 SMOKE = Path(__file__).resolve().parents[2] / "deploy" / "gpu-smoke.sh"
 
-# Flags the chart emits only for options the CLI does not offer yet (see deploy/README.md):
-# --health-port (a plaintext health-only port, needed for kubelet probes under TLS).
-KNOWN_GAPS = {"--health-port"}
+# Flags the chart emits for options the CLI does not offer yet (see deploy/README.md). Empty:
+# --health-port (the plaintext health-only port for kubelet probes under TLS) is supported now.
+KNOWN_GAPS: set[str] = set()
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,18 @@ def test_server_args_parse(parser: Any, rendered: dict[str, list[dict[str, Any]]
                            case: str) -> None:
     (server,) = [c for c in containers(rendered[case]) if c["name"] == "server"]
     assert unknown_flags(parser, server["args"]) <= KNOWN_GAPS
+
+
+def test_health_port_reaches_the_server_config(parser: Any,
+                                              rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Under TLS the kubelet probes the plaintext port the chart passes as --health-port; the
+    parsed flags must turn into ServerConfig.health_port (the port create_server listens on)."""
+    from pairdots_server.cli import server_config
+
+    (server,) = [c for c in containers(rendered["all-on"]) if c["name"] == "server"]
+    probe_port = server["readinessProbe"]["grpc"]["port"]
+    config = server_config(parser.parse_args(server["args"]))
+    assert config.tls_cert is not None and config.health_port == probe_port != config.port
 
 
 def test_index_job_commands_parse(parser: Any, rendered: dict[str, list[dict[str, Any]]]) -> None:

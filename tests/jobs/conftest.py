@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from pairdots_server.jobs.runner import JobRunner
 from pairdots_server.jobs.store import JobStore
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 from google.protobuf import wrappers_pb2
 from google.rpc import code_pb2
+
 from pairdots_server import errors
 from pairdots_server.jobs.runner import Code, JobContext, JobRunner, status_code_for
 from pairdots_server.jobs.store import INTERRUPTED_REASON, JobState, JobStore

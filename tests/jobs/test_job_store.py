@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import wrappers_pb2
+
 from pairdots_server import errors
 from pairdots_server.jobs.store import (
     INTERRUPTED_MESSAGE,

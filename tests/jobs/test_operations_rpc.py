@@ -15,6 +15,7 @@ import pytest
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import duration_pb2, wrappers_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+
 from pairdots_server import errors
 from pairdots_server.jobs.runner import JobContext, JobRunner
 from pairdots_server.jobs.store import JobStore

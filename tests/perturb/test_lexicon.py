@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from pairdots_server.errors import FailedPrecondition, InvalidArgument
 from pairdots_server.perturb import lexicon as lexmod
 from pairdots_server.perturb.lexicon import (

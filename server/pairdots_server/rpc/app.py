@@ -5,6 +5,11 @@ reflection and metrics, binds the port and returns (App, port) without starting 
 wait — tests use it on 127.0.0.1:0. `serve(config)` runs until SIGTERM/SIGINT, then drains:
 health goes NOT_SERVING, in-flight calls get `grace_s` to finish, running jobs are recorded
 as interrupted.
+
+With `config.health_port` set, a second plaintext grpc.aio server serves only grpc.health.v1
+from the same HealthServicer (so both ports always report the same status): kubelet gRPC
+probes cannot speak TLS. It stays up while the main server drains, so probes see NOT_SERVING,
+and stops last.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ class App:
     store: JobStore
     port: int
     config: ServerConfig
+    health_server: grpc.aio.Server | None = None  # plaintext health-only listener
+    health_port: int | None = None
     _stopped: bool = field(default=False)
 
     async def set_serving(self, serving: bool) -> None:
@@ -61,6 +68,8 @@ class App:
         interrupted = await asyncio.to_thread(self.jobs.shutdown, grace)
         if interrupted:
             log.warning("%d running job(s) recorded as interrupted", interrupted)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         self.service.close()
         self.store.close()
         self.metrics.stop()
@@ -75,6 +84,19 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
     )
+
+
+async def _start_health_server(config: ServerConfig, servicer: health.aio.HealthServicer
+                               ) -> tuple[grpc.aio.Server, int]:
+    """A plaintext server on config.health_port with only grpc.health.v1 (no auth: probes)."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    address = f"{config.host}:{config.health_port}"
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind the health port {address}; is it in use?")
+    await server.start()
+    return server, port
 
 
 async def create_server(config: ServerConfig, registry: ModelRegistry | None = None
@@ -115,6 +137,7 @@ async def create_server(config: ServerConfig, registry: ModelRegistry | None = N
     if interrupted:
         log.warning("%d job(s) from a previous run marked as interrupted", interrupted)
     jobs = JobRunner(store, config.jobs.max_concurrent, config.jobs.max_queued)
+    service.jobs = jobs
     add_operations_servicer(server, store, jobs)
 
     if config.reflection:
@@ -133,7 +156,16 @@ async def create_server(config: ServerConfig, registry: ModelRegistry | None = N
     if port == 0:
         raise OSError(f"cannot bind {address}; is the port in use?")
     await server.start()
-    app = App(server, service, health_servicer, metrics, jobs, store, port, config)
+    health_server, health_port = None, None
+    if config.health_port is not None:
+        try:
+            health_server, health_port = await _start_health_server(config, health_servicer)
+        except BaseException:
+            await server.stop(0)
+            raise
+        log.info("grpc.health.v1 (plaintext) on %s:%d", config.host, health_port)
+    app = App(server, service, health_servicer, metrics, jobs, store, port, config,
+              health_server, health_port)
     await app.set_serving(True)
     log.info("pairdots listening on %s:%d (%s)", config.host, port, "TLS" if creds else "plaintext")
     return app, port

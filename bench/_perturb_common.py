@@ -1,0 +1,79 @@
+"""Shared helpers for bench/attack.py and bench/repair.py (not a benchmark itself)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pairdots_server.data import Example
+from pairdots_server.perturb.edits import Edit, InfluenceSettings
+from pairdots_server.retrain import RetrainMode, RetrainSpec, retrain
+from pairdots_server.runtime import ModelRuntime
+from pairdots_server.solvers import SolverChoice, SolverSettings
+from pairdots_server.train import evaluate
+
+SST2 = Path("/work/shared/data/sst2")
+
+
+def common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", type=Path, default=Path("bundles/minilm-sst2"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--full", action="store_true",
+                   help="retrain every parameter from the base checkpoint (default: scope only)")
+    p.add_argument("--epochs", type=int, default=None, help="retrain epochs (default: recipe)")
+    p.add_argument("--max-steps", type=int, default=None, help="cap on retrain steps")
+    p.add_argument("--solver", choices=["default", "lissa", "cg", "low_rank"], default="default")
+    p.add_argument("--max-iterations", type=int, default=None, help="solver iterations")
+    p.add_argument("--exhaustive", action="store_true",
+                   help="score every training example exactly (default: the bundle's index)")
+    p.add_argument("--candidates", type=int, default=200,
+                   help="index candidates per direction scored exactly")
+    p.add_argument("--random-candidates", type=int, default=5, help="T (paper: 5)")
+
+
+def influence_settings(a: argparse.Namespace) -> InfluenceSettings:
+    method = None if a.solver == "default" else SolverChoice(a.solver)
+    return InfluenceSettings(
+        solver=SolverSettings(method=method, max_iterations=a.max_iterations),
+        use_index=False if a.exhaustive else None, candidates=a.candidates,
+    )
+
+
+def retrain_spec(a: argparse.Namespace) -> RetrainSpec:
+    mode = RetrainMode.FULL if a.full else RetrainMode.SCOPE_ONLY
+    return RetrainSpec(mode, epochs=a.epochs, max_steps=a.max_steps)
+
+
+def first_n_per_example(edits: Sequence[Edit], n: int) -> list[Edit]:
+    """The first n edits of every request example (the n-prefix of the n_max search)."""
+    counts: dict[int, int] = {}
+    out = []
+    for e in edits:
+        if counts.get(e.example_index, 0) < n:
+            counts[e.example_index] = counts.get(e.example_index, 0) + 1
+            out.append(e)
+    return out
+
+
+def retrain_eval(
+    rt: ModelRuntime, train: Sequence[Example], spec: RetrainSpec,
+    evals: dict[str, Sequence[Example]],
+) -> dict[str, float]:
+    t0 = time.perf_counter()
+    task, result, notes = retrain(rt, train, spec, lambda: None)
+    out: dict[str, float] = {"retrain_s": round(result.seconds, 1)}
+    for name, ex in evals.items():
+        out[name] = evaluate(task, list(ex), max_length=rt.max_length).accuracy
+    out["total_s"] = round(time.perf_counter() - t0, 1)
+    for n in notes:
+        log(f"note: {n}")
+    del task
+    return out
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

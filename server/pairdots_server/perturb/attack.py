@@ -1,0 +1,210 @@
+"""Attack (paper §4.2, Eq. 9–12): perturb training examples with WordNet synonyms so that a
+retrained model loses its focus on a test example's salient word.
+
+For each test example (x, gold y):
+  * w_y  = the top salient word of x for y;  w_y' = the top salient word for the strongest
+    wrong label y' = argmax_{c ≠ y} p(c|x);
+  * s_test = H⁻¹∇θw and the exact I(z_i, w) (Eq. 5) of the candidate training examples;
+  * n training examples are replaced by perturbed copies z̃, each from the two-stage greedy
+    search (Eq. 11–12, perturb/edits.py) for the mode's objective (Eq. 9–10):
+      DEMOTE_SALIENT  minimise I(z, z̃, w_y)   (start from the most supporting examples),
+      PROMOTE_WRONG   maximise I(z, z̃, w_y')  (start from the most opposing examples),
+      COMBINED        both, alternating (demote first), n edits in all,
+      RANDOM          baseline: n random training examples, a random substitutable word and
+                      a random synonym each (no influence computed; influence_change 0).
+A training example is perturbed at most once per attack (no duplicates across modes or test
+examples), so the perturbed set is the training set with those examples replaced.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from pairdots_server.data import Example
+from pairdots_server.errors import InvalidArgument
+from pairdots_server.perturb.edits import (
+    Edit,
+    InfluenceSettings,
+    ProgressFn,
+    SalientTarget,
+    SearchSettings,
+    StopFn,
+    no_progress,
+    random_edit,
+    salient_target,
+    take_edits,
+)
+from pairdots_server.perturb.lexicon import Lexicon, default_lexicon
+from pairdots_server.runtime import ModelRuntime
+
+DEMOTE = "decrease I(z, w_y)"
+PROMOTE = "increase I(z, w_y')"
+RANDOM = "random substitution (baseline, no influence objective)"
+
+
+class AttackMode(enum.Enum):
+    DEMOTE_SALIENT = "demote_salient"
+    PROMOTE_WRONG = "promote_wrong"
+    COMBINED = "combined"
+    RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class AttackQuery:
+    """A validated Attack request (rpc/convert_jobs.py builds it)."""
+
+    examples: tuple[Example, ...]
+    mode: AttackMode
+    examples_per_test: int
+    random_candidates: int = 5
+    influence: InfluenceSettings = field(default_factory=InfluenceSettings)
+    seed: int = 0
+    max_substitutes: int = 10
+
+    def __post_init__(self) -> None:
+        if not self.examples:
+            raise InvalidArgument.for_field("examples", "at least one test example is needed")
+        if self.examples_per_test < 1:
+            raise InvalidArgument.for_field(
+                "examples_per_test", f"must be >= 1, got {self.examples_per_test}"
+            )
+        if self.random_candidates < 0:
+            raise InvalidArgument.for_field(
+                "random_candidates", f"must be >= 0, got {self.random_candidates}"
+            )
+
+
+@dataclass
+class AttackOutcome:
+    edits: list[Edit]
+    notes: list[str]
+    train: list[Example]  # the training set with the edited examples replaced
+
+
+TargetCache = dict[tuple[str, int], SalientTarget | None]
+
+
+def wrong_label(rt: ModelRuntime, text: str, gold: int) -> int:
+    """The strongest wrong label y' = argmax_{c ≠ gold} p(c|x)."""
+    probs = rt.task.predict([text], max_length=rt.max_length)[0]  # [C]
+    probs = probs.clone()
+    probs[gold] = -torch.inf
+    return int(probs.argmax())
+
+
+def apply_replacements(train: Sequence[Example], edits: Sequence[Edit]) -> list[Example]:
+    """The training set with each edited example's text replaced (labels unchanged)."""
+    out = list(train)
+    for e in edits:
+        out[e.train_index] = Example(e.new_text, out[e.train_index].label)
+    return out
+
+
+def run_attack(
+    rt: ModelRuntime,
+    q: AttackQuery,
+    should_stop: StopFn,
+    progress: ProgressFn = no_progress,
+    *,
+    default_candidates: int,
+    scoring_batch_size: int = 32,
+    lexicon: Lexicon | None = None,
+    target_cache: TargetCache | None = None,
+) -> AttackOutcome:
+    """Edits for every test example of `q` (see the module docstring) and the perturbed set.
+
+    target_cache: (text, label) -> SalientTarget, shared between calls (benchmarks run every
+    mode on the same examples; the targets do not depend on the mode).
+    """
+    lex = lexicon or default_lexicon()
+    train = rt.bundle.train
+    n_labels = len(rt.bundle.labels)
+    for i, ex in enumerate(q.examples):
+        if not 0 <= ex.label < n_labels:
+            raise InvalidArgument.for_field(
+                f"examples[{i}].label", f"{ex.label} is not a label of model {rt.name!r}; "
+                f"valid: 0..{n_labels - 1}"
+            )
+    search = SearchSettings(q.random_candidates, q.max_substitutes, ("synonym",), scoring_batch_size)
+    rng = random.Random(q.seed)
+    used: set[int] = set()
+    edits: list[Edit] = []
+    notes: list[str] = []
+    cache: TargetCache = target_cache if target_cache is not None else {}
+    total = len(q.examples)
+    progress("perturbing", 0, total)
+
+    def target(text: str, label: int) -> SalientTarget | None:
+        key = (text, label)
+        if key not in cache:
+            cache[key] = salient_target(
+                rt, text, label, q.influence, should_stop,
+                default_candidates=default_candidates, scoring_batch_size=scoring_batch_size,
+            )
+        return cache[key]
+
+    for k, ex in enumerate(q.examples):
+        should_stop()
+        n = q.examples_per_test
+        if q.mode is AttackMode.RANDOM:
+            got = _random_edits(rt, k, n, used, lex, rng, search.max_substitutes)
+        else:
+            objectives: list[tuple[SalientTarget | None, int, str]] = []
+            if q.mode in (AttackMode.DEMOTE_SALIENT, AttackMode.COMBINED):
+                objectives.append((target(ex.text, ex.label), -1, DEMOTE))
+            if q.mode in (AttackMode.PROMOTE_WRONG, AttackMode.COMBINED):
+                y_wrong = wrong_label(rt, ex.text, ex.label)
+                objectives.append((target(ex.text, y_wrong), +1, PROMOTE))
+            shares = [n // len(objectives) + (j < n % len(objectives))
+                      for j in range(len(objectives))]
+            got = []
+            for (tgt, direction, objective), share in zip(objectives, shares, strict=True):
+                if tgt is None or share == 0:
+                    continue
+                got += take_edits(
+                    rt, tgt, direction, share, used, lex, search, rng, should_stop,
+                    train=train, example_index=k, objective=objective,
+                )
+        if len(got) < n:
+            notes.append(
+                f"example {k}: {len(got)} of {n} training examples perturbed (no further "
+                "candidate had a substitutable word whose substitution moved the influence "
+                "the wanted way)"
+            )
+        edits += got
+        progress("perturbing", k + 1, total)
+    return AttackOutcome(edits, notes, apply_replacements(train, edits))
+
+
+def _random_edits(
+    rt: ModelRuntime,
+    example_index: int,
+    n: int,
+    used: set[int],
+    lexicon: Lexicon,
+    rng: random.Random,
+    max_substitutes: int,
+) -> list[Edit]:
+    """The RANDOM baseline: n random unused training examples with a random synonym swap."""
+    train = rt.bundle.train
+    order = [i for i in range(len(train)) if i not in used]
+    rng.shuffle(order)
+    out: list[Edit] = []
+    for idx in order:
+        if len(out) >= n:
+            break
+        ex = train[idx]
+        e = random_edit(rt, ex, lexicon, ("synonym",), rng, max_substitutes)
+        if e is None:
+            continue
+        used.add(idx)
+        out.append(Edit(
+            idx, ex.text, e.new_text, ex.label, example_index, e.word_index, e.original_word,
+            e.substitute, e.relation, 0.0, RANDOM,
+        ))
+    return out

@@ -1,0 +1,423 @@
+"""Shared pieces of the attack (paper §4.2) and repair (§4.3): word substitution, the salient
+target of a test example, and the two-stage greedy search of Eq. 11–12.
+
+Influence of a training example z on the saliency score w of a test word (Eq. 5):
+    I(z, w) = -s_testᵀ ∇θL(z),  s_test = H⁻¹ ∇θw.
+Replacing z by z̃ changes it by (Eq. 6–7)
+    I(z, z̃, w) = I(z̃, w) - I(z, w) = -s_testᵀ (∇θL(z̃) - ∇θL(z)).
+Token influence (Eq. 8): I(x_t, w) = I(z, w) - I(z̃(t, UNK), w), summed over a word's pieces.
+
+Two-stage greedy (Eq. 11–12) for an objective "maximise d · (I(z̃, w) - I(z, w))", d = ±1:
+  Eq. 11  the word t* of z whose removal moves I in the wanted direction the most: removing
+          t changes I by ≈ -I(x_t, w), so t* = argmax_t  -d · I(x_t, w) over substitutable words;
+  Eq. 12  the substitute s* = argmax_s d · I(z, z̃(t*, s), w), computed exactly with per-example
+          gradients of every perturbed text in one batch (Eq. 7), not a first-order estimate.
+T further words are drawn at random (seeded) and their substitutes scored the same way; the best
+of all candidates is kept, and only when it moves I the wanted way (d · change > 0).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from pairdots_server.core import influence as infl
+from pairdots_server.core.grads import per_example_loss_grads
+from pairdots_server.core.saliency import (
+    Target,
+    TokenScore,
+    grad_theta_word_score,
+    token_saliency,
+    word_scores,
+)
+from pairdots_server.data import Example
+from pairdots_server.perturb.lexicon import Lexicon, is_substitutable
+from pairdots_server.runtime import ModelRuntime
+from pairdots_server.solvers import SolverSettings, solve_s_test
+
+StopFn = Callable[[], None]
+ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+RELATIONS = ("synonym", "antonym")
+
+
+def no_progress(stage: str, done: int, total: int) -> None:
+    return None
+
+
+# -- settings ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InfluenceSettings:
+    """How the salient word, s_test and the candidate training examples are obtained
+    (the Explain settings, shared by attack and repair)."""
+
+    target: Target = Target.LOG_PROB
+    token_score: TokenScore = TokenScore.GRAD_INPUT
+    solver: SolverSettings = field(default_factory=SolverSettings)
+    use_index: bool | None = None  # None: the bundle's index when it has one
+    candidates: int = 0  # 0: the server default
+
+    def __post_init__(self) -> None:
+        if self.candidates < 0:
+            raise ValueError(f"candidates must be >= 0, got {self.candidates}")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """The greedy search (Eq. 11–12): `random_candidates` T random words besides the Eq. 11
+    one (paper: 5), at most `max_substitutes` substitutes per word, the WordNet relations used
+    ("synonym" for the attack, both for repair), per-example-gradient batch size."""
+
+    random_candidates: int = 5
+    max_substitutes: int = 10
+    relations: tuple[str, ...] = ("synonym",)
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.random_candidates < 0:
+            raise ValueError(f"random_candidates must be >= 0, got {self.random_candidates}")
+        if self.max_substitutes < 1:
+            raise ValueError(f"max_substitutes must be >= 1, got {self.max_substitutes}")
+        if not self.relations or any(r not in RELATIONS for r in self.relations):
+            raise ValueError(f"relations must be a non-empty subset of {RELATIONS}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+# -- results -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WordEdit:
+    """One word of a text replaced: `new_text` keeps every other character of the text."""
+
+    word_index: int
+    original_word: str
+    substitute: str
+    relation: str  # synonym | antonym
+    new_text: str
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A perturbed (attack) or added (repair) training example (proto TrainingEdit)."""
+
+    train_index: int
+    original_text: str
+    new_text: str
+    label: int
+    example_index: int
+    word_index: int
+    original_word: str
+    substitute: str
+    relation: str
+    influence_change: float  # I(z̃, w) - I(z, w), Eq. 7; 0 for the random baselines
+    objective: str
+
+
+@dataclass(frozen=True)
+class ScoredEdit:
+    edit: WordEdit
+    influence_before: float  # I(z, w)
+    influence_after: float  # I(z̃, w)
+
+    @property
+    def change(self) -> float:
+        return self.influence_after - self.influence_before
+
+
+@dataclass
+class SalientTarget:
+    """The top salient word of a test example for one label, its s_test, and the candidate
+    training examples with their exact I(z_i, w) (Eq. 5)."""
+
+    label: int
+    word_index: int
+    word: str
+    saliency: float
+    s_test: Tensor
+    scores: dict[int, float]
+    solver: dict[str, object]
+
+    def ranked(self, direction: int) -> list[int]:
+        """Training indices, most promising first for objective direction d: d < 0 (decrease
+        I) starts from the largest positive I (supporting), d > 0 (increase I) from the most
+        negative (opposing)."""
+        sign = -1.0 if direction < 0 else 1.0
+        return [i for i, _ in sorted(self.scores.items(), key=lambda p: (sign * p[1], p[0]))]
+
+
+# -- text ----------------------------------------------------------------------------------
+
+
+def substitute_word(text: str, span: tuple[int, int], substitute: str) -> str:
+    """text with the characters text[start:end] replaced by `substitute`; nothing else moves."""
+    start, end = span
+    if not 0 <= start < end <= len(text):
+        raise ValueError(f"span {span} is outside the text of length {len(text)}")
+    return text[:start] + substitute + text[end:]
+
+
+def word_substitutes(
+    lexicon: Lexicon, word: str, relations: Sequence[str], limit: int
+) -> list[tuple[str, str]]:
+    """(substitute, relation) pairs for `word`, antonyms first when asked for (they are few),
+    then synonyms; at most `limit`; [] when the word is never substituted."""
+    if not is_substitutable(word):
+        return []
+    out: list[tuple[str, str]] = []
+    for rel in ("antonym", "synonym"):
+        if rel not in relations:
+            continue
+        subs = lexicon.antonyms(word) if rel == "antonym" else lexicon.synonyms(word)
+        out.extend((s, rel) for s in subs if s != word)
+    seen: set[str] = set()
+    unique = [(s, r) for s, r in out if not (s in seen or seen.add(s))]  # type: ignore[func-returns-value]
+    if len(relations) > 1:  # keep both kinds under the limit: alternate antonym / synonym
+        ants = [p for p in unique if p[1] == "antonym"]
+        syns = [p for p in unique if p[1] == "synonym"]
+        unique = [p for pair in zip(ants, syns) for p in pair]
+        unique += ants[len(syns):] + syns[len(ants):]
+    return unique[:limit]
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    words: list[str]
+    spans: list[tuple[int, int]]
+    pieces: list[int]  # word pieces per word the model saw (0 = truncated)
+    embeds: Tensor  # [1,T,D]
+    mask: Tensor  # [1,T]
+    word_ids: list[int | None]
+
+
+def encode_text(rt: ModelRuntime, text: str) -> EncodedText:
+    enc = rt.task.encode([text], max_length=rt.max_length)
+    with torch.no_grad():
+        embeds = rt.task.embed(enc.input_ids).detach()  # [1,T,D]
+    pieces = [0] * len(enc.words[0])
+    for w in enc.word_ids[0]:
+        if w is not None:
+            pieces[w] += 1
+    return EncodedText(
+        enc.words[0], enc.word_spans[0], pieces, embeds, enc.attention_mask, enc.word_ids[0]
+    )
+
+
+# -- influence of texts --------------------------------------------------------------------
+
+
+def influence_of_texts(
+    rt: ModelRuntime,
+    s_test: Tensor,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    batch_size: int = 32,
+    should_stop: StopFn | None = None,
+) -> Tensor:
+    """I(z_i, w) = -s_testᵀ ∇θL(z_i) (Eq. 5) for arbitrary labelled texts -> [N] (float64)."""
+    out: list[Tensor] = []
+    for b in range(0, len(texts), batch_size):
+        if should_stop is not None:
+            should_stop()
+        enc = rt.task.encode(list(texts[b : b + batch_size]), max_length=rt.max_length)
+        with torch.no_grad():
+            embeds = rt.task.embed(enc.input_ids).detach()  # [B,T,D]
+        y = torch.tensor(list(labels[b : b + batch_size]), device=embeds.device)  # [B]
+        g = per_example_loss_grads(rt.task.logits_fn, rt.params, embeds, enc.attention_mask, y)
+        out.append(infl.influence_on_score(s_test.to(g.dtype), g).double().cpu())  # [B]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def word_influences(rt: ModelRuntime, s_test: Tensor, enc: EncodedText, label: int) -> list[float]:
+    """Eq. 8 per word: Σ_{t ∈ word} I(z, w) - I(z̃(t, UNK), w), exact (one UNK copy per token)."""
+    positions = [t for t, w in enumerate(enc.word_ids) if w is not None]
+    totals = [0.0] * len(enc.words)
+    if not positions:
+        return totals
+    per_token = infl.token_influence_exact(
+        rt.task.logits_fn, rt.params, s_test, enc.embeds, enc.mask, label, rt.unk_embed,
+        positions=positions,
+    )  # [T]
+    for t in positions:
+        w = enc.word_ids[t]
+        assert w is not None
+        totals[w] += float(per_token[t])
+    return totals
+
+
+# -- salient target ------------------------------------------------------------------------
+
+
+def salient_target(
+    rt: ModelRuntime,
+    text: str,
+    label: int,
+    settings: InfluenceSettings,
+    should_stop: StopFn,
+    *,
+    default_candidates: int,
+    scoring_batch_size: int = 32,
+) -> SalientTarget | None:
+    """The top salient word of `text` for `label` (Eq. 1–2, largest signed word score), its
+    s_test (Eq. 5) and the exact influence of the candidate training examples (as Explain).
+    None when the text has no word the model saw."""
+    from pairdots_server.explain import _candidates, _score_exact, _Timer, _top_words
+
+    enc = encode_text(rt, text)
+    tok = token_saliency(
+        rt.task.logits_fn, rt.params, enc.embeds, enc.mask, label, settings.target,
+        settings.token_score,
+    )  # [T]
+    ws = [float(v) for v in word_scores(tok, enc.word_ids, len(enc.words))]  # [W]
+    top = _top_words(ws, enc.pieces, 1)
+    if not top:
+        return None
+    wi = top[0]
+    positions = [t for t, w in enumerate(enc.word_ids) if w == wi]
+    grad_w = grad_theta_word_score(
+        rt.task.logits_fn, rt.params, enc.embeds, enc.mask, label, settings.target,
+        settings.token_score, positions,
+    )  # [P]
+    key = (text, label, wi, settings.target, settings.token_score, settings.solver)
+    s_test, diag = solve_s_test(rt, grad_w, settings.solver, should_stop, cache_key=key)
+    used_index = rt.has_index if settings.use_index is None else settings.use_index
+    if used_index and not rt.has_index:
+        from pairdots_server.errors import FailedPrecondition
+
+        raise FailedPrecondition(
+            f"model {rt.name!r} has no candidate index; use CANDIDATE_SEARCH_EXHAUSTIVE or "
+            "build one with `pairdots index build`"
+        )
+    timer = _Timer()
+    cand, _ = _candidates(rt, s_test, used_index, settings.candidates or default_candidates, timer)
+    scores = _score_exact(rt, s_test, cand, should_stop, scoring_batch_size, timer)  # [K]
+    table = {
+        int(i): float(s) for i, s in zip(cand, scores.tolist(), strict=True) if math.isfinite(s)
+    }
+    return SalientTarget(label, wi, enc.words[wi], ws[wi], s_test, table, dict(diag))
+
+
+# -- the greedy search (Eq. 11–12) ---------------------------------------------------------
+
+
+def greedy_edit(
+    rt: ModelRuntime,
+    s_test: Tensor,
+    example: Example,
+    direction: int,
+    lexicon: Lexicon,
+    search: SearchSettings,
+    rng: random.Random,
+    should_stop: StopFn | None = None,
+) -> ScoredEdit | None:
+    """Best single-word substitution of `example` for maximising d · (I(z̃, w) - I(z, w)).
+
+    Eq. 11 picks the word, Eq. 12 the substitute (exact Eq. 7 over a batch of perturbed
+    texts), plus `search.random_candidates` random words. None when no substitutable word
+    has a substitute or no candidate moves I in direction d.
+    """
+    if direction not in (-1, 1):
+        raise ValueError(f"direction must be +1 or -1, got {direction}")
+    enc = encode_text(rt, example.text)
+    subs: dict[int, list[tuple[str, str]]] = {}
+    for wi, word in enumerate(enc.words):
+        if enc.pieces[wi] == 0:
+            continue
+        cands = word_substitutes(lexicon, word, search.relations, search.max_substitutes)
+        if cands:
+            subs[wi] = cands
+    if not subs:
+        return None
+    totals = word_influences(rt, s_test, enc, example.label)  # Eq. 8 per word
+    greedy = max(subs, key=lambda w: (-direction * totals[w], -w))  # Eq. 11
+    others = sorted(w for w in subs if w != greedy)
+    rng.shuffle(others)
+    words = [greedy] + others[: search.random_candidates]
+    candidates = [
+        WordEdit(wi, enc.words[wi], sub, rel, substitute_word(example.text, enc.spans[wi], sub))
+        for wi in words
+        for sub, rel in subs[wi]
+    ]
+    texts = [example.text] + [c.new_text for c in candidates]
+    scores = influence_of_texts(
+        rt, s_test, texts, [example.label] * len(texts), search.batch_size, should_stop
+    )  # [1+K]
+    base = float(scores[0])
+    changes = [float(s) - base for s in scores[1:].tolist()]
+    best = max(range(len(candidates)), key=lambda k: (direction * changes[k], -k))  # Eq. 12
+    if not direction * changes[best] > 0:
+        return None
+    return ScoredEdit(candidates[best], base, base + changes[best])
+
+
+def random_edit(
+    rt: ModelRuntime,
+    example: Example,
+    lexicon: Lexicon,
+    relations: Sequence[str],
+    rng: random.Random,
+    max_substitutes: int = 10,
+) -> WordEdit | None:
+    """The random baseline: a random substitutable word (the model saw) and a random one of
+    its substitutes. None when the example has no substitutable word."""
+    enc = encode_text(rt, example.text)
+    choices = [
+        (wi, cands) for wi, word in enumerate(enc.words)
+        if enc.pieces[wi] > 0
+        and (cands := word_substitutes(lexicon, word, relations, max_substitutes))
+    ]
+    if not choices:
+        return None
+    wi, cands = choices[rng.randrange(len(choices))]
+    sub, rel = cands[rng.randrange(len(cands))]
+    return WordEdit(
+        wi, enc.words[wi], sub, rel, substitute_word(example.text, enc.spans[wi], sub)
+    )
+
+
+def take_edits(
+    rt: ModelRuntime,
+    target: SalientTarget,
+    direction: int,
+    n: int,
+    used: set[int],
+    lexicon: Lexicon,
+    search: SearchSettings,
+    rng: random.Random,
+    should_stop: StopFn,
+    *,
+    train: Sequence[Example],
+    example_index: int,
+    objective: str,
+    max_attempts: int | None = None,
+) -> list[Edit]:
+    """Up to n edits for one objective, walking the ranked candidates (`target.ranked`),
+    skipping training examples in `used` (and adding the chosen ones to it)."""
+    out: list[Edit] = []
+    attempts = 0
+    limit = max_attempts if max_attempts is not None else max(3 * n, n + 10)
+    for idx in target.ranked(direction):
+        if len(out) >= n or attempts >= limit:
+            break
+        if idx in used:
+            continue
+        should_stop()
+        attempts += 1
+        ex = train[idx]
+        scored = greedy_edit(rt, target.s_test, ex, direction, lexicon, search, rng, should_stop)
+        if scored is None:
+            continue
+        used.add(idx)
+        e = scored.edit
+        out.append(Edit(
+            idx, ex.text, e.new_text, ex.label, example_index, e.word_index, e.original_word,
+            e.substitute, e.relation, scored.change, objective,
+        ))
+    return out

@@ -1,0 +1,184 @@
+"""Repair (paper §4.3): add influence-guided training examples that restore the model's focus
+on the misclassified examples of a dev set.
+
+For each example the served model gets wrong (gold y, predicted y'):
+  * w_y, w_y' = the top salient words of x for y and for y';
+  * n new training examples, alternating between the objectives
+      ↑ I(z, w_y)   start from the most supporting training examples of w_y and perturb them
+                    to raise I further (greedy, Eq. 11–12, direction +1),
+      ↓ I(z, w_y')  start from the most opposing training examples of w_y' and perturb them to
+                    lower I further (direction -1),
+    with WordNet synonyms AND antonyms as substitutes; labels are kept.
+Adding z̃ to the n training examples moves w by ≈ I(z̃, w)/n, so the sources are the examples
+whose influence already points the wanted way. The new examples are ADDED to the training set
+(nothing is replaced). RANDOM: the same number of random training examples with a random
+synonym/antonym substitution, added.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass, field
+
+from pairdots_server.data import Example
+from pairdots_server.errors import InvalidArgument
+from pairdots_server.perturb.attack import TargetCache
+from pairdots_server.perturb.edits import (
+    Edit,
+    InfluenceSettings,
+    ProgressFn,
+    SalientTarget,
+    SearchSettings,
+    StopFn,
+    no_progress,
+    random_edit,
+    salient_target,
+    take_edits,
+)
+from pairdots_server.perturb.lexicon import Lexicon, default_lexicon
+from pairdots_server.runtime import ModelRuntime
+from pairdots_server.train import evaluate
+
+RAISE_GOLD = "increase I(z, w_y)"
+LOWER_WRONG = "decrease I(z, w_y')"
+RANDOM = "random substitution (baseline, no influence objective)"
+RELATIONS = ("synonym", "antonym")
+
+
+class RepairMode(enum.Enum):
+    INFLUENCE = "influence"
+    RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class RepairQuery:
+    """A validated Repair request (rpc/convert_jobs.py builds it)."""
+
+    examples: tuple[Example, ...]
+    examples_per_error: int
+    mode: RepairMode = RepairMode.INFLUENCE
+    random_candidates: int = 5
+    influence: InfluenceSettings = field(default_factory=InfluenceSettings)
+    seed: int = 0
+    max_substitutes: int = 10
+
+    def __post_init__(self) -> None:
+        if not self.examples:
+            raise InvalidArgument.for_field("examples", "at least one example is needed")
+        if self.examples_per_error < 1:
+            raise InvalidArgument.for_field(
+                "examples_per_error", f"must be >= 1, got {self.examples_per_error}"
+            )
+
+
+@dataclass
+class RepairOutcome:
+    errors_found: int
+    edits: list[Edit]
+    notes: list[str]
+    train: list[Example]  # the training set plus the added examples
+
+
+def find_errors(rt: ModelRuntime, examples: tuple[Example, ...]) -> list[tuple[int, int]]:
+    """(example index, predicted label) of every example the served model gets wrong."""
+    ev = evaluate(rt.task, list(examples), max_length=rt.max_length)
+    return [(i, p) for i, (p, ex) in enumerate(zip(ev.predictions, examples)) if p != ex.label]
+
+
+def run_repair(
+    rt: ModelRuntime,
+    q: RepairQuery,
+    should_stop: StopFn,
+    progress: ProgressFn = no_progress,
+    *,
+    default_candidates: int,
+    scoring_batch_size: int = 32,
+    lexicon: Lexicon | None = None,
+    target_cache: TargetCache | None = None,
+) -> RepairOutcome:
+    """New training examples for every error of the served model on `q.examples`."""
+    lex = lexicon or default_lexicon()
+    n_labels = len(rt.bundle.labels)
+    for i, ex in enumerate(q.examples):
+        if not 0 <= ex.label < n_labels:
+            raise InvalidArgument.for_field(
+                f"examples[{i}].label", f"{ex.label} is not a label of model {rt.name!r}; "
+                f"valid: 0..{n_labels - 1}"
+            )
+    train = rt.bundle.train
+    progress("evaluating", 0, len(q.examples))
+    errors = find_errors(rt, q.examples)
+    search = SearchSettings(q.random_candidates, q.max_substitutes, RELATIONS, scoring_batch_size)
+    rng = random.Random(q.seed)
+    used: set[int] = set()
+    edits: list[Edit] = []
+    notes: list[str] = []
+    cache: TargetCache = target_cache if target_cache is not None else {}
+    if not errors:
+        notes.append("the served model classifies every example correctly; nothing to repair")
+    progress("perturbing", 0, len(errors))
+    n = q.examples_per_error
+
+    def target(text: str, label: int) -> SalientTarget | None:
+        key = (text, label)
+        if key not in cache:
+            cache[key] = salient_target(
+                rt, text, label, q.influence, should_stop,
+                default_candidates=default_candidates, scoring_batch_size=scoring_batch_size,
+            )
+        return cache[key]
+
+    for done, (k, predicted) in enumerate(errors):
+        should_stop()
+        ex = q.examples[k]
+        if q.mode is RepairMode.RANDOM:
+            got = _random_additions(rt, k, n, used, lex, rng, search.max_substitutes)
+        else:
+            objectives = [
+                (target(ex.text, ex.label), +1, RAISE_GOLD),
+                (target(ex.text, predicted), -1, LOWER_WRONG),
+            ]
+            shares = [n - n // 2, n // 2]
+            got = []
+            for (tgt, direction, objective), share in zip(objectives, shares, strict=True):
+                if tgt is None or share == 0:
+                    continue
+                got += take_edits(
+                    rt, tgt, direction, share, used, lex, search, rng, should_stop,
+                    train=train, example_index=k, objective=objective,
+                )
+        if len(got) < n:
+            notes.append(f"example {k}: {len(got)} of {n} new training examples found")
+        edits += got
+        progress("perturbing", done + 1, len(errors))
+    added = [Example(e.new_text, e.label) for e in edits]
+    return RepairOutcome(len(errors), edits, notes, list(train) + added)
+
+
+def _random_additions(
+    rt: ModelRuntime,
+    example_index: int,
+    n: int,
+    used: set[int],
+    lexicon: Lexicon,
+    rng: random.Random,
+    max_substitutes: int,
+) -> list[Edit]:
+    train = rt.bundle.train
+    order = [i for i in range(len(train)) if i not in used]
+    rng.shuffle(order)
+    out: list[Edit] = []
+    for idx in order:
+        if len(out) >= n:
+            break
+        ex = train[idx]
+        e = random_edit(rt, ex, lexicon, RELATIONS, rng, max_substitutes)
+        if e is None:
+            continue
+        used.add(idx)
+        out.append(Edit(
+            idx, ex.text, e.new_text, ex.label, example_index, e.word_index, e.original_word,
+            e.substitute, e.relation, 0.0, RANDOM,
+        ))
+    return out

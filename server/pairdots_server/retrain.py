@@ -1,0 +1,191 @@
+"""Retrain on a perturbed (attack, §4.2) or augmented (repair, §4.3) training set, evaluate
+accuracy before and after, and optionally save the result as a new bundle.
+
+Two modes:
+  FULL        fine-tune every parameter from the bundle's base checkpoint (manifest
+              "model.source") with the bundle's recipe (manifest "train"), as prepare did.
+              When the source is not a readable local model directory the served model is
+              used as the starting point instead, and a note says so.
+  SCOPE_ONLY  fine-tune only the influence-scope parameters, starting from the served model
+              (fast; the paper retrains fully).
+The served model is never modified: retraining works on a deep copy (or a fresh load).
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from pairdots_server.bundle import save_bundle, validate_bundle_name
+from pairdots_server.data import Example
+from pairdots_server.errors import AlreadyExists, InvalidArgument
+from pairdots_server.runtime import ModelRuntime
+from pairdots_server.task import Task
+from pairdots_server.train import TrainConfig, TrainResult, evaluate, fine_tune
+
+ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+MAX_EPOCHS = 10
+
+
+class RetrainMode(enum.Enum):
+    FULL = "full"
+    SCOPE_ONLY = "scope_only"
+
+
+@dataclass(frozen=True)
+class RetrainSpec:
+    """What to do after the edits: `epochs` None = the recipe's; `eval_examples` empty = the
+    request's examples; `save_as` None = don't save."""
+
+    mode: RetrainMode = RetrainMode.FULL
+    epochs: int | None = None
+    eval_examples: tuple[Example, ...] = ()
+    save_as: str | None = None
+    max_steps: int | None = None  # cap (tests, benchmarks); None = the recipe's
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None and not 1 <= self.epochs <= MAX_EPOCHS:
+            raise InvalidArgument.for_field(
+                "retrain.epochs", f"must be in 1..{MAX_EPOCHS}, got {self.epochs}"
+            )
+        if self.save_as is not None:
+            try:
+                validate_bundle_name(self.save_as)
+            except InvalidArgument as exc:
+                raise InvalidArgument.for_field(
+                    "retrain.save_as", exc.violations[0].description if exc.violations
+                    else exc.message
+                ) from None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    accuracy_before: float
+    accuracy_after: float
+    examples: int
+    saved_model: str
+    retrain_seconds: float
+    notes: tuple[str, ...] = ()
+
+
+def recipe(rt: ModelRuntime, spec: RetrainSpec) -> TrainConfig:
+    """The bundle's training recipe (manifest "train"), with the spec's overrides."""
+    raw = rt.bundle.manifest.get("train")
+    known = {f.name for f in fields(TrainConfig)}
+    d: dict[str, Any] = {k: v for k, v in (raw or {}).items() if k in known} \
+        if isinstance(raw, dict) else {}
+    d["max_length"] = int(d.get("max_length", rt.max_length))
+    if spec.epochs is not None:
+        d["epochs"] = spec.epochs
+    if spec.max_steps is not None:
+        d["max_steps"] = spec.max_steps
+    d["scope_only"] = spec.mode is RetrainMode.SCOPE_ONLY
+    return TrainConfig.from_dict(d)
+
+
+def check_save_as(output_root: Path, name: str | None) -> None:
+    """AlreadyExists when `name` is taken under output_root (checked at request time too)."""
+    if name is not None and (output_root / validate_bundle_name(name)).exists():
+        raise AlreadyExists(
+            f"bundle {name!r} already exists in {output_root}; choose another retrain.save_as"
+        )
+
+
+def starting_task(rt: ModelRuntime, mode: RetrainMode, seed: int) -> tuple[Task, list[str]]:
+    """A new Task to retrain (never the served one) and notes about where it came from."""
+    import torch
+
+    served = rt.task
+    if mode is RetrainMode.FULL:
+        source = (rt.bundle.manifest.get("model") or {}).get("source")
+        if isinstance(source, str) and source and (Path(source) / "config.json").is_file():
+            torch.manual_seed(seed)  # the new classifier head of a base encoder is seeded
+            task = Task.from_pretrained(
+                source, labels=rt.bundle.labels, scope=served.scope, device=served.device,
+                dtype=served.dtype,
+            )
+            return task, []
+        note = (
+            f"full retrain: the base checkpoint {source!r} is not a readable local model "
+            "directory, so every parameter was fine-tuned starting from the served model"
+        )
+        notes = [note]
+    else:
+        notes = []
+    model = copy.deepcopy(served.model)
+    return Task(model, served.tokenizer, list(served.labels), served.scope, served.device), notes
+
+
+def retrain(
+    rt: ModelRuntime,
+    new_train: Sequence[Example],
+    spec: RetrainSpec,
+    should_stop: Callable[[], None],
+    progress: ProgressFn | None = None,
+) -> tuple[Task, TrainResult, list[str]]:
+    """A new Task fine-tuned on `new_train` with the bundle's recipe (see the module
+    docstring); the served model is left as it is. Returns (task, train result, notes)."""
+    report = progress or (lambda stage, done, total: None)
+    cfg = recipe(rt, spec)
+    task, notes = starting_task(rt, spec.mode, cfg.seed)
+    report("retraining", 0, 0)
+    result = fine_tune(
+        task, list(new_train), cfg,
+        progress=lambda step, total, loss: report("retraining", step, total),
+        should_stop=should_stop,
+    )
+    return task, result, notes
+
+
+def retrain_and_evaluate(
+    rt: ModelRuntime,
+    new_train: Sequence[Example],
+    spec: RetrainSpec,
+    default_eval: Sequence[Example],
+    should_stop: Callable[[], None],
+    progress: ProgressFn | None = None,
+    *,
+    output_root: Path | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Evaluation:
+    """Accuracy of the served model on the evaluation examples, retrain on `new_train`,
+    accuracy after; save as `spec.save_as` under `output_root` when asked."""
+    report = progress or (lambda stage, done, total: None)
+    eval_set = list(spec.eval_examples or default_eval)
+    if not eval_set:
+        raise InvalidArgument.for_field("retrain.eval_examples", "no evaluation examples")
+    if spec.save_as is not None:
+        if output_root is None:
+            raise InvalidArgument.for_field("retrain.save_as", "no output directory configured")
+        check_save_as(output_root, spec.save_as)
+    cfg = recipe(rt, spec)
+    report("evaluating", 0, len(eval_set))
+    before = evaluate(rt.task, eval_set, max_length=cfg.max_length)
+    task, result, notes = retrain(rt, new_train, spec, should_stop, report)
+    seconds = result.seconds
+    report("evaluating", 0, len(eval_set))
+    after = evaluate(task, eval_set, max_length=cfg.max_length)
+    saved = ""
+    if spec.save_as is not None:
+        assert output_root is not None
+        should_stop()
+        report("saving", 0, 1)
+        source = (rt.bundle.manifest.get("model") or {}).get("source")
+        extra: dict[str, Any] = {
+            "model": {"source": source},
+            "dataset": {"path": f"derived from bundle {rt.name!r}"},
+            "train": {**cfg.to_dict(), "steps": result.steps, "final_loss": result.final_loss,
+                      "seconds": round(seconds, 2)},
+            "derived_from": {"bundle": rt.name, "retrain_mode": spec.mode.value,
+                             **(provenance or {})},
+            "defaults": dict(rt.bundle.manifest.get("defaults") or {}),
+        }
+        save_bundle(output_root, spec.save_as, task, list(new_train), extra)
+        saved = spec.save_as
+    return Evaluation(
+        before.accuracy, after.accuracy, len(eval_set), saved, seconds, tuple(notes)
+    )

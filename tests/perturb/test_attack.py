@@ -1,0 +1,173 @@
+"""Attack (paper §4.2, Eq. 9–12) on a tiny float64 bundle: every edit's Eq. 7 influence change,
+recomputed independently with the reference per-example gradients, has the intended sign and
+equals the reported value; substitutions keep the rest of the text intact."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from pairdots_server.bundle import load_bundle
+from pairdots_server.core.grads import per_example_loss_grads_loop
+from pairdots_server.core.influence import perturbed_influence
+from pairdots_server.core.saliency import grad_theta_word_score, token_saliency, word_scores
+from pairdots_server.data import Example
+from pairdots_server.errors import InvalidArgument
+from pairdots_server.perturb.attack import (
+    DEMOTE,
+    PROMOTE,
+    AttackMode,
+    AttackQuery,
+    run_attack,
+    wrong_label,
+)
+from pairdots_server.perturb.edits import Edit, InfluenceSettings, substitute_word
+from pairdots_server.perturb.lexicon import is_substitutable
+from pairdots_server.runtime import ModelRuntime
+from pairdots_server.solvers import SolverChoice, SolverSettings, solve_s_test
+from pairdots_server.testing import make_tiny_bundle, tiny_examples
+
+CG = SolverSettings(method=SolverChoice.CG, max_iterations=40, damping=0.01)
+SETTINGS = InfluenceSettings(solver=CG, use_index=False)
+N_TRAIN = 48
+TESTS = tuple(tiny_examples(3, split="dev"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def rt(tmp_path_factory: pytest.TempPathFactory) -> ModelRuntime:
+    root = tmp_path_factory.mktemp("attack")
+    path = make_tiny_bundle(root, "tiny", n_train=N_TRAIN, dtype=torch.float64)
+    return ModelRuntime(load_bundle(path))
+
+
+def attack(rt: ModelRuntime, mode: AttackMode, n: int = 2, seed: int = 0) -> list[Edit]:
+    q = AttackQuery(TESTS, mode, n, random_candidates=3, influence=SETTINGS, seed=seed)
+    return run_attack(rt, q, lambda: None, default_candidates=N_TRAIN).edits
+
+
+def independent_s_test(rt: ModelRuntime, text: str, label: int) -> torch.Tensor:
+    """s_test for the top salient word of text for label, from the core functions."""
+    enc = rt.task.encode([text], max_length=rt.max_length)
+    e = rt.task.embed(enc.input_ids).detach()
+    tok = token_saliency(rt.task.logits_fn, rt.params, e, enc.attention_mask, label)
+    ws = word_scores(tok, enc.word_ids[0], len(enc.words[0]))
+    top = int(torch.argmax(ws))
+    pos = [t for t, w in enumerate(enc.word_ids[0]) if w == top]
+    g_w = grad_theta_word_score(rt.task.logits_fn, rt.params, e, enc.attention_mask, label,
+                                SETTINGS.target, SETTINGS.token_score, pos)
+    s_test, _ = solve_s_test(rt, g_w, CG, lambda: None)
+    return s_test
+
+
+def eq7_change(rt: ModelRuntime, s_test: torch.Tensor, edit: Edit) -> float:
+    """I(z, z̃, w) = -s_testᵀ(∇θL(z̃) - ∇θL(z)) with the loop reference gradients."""
+    grads = []
+    for text in (edit.original_text, edit.new_text):
+        enc = rt.task.encode([text], max_length=rt.max_length)
+        e = rt.task.embed(enc.input_ids).detach()
+        y = torch.tensor([edit.label])
+        grads.append(per_example_loss_grads_loop(rt.task.logits_fn, rt.params, e,
+                                                 enc.attention_mask, y))
+    return float(perturbed_influence(s_test, grads[0], grads[1])[0])
+
+
+def check_text_intact(rt: ModelRuntime, edit: Edit) -> None:
+    words = rt.task.split_words(edit.original_text)
+    word, (start, end) = words[edit.word_index]
+    assert word == edit.original_word and is_substitutable(word)
+    assert edit.new_text == edit.original_text[:start] + edit.substitute + edit.original_text[end:]
+    assert edit.substitute != edit.original_word
+
+
+@pytest.mark.parametrize("mode,label_of,sign", [
+    (AttackMode.DEMOTE_SALIENT, "gold", -1.0),
+    (AttackMode.PROMOTE_WRONG, "wrong", 1.0),
+])
+def test_single_objective_modes_move_influence_the_intended_way(
+    rt: ModelRuntime, mode: AttackMode, label_of: str, sign: float
+) -> None:
+    edits = attack(rt, mode)
+    assert len(edits) == 2 * len(TESTS)
+    assert len({e.train_index for e in edits}) == len(edits)  # no training example twice
+    for e in edits:
+        ex = TESTS[e.example_index]
+        label = ex.label if label_of == "gold" else wrong_label(rt, ex.text, ex.label)
+        s_test = independent_s_test(rt, ex.text, label)
+        change = eq7_change(rt, s_test, e)
+        assert sign * change > 0, e
+        assert change == pytest.approx(e.influence_change, rel=1e-6, abs=1e-12)
+        assert e.objective == (DEMOTE if sign < 0 else PROMOTE)
+        assert e.label == rt.bundle.train[e.train_index].label
+        assert e.original_text == rt.bundle.train[e.train_index].text
+        assert e.relation == "synonym"
+        check_text_intact(rt, e)
+
+
+def test_combined_does_both_without_duplicates(rt: ModelRuntime) -> None:
+    edits = attack(rt, AttackMode.COMBINED, n=2)
+    assert len({e.train_index for e in edits}) == len(edits)
+    for k in range(len(TESTS)):
+        mine = [e for e in edits if e.example_index == k]
+        assert [e.objective for e in mine] == [DEMOTE, PROMOTE]
+        for e in mine:
+            assert (e.influence_change < 0) == (e.objective == DEMOTE)
+
+
+def test_random_baseline_same_budget(rt: ModelRuntime) -> None:
+    out = run_attack(rt, AttackQuery(TESTS, AttackMode.RANDOM, 3, seed=7), lambda: None,
+                     default_candidates=N_TRAIN)
+    assert len(out.edits) == 3 * len(TESTS)
+    assert len({e.train_index for e in out.edits}) == len(out.edits)
+    for e in out.edits:
+        check_text_intact(rt, e)
+        assert e.influence_change == 0.0
+    again = run_attack(rt, AttackQuery(TESTS, AttackMode.RANDOM, 3, seed=7), lambda: None,
+                       default_candidates=N_TRAIN)
+    assert again.edits == out.edits  # seeded
+
+
+def test_perturbed_training_set_replaces(rt: ModelRuntime) -> None:
+    out = run_attack(rt, AttackQuery(TESTS[:1], AttackMode.DEMOTE_SALIENT, 2,
+                                     random_candidates=2, influence=SETTINGS),
+                     lambda: None, default_candidates=N_TRAIN)
+    assert len(out.train) == rt.n_train
+    changed = {e.train_index: e for e in out.edits}
+    for i, (new, old) in enumerate(zip(out.train, rt.bundle.train, strict=True)):
+        assert new.label == old.label
+        assert new.text == (changed[i].new_text if i in changed else old.text)
+
+
+def test_substitute_word_keeps_everything_else() -> None:
+    text = "it 's  good, really!"
+    assert substitute_word(text, (7, 11), "fine") == "it 's  fine, really!"
+    with pytest.raises(ValueError):
+        substitute_word(text, (5, 99), "x")
+
+
+def test_bad_label_is_refused(rt: ModelRuntime) -> None:
+    q = AttackQuery((Example("a good film", 5),), AttackMode.DEMOTE_SALIENT, 1)
+    with pytest.raises(InvalidArgument) as info:
+        run_attack(rt, q, lambda: None, default_candidates=N_TRAIN)
+    assert info.value.violations[0].field == "examples[0].label"
+
+
+def test_cancel_stops_the_attack(rt: ModelRuntime) -> None:
+    from pairdots_server.errors import Cancelled
+
+    def stop() -> None:
+        raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        run_attack(rt, AttackQuery(TESTS, AttackMode.DEMOTE_SALIENT, 1, influence=SETTINGS),
+                   stop, default_candidates=N_TRAIN)
+

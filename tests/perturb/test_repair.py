@@ -1,0 +1,139 @@
+"""Repair (paper §4.3) and retraining on a tiny float64 bundle: new examples are ADDED with the
+intended Eq. 7 sign per objective; scope-only retraining reports accuracies that match an
+independent evaluation, never touches the served model, and save_as writes a loadable bundle."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from pairdots_server.bundle import load_bundle
+from pairdots_server.errors import AlreadyExists, InvalidArgument
+from pairdots_server.perturb.attack import AttackMode, AttackQuery, run_attack
+from pairdots_server.perturb.edits import InfluenceSettings
+from pairdots_server.perturb.repair import (
+    LOWER_WRONG,
+    RAISE_GOLD,
+    RepairMode,
+    RepairQuery,
+    find_errors,
+    run_repair,
+)
+from pairdots_server.retrain import RetrainMode, RetrainSpec, retrain_and_evaluate
+from pairdots_server.runtime import ModelRuntime
+from pairdots_server.solvers import SolverChoice, SolverSettings
+from pairdots_server.testing import make_tiny_bundle, tiny_examples
+from pairdots_server.train import evaluate
+
+CG = SolverSettings(method=SolverChoice.CG, max_iterations=40, damping=0.01)
+SETTINGS = InfluenceSettings(solver=CG, use_index=False)
+N_TRAIN = 48
+DEV = tuple(tiny_examples(24, split="dev"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def rt(tmp_path_factory: pytest.TempPathFactory) -> ModelRuntime:
+    root = tmp_path_factory.mktemp("repair")
+    path = make_tiny_bundle(root, "tiny", n_train=N_TRAIN, dtype=torch.float64)
+    return ModelRuntime(load_bundle(path))
+
+
+def test_repair_adds_examples_with_intended_signs(rt: ModelRuntime) -> None:
+    errors = find_errors(rt, DEV)
+    assert errors, "the tiny model should get some dev sentences wrong"
+    errors = errors[:2]
+    dev = tuple(DEV[k] for k, _ in errors)
+    out = run_repair(rt, RepairQuery(dev, 3, random_candidates=2, influence=SETTINGS),
+                     lambda: None, default_candidates=N_TRAIN)
+    assert out.errors_found == len(dev)
+    assert out.edits, out.notes
+    # added, not replaced: the original set is a prefix, then one example per edit
+    assert out.train[:rt.n_train] == list(rt.bundle.train)
+    assert [(x.text, x.label) for x in out.train[rt.n_train:]] == [
+        (e.new_text, e.label) for e in out.edits
+    ]
+    for e in out.edits:
+        assert e.objective in (RAISE_GOLD, LOWER_WRONG)
+        assert (e.influence_change > 0) == (e.objective == RAISE_GOLD)
+        assert e.relation in ("synonym", "antonym")
+        assert e.original_text == rt.bundle.train[e.train_index].text
+    per_error = {k: [e.objective for e in out.edits if e.example_index == k] for k in range(2)}
+    for objectives in per_error.values():
+        assert objectives.count(RAISE_GOLD) >= objectives.count(LOWER_WRONG)
+
+
+def test_repair_nothing_to_do_on_correct_examples(rt: ModelRuntime) -> None:
+    ev = evaluate(rt.task, list(DEV), max_length=rt.max_length)
+    correct = tuple(x for x, p in zip(DEV, ev.predictions, strict=True) if p == x.label)
+    out = run_repair(rt, RepairQuery(correct[:3], 2), lambda: None, default_candidates=N_TRAIN)
+    assert out.errors_found == 0 and out.edits == [] and out.train == list(rt.bundle.train)
+
+
+def test_random_repair_adds_same_count(rt: ModelRuntime) -> None:
+    errors = find_errors(rt, DEV)[:2]
+    dev = tuple(DEV[k] for k, _ in errors)
+    out = run_repair(rt, RepairQuery(dev, 2, mode=RepairMode.RANDOM, seed=3), lambda: None,
+                     default_candidates=N_TRAIN)
+    assert len(out.edits) == 2 * len(dev)
+    assert len(out.train) == rt.n_train + len(out.edits)
+
+
+def test_scope_only_retrain_reports_and_saves(rt: ModelRuntime, tmp_path: object) -> None:
+    from pathlib import Path
+
+    out_root = Path(str(tmp_path)) / "out"
+    before_state = {k: v.clone() for k, v in rt.task.model.state_dict().items()}
+    attack = run_attack(rt, AttackQuery(DEV[:2], AttackMode.RANDOM, 4, seed=1), lambda: None,
+                        default_candidates=N_TRAIN)
+    spec = RetrainSpec(RetrainMode.SCOPE_ONLY, epochs=1, eval_examples=DEV, save_as="attacked",
+                       max_steps=5)
+    ev = retrain_and_evaluate(rt, attack.train, spec, DEV[:2], lambda: None,
+                              output_root=out_root)
+    # the served model is untouched
+    for k, v in rt.task.model.state_dict().items():
+        assert torch.equal(v, before_state[k]), k
+    assert ev.examples == len(DEV) and ev.saved_model == "attacked" and ev.retrain_seconds > 0
+    assert ev.accuracy_before == evaluate(rt.task, list(DEV), max_length=rt.max_length).accuracy
+    saved = load_bundle(out_root / "attacked")
+    assert saved.train == attack.train
+    assert ev.accuracy_after == evaluate(saved.task, list(DEV), max_length=rt.max_length).accuracy
+    # scope-only: parameters outside the influence scope are identical, the scope moved
+    scope = set(rt.task.scope_names)
+    new_params = dict(saved.task.model.named_parameters())
+    moved = False
+    for name, p in rt.task.model.named_parameters():
+        if name in scope:
+            moved |= not torch.equal(p, new_params[name])
+        else:
+            assert torch.equal(p, new_params[name]), name
+    assert moved
+    assert saved.manifest["derived_from"]["bundle"] == "tiny"
+    with pytest.raises(AlreadyExists):
+        retrain_and_evaluate(rt, attack.train, spec, DEV[:2], lambda: None,
+                             output_root=out_root)
+
+
+def test_full_retrain_falls_back_with_a_note(rt: ModelRuntime) -> None:
+    spec = RetrainSpec(RetrainMode.FULL, max_steps=1)
+    ev = retrain_and_evaluate(rt, list(rt.bundle.train), spec, DEV[:4], lambda: None)
+    assert ev.examples == 4 and ev.saved_model == ""
+    assert any("not a readable local model directory" in n for n in ev.notes)
+
+
+def test_retrain_spec_validation() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        RetrainSpec(epochs=11)
+    assert info.value.violations[0].field == "retrain.epochs"
+    with pytest.raises(InvalidArgument) as info:
+        RetrainSpec(save_as="../x")
+    assert info.value.violations[0].field == "retrain.save_as"
