@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from pairdots_server.errors import BundleError, Cancelled, CancelToken, InvalidArgument
 from pairdots_server.index.build import (
     build_shard,

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from pairdots_server.errors import InvalidArgument
 from pairdots_server.index.projection import BLOCK_ROWS, GaussianProjection, block_seed
 

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from pairdots_server.errors import FailedPrecondition, InvalidArgument
 from pairdots_server.index.base import PAD_ID
 from pairdots_server.index.exact import ExactIndex

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from pairdots_server.errors import BundleError, InvalidArgument
 from pairdots_server.index.exact import ExactIndex
 from pairdots_server.index.faiss_index import FaissIndex
