@@ -53,6 +53,7 @@ class TokenScoreMethod(enum.IntEnum):
     GRADIENT_TIMES_INPUT = 1
     L2_NORM = 2
     SUM = 3
+    GRADIENT_TIMES_DELTA_UNK = 4
 
 
 class Curvature(enum.IntEnum):

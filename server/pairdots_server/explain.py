@@ -51,7 +51,7 @@ class ExplainQuery:
     word_positions: tuple[int, ...] = ()
     examples_per_word: int = 5
     target: Target = Target.LOG_PROB
-    token_score: TokenScore = TokenScore.GRAD_INPUT
+    token_score: TokenScore = TokenScore.GRAD_DELTA_UNK
     solver: SolverSettings = field(default_factory=SolverSettings)
     use_index: bool | None = None  # None: index when the bundle has one
     candidates: int = 0  # 0: server default
@@ -208,7 +208,7 @@ def explain(
         with timer.stage("saliency"):
             tok = token_saliency(
                 task.logits_fn, rt.params, embeds, enc.attention_mask, label, q.target,
-                q.token_score,
+                q.token_score, baseline=rt.unk_embed,
             )  # [T]
         ws = word_scores(tok, word_ids, len(words))  # [W]
         ws_list = [float(v) for v in ws]
@@ -222,7 +222,7 @@ def explain(
             with timer.stage("grad_score"):
                 grad_w = grad_theta_word_score(
                     task.logits_fn, rt.params, embeds, enc.attention_mask, label, q.target,
-                    q.token_score, positions,
+                    q.token_score, positions, baseline=rt.unk_embed,
                 )  # [P]
             key = (q.text, label, wi, q.target, q.token_score, q.solver)
             with timer.stage("solve"):

@@ -110,3 +110,22 @@ def test_double_backprop_passes_gradcheck(tiny) -> None:
 
     theta = flatten(params).clone().requires_grad_(True)
     assert torch.autograd.gradcheck(w, (theta,), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+
+def test_grad_delta_unk_is_gradient_dot_difference_to_baseline(tiny) -> None:
+    """GRAD_DELTA_UNK = w_y(e_t)·(e_t − b) = GRAD_INPUT − w_y(e_t)·b for every token."""
+    params = tiny.scope("last_layer_head")
+    e, m, y = _one(tiny)
+    b = torch.randn(e.shape[-1], dtype=e.dtype, generator=torch.Generator().manual_seed(0))
+    delta = token_saliency(tiny.logits_fn, params, e, m, y, Target.LOG_PROB,
+                           TokenScore.GRAD_DELTA_UNK, baseline=b)
+    gi = token_saliency(tiny.logits_fn, params, e, m, y, Target.LOG_PROB, TokenScore.GRAD_INPUT)
+    ee = e.clone().requires_grad_(True)
+    lp = torch.log_softmax(tiny.logits_fn(params, ee, m), -1)[0, y]
+    (g,) = torch.autograd.grad(lp, ee)
+    mask = m[0].to(e.dtype)
+    torch.testing.assert_close(delta, (g[0] * (e[0] - b)).sum(-1) * mask, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gi - delta, (g[0] @ b) * mask, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="baseline"):
+        token_saliency(tiny.logits_fn, params, e, m, y, Target.LOG_PROB, TokenScore.GRAD_DELTA_UNK)

@@ -59,12 +59,14 @@ def independent_s_test(rt: ModelRuntime, text: str, label: int) -> torch.Tensor:
     """s_test for the top salient word of text for label, from the core functions."""
     enc = rt.task.encode([text], max_length=rt.max_length)
     e = rt.task.embed(enc.input_ids).detach()
-    tok = token_saliency(rt.task.logits_fn, rt.params, e, enc.attention_mask, label)
+    tok = token_saliency(rt.task.logits_fn, rt.params, e, enc.attention_mask, label,
+                         SETTINGS.target, SETTINGS.token_score, baseline=rt.unk_embed)
     ws = word_scores(tok, enc.word_ids[0], len(enc.words[0]))
     top = int(torch.argmax(ws))
     pos = [t for t, w in enumerate(enc.word_ids[0]) if w == top]
     g_w = grad_theta_word_score(rt.task.logits_fn, rt.params, e, enc.attention_mask, label,
-                                SETTINGS.target, SETTINGS.token_score, pos)
+                                SETTINGS.target, SETTINGS.token_score, pos,
+                                baseline=rt.unk_embed)
     s_test, _ = solve_s_test(rt, g_w, CG, lambda: None)
     return s_test
 

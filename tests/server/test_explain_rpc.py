@@ -20,7 +20,7 @@ from pairdots import (
 )
 from pairdots_server.bundle import load_bundle
 from pairdots_server.core.grads import per_example_loss_grads
-from pairdots_server.core.saliency import token_saliency, word_scores
+from pairdots_server.core.saliency import Target, TokenScore, token_saliency, word_scores
 from pairdots_server.runtime import ModelRuntime
 from pairdots_server.solvers import SolverChoice, SolverSettings, solve_s_test
 
@@ -36,13 +36,14 @@ def runtime(bundle_root: Path) -> ModelRuntime:
 
 def exact_influences(rt: ModelRuntime, text: str, label: int, word: int) -> torch.Tensor:
     """I(z_i, w) for every training example, straight from the core (Eq. 5)."""
-    from pairdots_server.core.saliency import Target, TokenScore, grad_theta_word_score
+    from pairdots_server.core.saliency import grad_theta_word_score
 
     enc = rt.task.encode([text], max_length=rt.max_length)
     e = rt.task.embed(enc.input_ids).detach()
     pos = [t for t, w in enumerate(enc.word_ids[0]) if w == word]
     g_w = grad_theta_word_score(rt.task.logits_fn, rt.params, e, enc.attention_mask, label,
-                                Target.LOG_PROB, TokenScore.GRAD_INPUT, pos)
+                                Target.LOG_PROB, TokenScore.GRAD_DELTA_UNK, pos,
+                                baseline=rt.unk_embed)
     s_test, _ = solve_s_test(rt, g_w, CG_SETTINGS, lambda: None)
     tr = rt.encode_train(list(range(rt.n_train)))
     grads = per_example_loss_grads(rt.task.logits_fn, rt.params, tr.embeds, tr.mask, tr.labels)
@@ -67,8 +68,10 @@ def test_saliency_matches_core(client: PairdotsClient, runtime: ModelRuntime) ->
     probs = torch.softmax(rt.task.logits_fn({}, e, enc.attention_mask), -1)[0]
     assert expl.prediction.label == int(probs.argmax())
     assert expl.prediction.probabilities == pytest.approx(probs.tolist(), abs=1e-6)
+    # the service default: gradient·(e − e_[UNK]) of log p(y|x)
     tok = token_saliency(rt.task.logits_fn, rt.params, e, enc.attention_mask,
-                         expl.prediction.label)
+                         expl.prediction.label, Target.LOG_PROB, TokenScore.GRAD_DELTA_UNK,
+                         baseline=rt.unk_embed)
     ws = word_scores(tok, enc.word_ids[0], len(enc.words[0]))
     assert [w.text for w in expl.words] == ["i", "loved", "it", "!"]
     assert list(expl.target.word_saliency) == pytest.approx(ws.tolist(), rel=1e-5, abs=1e-9)

@@ -58,7 +58,7 @@ class InfluenceSettings:
     (the Explain settings, shared by attack and repair)."""
 
     target: Target = Target.LOG_PROB
-    token_score: TokenScore = TokenScore.GRAD_INPUT
+    token_score: TokenScore = TokenScore.GRAD_DELTA_UNK
     solver: SolverSettings = field(default_factory=SolverSettings)
     use_index: bool | None = None  # None: the bundle's index when it has one
     candidates: int = 0  # 0: the server default
@@ -273,7 +273,7 @@ def salient_target(
     enc = encode_text(rt, text)
     tok = token_saliency(
         rt.task.logits_fn, rt.params, enc.embeds, enc.mask, label, settings.target,
-        settings.token_score,
+        settings.token_score, baseline=rt.unk_embed,
     )  # [T]
     ws = [float(v) for v in word_scores(tok, enc.word_ids, len(enc.words))]  # [W]
     top = _top_words(ws, enc.pieces, 1)
@@ -283,7 +283,7 @@ def salient_target(
     positions = [t for t, w in enumerate(enc.word_ids) if w == wi]
     grad_w = grad_theta_word_score(
         rt.task.logits_fn, rt.params, enc.embeds, enc.mask, label, settings.target,
-        settings.token_score, positions,
+        settings.token_score, positions, baseline=rt.unk_embed,
     )  # [P]
     key = (text, label, wi, settings.target, settings.token_score, settings.solver)
     s_test, diag = solve_s_test(rt, grad_w, settings.solver, should_stop, cache_key=key)
