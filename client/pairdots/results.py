@@ -148,7 +148,7 @@ def _timestamp(ts: timestamp_pb2.Timestamp) -> datetime | None:
 @dataclass(frozen=True)
 class SaliencyOptions:
     """Saliency settings; UNSPECIFIED fields take the server defaults
-    (log p(y|x), gradient·input)."""
+    (log p(y|x), gradient·(e − e_[UNK]))."""
 
     target_function: TargetFunction = TargetFunction.UNSPECIFIED
     token_score: TokenScoreMethod = TokenScoreMethod.UNSPECIFIED
