@@ -148,7 +148,7 @@ def _timestamp(ts: timestamp_pb2.Timestamp) -> datetime | None:
 @dataclass(frozen=True)
 class SaliencyOptions:
     """Saliency settings; UNSPECIFIED fields take the server defaults
-    (log p(y|x), gradient·(e − e_[UNK]))."""
+    (log p(y|x), L2 norm of the embedding gradient)."""
 
     target_function: TargetFunction = TargetFunction.UNSPECIFIED
     token_score: TokenScoreMethod = TokenScoreMethod.UNSPECIFIED

@@ -51,7 +51,7 @@ class ExplainQuery:
     word_positions: tuple[int, ...] = ()
     examples_per_word: int = 5
     target: Target = Target.LOG_PROB
-    token_score: TokenScore = TokenScore.GRAD_DELTA_UNK
+    token_score: TokenScore = TokenScore.L2_NORM
     solver: SolverSettings = field(default_factory=SolverSettings)
     use_index: bool | None = None  # None: index when the bundle has one
     candidates: int = 0  # 0: server default
@@ -274,9 +274,10 @@ def explain(
 
 
 def _top_words(scores: Sequence[float], pieces: Sequence[int], m: int) -> list[int]:
-    """The m words with the largest signed saliency for the label (words the model saw)."""
+    """The m words with the largest saliency magnitude |s(x_t)| for the label (words the model
+    saw): a word with a large negative score pulls against y and is salient too."""
     order = sorted(
-        (i for i in range(len(scores)) if pieces[i] > 0), key=lambda i: (-scores[i], i)
+        (i for i in range(len(scores)) if pieces[i] > 0), key=lambda i: (-abs(scores[i]), i)
     )
     return order[:m]
 

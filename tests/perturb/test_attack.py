@@ -62,7 +62,7 @@ def independent_s_test(rt: ModelRuntime, text: str, label: int) -> torch.Tensor:
     tok = token_saliency(rt.task.logits_fn, rt.params, e, enc.attention_mask, label,
                          SETTINGS.target, SETTINGS.token_score, baseline=rt.unk_embed)
     ws = word_scores(tok, enc.word_ids[0], len(enc.words[0]))
-    top = int(torch.argmax(ws))
+    top = int(torch.argmax(ws.abs()))
     pos = [t for t, w in enumerate(enc.word_ids[0]) if w == top]
     g_w = grad_theta_word_score(rt.task.logits_fn, rt.params, e, enc.attention_mask, label,
                                 SETTINGS.target, SETTINGS.token_score, pos,

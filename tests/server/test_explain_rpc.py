@@ -42,7 +42,7 @@ def exact_influences(rt: ModelRuntime, text: str, label: int, word: int) -> torc
     e = rt.task.embed(enc.input_ids).detach()
     pos = [t for t, w in enumerate(enc.word_ids[0]) if w == word]
     g_w = grad_theta_word_score(rt.task.logits_fn, rt.params, e, enc.attention_mask, label,
-                                Target.LOG_PROB, TokenScore.GRAD_DELTA_UNK, pos,
+                                Target.LOG_PROB, TokenScore.L2_NORM, pos,
                                 baseline=rt.unk_embed)
     s_test, _ = solve_s_test(rt, g_w, CG_SETTINGS, lambda: None)
     tr = rt.encode_train(list(range(rt.n_train)))
@@ -68,9 +68,9 @@ def test_saliency_matches_core(client: PairdotsClient, runtime: ModelRuntime) ->
     probs = torch.softmax(rt.task.logits_fn({}, e, enc.attention_mask), -1)[0]
     assert expl.prediction.label == int(probs.argmax())
     assert expl.prediction.probabilities == pytest.approx(probs.tolist(), abs=1e-6)
-    # the service default: gradient·(e − e_[UNK]) of log p(y|x)
+    # the service default: L2 norm of the embedding gradient of log p(y|x)
     tok = token_saliency(rt.task.logits_fn, rt.params, e, enc.attention_mask,
-                         expl.prediction.label, Target.LOG_PROB, TokenScore.GRAD_DELTA_UNK,
+                         expl.prediction.label, Target.LOG_PROB, TokenScore.L2_NORM,
                          baseline=rt.unk_embed)
     ws = word_scores(tok, enc.word_ids[0], len(enc.words[0]))
     assert [w.text for w in expl.words] == ["i", "loved", "it", "!"]

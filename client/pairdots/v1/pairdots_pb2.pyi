@@ -85,13 +85,16 @@ class _TokenScoreMethod:
 class _TokenScoreMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TokenScoreMethod.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     TOKEN_SCORE_METHOD_UNSPECIFIED: _TokenScoreMethod.ValueType  # 0
-    """Server default: TOKEN_SCORE_METHOD_GRADIENT_TIMES_DELTA_UNK."""
+    """Server default: TOKEN_SCORE_METHOD_L2_NORM. Measured on fine-tuned MiniLM / SST-2 against
+    real [UNK] occlusion of log p(y|x) (60 test sentences, Spearman of magnitudes):
+    L2 norm 0.38, gradient·(e − e_[UNK]) 0.24, gradient·input 0.17.
+    """
     TOKEN_SCORE_METHOD_GRADIENT_TIMES_INPUT: _TokenScoreMethod.ValueType  # 1
     """w_y(e_t)ᵀ e_t, the linear term of Eq. 1 (relative to a zero embedding). Signed. On
     fine-tuned MiniLM its word ranking is uncorrelated with [UNK] occlusion.
     """
     TOKEN_SCORE_METHOD_L2_NORM: _TokenScoreMethod.ValueType  # 2
-    """‖w_y(e_t)‖₂. Unsigned magnitude."""
+    """‖w_y(e_t)‖₂: how sensitive S_y is to the token. Unsigned. Default."""
     TOKEN_SCORE_METHOD_SUM: _TokenScoreMethod.ValueType  # 3
     """Σ_j w_y(e_t)_j, the paper's literal score. Degenerate (~0) for BERT-family models:
     the embedding LayerNorm is invariant to adding a constant to every dimension, so the
@@ -100,20 +103,23 @@ class _TokenScoreMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Toke
     TOKEN_SCORE_METHOD_GRADIENT_TIMES_DELTA_UNK: _TokenScoreMethod.ValueType  # 4
     """w_y(e_t)ᵀ(e_t − e_[UNK]): the first-order change of S_y when the token is replaced by
     [UNK], the replacement Eq. 8 uses for training tokens. Signed: positive = the token raises
-    S_y. Default: of the offered scores it agrees best with real [UNK] occlusion on MiniLM.
+    S_y (as a first-order estimate; its sign agrees only weakly with real occlusion).
     """
 
 class TokenScoreMethod(_TokenScoreMethod, metaclass=_TokenScoreMethodEnumTypeWrapper):
     """How a token's saliency score s(x_t) is made from w_y(e_t) = ∇_{e_t} S_y (paper §3.1)."""
 
 TOKEN_SCORE_METHOD_UNSPECIFIED: TokenScoreMethod.ValueType  # 0
-"""Server default: TOKEN_SCORE_METHOD_GRADIENT_TIMES_DELTA_UNK."""
+"""Server default: TOKEN_SCORE_METHOD_L2_NORM. Measured on fine-tuned MiniLM / SST-2 against
+real [UNK] occlusion of log p(y|x) (60 test sentences, Spearman of magnitudes):
+L2 norm 0.38, gradient·(e − e_[UNK]) 0.24, gradient·input 0.17.
+"""
 TOKEN_SCORE_METHOD_GRADIENT_TIMES_INPUT: TokenScoreMethod.ValueType  # 1
 """w_y(e_t)ᵀ e_t, the linear term of Eq. 1 (relative to a zero embedding). Signed. On
 fine-tuned MiniLM its word ranking is uncorrelated with [UNK] occlusion.
 """
 TOKEN_SCORE_METHOD_L2_NORM: TokenScoreMethod.ValueType  # 2
-"""‖w_y(e_t)‖₂. Unsigned magnitude."""
+"""‖w_y(e_t)‖₂: how sensitive S_y is to the token. Unsigned. Default."""
 TOKEN_SCORE_METHOD_SUM: TokenScoreMethod.ValueType  # 3
 """Σ_j w_y(e_t)_j, the paper's literal score. Degenerate (~0) for BERT-family models:
 the embedding LayerNorm is invariant to adding a constant to every dimension, so the
@@ -122,7 +128,7 @@ gradient components sum to zero. Offered for comparison only.
 TOKEN_SCORE_METHOD_GRADIENT_TIMES_DELTA_UNK: TokenScoreMethod.ValueType  # 4
 """w_y(e_t)ᵀ(e_t − e_[UNK]): the first-order change of S_y when the token is replaced by
 [UNK], the replacement Eq. 8 uses for training tokens. Signed: positive = the token raises
-S_y. Default: of the offered scores it agrees best with real [UNK] occlusion on MiniLM.
+S_y (as a first-order estimate; its sign agrees only weakly with real occlusion).
 """
 Global___TokenScoreMethod: _TypeAlias = TokenScoreMethod  # noqa: Y015
 
@@ -706,8 +712,8 @@ class ExplainRequest(_message.Message):
     explained label, the answer also explains the gold label, side by side.
     """
     top_words: _builtins.int
-    """How many of the most salient words to explain with training examples, 0..32.
-    Default 3 when unset. 0 returns saliency only (no influence computed).
+    """How many of the most salient words (largest |saliency|) to explain with training examples,
+    0..32; default 3 when unset. 0 returns saliency only (no influence computed).
     """
     examples_per_word: _builtins.int
     """Training examples to return per salient word and direction (supporting / opposing),

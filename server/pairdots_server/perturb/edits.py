@@ -58,7 +58,7 @@ class InfluenceSettings:
     (the Explain settings, shared by attack and repair)."""
 
     target: Target = Target.LOG_PROB
-    token_score: TokenScore = TokenScore.GRAD_DELTA_UNK
+    token_score: TokenScore = TokenScore.L2_NORM
     solver: SolverSettings = field(default_factory=SolverSettings)
     use_index: bool | None = None  # None: the bundle's index when it has one
     candidates: int = 0  # 0: the server default
@@ -265,7 +265,7 @@ def salient_target(
     default_candidates: int,
     scoring_batch_size: int = 32,
 ) -> SalientTarget | None:
-    """The top salient word of `text` for `label` (Eq. 1–2, largest signed word score), its
+    """The top salient word of `text` for `label` (Eq. 1–2, largest word score magnitude), its
     s_test (Eq. 5) and the exact influence of the candidate training examples (as Explain).
     None when the text has no word the model saw."""
     from pairdots_server.explain import _candidates, _score_exact, _Timer, _top_words
