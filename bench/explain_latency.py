@@ -1,0 +1,140 @@
+"""Per-stage latency of Explain (issue 4) on a prepared bundle, through explain.explain.
+
+Configurations (each: the first call = cold for that configuration, then --sentences warm
+calls on other sentences, then one repeat of a warm sentence = s_test cache hit):
+  default     the server defaults: bundle solver (low-rank when the bundle has the factors),
+              index prefilter with K = clamp(2 % N, 50, 2000) per direction, exact Eq. 8 token
+              influence, top 3 words, 5 examples per direction;
+  lissa       the same with SOLVER_LISSA, depth --lissa-depth (stops earlier on its tolerance);
+  exhaustive  the default solver but no index: every training example scored exactly
+              (--exhaustive-top-words words, --exhaustive-calls calls; each word costs one
+              full gradient pass over the training set).
+Stages (summed over the explained words, explain._Timer): saliency, grad_score (∇θ w by
+double backprop), solve (s_test), candidates (projection + index search), exact_scoring
+(Eq. 5 on the candidates), token_influence (Eq. 8 inside the returned examples); total is
+the wall time of the call, other = total - the stages. The cold call of `default` also pays
+the index and low-rank loads; the cold call of `lissa` the curvature sample and λ_max.
+
+Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import replace
+
+from _common import default_candidates, load_runtime, log, no_stop, sample_sentences
+
+from pairdots_server.explain import ExplainAnswer, ExplainQuery, explain
+from pairdots_server.runtime import ModelRuntime
+from pairdots_server.solvers import SolverChoice, SolverSettings
+
+STAGES = ("saliency", "grad_score", "solve", "candidates", "exact_scoring", "token_influence")
+FIRST_TEXT = "i loved it !"
+
+
+def call(rt: ModelRuntime, q: ExplainQuery, k: int) -> tuple[dict[str, float], ExplainAnswer]:
+    """One Explain call -> ({stage: seconds, total, other}, answer)."""
+    ans = explain(rt, q, no_stop, default_candidates=k)
+    row = {s: float(ans.timings.get(s, 0.0)) for s in STAGES}
+    row["total"] = ans.total_seconds
+    row["other"] = ans.total_seconds - sum(row[s] for s in STAGES)
+    return row, ans
+
+
+def describe(ans: ExplainAnswer) -> str:
+    """Words explained, solver diagnostics and the top supporting example, for the log."""
+    parts = []
+    for sw in ans.explanations[0].salient_words:
+        d = sw.solver
+        top = sw.supporting[0].text[:40] if sw.supporting else "-"
+        parts.append(f"{sw.text!r} [{d['method']} it={d['iterations']} conv={d['converged']}"
+                     f"{' cached' if d.get('cached') else ''}] top+: {top!r}")
+    return "; ".join(parts)
+
+
+def run_config(
+    rt: ModelRuntime, name: str, base: ExplainQuery, texts: list[str], k: int
+) -> dict[str, object]:
+    """Cold call on texts[0], warm calls on texts[1:], and a cache-hit repeat of texts[1]."""
+    calls: list[dict[str, float]] = []
+    for i, text in enumerate(texts):
+        row, ans = call(rt, replace(base, text=text), k)
+        calls.append(row)
+        kind = "cold" if i == 0 else "warm"
+        log(f"[{name}] {kind} {text[:50]!r}: total {row['total']:.2f}s "
+            + " ".join(f"{s}={row[s]:.2f}" for s in STAGES)
+            + f" | scored {ans.candidates_scored} | {describe(ans)}")
+        for w in ans.warnings:
+            log(f"    warning: {w}")
+    out: dict[str, object] = {"cold": calls[0], "calls": calls[1:]}
+    warm = calls[1:]
+    if warm:
+        out["warm_mean"] = {s: statistics.fmean(c[s] for c in warm) for s in warm[0]}
+        row, ans = call(rt, replace(base, text=texts[1]), k)
+        out["cache_hit"] = row
+        log(f"[{name}] repeat (s_test cached) {texts[1][:50]!r}: total {row['total']:.2f}s "
+            f"solve {row['solve']:.3f}s")
+    out["candidates_scored"] = ans.candidates_scored
+    out["top_words"] = base.top_words
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--sentences", type=int, default=3, help="warm calls per configuration")
+    ap.add_argument("--configs", default="default,lissa,exhaustive",
+                    help="comma-separated subset of default,lissa,exhaustive")
+    ap.add_argument("--lissa-depth", type=int, default=200, help="LiSSA max iterations")
+    ap.add_argument("--exhaustive-top-words", type=int, default=1)
+    ap.add_argument("--exhaustive-calls", type=int, default=1,
+                    help="exhaustive calls (1 = only the cold one)")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the SST-2 test sample")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = ap.parse_args()
+
+    rt, load_s = load_runtime(args.bundle, args.threads)
+    k = default_candidates(rt.n_train)
+    log(f"bundle {rt.name}: N={rt.n_train}, P={rt.num_params}, index={rt.has_index}, "
+        f"low-rank={rt.has_lowrank}, K={k}/direction, threads {args.threads}, "
+        f"loaded in {load_s:.1f}s")
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    per = args.sentences + 1
+    pool = [FIRST_TEXT] + [t for t, _ in sample_sentences(per * len(configs), args.seed)]
+    results: dict[str, object] = {}
+    for ci, name in enumerate(configs):
+        texts = pool[ci * per : (ci + 1) * per]
+        if name == "default":
+            base = ExplainQuery(text="")
+        elif name == "lissa":
+            base = ExplainQuery(text="", solver=SolverSettings(
+                method=SolverChoice.LISSA, max_iterations=args.lissa_depth))
+        elif name == "exhaustive":
+            base = ExplainQuery(text="", use_index=False, top_words=args.exhaustive_top_words)
+            texts = texts[: max(1, args.exhaustive_calls)]
+        else:
+            raise SystemExit(f"unknown configuration {name!r}; use default, lissa, exhaustive")
+        results[name] = run_config(rt, name, base, texts, k)
+
+    log("")
+    log(f"{'config':>10} {'call':>6} " + " ".join(f"{s[:10]:>10}" for s in STAGES)
+        + f" {'other':>7} {'total':>8}")
+    for name, res in results.items():
+        assert isinstance(res, dict)
+        for kind in ("cold", "warm_mean", "cache_hit"):
+            row = res.get(kind)
+            if row:
+                log(f"{name:>10} {kind[:6]:>6} " + " ".join(f"{row[s]:10.3f}" for s in STAGES)
+                    + f" {row['other']:7.3f} {row['total']:8.2f}")
+    print(json.dumps({
+        "bench": "explain_latency", "bundle": rt.name, "n_train": rt.n_train,
+        "scope_parameters": rt.num_params, "candidates": k, "threads": args.threads,
+        "lissa_depth": args.lissa_depth, "load_seconds": load_s, "configs": results,
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
