@@ -18,10 +18,9 @@ from torch import Tensor
 
 from pairdots_server.bundle import load_bundle
 from pairdots_server.config import ExplainLimits
-from pairdots_server.core.saliency import grad_theta_word_score, token_saliency, word_scores
-from pairdots_server.explain import ExplainQuery, _top_words
+from pairdots_server.explain import ExplainQuery, _top_words, word_s_test, word_saliency
 from pairdots_server.runtime import ModelRuntime
-from pairdots_server.solvers import SolverSettings, solve_s_test
+from pairdots_server.solvers import SolverSettings
 
 __all__ = [
     "WordQuery", "default_candidates", "load_runtime", "log", "no_stop", "sample_sentences",
@@ -91,16 +90,13 @@ def top_word_query(
     for w in word_ids:
         if w is not None:
             pieces[w] += 1
-    tok = token_saliency(
-        task.logits_fn, rt.params, embeds, enc.attention_mask, label, defaults.target,
-        defaults.token_score, baseline=rt.unk_embed,
-    )  # [T]
-    ws = [float(v) for v in word_scores(tok, word_ids, len(words))]  # [W]
+    ws = word_saliency(
+        rt, embeds, enc.attention_mask, word_ids, len(words), label, defaults.target,
+        defaults.token_score,
+    )  # [W]
     wi = _top_words(ws, pieces, 1)[0]
-    positions = [t for t, w in enumerate(word_ids) if w == wi]
-    grad_w = grad_theta_word_score(
-        task.logits_fn, rt.params, embeds, enc.attention_mask, label, defaults.target,
-        defaults.token_score, positions, baseline=rt.unk_embed,
-    )  # [P]
-    s_test, diag = solve_s_test(rt, grad_w, settings or SolverSettings(), no_stop)
+    s_test, diag = word_s_test(
+        rt, text, embeds, enc.attention_mask, word_ids, wi, label, defaults.target,
+        defaults.token_score, settings or SolverSettings(), no_stop,
+    )
     return WordQuery(text, label, wi, words[wi], s_test, diag)

@@ -193,12 +193,7 @@ def explain(
     used_index = False
     candidates_scored = 0
     if compute_influence:
-        used_index = rt.has_index if q.use_index is None else q.use_index
-        if used_index and not rt.has_index:
-            raise FailedPrecondition(
-                f"model {rt.name!r} has no candidate index; use CANDIDATE_SEARCH_EXHAUSTIVE or "
-                "build one with `pairdots index build`"
-            )
+        used_index = resolve_index(rt, q.use_index)
     else:
         notes.append("influence not computed: top_words = 0 and no word_positions were given")
 
@@ -206,27 +201,20 @@ def explain(
     for label, role in labels:
         should_stop()
         with timer.stage("saliency"):
-            tok = token_saliency(
-                task.logits_fn, rt.params, embeds, enc.attention_mask, label, q.target,
-                q.token_score, baseline=rt.unk_embed,
-            )  # [T]
-        ws = word_scores(tok, word_ids, len(words))  # [W]
-        ws_list = [float(v) for v in ws]
+            ws_list = word_saliency(
+                rt, embeds, enc.attention_mask, word_ids, len(words), label, q.target,
+                q.token_score,
+            )
         chosen = list(q.word_positions) if q.word_positions else _top_words(
             ws_list, pieces, q.top_words
         )
         salient: list[SalientWordAnswer] = []
         for wi in chosen if compute_influence else []:
             should_stop()
-            positions = [t for t, w in enumerate(word_ids) if w == wi]
-            with timer.stage("grad_score"):
-                grad_w = grad_theta_word_score(
-                    task.logits_fn, rt.params, embeds, enc.attention_mask, label, q.target,
-                    q.token_score, positions, baseline=rt.unk_embed,
-                )  # [P]
-            key = (q.text, label, wi, q.target, q.token_score, q.solver)
-            with timer.stage("solve"):
-                s_test, diag = solve_s_test(rt, grad_w, q.solver, should_stop, cache_key=key)
+            s_test, diag = word_s_test(
+                rt, q.text, embeds, enc.attention_mask, word_ids, wi, label, q.target,
+                q.token_score, q.solver, should_stop, timer,
+            )
             cand, n_scored = _candidates(
                 rt, s_test, used_index, q.candidates or default_candidates, timer
             )
@@ -271,6 +259,48 @@ def explain(
         notes=notes,
         total_seconds=time.perf_counter() - start,
     )
+
+
+def word_saliency(
+    rt: ModelRuntime, embeds: Tensor, mask: Tensor, word_ids: Sequence[int | None],
+    n_words: int, label: int, target: Target, token_score: TokenScore,
+) -> list[float]:
+    """s(x_t) of every word for `label` (Eq. 1–2; word = sum of its pieces): embeds [1,T,D]."""
+    tok = token_saliency(
+        rt.task.logits_fn, rt.params, embeds, mask, label, target, token_score,
+        baseline=rt.unk_embed,
+    )  # [T]
+    return [float(v) for v in word_scores(tok, word_ids, n_words)]  # [W]
+
+
+def word_s_test(
+    rt: ModelRuntime, text: str, embeds: Tensor, mask: Tensor, word_ids: Sequence[int | None],
+    word: int, label: int, target: Target, token_score: TokenScore, solver: SolverSettings,
+    should_stop: Callable[[], None], timer: _Timer | None = None,
+) -> tuple[Tensor, dict[str, float | int | bool | str]]:
+    """s_test = H⁻¹∇θw for the score w of word `word` (Eq. 5; ∇θw by double backprop),
+    cached per (text, label, word, settings)."""
+    timer = timer or _Timer()
+    positions = [t for t, w in enumerate(word_ids) if w == word]
+    with timer.stage("grad_score"):
+        grad_w = grad_theta_word_score(
+            rt.task.logits_fn, rt.params, embeds, mask, label, target, token_score, positions,
+            baseline=rt.unk_embed,
+        )  # [P]
+    key = (text, label, word, target, token_score, solver)
+    with timer.stage("solve"):
+        return solve_s_test(rt, grad_w, solver, should_stop, cache_key=key)
+
+
+def resolve_index(rt: ModelRuntime, use_index: bool | None) -> bool:
+    """Whether to prefilter with the index: the request's choice, else when the bundle has one."""
+    used = rt.has_index if use_index is None else use_index
+    if used and not rt.has_index:
+        raise FailedPrecondition(
+            f"model {rt.name!r} has no candidate index; use CANDIDATE_SEARCH_EXHAUSTIVE or "
+            "build one with `pairdots index build`"
+        )
+    return used
 
 
 def _top_words(scores: Sequence[float], pieces: Sequence[int], m: int) -> list[int]:

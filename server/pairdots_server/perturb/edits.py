@@ -31,14 +31,11 @@ from pairdots_server.core.grads import per_example_loss_grads
 from pairdots_server.core.saliency import (
     Target,
     TokenScore,
-    grad_theta_word_score,
-    token_saliency,
-    word_scores,
 )
 from pairdots_server.data import Example
 from pairdots_server.perturb.lexicon import Lexicon, is_substitutable
 from pairdots_server.runtime import ModelRuntime
-from pairdots_server.solvers import SolverSettings, solve_s_test
+from pairdots_server.solvers import SolverSettings
 
 StopFn = Callable[[], None]
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
@@ -268,33 +265,30 @@ def salient_target(
     """The top salient word of `text` for `label` (Eq. 1–2, largest word score magnitude), its
     s_test (Eq. 5) and the exact influence of the candidate training examples (as Explain).
     None when the text has no word the model saw."""
-    from pairdots_server.explain import _candidates, _score_exact, _Timer, _top_words
+    from pairdots_server.explain import (
+        _candidates,
+        _score_exact,
+        _Timer,
+        _top_words,
+        resolve_index,
+        word_s_test,
+        word_saliency,
+    )
 
     enc = encode_text(rt, text)
-    tok = token_saliency(
-        rt.task.logits_fn, rt.params, enc.embeds, enc.mask, label, settings.target,
-        settings.token_score, baseline=rt.unk_embed,
-    )  # [T]
-    ws = [float(v) for v in word_scores(tok, enc.word_ids, len(enc.words))]  # [W]
+    ws = word_saliency(
+        rt, enc.embeds, enc.mask, enc.word_ids, len(enc.words), label, settings.target,
+        settings.token_score,
+    )  # [W]
     top = _top_words(ws, enc.pieces, 1)
     if not top:
         return None
     wi = top[0]
-    positions = [t for t, w in enumerate(enc.word_ids) if w == wi]
-    grad_w = grad_theta_word_score(
-        rt.task.logits_fn, rt.params, enc.embeds, enc.mask, label, settings.target,
-        settings.token_score, positions, baseline=rt.unk_embed,
-    )  # [P]
-    key = (text, label, wi, settings.target, settings.token_score, settings.solver)
-    s_test, diag = solve_s_test(rt, grad_w, settings.solver, should_stop, cache_key=key)
-    used_index = rt.has_index if settings.use_index is None else settings.use_index
-    if used_index and not rt.has_index:
-        from pairdots_server.errors import FailedPrecondition
-
-        raise FailedPrecondition(
-            f"model {rt.name!r} has no candidate index; use CANDIDATE_SEARCH_EXHAUSTIVE or "
-            "build one with `pairdots index build`"
-        )
+    s_test, diag = word_s_test(
+        rt, text, enc.embeds, enc.mask, enc.word_ids, wi, label, settings.target,
+        settings.token_score, settings.solver, should_stop,
+    )
+    used_index = resolve_index(rt, settings.use_index)
     timer = _Timer()
     cand, _ = _candidates(rt, s_test, used_index, settings.candidates or default_candidates, timer)
     scores = _score_exact(rt, s_test, cand, should_stop, scoring_batch_size, timer)  # [K]
