@@ -35,7 +35,7 @@ from pairdots_server.perturb.edits import (
     SearchSettings,
     StopFn,
     no_progress,
-    random_edit,
+    random_edits,
     salient_target,
     take_edits,
 )
@@ -44,7 +44,6 @@ from pairdots_server.runtime import ModelRuntime
 
 DEMOTE = "decrease I(z, w_y)"
 PROMOTE = "increase I(z, w_y')"
-RANDOM = "random substitution (baseline, no influence objective)"
 
 
 class AttackMode(enum.Enum):
@@ -152,7 +151,8 @@ def run_attack(
         should_stop()
         n = q.examples_per_test
         if q.mode is AttackMode.RANDOM:
-            got = _random_edits(rt, k, n, used, lex, rng, search.max_substitutes)
+            got = random_edits(rt, k, n, used, lex, ("synonym",), rng,
+                               search.max_substitutes)
         else:
             objectives: list[tuple[SalientTarget | None, int, str]] = []
             if q.mode in (AttackMode.DEMOTE_SALIENT, AttackMode.COMBINED):
@@ -179,32 +179,3 @@ def run_attack(
         edits += got
         progress("perturbing", k + 1, total)
     return AttackOutcome(edits, notes, apply_replacements(train, edits))
-
-
-def _random_edits(
-    rt: ModelRuntime,
-    example_index: int,
-    n: int,
-    used: set[int],
-    lexicon: Lexicon,
-    rng: random.Random,
-    max_substitutes: int,
-) -> list[Edit]:
-    """The RANDOM baseline: n random unused training examples with a random synonym swap."""
-    train = rt.bundle.train
-    order = [i for i in range(len(train)) if i not in used]
-    rng.shuffle(order)
-    out: list[Edit] = []
-    for idx in order:
-        if len(out) >= n:
-            break
-        ex = train[idx]
-        e = random_edit(rt, ex, lexicon, ("synonym",), rng, max_substitutes)
-        if e is None:
-            continue
-        used.add(idx)
-        out.append(Edit(
-            idx, ex.text, e.new_text, ex.label, example_index, e.word_index, e.original_word,
-            e.substitute, e.relation, 0.0, RANDOM,
-        ))
-    return out

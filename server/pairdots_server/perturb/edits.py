@@ -415,3 +415,37 @@ def take_edits(
             e.substitute, e.relation, scored.change, objective,
         ))
     return out
+
+
+RANDOM_OBJECTIVE = "random substitution (baseline, no influence objective)"
+
+
+def random_edits(
+    rt: ModelRuntime,
+    example_index: int,
+    n: int,
+    used: set[int],
+    lexicon: Lexicon,
+    relations: Sequence[str],
+    rng: random.Random,
+    max_substitutes: int,
+) -> list[Edit]:
+    """The RANDOM baseline of attack and repair: n random training examples not in `used`
+    (which it extends), each with a random substitution of one of `relations`."""
+    train = rt.bundle.train
+    order = [i for i in range(len(train)) if i not in used]
+    rng.shuffle(order)
+    out: list[Edit] = []
+    for idx in order:
+        if len(out) >= n:
+            break
+        ex = train[idx]
+        e = random_edit(rt, ex, lexicon, relations, rng, max_substitutes)
+        if e is None:
+            continue
+        used.add(idx)
+        out.append(Edit(
+            idx, ex.text, e.new_text, ex.label, example_index, e.word_index, e.original_word,
+            e.substitute, e.relation, 0.0, RANDOM_OBJECTIVE,
+        ))
+    return out

@@ -32,7 +32,7 @@ from pairdots_server.perturb.edits import (
     SearchSettings,
     StopFn,
     no_progress,
-    random_edit,
+    random_edits,
     salient_target,
     take_edits,
 )
@@ -42,7 +42,6 @@ from pairdots_server.train import evaluate
 
 RAISE_GOLD = "increase I(z, w_y)"
 LOWER_WRONG = "decrease I(z, w_y')"
-RANDOM = "random substitution (baseline, no influence objective)"
 RELATIONS = ("synonym", "antonym")
 
 
@@ -133,7 +132,7 @@ def run_repair(
         should_stop()
         ex = q.examples[k]
         if q.mode is RepairMode.RANDOM:
-            got = _random_additions(rt, k, n, used, lex, rng, search.max_substitutes)
+            got = random_edits(rt, k, n, used, lex, RELATIONS, rng, search.max_substitutes)
         else:
             objectives = [
                 (target(ex.text, ex.label), +1, RAISE_GOLD),
@@ -154,31 +153,3 @@ def run_repair(
         progress("perturbing", done + 1, len(errors))
     added = [Example(e.new_text, e.label) for e in edits]
     return RepairOutcome(len(errors), edits, notes, list(train) + added)
-
-
-def _random_additions(
-    rt: ModelRuntime,
-    example_index: int,
-    n: int,
-    used: set[int],
-    lexicon: Lexicon,
-    rng: random.Random,
-    max_substitutes: int,
-) -> list[Edit]:
-    train = rt.bundle.train
-    order = [i for i in range(len(train)) if i not in used]
-    rng.shuffle(order)
-    out: list[Edit] = []
-    for idx in order:
-        if len(out) >= n:
-            break
-        ex = train[idx]
-        e = random_edit(rt, ex, lexicon, RELATIONS, rng, max_substitutes)
-        if e is None:
-            continue
-        used.add(idx)
-        out.append(Edit(
-            idx, ex.text, e.new_text, ex.label, example_index, e.word_index, e.original_word,
-            e.substitute, e.relation, 0.0, RANDOM,
-        ))
-    return out
