@@ -16,6 +16,7 @@ from pathlib import Path
 from google.protobuf import timestamp_pb2
 
 from pairdots.v1 import pairdots_pb2 as pb
+from pairdots_server.data import Example
 from pairdots_server.jobs.runner import JobContext, JobFn, JobResult
 from pairdots_server.perturb.attack import AttackQuery, run_attack
 from pairdots_server.perturb.edits import Edit
@@ -91,6 +92,20 @@ def _provenance(kind: str, edits: Sequence[Edit], seed: int) -> dict[str, object
     return {"operation_kind": kind, "edits": len(edits), "seed": seed}
 
 
+def _retrain_into(
+    result: pb.AttackResult | pb.RepairResult, rt: ModelRuntime, train: Sequence[Example],
+    retrain: RetrainSpec, examples: Sequence[Example], ctx: JobContext,
+    report: ProgressReporter, env: JobEnv, provenance: dict[str, object],
+) -> None:
+    """Retrain on the edited training set, evaluate, and record it in `result`."""
+    ev = retrain_and_evaluate(
+        rt, train, retrain, examples, ctx.check, report, output_root=env.output_root,
+        provenance=provenance,
+    )
+    result.evaluation.CopyFrom(evaluation_proto(ev))
+    result.notes.extend(ev.notes)
+
+
 def attack_job(rt: ModelRuntime, q: AttackQuery, retrain: RetrainSpec | None, env: JobEnv
                ) -> JobFn:
     """The job function of one Attack operation."""
@@ -104,13 +119,8 @@ def attack_job(rt: ModelRuntime, q: AttackQuery, retrain: RetrainSpec | None, en
         )
         result = pb.AttackResult(edits=[edit_proto(e) for e in out.edits], notes=out.notes)
         if retrain is not None:
-            ev = retrain_and_evaluate(
-                rt, out.train, retrain, q.examples, ctx.check, report,
-                output_root=env.output_root,
-                provenance=_provenance("attack", out.edits, q.seed),
-            )
-            result.evaluation.CopyFrom(evaluation_proto(ev))
-            result.notes.extend(ev.notes)
+            _retrain_into(result, rt, out.train, retrain, q.examples, ctx, report, env,
+                          _provenance("attack", out.edits, q.seed))
         report("done", 1, 1)
         return ATTACK_RESULT_TYPE, result.SerializeToString()
 
@@ -132,13 +142,8 @@ def repair_job(rt: ModelRuntime, q: RepairQuery, retrain: RetrainSpec | None, en
             notes=out.notes,
         )
         if retrain is not None:
-            ev = retrain_and_evaluate(
-                rt, out.train, retrain, q.examples, ctx.check, report,
-                output_root=env.output_root,
-                provenance=_provenance("repair", out.edits, q.seed),
-            )
-            result.evaluation.CopyFrom(evaluation_proto(ev))
-            result.notes.extend(ev.notes)
+            _retrain_into(result, rt, out.train, retrain, q.examples, ctx, report, env,
+                          _provenance("repair", out.edits, q.seed))
         report("done", 1, 1)
         return REPAIR_RESULT_TYPE, result.SerializeToString()
 
