@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from pairdots_server.data import Example
 from pairdots_server.perturb.edits import Edit, InfluenceSettings
@@ -33,6 +36,10 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--candidates", type=int, default=200,
                    help="index candidates per direction scored exactly")
     p.add_argument("--random-candidates", type=int, default=5, help="T (paper: 5)")
+    p.add_argument("--edits-out", type=Path, default=None,
+                   help="write the searched edits as JSON (bench/retrain_edits.py replays them)")
+    p.add_argument("--search-only", action="store_true",
+                   help="stop after the search (with --edits-out: retrain elsewhere)")
 
 
 def influence_settings(a: argparse.Namespace) -> InfluenceSettings:
@@ -59,6 +66,44 @@ def first_n_per_example(edits: Sequence[Edit], n: int) -> list[Edit]:
     return out
 
 
+def edits_json(edits: Sequence[Edit]) -> list[dict[str, Any]]:
+    return [dataclasses.asdict(e) for e in edits]
+
+
+def write_edits(path: Path, payload: dict[str, Any]) -> None:
+    """The search's result, replayable by bench/retrain_edits.py: {"kind", "recipe",
+    "base_model", "ns", "evals": {name: [[text, label], ...]}, "edits": {mode: [Edit, ...]}}."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload))
+    log(f"edits written to {path}")
+
+
+def examples_json(examples: Sequence[Example]) -> list[list[object]]:
+    return [[e.text, e.label] for e in examples]
+
+
+def edit_sets(
+    kind: str, train: Sequence[Example], edits: dict[str, Sequence[Edit]], ns: Sequence[int],
+) -> Iterator[tuple[str, int, int, list[Example]]]:
+    """(mode, n, edits used, training set) for every table row: n = 0 first (the unperturbed
+    set), then each mode at each n > 0 with the first n edits per request example. Attack
+    replaces the edited training examples; repair appends the new ones."""
+    from pairdots_server.perturb.attack import apply_replacements
+
+    if 0 in ns or kind == "attack":
+        yield "none", 0, 0, list(train)
+    for mode, es in edits.items():
+        for n in ns:
+            if n == 0:
+                continue
+            used = first_n_per_example(es, n)
+            if kind == "attack":
+                new = apply_replacements(train, used)
+            else:
+                new = list(train) + [Example(e.new_text, e.label) for e in used]
+            yield mode, n, len(used), new
+
+
 def retrain_eval(
     rt: ModelRuntime, train: Sequence[Example], spec: RetrainSpec,
     evals: dict[str, Sequence[Example]],
@@ -67,7 +112,9 @@ def retrain_eval(
     task, result, notes = retrain(rt, train, spec, lambda: None)
     out: dict[str, float] = {"retrain_s": round(result.seconds, 1)}
     for name, ex in evals.items():
-        out[name] = evaluate(task, list(ex), max_length=rt.max_length).accuracy
+        ev = evaluate(task, list(ex), max_length=rt.max_length)
+        out[name] = ev.accuracy
+        out[f"{name}_loss"] = round(ev.loss, 5)  # mean -log p(y|x): moves when accuracy can't
     out["total_s"] = round(time.perf_counter() - t0, 1)
     for n in notes:
         log(f"note: {n}")

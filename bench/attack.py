@@ -24,21 +24,60 @@ import torch
 from _perturb_common import (
     SST2,
     common_args,
-    first_n_per_example,
+    edit_sets,
+    edits_json,
+    examples_json,
     influence_settings,
     log,
     retrain_eval,
     retrain_spec,
+    write_edits,
 )
 
 from pairdots_server.bundle import load_bundle
-from pairdots_server.data import read_examples
-from pairdots_server.perturb.attack import AttackMode, AttackQuery, apply_replacements, run_attack
+from pairdots_server.data import Example, read_examples
+from pairdots_server.perturb.attack import (
+    DEMOTE,
+    PROMOTE,
+    AttackMode,
+    AttackQuery,
+    TargetCache,
+    run_attack,
+)
+from pairdots_server.perturb.edits import Edit
+from pairdots_server.retrain import recipe
 from pairdots_server.runtime import ModelRuntime
 from pairdots_server.train import evaluate
 
 MODES = {"demote": AttackMode.DEMOTE_SALIENT, "promote": AttackMode.PROMOTE_WRONG,
          "combined": AttackMode.COMBINED, "random": AttackMode.RANDOM}
+
+
+def predicted_change(
+    sample: list[Example], cache: TargetCache, edits: dict[str, list[Edit]], ns: list[int],
+    n_train: int,
+) -> dict[str, dict[int, float]]:
+    """Mean over the sample of the first-order predicted relative change of each edit's target
+    salient score (s(w_y) for DEMOTE edits, s(w_y') for PROMOTE edits):
+    Δs/s ≈ Σ_edits (I(z̃, w) - I(z, w)) / (N · s(w)) (Eq. 5/7: replacing z by z̃ upweights z̃
+    and downweights z by 1/N). Random edits carry no influence and predict 0."""
+    out: dict[str, dict[int, float]] = {}
+    for mode, es in edits.items():
+        per_n: dict[int, float] = {}
+        for n in ns:
+            rel = []
+            for k, ex in enumerate(sample):
+                mine = [e for e in es if e.example_index == k][:n]
+                for objective in (DEMOTE, PROMOTE):
+                    keys = [key for key in cache if key[0] == ex.text
+                            and (key[1] == ex.label) == (objective == DEMOTE)]
+                    tgt = cache.get(keys[0]) if keys else None
+                    part = [e.influence_change for e in mine if e.objective == objective]
+                    if tgt is not None and tgt.saliency != 0 and part:
+                        rel.append(sum(part) / (n_train * abs(tgt.saliency)))
+            per_n[n] = float(f"{sum(rel) / len(rel):.3g}") if rel else 0.0
+        out[mode] = per_n
+    return out
 
 
 def main() -> None:
@@ -68,10 +107,8 @@ def main() -> None:
     settings = influence_settings(a)
     spec = retrain_spec(a)
     cache: dict = {}
-    rows: list[dict[str, object]] = []
-    base = retrain_eval(rt, rt.bundle.train, spec, {"accuracy": sample})
-    rows.append({"mode": "none", "n": 0, **base})
-    log(f"n=0 (retrain on the unperturbed set): {base}")
+    edits: dict[str, list] = {}
+    search_s: dict[str, float] = {}
     for mode in modes:
         t0 = time.perf_counter()
         q = AttackQuery(tuple(sample), mode, max(ns), random_candidates=a.random_candidates,
@@ -80,15 +117,28 @@ def main() -> None:
                          lambda s, d, t, m=mode: log(f"  {m.value}: {s} {d}/{t}") if d % 5 == 0
                          else None,
                          default_candidates=a.candidates, target_cache=cache)
-        search_s = time.perf_counter() - t0
-        log(f"{mode.value}: {len(out.edits)} edits in {search_s:.0f} s; notes {len(out.notes)}")
-        for n in ns:
-            edits = first_n_per_example(out.edits, n)
-            train = apply_replacements(rt.bundle.train, edits)
-            res = retrain_eval(rt, train, spec, {"accuracy": sample})
-            rows.append({"mode": mode.value, "n": n, "edits": len(edits),
-                         "search_s": round(search_s, 1), **res})
-            log(f"{mode.value} n={n}: {res}")
+        search_s[mode.value] = round(time.perf_counter() - t0, 1)
+        edits[mode.value] = out.edits
+        log(f"{mode.value}: {len(out.edits)} edits in {search_s[mode.value]:.0f} s; "
+            f"notes {len(out.notes)}")
+    predicted = predicted_change(sample, cache, edits, ns, rt.n_train)
+    log(f"first-order predicted relative change of s(w_y): {predicted}")
+    if a.edits_out is not None:
+        write_edits(a.edits_out, {
+            "kind": "attack", "bundle": rt.name, "recipe": recipe(rt, spec).to_dict(),
+            "base_model": (rt.bundle.manifest.get("model") or {}).get("source"),
+            "ns": ns, "evals": {"accuracy": examples_json(sample)},
+            "edits": {m: edits_json(es) for m, es in edits.items()}, "search_s": search_s,
+            "predicted_relative_change": predicted,
+        })
+    rows: list[dict[str, object]] = []
+    if a.search_only:
+        return
+    for mode, n, used, train in edit_sets("attack", rt.bundle.train, edits, ns):
+        res = retrain_eval(rt, train, spec, {"accuracy": sample})
+        rows.append({"mode": mode, "n": n, "edits": used, "search_s": search_s.get(mode, 0.0),
+                     **res})
+        log(f"{mode} n={n}: {res}")
     print(f"{'mode':<16}{'n':>4}{'edits':>7}{'acc':>8}")
     for r in rows:
         print(f"{r['mode']!s:<16}{r['n']!s:>4}{r.get('edits', 0)!s:>7}{r['accuracy']:>8.3f}")
@@ -96,6 +146,7 @@ def main() -> None:
         "benchmark": "attack", "bundle": str(a.bundle), "sample": len(sample),
         "retrain": spec.mode.value, "epochs": a.epochs, "max_steps": a.max_steps,
         "solver": a.solver, "accuracy_before": 1.0, "rows": rows,
+        "predicted_relative_change": predicted, "search_s": search_s,
         "seconds": round(time.perf_counter() - t_start, 1),
     }))
 

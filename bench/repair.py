@@ -22,16 +22,20 @@ import torch
 from _perturb_common import (
     SST2,
     common_args,
-    first_n_per_example,
+    edit_sets,
+    edits_json,
+    examples_json,
     influence_settings,
     log,
     retrain_eval,
     retrain_spec,
+    write_edits,
 )
 
 from pairdots_server.bundle import load_bundle
-from pairdots_server.data import Example, read_examples
+from pairdots_server.data import read_examples
 from pairdots_server.perturb.repair import RepairMode, RepairQuery, find_errors, run_repair
+from pairdots_server.retrain import recipe
 from pairdots_server.runtime import ModelRuntime
 from pairdots_server.train import evaluate
 
@@ -72,20 +76,25 @@ def main() -> None:
         )
         search_s[mode] = round(time.perf_counter() - t0, 1)
         log(f"{mode.value}: {len(outcomes[mode].edits)} additions in {search_s[mode]} s")
+    if a.edits_out is not None:
+        write_edits(a.edits_out, {
+            "kind": "repair", "bundle": rt.name, "recipe": recipe(rt, spec).to_dict(),
+            "base_model": (rt.bundle.manifest.get("model") or {}).get("source"),
+            "ns": ns, "evals": {k: examples_json(v) for k, v in evals.items()},
+            "served": before, "errors": len(errors),
+            "edits": {m.value: edits_json(o.edits) for m, o in outcomes.items()},
+            "search_s": {m.value: t for m, t in search_s.items()},
+        })
+    if a.search_only:
+        return
     rows: list[dict[str, object]] = []
-    for n in ns:
-        for mode in (RepairMode.INFLUENCE, RepairMode.RANDOM):
-            if n == 0 and mode is RepairMode.RANDOM:
-                continue
-            added: list[Example] = []
-            if n > 0:
-                edits = first_n_per_example(outcomes[mode].edits, n)
-                added = [Example(e.new_text, e.label) for e in edits]
-            res = retrain_eval(rt, list(rt.bundle.train) + added, spec, evals)
-            row = {"mode": mode.value if n else "none", "n": n, "added": len(added),
-                   "search_s": search_s.get(mode, 0.0) if n else 0.0, **res}
-            rows.append(row)
-            log(str(row))
+    edits = {m.value: o.edits for m, o in outcomes.items()}
+    for mode, n, added, train in edit_sets("repair", rt.bundle.train, edits, ns):
+        res = retrain_eval(rt, train, spec, evals)
+        row = {"mode": mode, "n": n, "added": added,
+               "search_s": search_s.get(RepairMode(mode), 0.0) if n else 0.0, **res}
+        rows.append(row)
+        log(str(row))
     print(f"{'mode':<12}{'n':>4}{'added':>7}{'dev':>8}{'test':>8}")
     print(f"{'served':<12}{'-':>4}{0:>7}{before['dev']:>8.4f}{before['test']:>8.4f}")
     for r in rows:

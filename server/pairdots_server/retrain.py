@@ -18,14 +18,17 @@ import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pairdots_server.bundle import save_bundle, validate_bundle_name
 from pairdots_server.data import Example
 from pairdots_server.errors import AlreadyExists, InvalidArgument
 from pairdots_server.runtime import ModelRuntime
-from pairdots_server.task import Task
+from pairdots_server.task import ScopeSpec, Task
 from pairdots_server.train import TrainConfig, TrainResult, evaluate, fine_tune
+
+if TYPE_CHECKING:
+    import torch
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 MAX_EPOCHS = 10
@@ -95,19 +98,26 @@ def check_save_as(output_root: Path, name: str | None) -> None:
         )
 
 
-def starting_task(rt: ModelRuntime, mode: RetrainMode, seed: int) -> tuple[Task, list[str]]:
-    """A new Task to retrain (never the served one) and notes about where it came from."""
+def base_task(
+    source: str | Path, labels: Sequence[str], scope: ScopeSpec, device: str, seed: int,
+    dtype: torch.dtype | None = None,
+) -> Task:
+    """The base checkpoint as a Task to fine-tune, its new classifier head seeded by `seed`
+    (so the same seed gives the same starting point for every perturbed training set)."""
     import torch
 
+    torch.manual_seed(seed)
+    return Task.from_pretrained(source, labels=labels, scope=scope, device=device, dtype=dtype)
+
+
+def starting_task(rt: ModelRuntime, mode: RetrainMode, seed: int) -> tuple[Task, list[str]]:
+    """A new Task to retrain (never the served one) and notes about where it came from."""
     served = rt.task
     if mode is RetrainMode.FULL:
         source = (rt.bundle.manifest.get("model") or {}).get("source")
         if isinstance(source, str) and source and (Path(source) / "config.json").is_file():
-            torch.manual_seed(seed)  # the new classifier head of a base encoder is seeded
-            task = Task.from_pretrained(
-                source, labels=rt.bundle.labels, scope=served.scope, device=served.device,
-                dtype=served.dtype,
-            )
+            task = base_task(source, rt.bundle.labels, served.scope, served.device, seed,
+                             served.dtype)
             return task, []
         note = (
             f"full retrain: the base checkpoint {source!r} is not a readable local model "

@@ -5,6 +5,7 @@ independent evaluation, never touches the served model, and save_as writes a loa
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,10 +22,17 @@ from pairdots_server.perturb.repair import (
     find_errors,
     run_repair,
 )
-from pairdots_server.retrain import RetrainMode, RetrainSpec, retrain_and_evaluate
+from pairdots_server.retrain import (
+    RetrainMode,
+    RetrainSpec,
+    base_task,
+    retrain_and_evaluate,
+    starting_task,
+)
 from pairdots_server.runtime import ModelRuntime
 from pairdots_server.solvers import SolverChoice, SolverSettings
-from pairdots_server.testing import make_tiny_bundle, tiny_examples
+from pairdots_server.task import ScopeSpec, Task
+from pairdots_server.testing import build_tiny_model_dir, make_tiny_bundle, tiny_examples
 from pairdots_server.train import evaluate
 
 CG = SolverSettings(method=SolverChoice.CG, max_iterations=40, damping=0.01)
@@ -137,3 +145,30 @@ def test_retrain_spec_validation() -> None:
     with pytest.raises(InvalidArgument) as info:
         RetrainSpec(save_as="../x")
     assert info.value.violations[0].field == "retrain.save_as"
+
+
+def test_full_retrain_starts_from_the_base_checkpoint_seeded(
+    rt: ModelRuntime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FULL starts from manifest model.source with no fallback note; a base encoder with a
+    different head size gets a new classifier head that depends only on the seed, so every
+    perturbed set of a benchmark table starts from the same weights."""
+    base = build_tiny_model_dir(tmp_path / "base", num_labels=3, seed=7)
+    ref = {k: v.clone() for k, v in
+           Task.from_pretrained(base, num_labels=3).model.state_dict().items()}
+    a = base_task(base, ["neg", "pos"], ScopeSpec(), "cpu", seed=5).model.state_dict()
+    b = base_task(base, ["neg", "pos"], ScopeSpec(), "cpu", seed=5).model.state_dict()
+    c = base_task(base, ["neg", "pos"], ScopeSpec(), "cpu", seed=6).model.state_dict()
+    head = "classifier.weight"
+    assert a[head].shape == (2, ref[head].shape[1])
+    assert torch.equal(a[head], b[head]) and not torch.equal(a[head], c[head])
+    encoder = [k for k in ref if not k.startswith("classifier.")]
+    assert encoder and all(torch.equal(a[k], ref[k]) for k in encoder)
+
+    monkeypatch.setitem(rt.bundle.manifest["model"], "source", str(base))
+    task, notes = starting_task(rt, RetrainMode.FULL, seed=5)
+    assert notes == []
+    got = task.model.state_dict()
+    want = base_task(base, rt.bundle.labels, ScopeSpec(), "cpu", 5, rt.task.dtype)
+    assert got[head].dtype == rt.task.dtype
+    assert all(torch.equal(v, got[k]) for k, v in want.model.state_dict().items())

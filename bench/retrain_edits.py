@@ -1,0 +1,102 @@
+"""Replay the edits that bench/attack.py or bench/repair.py searched (--edits-out) with a FULL
+retrain from the base checkpoint, on any device (the paper's protocol; on CPU a full MiniLM
+fine-tune takes ~15 min, on a GPU seconds).
+
+Every table row (n = 0, then each mode at each n) fine-tunes the base checkpoint on its
+training set with the bundle's recipe (saved in the edits file) and the same seed, so the rows
+differ only in the edited examples; `--seeds` repeats the whole table with other seeds
+(classifier-head init, batch order, dropout) to show the retraining noise. Accuracy and mean
+-log p(y|x) on the file's evaluation sets are reported.
+
+    PYTHONPATH=server python bench/retrain_edits.py --edits runs/attack_edits.json \\
+        --base-model /path/to/minilm --train bundles/minilm-sst2/train.jsonl --device cuda
+
+Prints progress on stderr, one JSON row per retrain on stdout (and to --out as it goes), and a
+summary JSON object as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from _perturb_common import edit_sets, log
+
+from pairdots_server.data import Example, read_examples
+from pairdots_server.perturb.edits import Edit
+from pairdots_server.retrain import base_task
+from pairdots_server.task import ScopeSpec
+from pairdots_server.train import TrainConfig, evaluate, fine_tune
+
+
+def load(path: Path, train: list[Example]) -> dict[str, Any]:
+    """The edits file, its edits as Edit objects, checked against the training set."""
+    d = json.loads(path.read_text())
+    d["edits"] = {m: [Edit(**e) for e in es] for m, es in d["edits"].items()}
+    for es in d["edits"].values():
+        for e in es:
+            if d["kind"] == "attack" and train[e.train_index].text != e.original_text:
+                sys.exit(f"{path}: edit of training example {e.train_index} does not match "
+                         f"--train ({train[e.train_index].text[:40]!r} != "
+                         f"{e.original_text[:40]!r}); pass the bundle's train.jsonl")
+    d["evals"] = {k: [Example(t, int(y)) for t, y in v] for k, v in d["evals"].items()}
+    return d
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--edits", type=Path, nargs="+", required=True)
+    p.add_argument("--base-model", type=Path, required=True, help="the base checkpoint dir")
+    p.add_argument("--train", type=Path, required=True, help="the bundle's train.jsonl")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seeds", default="0", help="comma-separated recipe seeds")
+    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    p.add_argument("--max-steps", type=int, default=None, help="cap on steps (smoke runs)")
+    p.add_argument("--out", type=Path, default=None, help="append JSON rows here as they finish")
+    a = p.parse_args()
+    import torch
+
+    if a.device == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    train = read_examples(a.train)
+    n_labels = 1 + max(ex.label for ex in train)
+    labels = [f"label_{i}" for i in range(n_labels)]
+    t_start = time.perf_counter()
+    summary: list[dict[str, Any]] = []
+    files = [load(f, train) for f in a.edits]
+    for seed in (int(s) for s in a.seeds.split(",")):
+        for path, d in zip(a.edits, files, strict=True):
+            cfg = TrainConfig.from_dict({**d["recipe"], "scope_only": False, "seed": seed,
+                                         **({"epochs": a.epochs} if a.epochs else {}),
+                                         **({"max_steps": a.max_steps} if a.max_steps else {})})
+            for mode, n, used, new_train in edit_sets(d["kind"], train, d["edits"], d["ns"]):
+                t0 = time.perf_counter()
+                task = base_task(a.base_model, labels, ScopeSpec(), a.device, seed)
+                res = fine_tune(task, new_train, cfg)
+                row: dict[str, Any] = {
+                    "kind": d["kind"], "seed": seed, "mode": mode, "n": n, "edits": used,
+                    "train_size": len(new_train), "final_loss": round(res.final_loss, 4),
+                    "retrain_s": round(res.seconds, 1),
+                }
+                for name, ex in d["evals"].items():
+                    ev = evaluate(task, ex, max_length=cfg.max_length)
+                    row[name] = round(ev.accuracy, 4)
+                    row[f"{name}_loss"] = round(ev.loss, 5)
+                row["total_s"] = round(time.perf_counter() - t0, 1)
+                del task
+                print(json.dumps(row), flush=True)
+                log(f"{path.name} seed {seed} {mode} n={n}: {row}")
+                if a.out is not None:
+                    with a.out.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                summary.append(row)
+    print(json.dumps({"benchmark": "retrain_edits", "retrain": "full", "device": a.device,
+                      "rows": summary, "seconds": round(time.perf_counter() - t_start, 1)}))
+
+
+if __name__ == "__main__":
+    main()
