@@ -6,7 +6,11 @@ n ∈ --ns training examples per test sentence; the model is retrained on each p
 training set (scope only by default, --full for a full retrain from the base checkpoint) and
 the accuracy on the sampled sentences is reported. The edits for n are the first n of the
 n_max search per sentence (greedy order), so one search per mode serves every n. An n = 0 row
-retrains on the unperturbed set, separating the retraining effect from the attack.
+retrains on the unperturbed set, separating the retraining effect from the attack. Besides
+accuracy it reports the mean -log p(y|x) on the sample (it moves when accuracy cannot) and the
+first-order predicted relative change of the targeted salient score, Σ ΔI / (N·s(w)) (Eq. 7),
+which is what the attack optimises; bench/retrain_edits.py measures that change after a full
+retrain (--edits-out writes the edits it replays).
 
     PYTHONPATH=server:client python bench/attack.py --bundle bundles/minilm-sst2 --sample 50
 
@@ -56,27 +60,29 @@ MODES = {"demote": AttackMode.DEMOTE_SALIENT, "promote": AttackMode.PROMOTE_WRON
 def predicted_change(
     sample: list[Example], cache: TargetCache, edits: dict[str, list[Edit]], ns: list[int],
     n_train: int,
-) -> dict[str, dict[int, float]]:
-    """Mean over the sample of the first-order predicted relative change of each edit's target
-    salient score (s(w_y) for DEMOTE edits, s(w_y') for PROMOTE edits):
+) -> dict[str, dict[int, dict[str, float]]]:
+    """Per mode, n and targeted word (w_y for DEMOTE edits, w_y' for PROMOTE edits), the mean
+    over the sample of the first-order predicted relative change of that salient score:
     Δs/s ≈ Σ_edits (I(z̃, w) - I(z, w)) / (N · s(w)) (Eq. 5/7: replacing z by z̃ upweights z̃
-    and downweights z by 1/N). Random edits carry no influence and predict 0."""
-    out: dict[str, dict[int, float]] = {}
+    and downweights z by 1/N). Random edits carry no influence and predict nothing."""
+    out: dict[str, dict[int, dict[str, float]]] = {}
     for mode, es in edits.items():
-        per_n: dict[int, float] = {}
+        out[mode] = {}
         for n in ns:
-            rel = []
-            for k, ex in enumerate(sample):
-                mine = [e for e in es if e.example_index == k][:n]
-                for objective in (DEMOTE, PROMOTE):
+            per_word: dict[str, float] = {}
+            for objective, word in ((DEMOTE, "w_y"), (PROMOTE, "w_y'")):
+                rel = []
+                for k, ex in enumerate(sample):
                     keys = [key for key in cache if key[0] == ex.text
                             and (key[1] == ex.label) == (objective == DEMOTE)]
                     tgt = cache.get(keys[0]) if keys else None
+                    mine = [e for e in es if e.example_index == k][:n]
                     part = [e.influence_change for e in mine if e.objective == objective]
                     if tgt is not None and tgt.saliency != 0 and part:
                         rel.append(sum(part) / (n_train * abs(tgt.saliency)))
-            per_n[n] = float(f"{sum(rel) / len(rel):.3g}") if rel else 0.0
-        out[mode] = per_n
+                if rel:
+                    per_word[word] = float(f"{sum(rel) / len(rel):.3g}")
+            out[mode][n] = per_word
     return out
 
 
@@ -122,7 +128,7 @@ def main() -> None:
         log(f"{mode.value}: {len(out.edits)} edits in {search_s[mode.value]:.0f} s; "
             f"notes {len(out.notes)}")
     predicted = predicted_change(sample, cache, edits, ns, rt.n_train)
-    log(f"first-order predicted relative change of s(w_y): {predicted}")
+    log(f"first-order predicted relative change of the targeted s(w): {predicted}")
     if a.edits_out is not None:
         write_edits(a.edits_out, {
             "kind": "attack", "bundle": rt.name, "recipe": recipe(rt, spec).to_dict(),

@@ -89,6 +89,7 @@ def main() -> None:
     p.add_argument("--base-model", type=Path, required=True, help="the base checkpoint dir")
     p.add_argument("--train", type=Path, required=True, help="the bundle's train.jsonl")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's)")
     p.add_argument("--seeds", default="0", help="comma-separated recipe seeds")
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     p.add_argument("--only", default=None,
@@ -98,8 +99,8 @@ def main() -> None:
     a = p.parse_args()
     import torch
 
-    if a.device == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
+    if a.threads:
+        torch.set_num_threads(a.threads)
     train = read_examples(a.train)
     n_labels = 1 + max(ex.label for ex in train)
     labels = [f"label_{i}" for i in range(n_labels)]
