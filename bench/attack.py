@@ -45,10 +45,9 @@ from pairdots_server.perturb.attack import (
     PROMOTE,
     AttackMode,
     AttackQuery,
-    TargetCache,
     run_attack,
 )
-from pairdots_server.perturb.edits import Edit
+from pairdots_server.perturb.edits import Edit, TargetCache
 from pairdots_server.retrain import recipe
 from pairdots_server.runtime import ModelRuntime
 from pairdots_server.train import evaluate

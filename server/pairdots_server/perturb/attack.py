@@ -30,14 +30,16 @@ from pairdots_server.errors import InvalidArgument
 from pairdots_server.perturb.edits import (
     Edit,
     InfluenceSettings,
+    Objective,
     ProgressFn,
-    SalientTarget,
     SearchSettings,
     StopFn,
+    TargetCache,
+    check_labels,
+    edits_for_objectives,
     no_progress,
     random_edits,
-    salient_target,
-    take_edits,
+    target_finder,
 )
 from pairdots_server.perturb.lexicon import Lexicon, default_lexicon
 from pairdots_server.runtime import ModelRuntime
@@ -85,9 +87,6 @@ class AttackOutcome:
     train: list[Example]  # the training set with the edited examples replaced
 
 
-TargetCache = dict[tuple[str, int], SalientTarget | None]
-
-
 def wrong_label(rt: ModelRuntime, text: str, gold: int) -> int:
     """The strongest wrong label y' = argmax_{c ≠ gold} p(c|x)."""
     probs = rt.task.predict([text], max_length=rt.max_length)[0]  # [C]
@@ -122,31 +121,18 @@ def run_attack(
     """
     lex = lexicon or default_lexicon()
     train = rt.bundle.train
-    n_labels = len(rt.bundle.labels)
-    for i, ex in enumerate(q.examples):
-        if not 0 <= ex.label < n_labels:
-            raise InvalidArgument.for_field(
-                f"examples[{i}].label", f"{ex.label} is not a label of model {rt.name!r}; "
-                f"valid: 0..{n_labels - 1}"
-            )
+    check_labels(rt, q.examples)
     search = SearchSettings(q.random_candidates, q.max_substitutes, ("synonym",), scoring_batch_size)
     rng = random.Random(q.seed)
     used: set[int] = set()
     edits: list[Edit] = []
     notes: list[str] = []
-    cache: TargetCache = target_cache if target_cache is not None else {}
+    target = target_finder(
+        rt, q.influence, should_stop, target_cache if target_cache is not None else {},
+        default_candidates=default_candidates, scoring_batch_size=scoring_batch_size,
+    )
     total = len(q.examples)
     progress("perturbing", 0, total)
-
-    def target(text: str, label: int) -> SalientTarget | None:
-        key = (text, label)
-        if key not in cache:
-            cache[key] = salient_target(
-                rt, text, label, q.influence, should_stop,
-                default_candidates=default_candidates, scoring_batch_size=scoring_batch_size,
-            )
-        return cache[key]
-
     for k, ex in enumerate(q.examples):
         should_stop()
         n = q.examples_per_test
@@ -154,22 +140,16 @@ def run_attack(
             got = random_edits(rt, k, n, used, lex, ("synonym",), rng,
                                search.max_substitutes)
         else:
-            objectives: list[tuple[SalientTarget | None, int, str]] = []
+            objectives: list[Objective] = []
             if q.mode in (AttackMode.DEMOTE_SALIENT, AttackMode.COMBINED):
                 objectives.append((target(ex.text, ex.label), -1, DEMOTE))
             if q.mode in (AttackMode.PROMOTE_WRONG, AttackMode.COMBINED):
                 y_wrong = wrong_label(rt, ex.text, ex.label)
                 objectives.append((target(ex.text, y_wrong), +1, PROMOTE))
-            shares = [n // len(objectives) + (j < n % len(objectives))
-                      for j in range(len(objectives))]
-            got = []
-            for (tgt, direction, objective), share in zip(objectives, shares, strict=True):
-                if tgt is None or share == 0:
-                    continue
-                got += take_edits(
-                    rt, tgt, direction, share, used, lex, search, rng, should_stop,
-                    train=train, example_index=k, objective=objective,
-                )
+            got = edits_for_objectives(
+                rt, objectives, n, used, lex, search, rng, should_stop,
+                train=train, example_index=k,
+            )
         if len(got) < n:
             notes.append(
                 f"example {k}: {len(got)} of {n} training examples perturbed (no further "

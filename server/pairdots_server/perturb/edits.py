@@ -33,6 +33,7 @@ from pairdots_server.core.saliency import (
     TokenScore,
 )
 from pairdots_server.data import Example
+from pairdots_server.errors import InvalidArgument
 from pairdots_server.perturb.lexicon import Lexicon, is_substitutable
 from pairdots_server.runtime import ModelRuntime
 from pairdots_server.solvers import SolverSettings
@@ -415,6 +416,72 @@ def take_edits(
             e.substitute, e.relation, scored.change, objective,
         ))
     return out
+
+
+TargetCache = dict[tuple[str, int], SalientTarget | None]
+Objective = tuple[SalientTarget | None, int, str]  # (target, direction, objective name)
+
+
+def check_labels(rt: ModelRuntime, examples: Sequence[Example]) -> None:
+    """InvalidArgument on the first example whose label is not one of the model's."""
+    n_labels = len(rt.bundle.labels)
+    for i, ex in enumerate(examples):
+        if not 0 <= ex.label < n_labels:
+            raise InvalidArgument.for_field(
+                f"examples[{i}].label", f"{ex.label} is not a label of model {rt.name!r}; "
+                f"valid: 0..{n_labels - 1}"
+            )
+
+
+def target_finder(
+    rt: ModelRuntime,
+    settings: InfluenceSettings,
+    should_stop: StopFn,
+    cache: TargetCache,
+    *,
+    default_candidates: int,
+    scoring_batch_size: int,
+) -> Callable[[str, int], SalientTarget | None]:
+    """salient_target(text, label) memoised in `cache` (targets do not depend on the mode or
+    the objective, so attack modes and repair directions share them)."""
+
+    def target(text: str, label: int) -> SalientTarget | None:
+        key = (text, label)
+        if key not in cache:
+            cache[key] = salient_target(
+                rt, text, label, settings, should_stop,
+                default_candidates=default_candidates, scoring_batch_size=scoring_batch_size,
+            )
+        return cache[key]
+
+    return target
+
+
+def edits_for_objectives(
+    rt: ModelRuntime,
+    objectives: Sequence[Objective],
+    n: int,
+    used: set[int],
+    lexicon: Lexicon,
+    search: SearchSettings,
+    rng: random.Random,
+    should_stop: StopFn,
+    *,
+    train: Sequence[Example],
+    example_index: int,
+) -> list[Edit]:
+    """Up to n edits split evenly across the objectives (earlier ones take the remainder),
+    each share from take_edits; an objective without a target contributes none."""
+    shares = [n // len(objectives) + (j < n % len(objectives)) for j in range(len(objectives))]
+    got: list[Edit] = []
+    for (tgt, direction, objective), share in zip(objectives, shares, strict=True):
+        if tgt is None or share == 0:
+            continue
+        got += take_edits(
+            rt, tgt, direction, share, used, lexicon, search, rng, should_stop,
+            train=train, example_index=example_index, objective=objective,
+        )
+    return got
 
 
 RANDOM_OBJECTIVE = "random substitution (baseline, no influence objective)"

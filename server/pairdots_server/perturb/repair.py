@@ -23,18 +23,20 @@ from dataclasses import dataclass, field
 
 from pairdots_server.data import Example
 from pairdots_server.errors import InvalidArgument
-from pairdots_server.perturb.attack import TargetCache
 from pairdots_server.perturb.edits import (
+    RELATIONS,
     Edit,
     InfluenceSettings,
+    Objective,
     ProgressFn,
-    SalientTarget,
     SearchSettings,
     StopFn,
+    TargetCache,
+    check_labels,
+    edits_for_objectives,
     no_progress,
     random_edits,
-    salient_target,
-    take_edits,
+    target_finder,
 )
 from pairdots_server.perturb.lexicon import Lexicon, default_lexicon
 from pairdots_server.runtime import ModelRuntime
@@ -42,7 +44,6 @@ from pairdots_server.train import evaluate
 
 RAISE_GOLD = "increase I(z, w_y)"
 LOWER_WRONG = "decrease I(z, w_y')"
-RELATIONS = ("synonym", "antonym")
 
 
 class RepairMode(enum.Enum):
@@ -98,13 +99,7 @@ def run_repair(
 ) -> RepairOutcome:
     """New training examples for every error of the served model on `q.examples`."""
     lex = lexicon or default_lexicon()
-    n_labels = len(rt.bundle.labels)
-    for i, ex in enumerate(q.examples):
-        if not 0 <= ex.label < n_labels:
-            raise InvalidArgument.for_field(
-                f"examples[{i}].label", f"{ex.label} is not a label of model {rt.name!r}; "
-                f"valid: 0..{n_labels - 1}"
-            )
+    check_labels(rt, q.examples)
     train = rt.bundle.train
     progress("evaluating", 0, len(q.examples))
     errors = find_errors(rt, q.examples)
@@ -113,40 +108,28 @@ def run_repair(
     used: set[int] = set()
     edits: list[Edit] = []
     notes: list[str] = []
-    cache: TargetCache = target_cache if target_cache is not None else {}
+    target = target_finder(
+        rt, q.influence, should_stop, target_cache if target_cache is not None else {},
+        default_candidates=default_candidates, scoring_batch_size=scoring_batch_size,
+    )
     if not errors:
         notes.append("the served model classifies every example correctly; nothing to repair")
     progress("perturbing", 0, len(errors))
     n = q.examples_per_error
-
-    def target(text: str, label: int) -> SalientTarget | None:
-        key = (text, label)
-        if key not in cache:
-            cache[key] = salient_target(
-                rt, text, label, q.influence, should_stop,
-                default_candidates=default_candidates, scoring_batch_size=scoring_batch_size,
-            )
-        return cache[key]
-
     for done, (k, predicted) in enumerate(errors):
         should_stop()
         ex = q.examples[k]
         if q.mode is RepairMode.RANDOM:
             got = random_edits(rt, k, n, used, lex, RELATIONS, rng, search.max_substitutes)
         else:
-            objectives = [
+            objectives: list[Objective] = [
                 (target(ex.text, ex.label), +1, RAISE_GOLD),
                 (target(ex.text, predicted), -1, LOWER_WRONG),
             ]
-            shares = [n - n // 2, n // 2]
-            got = []
-            for (tgt, direction, objective), share in zip(objectives, shares, strict=True):
-                if tgt is None or share == 0:
-                    continue
-                got += take_edits(
-                    rt, tgt, direction, share, used, lex, search, rng, should_stop,
-                    train=train, example_index=k, objective=objective,
-                )
+            got = edits_for_objectives(
+                rt, objectives, n, used, lex, search, rng, should_stop,
+                train=train, example_index=k,
+            )
         if len(got) < n:
             notes.append(f"example {k}: {len(got)} of {n} new training examples found")
         edits += got
