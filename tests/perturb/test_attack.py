@@ -4,8 +4,6 @@ equals the reported value; substitutions keep the rest of the text intact."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -29,18 +27,12 @@ from pairdots_server.runtime import ModelRuntime
 from pairdots_server.solvers import SolverChoice, SolverSettings, solve_s_test
 from pairdots_server.testing import make_tiny_bundle, tiny_examples
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CG = SolverSettings(method=SolverChoice.CG, max_iterations=40, damping=0.01)
 SETTINGS = InfluenceSettings(solver=CG, use_index=False)
 N_TRAIN = 48
 TESTS = tuple(tiny_examples(3, split="dev"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

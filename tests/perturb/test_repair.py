@@ -4,7 +4,6 @@ independent evaluation, never touches the served model, and save_as writes a loa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,18 +34,12 @@ from pairdots_server.task import ScopeSpec, Task
 from pairdots_server.testing import build_tiny_model_dir, make_tiny_bundle, tiny_examples
 from pairdots_server.train import evaluate
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CG = SolverSettings(method=SolverChoice.CG, max_iterations=40, damping=0.01)
 SETTINGS = InfluenceSettings(solver=CG, use_index=False)
 N_TRAIN = 48
 DEV = tuple(tiny_examples(24, split="dev"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,8 @@ from pairdots.v1 import pairdots_pb2_grpc as pbg
 from pairdots_server.config import ServerConfig
 from pairdots_server.errors import InvalidArgument
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO = Path(__file__).resolve().parents[2]
 TEXT = "i loved it , a great movie !"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -76,17 +78,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The in-process server computes with one intra-op thread (shared CPU)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -60,6 +60,8 @@ FLOATS = st.one_of(
                      float("-inf"), 0.5, 1.0]),
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _maybe(strategy: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
     """None (leave the optional field unset) or a value."""
@@ -148,17 +150,6 @@ REQUESTS = st.one_of(
     explain_requests(),
     st.builds(lambda name: pb.GetModelRequest(name=name), MODEL_NAMES),
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The in-process server computes with one intra-op thread (shared CPU)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,9 @@ restart, cancel stops the job, and bad requests get the documented status codes.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from pdserver_util import RunningServer, start_server
 
 from pairdots import (
@@ -30,16 +28,10 @@ from pairdots_server.bundle import load_bundle
 from pairdots_server.config import JobLimits, ServerConfig
 from pairdots_server.testing import tiny_examples
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TESTS = [(x.text, x.label) for x in tiny_examples(2, split="dev")]
 DEV = [(x.text, x.label) for x in tiny_examples(16, split="dev")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _long_attack(client: PairdotsClient, model: str = "tiny") -> str:
