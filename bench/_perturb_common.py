@@ -66,20 +66,24 @@ def first_n_per_example(edits: Sequence[Edit], n: int) -> list[Edit]:
     return out
 
 
-def edits_json(edits: Sequence[Edit]) -> list[dict[str, Any]]:
-    return [dataclasses.asdict(e) for e in edits]
+def write_edits(
+    path: Path, kind: str, rt: ModelRuntime, spec: RetrainSpec, ns: Sequence[int],
+    evals: dict[str, Sequence[Example]], edits: dict[str, Sequence[Edit]], **extra: Any,
+) -> None:
+    """The search's result, replayable by bench/retrain_edits.py: {"kind", "bundle", "recipe",
+    "base_model", "ns", "evals": {name: [[text, label], ...]}, "edits": {mode: [Edit, ...]},
+    **extra}."""
+    from pairdots_server.retrain import recipe
 
-
-def write_edits(path: Path, payload: dict[str, Any]) -> None:
-    """The search's result, replayable by bench/retrain_edits.py: {"kind", "recipe",
-    "base_model", "ns", "evals": {name: [[text, label], ...]}, "edits": {mode: [Edit, ...]}}."""
+    payload = {
+        "kind": kind, "bundle": rt.name, "recipe": recipe(rt, spec).to_dict(),
+        "base_model": (rt.bundle.manifest.get("model") or {}).get("source"), "ns": list(ns),
+        "evals": {k: [[e.text, e.label] for e in v] for k, v in evals.items()},
+        "edits": {m: [dataclasses.asdict(e) for e in es] for m, es in edits.items()}, **extra,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload))
     log(f"edits written to {path}")
-
-
-def examples_json(examples: Sequence[Example]) -> list[list[object]]:
-    return [[e.text, e.label] for e in examples]
 
 
 def edit_sets(

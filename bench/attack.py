@@ -29,8 +29,6 @@ from _perturb_common import (
     SST2,
     common_args,
     edit_sets,
-    edits_json,
-    examples_json,
     influence_settings,
     log,
     retrain_eval,
@@ -48,7 +46,6 @@ from pairdots_server.perturb.attack import (
     run_attack,
 )
 from pairdots_server.perturb.edits import Edit, TargetCache
-from pairdots_server.retrain import recipe
 from pairdots_server.runtime import ModelRuntime
 from pairdots_server.train import evaluate
 
@@ -129,13 +126,8 @@ def main() -> None:
     predicted = predicted_change(sample, cache, edits, ns, rt.n_train)
     log(f"first-order predicted relative change of the targeted s(w): {predicted}")
     if a.edits_out is not None:
-        write_edits(a.edits_out, {
-            "kind": "attack", "bundle": rt.name, "recipe": recipe(rt, spec).to_dict(),
-            "base_model": (rt.bundle.manifest.get("model") or {}).get("source"),
-            "ns": ns, "evals": {"accuracy": examples_json(sample)},
-            "edits": {m: edits_json(es) for m, es in edits.items()}, "search_s": search_s,
-            "predicted_relative_change": predicted,
-        })
+        write_edits(a.edits_out, "attack", rt, spec, ns, {"accuracy": sample}, edits,
+                    search_s=search_s, predicted_relative_change=predicted)
     rows: list[dict[str, object]] = []
     if a.search_only:
         return

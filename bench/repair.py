@@ -23,8 +23,6 @@ from _perturb_common import (
     SST2,
     common_args,
     edit_sets,
-    edits_json,
-    examples_json,
     influence_settings,
     log,
     retrain_eval,
@@ -35,7 +33,6 @@ from _perturb_common import (
 from pairdots_server.bundle import load_bundle
 from pairdots_server.data import read_examples
 from pairdots_server.perturb.repair import RepairMode, RepairQuery, find_errors, run_repair
-from pairdots_server.retrain import recipe
 from pairdots_server.runtime import ModelRuntime
 from pairdots_server.train import evaluate
 
@@ -76,19 +73,13 @@ def main() -> None:
         )
         search_s[mode] = round(time.perf_counter() - t0, 1)
         log(f"{mode.value}: {len(outcomes[mode].edits)} additions in {search_s[mode]} s")
+    edits = {m.value: o.edits for m, o in outcomes.items()}
     if a.edits_out is not None:
-        write_edits(a.edits_out, {
-            "kind": "repair", "bundle": rt.name, "recipe": recipe(rt, spec).to_dict(),
-            "base_model": (rt.bundle.manifest.get("model") or {}).get("source"),
-            "ns": ns, "evals": {k: examples_json(v) for k, v in evals.items()},
-            "served": before, "errors": len(errors),
-            "edits": {m.value: edits_json(o.edits) for m, o in outcomes.items()},
-            "search_s": {m.value: t for m, t in search_s.items()},
-        })
+        write_edits(a.edits_out, "repair", rt, spec, ns, evals, edits, served=before,
+                    errors=len(errors), search_s={m.value: t for m, t in search_s.items()})
     if a.search_only:
         return
     rows: list[dict[str, object]] = []
-    edits = {m.value: o.edits for m, o in outcomes.items()}
     for mode, n, added, train in edit_sets("repair", rt.bundle.train, edits, ns):
         res = retrain_eval(rt, train, spec, evals)
         row = {"mode": mode, "n": n, "added": added,
