@@ -1,0 +1,411 @@
+"""K-FAC and EK-FAC inverse curvature products over the flat scope vector θ.
+
+Curvature: the Fisher / Gauss–Newton of the mean training loss L = -log p(y|x), approximated
+block-diagonally (George et al. 2018, "Fast approximate natural gradient descent in a Kronecker-
+factored eigenbasis"; Grosse et al. 2023, "Studying large language model generalization with
+influence functions", §2.2; kronfluence is the reference implementation):
+
+* every ``nn.Linear`` of the scope whose weight is scoped is one block. With a_t [I'] the layer
+  input at token t (a trailing 1 appended when the bias is scoped, I' = I + 1) and δ_t [O] the
+  gradient of the example's loss w.r.t. the layer output, the per-example gradient of
+  [W | b] is G_n = Σ_t δ_t a_tᵀ [O,I'], and the block's Fisher is E_n[vec G_n vec G_nᵀ].
+  ``core.kfac_fit.fit_kfac`` estimates
+
+      A = Σ_{n,t} a_t a_tᵀ / N_tokens        [I',I']   (mean over the attended tokens)
+      S = Σ_{n,t} δ_t δ_tᵀ / N_examples      [O,O]     (mean over examples of Σ_t)
+
+  ("K-FAC expand" normalisation: A ⊗ S equals E_n Σ_t (a_t a_tᵀ) ⊗ (δ_t δ_tᵀ) when a and δ are
+  independent, so the K-FAC eigenvalues carry the scale of the per-example Fisher. kronfluence
+  divides S by N_tokens instead; its S = ours · N_examples / N_tokens, identical for layers that
+  see one token per example, and the EK-FAC eigenvalues below do not depend on this choice.)
+
+  With A = Q_A diag(λ_A) Q_Aᵀ and S = Q_S diag(λ_S) Q_Sᵀ, the block is approximated in the
+  eigenbasis Q_S ⊗ Q_A (row-major vec of [O,I'] matrices) by the eigenvalues
+
+      K-FAC :  Λ[o,i] = λ_S[o] · λ_A[i]                       (clamped at 0)
+      EK-FAC:  Λ[o,i] = mean_n ((Q_Sᵀ G_n Q_A)[o,i])²         (George et al.'s correction:
+               the exact diagonal of the block Fisher in the K-FAC eigenbasis)
+
+  and the inverse-HVP of the block V [O,I'] of v (weight columns, then the bias column) is
+
+      X = Q_S [ (Q_Sᵀ V Q_A) / (Λ + λ) ] Q_Aᵀ.
+
+* every other scoped parameter (LayerNorm weight/bias, embeddings, a bias whose weight is not
+  scoped, ...) gets a diagonal block d = mean_n g_n² (elementwise) and x = v / (d + λ).
+
+Damping λ: an absolute value for every block (``damping=float``), or kronfluence's heuristic
+(``damping=None``): λ_l = ``heuristic_scale`` (0.1) × mean(Λ_l) for each Linear block and
+λ = 0.1 × mean(d) for each diagonal parameter tensor. The rule and the per-block values are in
+``KFACSolveDiagnostics``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from pairdots_server.core.aliases import ShouldStop
+from pairdots_server.core.exceptions import SolverError
+from pairdots_server.core.ihvp.base import (
+    InverseHVPSolver,
+    SolveDiagnostics,
+    SolveResult,
+    check_vector,
+)
+
+FISHER_KINDS = ("sampled", "expected", "empirical")
+HEURISTIC_DAMPING_SCALE = 0.1  # kronfluence's HEURISTIC_DAMPING_SCALE
+
+
+@dataclass(frozen=True)
+class LinearFactors:
+    """The K-FAC / EK-FAC factors of one ``nn.Linear`` block.
+
+    module: the module's name in ``model.named_modules()``; weight_name / bias_name: the scoped
+    parameter names (bias_name None when the bias is not scoped; then I' = I, no 1 appended).
+    q_a [I',I'], eig_a [I']: eigendecomposition of A; q_s [O,O], eig_s [O]: of S (ascending,
+    as torch.linalg.eigh returns them). lam [O,I'] or None: the EK-FAC eigenvalues.
+    num_tokens: the attended tokens behind A.
+    """
+
+    module: str
+    weight_name: str
+    bias_name: str | None
+    q_a: Tensor
+    eig_a: Tensor
+    q_s: Tensor
+    eig_s: Tensor
+    lam: Tensor | None
+    num_tokens: int
+
+    @property
+    def d_out(self) -> int:
+        return int(self.q_s.shape[0])
+
+    @property
+    def d_in(self) -> int:
+        """I' (the input width, plus one for a scoped bias)."""
+        return int(self.q_a.shape[0])
+
+    def activation_covariance(self) -> Tensor:
+        """A = Q_A diag(λ_A) Q_Aᵀ [I',I']."""
+        return (self.q_a * self.eig_a) @ self.q_a.T
+
+    def gradient_covariance(self) -> Tensor:
+        """S = Q_S diag(λ_S) Q_Sᵀ [O,O]."""
+        return (self.q_s * self.eig_s) @ self.q_s.T
+
+    def kfac_eigenvalues(self) -> Tensor:
+        """λ_S ⊗ λ_A as an [O,I'] matrix, clamped at 0 (eigh may return -1e-17 for a PSD A)."""
+        return (self.eig_s[:, None] * self.eig_a[None, :]).clamp_min(0.0)
+
+    def eigenvalues(self, ekfac: bool) -> Tensor:
+        """Λ [O,I'] of the block: EK-FAC's corrected ones or K-FAC's λ_S ⊗ λ_A."""
+        if ekfac:
+            if self.lam is None:
+                raise SolverError(
+                    f"layer {self.module!r} has no EK-FAC eigenvalues (fitted with "
+                    "eigen_correction=False); refit with eigen_correction=True or use K-FAC"
+                )
+            return self.lam
+        return self.kfac_eigenvalues()
+
+
+@dataclass(frozen=True)
+class KFACFactors:
+    """Block-diagonal K-FAC / EK-FAC factors covering every scoped parameter.
+
+    shapes: the scoped parameters in flat-θ order (``core.params.flatten`` of the scope dict);
+    linear: one ``LinearFactors`` per Kronecker block; diag: name -> mean squared per-example
+    gradient (shaped like the parameter) for every parameter not in a Linear block.
+    fisher: "sampled" | "expected" | "empirical"; num_examples: N behind S, Λ and d.
+    """
+
+    shapes: dict[str, tuple[int, ...]]
+    linear: list[LinearFactors]
+    diag: dict[str, Tensor]
+    fisher: str
+    num_examples: int
+    num_samples: int = 1
+    stats: dict[str, float] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        covered: list[str] = list(self.diag)
+        for lf in self.linear:
+            covered.append(lf.weight_name)
+            if lf.bias_name is not None:
+                covered.append(lf.bias_name)
+            shape = self.shapes.get(lf.weight_name, ())
+            bias = 1 if lf.bias_name is not None else 0
+            if len(shape) != 2 or (shape[0], shape[1] + bias) != (lf.d_out, lf.d_in):
+                raise SolverError(
+                    f"layer {lf.module!r}: factors are [{lf.d_out}x{lf.d_out}] x "
+                    f"[{lf.d_in}x{lf.d_in}] but the weight {lf.weight_name!r} has shape "
+                    f"{self.shapes.get(lf.weight_name)}; the stored factors are inconsistent"
+                )
+        if sorted(covered) != sorted(self.shapes) or len(set(covered)) != len(covered):
+            raise SolverError(
+                "K-FAC factors do not cover each scoped parameter exactly once "
+                f"(missing {sorted(set(self.shapes) - set(covered))}, extra "
+                f"{sorted(set(covered) - set(self.shapes))}); refit them for this scope"
+            )
+        if self.fisher not in FISHER_KINDS:
+            raise SolverError(f"unknown fisher kind {self.fisher!r}; use one of {FISHER_KINDS}")
+
+    @property
+    def num_params(self) -> int:
+        total = 0
+        for shape in self.shapes.values():
+            n = 1
+            for s in shape:
+                n *= s
+            total += n
+        return total
+
+    @property
+    def has_ekfac(self) -> bool:
+        return all(lf.lam is not None for lf in self.linear)
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes held by the factor tensors (what ``to_tensors`` stores, layout excluded)."""
+        total = sum(t.numel() * t.element_size() for t in self.diag.values())
+        for lf in self.linear:
+            for t in (lf.q_a, lf.eig_a, lf.q_s, lf.eig_s, lf.lam):
+                if t is not None:
+                    total += t.numel() * t.element_size()
+        return int(total)
+
+    # -- safetensors-friendly storage ---------------------------------------------------------
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        """A flat name -> tensor dict (contiguous, int64 for the layout) for safetensors.
+
+        Keys: ``meta`` [fisher code, N, num_samples]; ``shape/<idx>/<param>`` (the layout, in
+        flat-θ order); ``diag/<param>``; ``linear/<module>/{q_a,eig_a,q_s,eig_s,lam,info}`` with
+        info = [has_bias, num_tokens]. Parameter names are HF dotted names (no '/').
+        """
+        out: dict[str, Tensor] = {
+            "meta": torch.tensor(
+                [FISHER_KINDS.index(self.fisher), self.num_examples, self.num_samples],
+                dtype=torch.int64,
+            )
+        }
+        for idx, (name, shape) in enumerate(self.shapes.items()):
+            out[f"shape/{idx:06d}/{name}"] = torch.tensor(list(shape), dtype=torch.int64)
+        for name, d in self.diag.items():
+            out[f"diag/{name}"] = d.contiguous()
+        for lf in self.linear:
+            pre = f"linear/{lf.module}/"
+            out[pre + "q_a"] = lf.q_a.contiguous()
+            out[pre + "eig_a"] = lf.eig_a.contiguous()
+            out[pre + "q_s"] = lf.q_s.contiguous()
+            out[pre + "eig_s"] = lf.eig_s.contiguous()
+            if lf.lam is not None:
+                out[pre + "lam"] = lf.lam.contiguous()
+            out[pre + "info"] = torch.tensor(
+                [int(lf.bias_name is not None), lf.num_tokens], dtype=torch.int64
+            )
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor]) -> KFACFactors:
+        if "meta" not in tensors:
+            raise SolverError("K-FAC factors are missing 'meta'; refit the curvature (fit_kfac)")
+        code, n, k = (int(x) for x in tensors["meta"].tolist())
+        shapes_idx = []
+        for key, t in tensors.items():
+            if key.startswith("shape/"):
+                _, idx, name = key.split("/", 2)
+                shapes_idx.append((int(idx), name, tuple(int(s) for s in t.tolist())))
+        shapes = {name: shape for _, name, shape in sorted(shapes_idx)}
+        diag = {key[len("diag/") :]: t for key, t in tensors.items() if key.startswith("diag/")}
+        modules = sorted(
+            {
+                key[len("linear/") :].rsplit("/", 1)[0]
+                for key in tensors
+                if key.startswith("linear/")
+            }
+        )
+        linear = []
+        for mod in modules:
+            pre = f"linear/{mod}/"
+            missing = {"q_a", "eig_a", "q_s", "eig_s", "info"} - {
+                key[len(pre) :] for key in tensors if key.startswith(pre)
+            }
+            if missing:
+                raise SolverError(
+                    f"K-FAC factors of layer {mod!r} are missing {sorted(missing)}; refit them"
+                )
+            has_bias, num_tokens = (int(x) for x in tensors[pre + "info"].tolist())
+            linear.append(
+                LinearFactors(
+                    module=mod,
+                    weight_name=f"{mod}.weight",
+                    bias_name=f"{mod}.bias" if has_bias else None,
+                    q_a=tensors[pre + "q_a"],
+                    eig_a=tensors[pre + "eig_a"],
+                    q_s=tensors[pre + "q_s"],
+                    eig_s=tensors[pre + "eig_s"],
+                    lam=tensors.get(pre + "lam"),
+                    num_tokens=num_tokens,
+                )
+            )
+        # keep the blocks in flat-θ order of their weights
+        order = {name: i for i, name in enumerate(shapes)}
+        linear.sort(key=lambda lf: order.get(lf.weight_name, -1))
+        return cls(
+            shapes=shapes,
+            linear=linear,
+            diag=diag,
+            fisher=FISHER_KINDS[code],
+            num_examples=n,
+            num_samples=k,
+        )
+
+
+@dataclass(frozen=True)
+class KFACSolveDiagnostics(SolveDiagnostics):
+    """``SolveDiagnostics`` plus the damping rule and the damping of every block.
+
+    damping_rule: "absolute" or "heuristic: 0.1 × mean eigenvalue per block";
+    block_damping: block name (Linear module or diagonal parameter) -> λ. With the heuristic,
+    ``effective_damping`` is the parameter-count-weighted mean of the per-block λ (there is no
+    single δ; the fixed point is the block-diagonal (Ĥ + diag(λ_blocks))⁻¹ v).
+    """
+
+    damping_rule: str = "absolute"
+    block_damping: dict[str, float] = field(default_factory=dict)
+
+
+class EKFACSolver(InverseHVPSolver):
+    """x = blockdiag(Q_S⊗Q_A diag(Λ+λ) (Q_S⊗Q_A)ᵀ, diag(d+λ))⁻¹ v (see module docstring).
+
+    ``ekfac=True`` uses the corrected eigenvalues Λ = mean_n (Q_Sᵀ G_n Q_A)² (EK-FAC),
+    ``ekfac=False`` the K-FAC eigenvalues λ_S ⊗ λ_A. ``damping`` is an absolute λ ≥ 0, or None for
+    kronfluence's per-block heuristic λ_l = ``heuristic_scale`` × mean(Λ_l).
+    """
+
+    method = "ekfac"
+
+    def __init__(
+        self,
+        factors: KFACFactors,
+        damping: float | None = None,
+        *,
+        ekfac: bool = True,
+        heuristic_scale: float = HEURISTIC_DAMPING_SCALE,
+    ) -> None:
+        if damping is not None and damping < 0:
+            raise SolverError(f"damping must be >= 0 (or None for the heuristic), got {damping}")
+        if damping is None and not heuristic_scale > 0:
+            raise SolverError(f"heuristic_scale must be > 0, got {heuristic_scale}")
+        self.factors = factors
+        self.ekfac = ekfac
+        self.method = "ekfac" if ekfac else "kfac"
+        if damping is None:
+            self.damping_rule = f"heuristic: {heuristic_scale:g} × mean eigenvalue per block"
+        else:
+            self.damping_rule = "absolute"
+        # precompute 1 / (Λ + λ) per block
+        self._inv_linear: list[Tensor] = []
+        self.block_damping: dict[str, float] = {}
+        weighted = 0.0
+        for lf in factors.linear:
+            lam = lf.eigenvalues(ekfac)  # [O,I']
+            lam_d = float(damping) if damping is not None else heuristic_scale * float(lam.mean())
+            self._check_positive(lam, lam_d, lf.module)
+            self._inv_linear.append(1.0 / (lam + lam_d))
+            self.block_damping[lf.module] = lam_d
+            weighted += lam_d * lam.numel()
+        self._inv_diag: dict[str, Tensor] = {}
+        for name, d in factors.diag.items():
+            lam_d = float(damping) if damping is not None else heuristic_scale * float(d.mean())
+            self._check_positive(d, lam_d, name)
+            self._inv_diag[name] = 1.0 / (d + lam_d)
+            self.block_damping[name] = lam_d
+            weighted += lam_d * d.numel()
+        self.effective_damping = (
+            float(damping) if damping is not None else weighted / max(1, factors.num_params)
+        )
+
+    @staticmethod
+    def _check_positive(lam: Tensor, damping: float, block: str) -> None:
+        low = float(lam.min()) + damping if lam.numel() else 1.0
+        if not low > 0:
+            raise SolverError(
+                f"block {block!r}: smallest eigenvalue + damping = {low:.3g} <= 0; the factors "
+                "are singular there, use damping > 0 (or the heuristic, damping=None)"
+            )
+
+    def _split(self, v: Tensor) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        offset = 0
+        for name, shape in self.factors.shapes.items():
+            n = 1
+            for s in shape:
+                n *= s
+            out[name] = v[offset : offset + n].view(shape)
+            offset += n
+        return out
+
+    def _apply(
+        self, v: Tensor, scale_linear: list[Tensor], scale_diag: Mapping[str, Tensor]
+    ) -> Tensor:
+        parts = self._split(v)
+        out: dict[str, Tensor] = {}
+        for lf, scale in zip(self.factors.linear, scale_linear, strict=True):
+            w = parts[lf.weight_name]  # [O,I]
+            blk = w if lf.bias_name is None else torch.cat([w, parts[lf.bias_name][:, None]], 1)
+            q_a, q_s = lf.q_a.to(v.dtype), lf.q_s.to(v.dtype)
+            rot = q_s.T @ blk @ q_a  # [O,I'] in the eigenbasis
+            x = q_s @ (rot * scale.to(v.dtype)) @ q_a.T  # [O,I']
+            if lf.bias_name is None:
+                out[lf.weight_name] = x
+            else:
+                out[lf.weight_name] = x[:, :-1]
+                out[lf.bias_name] = x[:, -1]
+        for name, scale in scale_diag.items():
+            out[name] = parts[name] * scale.to(v.dtype)
+        return torch.cat([out[name].reshape(-1) for name in self.factors.shapes])
+
+    def curvature_matvec(self, v: Tensor) -> Tensor:
+        """Ĥ v [P] with the block-diagonal approximation itself (no damping)."""
+        check_vector(v, self.factors.num_params)
+        return self._apply(
+            v, [lf.eigenvalues(self.ekfac) for lf in self.factors.linear], self.factors.diag
+        )
+
+    def solve(self, v: Tensor, should_stop: ShouldStop | None = None) -> SolveResult:
+        check_vector(v, self.factors.num_params)
+        t0 = time.perf_counter()
+        x = self._apply(v, self._inv_linear, self._inv_diag)
+        diag = KFACSolveDiagnostics(
+            method=self.method,
+            iterations=0,
+            rel_change=0.0,
+            norm=float(x.norm()),
+            effective_damping=self.effective_damping,
+            converged=True,
+            seconds=time.perf_counter() - t0,
+            damping_rule=self.damping_rule,
+            block_damping=dict(self.block_damping),
+        )
+        return SolveResult(x=x, diagnostics=diag)
+
+
+class KFACSolver(EKFACSolver):
+    """``EKFACSolver`` with the plain K-FAC eigenvalues λ_S ⊗ λ_A (no eigenvalue correction)."""
+
+    def __init__(
+        self,
+        factors: KFACFactors,
+        damping: float | None = None,
+        *,
+        heuristic_scale: float = HEURISTIC_DAMPING_SCALE,
+    ) -> None:
+        super().__init__(factors, damping, ekfac=False, heuristic_scale=heuristic_scale)
