@@ -33,7 +33,12 @@ from torch import Tensor, nn
 from pairdots_server.core.batches import Batch, TensorBatches
 from pairdots_server.core.exceptions import SolverError
 from pairdots_server.core.grads import per_example_loss_grads, per_example_loss_grads_loop
-from pairdots_server.core.ihvp.kfac import EKFACSolver, KFACFactors, KFACSolver
+from pairdots_server.core.ihvp.kfac import (
+    EKFACSolver,
+    KFACFactors,
+    KFACSolver,
+    heuristic_damping,
+)
 from pairdots_server.core.kfac_fit import fit_ekfac, fit_kfac
 from pairdots_server.core.params import flatten, unflatten
 
@@ -275,6 +280,10 @@ def test_solver_equals_dense_block_diagonal_solve(tiny, ekfac, damping) -> None:
     if damping is None:
         assert d.damping_rule.startswith("heuristic: 0.1")
         assert len(d.block_damping) == len(factors.linear) + len(factors.diag)
+        per_block = heuristic_damping(factors, ekfac)
+        assert d.block_damping == per_block
+        again = (EKFACSolver if ekfac else KFACSolver)(factors, per_block)
+        assert again.damping_rule == "per-block" and torch.equal(again.solve(v).x, res.x)
     else:
         assert d.damping_rule == "absolute" and d.effective_damping == damping
 

@@ -34,8 +34,9 @@ influence functions", §2.2; kronfluence is the reference implementation):
   scoped, ...) gets a diagonal block d = mean_n g_n² (elementwise) and x = v / (d + λ).
 
 Damping λ: an absolute value for every block (``damping=float``), or kronfluence's heuristic
-(``damping=None``): λ_l = ``heuristic_scale`` (0.1) × mean(Λ_l) for each Linear block and
-λ = 0.1 × mean(d) for each diagonal parameter tensor. The rule and the per-block values are in
+(``damping=None``, ``heuristic_damping``): λ_l = ``heuristic_scale`` (0.1) × mean(Λ_l) for
+each Linear block and λ = 0.1 × mean(d) for each diagonal parameter tensor; or a mapping block
+name -> λ. The rule and the per-block values are in
 ``KFACSolveDiagnostics``.
 """
 
@@ -272,7 +273,7 @@ class KFACFactors:
 class KFACSolveDiagnostics(SolveDiagnostics):
     """``SolveDiagnostics`` plus the damping rule and the damping of every block.
 
-    damping_rule: "absolute" or "heuristic: 0.1 × mean eigenvalue per block";
+    damping_rule: "absolute", "per-block" or "heuristic: 0.1 × mean eigenvalue per block";
     block_damping: block name (Linear module or diagonal parameter) -> λ. With the heuristic,
     ``effective_damping`` is the parameter-count-weighted mean of the per-block λ (there is no
     single δ; the fixed point is the block-diagonal (Ĥ + diag(λ_blocks))⁻¹ v).
@@ -282,12 +283,26 @@ class KFACSolveDiagnostics(SolveDiagnostics):
     block_damping: dict[str, float] = field(default_factory=dict)
 
 
+def heuristic_damping(
+    factors: KFACFactors, ekfac: bool = True, scale: float = HEURISTIC_DAMPING_SCALE
+) -> dict[str, float]:
+    """kronfluence's damping rule, per block: λ_l = scale × mean(Λ_l) for each Linear block
+    (Λ the EK-FAC or the K-FAC eigenvalues) and scale × mean(d) for each diagonal parameter.
+    Block name (Linear module or parameter name) -> λ."""
+    if not scale > 0:
+        raise SolverError(f"heuristic_scale must be > 0, got {scale}")
+    out = {lf.module: scale * float(lf.eigenvalues(ekfac).mean()) for lf in factors.linear}
+    out.update({name: scale * float(d.mean()) for name, d in factors.diag.items()})
+    return out
+
+
 class EKFACSolver(InverseHVPSolver):
     """x = blockdiag(Q_S⊗Q_A diag(Λ+λ) (Q_S⊗Q_A)ᵀ, diag(d+λ))⁻¹ v (see module docstring).
 
     ``ekfac=True`` uses the corrected eigenvalues Λ = mean_n (Q_Sᵀ G_n Q_A)² (EK-FAC),
-    ``ekfac=False`` the K-FAC eigenvalues λ_S ⊗ λ_A. ``damping`` is an absolute λ ≥ 0, or None for
-    kronfluence's per-block heuristic λ_l = ``heuristic_scale`` × mean(Λ_l).
+    ``ekfac=False`` the K-FAC eigenvalues λ_S ⊗ λ_A. ``damping``: an absolute λ ≥ 0 for every
+    block; None for kronfluence's per-block heuristic (``heuristic_damping``, λ_l =
+    ``heuristic_scale`` × mean(Λ_l)); or a mapping block name -> λ (every block named).
     """
 
     method = "ekfac"
@@ -295,42 +310,53 @@ class EKFACSolver(InverseHVPSolver):
     def __init__(
         self,
         factors: KFACFactors,
-        damping: float | None = None,
+        damping: float | Mapping[str, float] | None = None,
         *,
         ekfac: bool = True,
         heuristic_scale: float = HEURISTIC_DAMPING_SCALE,
     ) -> None:
-        if damping is not None and damping < 0:
-            raise SolverError(f"damping must be >= 0 (or None for the heuristic), got {damping}")
-        if damping is None and not heuristic_scale > 0:
-            raise SolverError(f"heuristic_scale must be > 0, got {heuristic_scale}")
+        blocks = [lf.module for lf in factors.linear] + list(factors.diag)
+        if damping is None:
+            per_block = heuristic_damping(factors, ekfac, heuristic_scale)
+            self.damping_rule = f"heuristic: {heuristic_scale:g} × mean eigenvalue per block"
+        elif isinstance(damping, Mapping):
+            missing = sorted(set(blocks) - set(damping))
+            if missing:
+                raise SolverError(f"per-block damping is missing blocks {missing[:3]}")
+            per_block = {b: float(damping[b]) for b in blocks}
+            self.damping_rule = "per-block"
+        else:
+            per_block = {b: float(damping) for b in blocks}
+            self.damping_rule = "absolute"
+        negative = [b for b, lam in per_block.items() if lam < 0]
+        if negative:
+            raise SolverError(
+                f"damping must be >= 0 (or None for the heuristic); block {negative[0]!r} has "
+                f"{per_block[negative[0]]}"
+            )
         self.factors = factors
         self.ekfac = ekfac
         self.method = "ekfac" if ekfac else "kfac"
-        if damping is None:
-            self.damping_rule = f"heuristic: {heuristic_scale:g} × mean eigenvalue per block"
-        else:
-            self.damping_rule = "absolute"
+        self.block_damping: dict[str, float] = per_block
         # precompute 1 / (Λ + λ) per block
         self._inv_linear: list[Tensor] = []
-        self.block_damping: dict[str, float] = {}
         weighted = 0.0
         for lf in factors.linear:
             lam = lf.eigenvalues(ekfac)  # [O,I']
-            lam_d = float(damping) if damping is not None else heuristic_scale * float(lam.mean())
+            lam_d = per_block[lf.module]
             self._check_positive(lam, lam_d, lf.module)
             self._inv_linear.append(1.0 / (lam + lam_d))
-            self.block_damping[lf.module] = lam_d
             weighted += lam_d * lam.numel()
         self._inv_diag: dict[str, Tensor] = {}
         for name, d in factors.diag.items():
-            lam_d = float(damping) if damping is not None else heuristic_scale * float(d.mean())
+            lam_d = per_block[name]
             self._check_positive(d, lam_d, name)
             self._inv_diag[name] = 1.0 / (d + lam_d)
-            self.block_damping[name] = lam_d
             weighted += lam_d * d.numel()
         self.effective_damping = (
-            float(damping) if damping is not None else weighted / max(1, factors.num_params)
+            float(damping)
+            if isinstance(damping, int | float)
+            else weighted / max(1, factors.num_params)
         )
 
     @staticmethod
@@ -404,7 +430,7 @@ class KFACSolver(EKFACSolver):
     def __init__(
         self,
         factors: KFACFactors,
-        damping: float | None = None,
+        damping: float | Mapping[str, float] | None = None,
         *,
         heuristic_scale: float = HEURISTIC_DAMPING_SCALE,
     ) -> None:
