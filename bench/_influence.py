@@ -1,0 +1,41 @@
+"""Exact influence of every training example on many measurements in one pass (benches).
+
+I(z_i, f_j) = -∇θL(z_i)ᵀ s_j for the stacked s_test vectors s_j: per-example gradients of the
+training set are computed once, batch by batch (sorted by length), and multiplied with every
+query block — the exhaustive, exact reference the semantics and faithfulness benches rank by.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from _common import log
+from torch import Tensor
+
+from pairdots_server.core.grads import per_example_loss_grads
+from pairdots_server.runtime import ModelRuntime
+
+
+def training_pass(
+    rt: ModelRuntime, blocks: list[Tensor], batch_size: int, with_diag: bool
+) -> tuple[list[Tensor], Tensor | None]:
+    """Exact I(z_i, f_j) = -g_iᵀ s_j for every training example i and query column j of each
+    block [P,M] -> scores [N,M] per block (and Σ_i g_i² [P] when with_diag)."""
+    n = rt.n_train
+    order = sorted(range(n), key=lambda i: len(rt.bundle.train[i].text))
+    scores = [torch.zeros(n, q.shape[1]) for q in blocks]
+    diag = torch.zeros(blocks[0].shape[0]) if with_diag else None
+    t0 = time.perf_counter()
+    for b in range(0, n, batch_size):
+        idx = order[b : b + batch_size]
+        enc = rt.encode_train(idx)
+        g = per_example_loss_grads(rt.task.logits_fn, rt.params, enc.embeds, enc.mask, enc.labels)
+        g = g.float()  # [B,P]
+        for q, out in zip(blocks, scores):
+            out[idx] = -(g @ q)  # [B,M]
+        if diag is not None:
+            diag += (g * g).sum(0)
+        if (b // batch_size) % 40 == 0:
+            log(f"  training pass {b}/{n} ({time.perf_counter() - t0:.0f} s)")
+    return scores, diag
