@@ -1,6 +1,6 @@
 """Helpers shared by bench/prefilter.py and bench/explain_latency.py (issue 4 benchmarks).
 
-Both run the served pipeline's own code (pairdots_server.runtime / explain / solvers) on a
+Both run the served pipeline's own code (pairdots_server.influence.runtime / explain / solvers) on a
 prepared bundle; SST-2 reading and logging come from bench/fidelity.py.
 """
 
@@ -16,11 +16,11 @@ import torch
 from fidelity import log, read_sst2  # also puts <repo>/server on sys.path
 from torch import Tensor
 
-from pairdots_server.bundle import load_bundle
 from pairdots_server.config import ExplainLimits
-from pairdots_server.explain import ExplainQuery, _top_words, word_s_test, word_saliency
-from pairdots_server.runtime import ModelRuntime
-from pairdots_server.solvers import SolverSettings
+from pairdots_server.influence.pipeline import ExplainQuery, _top_words, word_s_test, word_saliency
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.solver_policy import SolverSettings
+from pairdots_server.storage.bundle import load_bundle
 
 __all__ = [
     "WordQuery", "default_candidates", "load_runtime", "log", "no_stop", "sample_sentences",

@@ -27,9 +27,9 @@ from dataclasses import replace
 
 from _common import default_candidates, load_runtime, log, no_stop, sample_sentences
 
-from pairdots_server.explain import ExplainAnswer, ExplainQuery, explain
-from pairdots_server.runtime import ModelRuntime
-from pairdots_server.solvers import SolverChoice, SolverSettings
+from pairdots_server.influence.pipeline import ExplainAnswer, ExplainQuery, explain
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings
 
 STAGES = ("saliency", "grad_score", "solve", "candidates", "exact_scoring", "token_influence")
 FIRST_TEXT = "i loved it !"

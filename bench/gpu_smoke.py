@@ -29,24 +29,24 @@ def main() -> None:
     ap.add_argument("--index-dim", type=int, default=1024)
     args = ap.parse_args()
 
-    from pairdots_server.artifacts import (
+    from pairdots_server.influence.artifacts import (
         ArtifactConfig,
         build_index_dir,
         index_files,
         lowrank_bytes,
     )
-    from pairdots_server.bundle import load_bundle, save_bundle, update_bundle
-    from pairdots_server.explain import ExplainQuery, explain
-    from pairdots_server.runtime import LOWRANK_FILE, ModelRuntime
-    from pairdots_server.solvers import SolverChoice, SolverSettings
-    from pairdots_server.task import Task
+    from pairdots_server.influence.pipeline import ExplainQuery, explain
+    from pairdots_server.influence.runtime import LOWRANK_FILE, ModelRuntime
+    from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings
+    from pairdots_server.model.task import Task
+    from pairdots_server.model.train import TrainConfig, fine_tune
+    from pairdots_server.storage.bundle import load_bundle, save_bundle, update_bundle
     from pairdots_server.testing import (
         BASE_WORDS,
         build_tiny_model_dir,
         synthetic_examples,
         words_of,
     )
-    from pairdots_server.train import TrainConfig, fine_tune
 
     out: dict[str, object] = {"device": args.device}
     if args.device.startswith("cuda"):

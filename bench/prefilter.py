@@ -44,9 +44,9 @@ from _common import (
 from torch import Tensor
 
 from pairdots_server.core.grads import per_example_loss_grads
-from pairdots_server.explain import _candidates, _score_exact, _Timer
 from pairdots_server.index.recall import recall_at
-from pairdots_server.runtime import ModelRuntime
+from pairdots_server.influence.pipeline import _candidates, _score_exact, _Timer
+from pairdots_server.influence.runtime import ModelRuntime
 
 
 def exhaustive_influence(

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import pairdots_server.bundle as bundle_mod
-import pairdots_server.data as data_mod
-from pairdots_server.bundle import (
+import pairdots_server.storage.bundle as bundle_mod
+import pairdots_server.storage.data as data_mod
+from pairdots_server.errors import AlreadyExists, BundleError, InvalidArgument, NotFound
+from pairdots_server.model.task import ScopeSpec, Task
+from pairdots_server.storage.bundle import (
     FORMAT_VERSION,
     discover_bundles,
     load_bundle,
@@ -21,9 +23,7 @@ from pairdots_server.bundle import (
     update_bundle,
     validate_bundle_name,
 )
-from pairdots_server.data import Example
-from pairdots_server.errors import AlreadyExists, BundleError, InvalidArgument, NotFound
-from pairdots_server.task import ScopeSpec, Task
+from pairdots_server.storage.data import Example
 
 TEXTS = ["a great film", "boring and awful", "I loved it!"]
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pairdots_server.data import Example
 from pairdots_server.errors import InvalidArgument
+from pairdots_server.influence.runtime import ModelRuntime
 from pairdots_server.perturb.edits import (
     Edit,
     InfluenceSettings,
@@ -42,7 +42,7 @@ from pairdots_server.perturb.edits import (
     target_finder,
 )
 from pairdots_server.perturb.lexicon import Lexicon, default_lexicon
-from pairdots_server.runtime import ModelRuntime
+from pairdots_server.storage.data import Example
 
 DEMOTE = "decrease I(z, w_y)"
 PROMOTE = "increase I(z, w_y')"

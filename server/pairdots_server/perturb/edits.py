@@ -32,11 +32,11 @@ from pairdots_server.core.saliency import (
     Target,
     TokenScore,
 )
-from pairdots_server.data import Example
 from pairdots_server.errors import InvalidArgument
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.solver_policy import SolverSettings
 from pairdots_server.perturb.lexicon import Lexicon, is_substitutable
-from pairdots_server.runtime import ModelRuntime
-from pairdots_server.solvers import SolverSettings
+from pairdots_server.storage.data import Example
 
 StopFn = Callable[[], None]
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
@@ -266,7 +266,7 @@ def salient_target(
     """The top salient word of `text` for `label` (Eq. 1–2, largest word score magnitude), its
     s_test (Eq. 5) and the exact influence of the candidate training examples (as Explain).
     None when the text has no word the model saw."""
-    from pairdots_server.explain import (
+    from pairdots_server.influence.pipeline import (
         _candidates,
         _score_exact,
         _Timer,

@@ -21,8 +21,9 @@ import enum
 import random
 from dataclasses import dataclass, field
 
-from pairdots_server.data import Example
 from pairdots_server.errors import InvalidArgument
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.model.train import evaluate
 from pairdots_server.perturb.edits import (
     RELATIONS,
     Edit,
@@ -39,8 +40,7 @@ from pairdots_server.perturb.edits import (
     target_finder,
 )
 from pairdots_server.perturb.lexicon import Lexicon, default_lexicon
-from pairdots_server.runtime import ModelRuntime
-from pairdots_server.train import evaluate
+from pairdots_server.storage.data import Example
 
 RAISE_GOLD = "increase I(z, w_y)"
 LOWER_WRONG = "decrease I(z, w_y')"

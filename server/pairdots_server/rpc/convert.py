@@ -16,9 +16,9 @@ from pairdots_server.config import ExplainLimits
 from pairdots_server.core.curvature import Curvature
 from pairdots_server.core.saliency import Target, TokenScore
 from pairdots_server.errors import FieldViolation, InvalidArgument
-from pairdots_server.explain import ExplainAnswer, ExplainQuery, Influential
-from pairdots_server.runtime import ModelRuntime
-from pairdots_server.solvers import SolverChoice, SolverSettings
+from pairdots_server.influence.pipeline import ExplainAnswer, ExplainQuery, Influential
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings
 
 TARGETS = {
     pb.TARGET_FUNCTION_UNSPECIFIED: Target.LOG_PROB,

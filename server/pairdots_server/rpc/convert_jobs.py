@@ -12,14 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pairdots.v1 import pairdots_pb2 as pb
-from pairdots_server.bundle import validate_bundle_name
 from pairdots_server.config import ExplainLimits, JobLimits
-from pairdots_server.data import Example
 from pairdots_server.errors import InvalidArgument
+from pairdots_server.model.retrain import MAX_EPOCHS, RetrainMode, RetrainSpec, check_save_as
 from pairdots_server.perturb.attack import AttackMode, AttackQuery
 from pairdots_server.perturb.edits import InfluenceSettings
 from pairdots_server.perturb.repair import RepairMode, RepairQuery
-from pairdots_server.retrain import MAX_EPOCHS, RetrainMode, RetrainSpec, check_save_as
 from pairdots_server.rpc.convert import (
     SEARCH,
     TARGETS,
@@ -27,6 +25,8 @@ from pairdots_server.rpc.convert import (
     _solver_settings,
     _Violations,
 )
+from pairdots_server.storage.bundle import validate_bundle_name
+from pairdots_server.storage.data import Example
 
 ATTACK_MODES = {
     pb.ATTACK_MODE_DEMOTE_SALIENT: AttackMode.DEMOTE_SALIENT,

@@ -35,7 +35,7 @@ def _env(name: str, default: Any = None) -> Any:
 
 
 def _artifact_config(args: argparse.Namespace) -> Any:
-    from pairdots_server.artifacts import ArtifactConfig
+    from pairdots_server.influence.artifacts import ArtifactConfig
 
     return ArtifactConfig(
         index=not getattr(args, "no_index", False),
@@ -47,12 +47,12 @@ def _artifact_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from pairdots_server.artifacts import build_artifacts
-    from pairdots_server.bundle import Bundle
-    from pairdots_server.prepare import PrepareConfig, prepare_bundle
-    from pairdots_server.runtime import ModelRuntime
-    from pairdots_server.task import ScopeSpec
-    from pairdots_server.train import TrainConfig
+    from pairdots_server.influence.artifacts import build_artifacts
+    from pairdots_server.influence.runtime import ModelRuntime
+    from pairdots_server.model.prepare import PrepareConfig, prepare_bundle
+    from pairdots_server.model.task import ScopeSpec
+    from pairdots_server.model.train import TrainConfig
+    from pairdots_server.storage.bundle import Bundle
 
     train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                         max_length=args.max_length, seed=args.seed, max_steps=args.max_steps)
@@ -77,19 +77,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _load_runtime(path: str, device: str) -> Any:
-    from pairdots_server.bundle import load_bundle
-    from pairdots_server.runtime import ModelRuntime
+    from pairdots_server.influence.runtime import ModelRuntime
+    from pairdots_server.storage.bundle import load_bundle
 
     return ModelRuntime(load_bundle(path, device=device))
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from pairdots_server.artifacts import (
+    from pairdots_server.influence.artifacts import (
         build_index_dir,
         build_index_shard,
         index_files,
     )
-    from pairdots_server.bundle import update_bundle
+    from pairdots_server.storage.bundle import update_bundle
 
     rt = _load_runtime(args.bundle, args.device)
     cfg = _artifact_config(args)
@@ -110,8 +110,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_index_merge(args: argparse.Namespace) -> int:
-    from pairdots_server.artifacts import index_files, merge_index_parts
-    from pairdots_server.bundle import update_bundle
+    from pairdots_server.influence.artifacts import index_files, merge_index_parts
+    from pairdots_server.storage.bundle import update_bundle
 
     with tempfile.TemporaryDirectory(prefix="pairdots-index-") as tmp:
         out = merge_index_parts(Path(args.parts), Path(tmp) / "index")

@@ -41,8 +41,8 @@ from pairdots_server.errors import (
 )
 
 if TYPE_CHECKING:
-    from pairdots_server.data import Example
-    from pairdots_server.task import Task
+    from pairdots_server.model.task import Task
+    from pairdots_server.storage.data import Example
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -232,7 +232,7 @@ def save_bundle(
     {relpath: bytes | source path}. AlreadyExists if the bundle exists unless overwrite=True,
     in which case the old one is swapped out by renames and then deleted.
     """
-    from pairdots_server.data import sha256_of_examples, write_jsonl
+    from pairdots_server.storage.data import sha256_of_examples, write_jsonl
 
     validate_bundle_name(name)
     extra = dict(manifest_extra or {})
@@ -364,8 +364,8 @@ def load_bundle(
     verify=True checks every listed file's SHA-256 and the dataset hash of train.jsonl;
     verify=False only checks that the listed files exist.
     """
-    from pairdots_server.data import read_examples, sha256_of_examples
-    from pairdots_server.task import ScopeSpec, Task
+    from pairdots_server.model.task import ScopeSpec, Task
+    from pairdots_server.storage.data import read_examples, sha256_of_examples
 
     path = Path(path)
     manifest = _read_manifest(path)

@@ -26,7 +26,7 @@ from pairdots_server.core.ihvp.cg import CGSolver
 from pairdots_server.core.ihvp.exact import ExactSolver
 from pairdots_server.core.ihvp.lissa import LissaSolver
 from pairdots_server.errors import FailedPrecondition, InvalidArgument, SolverDiverged
-from pairdots_server.runtime import ModelRuntime
+from pairdots_server.influence.runtime import ModelRuntime
 
 
 class SolverChoice(enum.Enum):

@@ -34,8 +34,8 @@ from pairdots_server.core.saliency import (
     word_scores,
 )
 from pairdots_server.errors import FailedPrecondition, InvalidArgument
-from pairdots_server.runtime import ModelRuntime
-from pairdots_server.solvers import SolverSettings, solve_s_test
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.solver_policy import SolverSettings, solve_s_test
 
 # -- query ---------------------------------------------------------------------------------
 

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pairdots_server.bundle import Bundle
 from pairdots_server.core.batches import Batch
 from pairdots_server.errors import BundleError
+from pairdots_server.storage.bundle import Bundle
 
 INDEX_DIR = "index"
 LOWRANK_FILE = "lowrank.safetensors"
