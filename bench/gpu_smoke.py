@@ -35,8 +35,9 @@ def main() -> None:
         index_files,
         lowrank_bytes,
     )
-    from pairdots_server.influence.pipeline import ExplainQuery, explain
+    from pairdots_server.influence.explain import ExplainQuery, explain
     from pairdots_server.influence.runtime import LOWRANK_FILE, ModelRuntime
+    from pairdots_server.influence.settings import InfluenceSettings
     from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings
     from pairdots_server.model.task import Task
     from pairdots_server.model.train import TrainConfig, fine_tune
@@ -81,9 +82,11 @@ def main() -> None:
             ("lowrank_exhaustive", SolverSettings(method=SolverChoice.LOW_RANK), False),
             ("lissa_index", SolverSettings(method=SolverChoice.LISSA, max_iterations=300), True),
         ):
-            q = ExplainQuery(text=text, top_words=2, solver=settings, use_index=use_index)
+            q = ExplainQuery(text=text, top_words=2,
+                             influence=InfluenceSettings(solver=settings, use_index=use_index))
             explain(rt, q, lambda: None, default_candidates=100)  # warm-up (+ cache fill)
             rt.s_test_cache = type(rt.s_test_cache)(256)
+            rt.lambda_max.clear()
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             t = time.perf_counter()

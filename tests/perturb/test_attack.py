@@ -12,6 +12,7 @@ from pairdots_server.core.influence import perturbed_influence
 from pairdots_server.core.saliency import grad_theta_word_score, token_saliency, word_scores
 from pairdots_server.errors import InvalidArgument
 from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.settings import InfluenceSettings
 from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings, solve_s_test
 from pairdots_server.perturb.attack import (
     DEMOTE,
@@ -21,7 +22,7 @@ from pairdots_server.perturb.attack import (
     run_attack,
     wrong_label,
 )
-from pairdots_server.perturb.edits import Edit, InfluenceSettings, substitute_word
+from pairdots_server.perturb.edits import Edit, substitute_word
 from pairdots_server.perturb.lexicon import is_substitutable
 from pairdots_server.storage.bundle import load_bundle
 from pairdots_server.storage.data import Example

@@ -11,6 +11,7 @@ import torch
 
 from pairdots_server.errors import AlreadyExists, InvalidArgument
 from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.settings import InfluenceSettings
 from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings
 from pairdots_server.model.retrain import (
     RetrainMode,
@@ -22,7 +23,6 @@ from pairdots_server.model.retrain import (
 from pairdots_server.model.task import ScopeSpec, Task
 from pairdots_server.model.train import evaluate
 from pairdots_server.perturb.attack import AttackMode, AttackQuery, run_attack
-from pairdots_server.perturb.edits import InfluenceSettings
 from pairdots_server.perturb.repair import (
     LOWER_WRONG,
     RAISE_GOLD,

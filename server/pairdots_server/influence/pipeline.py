@@ -1,25 +1,27 @@
-"""The Explain pipeline (paper §3, §4.1): saliency → salient words → s_test → candidates →
-exact influence → token-level influence.
+"""The influence pipeline's steps (paper §3), public and composed by Explain
+(influence/explain.py), Attack and Repair (perturb/) and the benchmarks (bench/):
 
-For a test input x and label y:
-  1. word saliency s(x_t) (Eq. 1–2, core.saliency), for y (and the gold label y_g in error
-     analysis, Table 2);
-  2. the top-m words by saliency (or the caller's positions);
-  3. per word w: ∇θw by double backprop, s_test = H⁻¹∇θw (solver from the request or the
-     bundle default; cached for identical queries);
-  4. candidates: the FAISS index over projected training gradients queried with ∓Pᵀs_test
-     (supporting examples have I = -⟨s_test, g_i⟩ > 0, i.e. ⟨-s_test, g_i⟩ large), or all;
-  5. exact I(z_i, w) = -⟨s_test, ∇θL(z_i)⟩ (Eq. 5) for every candidate;
-  6. for each returned example, I(x_t, w) (Eq. 8) per word, and the responsible word.
+  encode_text            text -> EncodedText (tokens, words, embeddings; one encoder)
+  word_saliency          s(x_t) of every word for a label (Eq. 1–2)
+  top_words              the m most salient words the model saw
+  measurement_gradient   what f is (a Measurement) -> ∇θf, flat [P] (one backward)
+  solve_s_test           s_test = (H + δI)⁻¹ ∇θf (solver_policy; cached per query)
+  candidates             training indices to score (index prefilter, or all; optional subset)
+  score_examples         I(z_i, f) = -⟨s_test, ∇θL(z_i)⟩ (Eq. 5) for training indices
+  score_texts            the same for arbitrary labelled texts (perturbed examples)
+  word_attribution       I(x_t, f) (Eq. 8) per word of one text
+
+Every step takes the resolved PipelineSettings (influence/settings.py) or the part of it it
+needs; `Timer` sums wall time per stage.
 """
 
 from __future__ import annotations
 
-import math
+import enum
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -33,88 +35,19 @@ from pairdots_server.core.saliency import (
     token_saliency,
     word_scores,
 )
-from pairdots_server.errors import FailedPrecondition, InvalidArgument
-from pairdots_server.influence.runtime import ModelRuntime
-from pairdots_server.influence.solver_policy import SolverSettings, solve_s_test
+from pairdots_server.errors import FailedPrecondition
+from pairdots_server.influence.runtime import EncodedExamples, ModelRuntime
+from pairdots_server.influence.settings import PipelineSettings
+from pairdots_server.influence.solver_policy import solve_s_test as _policy_solve
 
-# -- query ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ExplainQuery:
-    """A validated Explain request (rpc/convert.py builds it)."""
-
-    text: str
-    target_label: int | None = None
-    gold_label: int | None = None
-    top_words: int = 3
-    word_positions: tuple[int, ...] = ()
-    examples_per_word: int = 5
-    target: Target = Target.LOG_PROB
-    token_score: TokenScore = TokenScore.L2_NORM
-    solver: SolverSettings = field(default_factory=SolverSettings)
-    use_index: bool | None = None  # None: index when the bundle has one
-    candidates: int = 0  # 0: server default
-    token_influence: str = "exact"  # exact | first_order | none
+StopFn = Callable[[], None]
 
 
-# -- answer --------------------------------------------------------------------------------
+def no_stop() -> None:
+    """A should_stop callback that never cancels."""
 
 
-@dataclass
-class WordInfo:
-    index: int
-    text: str
-    char_start: int
-    char_end: int
-    pieces: int
-
-
-@dataclass
-class Influential:
-    train_index: int
-    text: str
-    label: int
-    influence: float
-    words: list[tuple[str, float]] = field(default_factory=list)
-    responsible_word: int = -1
-
-
-@dataclass
-class SalientWordAnswer:
-    word_index: int
-    text: str
-    saliency: float
-    supporting: list[Influential]
-    opposing: list[Influential]
-    solver: dict[str, float | int | bool | str]
-
-
-@dataclass
-class LabelAnswer:
-    label: int
-    role: str  # target | gold
-    word_saliency: list[float]
-    salient_words: list[SalientWordAnswer]
-
-
-@dataclass
-class ExplainAnswer:
-    probabilities: list[float]
-    predicted: int
-    words: list[WordInfo]
-    explanations: list[LabelAnswer]
-    influence_computed: bool
-    used_index: bool
-    candidates_scored: int
-    training_examples: int
-    timings: dict[str, float]
-    warnings: list[str]
-    notes: list[str]
-    total_seconds: float
-
-
-class _Timer:
+class Timer:
     """Wall time per pipeline stage, summed over explained words."""
 
     def __init__(self) -> None:
@@ -132,178 +65,65 @@ class _Timer:
             self.add(name, time.perf_counter() - start)
 
 
-# -- pipeline ------------------------------------------------------------------------------
+# -- encode ----------------------------------------------------------------------------------
 
 
-def explain(
-    rt: ModelRuntime,
-    q: ExplainQuery,
-    should_stop: Callable[[], None],
-    *,
-    default_candidates: int,
-    scoring_batch_size: int = 32,
-) -> ExplainAnswer:
-    start = time.perf_counter()
-    task = rt.task
-    timer = _Timer()
-    warnings: list[str] = []
-    notes: list[str] = []
-    n_labels = len(rt.bundle.labels)
-    for fname, value in (("target_label", q.target_label), ("gold_label", q.gold_label)):
-        if value is not None and not 0 <= value < n_labels:
-            raise InvalidArgument.for_field(
-                fname, f"{value} is not a label of model {rt.name!r}; valid: 0..{n_labels - 1} "
-                f"({', '.join(rt.bundle.labels)})"
-            )
+@dataclass(frozen=True)
+class EncodedText:
+    """One text as model input: embeds [1,T,D], mask [1,T], word_ids [T] (word of token t or
+    None for special tokens), words / spans / pieces [W] (pieces 0 = cut off by truncation)."""
 
-    # [1] encode + predict
-    enc = task.encode([q.text], max_length=rt.max_length)
-    with torch.no_grad():
-        embeds = task.embed(enc.input_ids).detach()  # [1,T,D]
-        logits = task.logits_fn({}, embeds, enc.attention_mask)  # [1,C]
-        probs = torch.softmax(logits.double(), dim=-1)[0]
-    predicted = int(probs.argmax())
-    word_ids = enc.word_ids[0]
-    words = enc.words[0]
-    pieces = [0] * len(words)
-    for w in word_ids:
-        if w is not None:
-            pieces[w] += 1
-    if any(p == 0 for p in pieces):
-        warnings.append(
-            f"input truncated to {rt.max_length} word pieces: "
-            f"{sum(p == 0 for p in pieces)} trailing words were not seen by the model"
-        )
-    word_infos = [
-        WordInfo(i, w, s, e, pieces[i]) for i, (w, (s, e)) in enumerate(zip(words, enc.word_spans[0]))
-    ]
-    for pos in q.word_positions:
-        if not 0 <= pos < len(words) or pieces[pos] == 0:
-            raise InvalidArgument.for_field(
-                "word_positions", f"{pos} is not a word the model saw; valid: 0..{len(words) - 1}"
-                " (words beyond the truncation point have no tokens)"
-            )
+    text: str
+    words: list[str]
+    spans: list[tuple[int, int]]
+    pieces: list[int]
+    embeds: Tensor
+    mask: Tensor
+    word_ids: list[int | None]
 
-    y = predicted if q.target_label is None else q.target_label
-    labels: list[tuple[int, str]] = [(y, "target")]
-    if q.gold_label is not None and q.gold_label != y:
-        labels.append((q.gold_label, "gold"))
+    def positions(self, word: int) -> list[int]:
+        """Token positions of word `word`."""
+        return [t for t, w in enumerate(self.word_ids) if w == word]
 
-    compute_influence = q.top_words > 0 or bool(q.word_positions)
-    used_index = False
-    candidates_scored = 0
-    if compute_influence:
-        used_index = resolve_index(rt, q.use_index)
-    else:
-        notes.append("influence not computed: top_words = 0 and no word_positions were given")
+    @property
+    def word_positions(self) -> list[int]:
+        """Token positions that belong to some word (special tokens excluded)."""
+        return [t for t, w in enumerate(self.word_ids) if w is not None]
 
-    explanations: list[LabelAnswer] = []
-    for label, role in labels:
-        should_stop()
-        with timer.stage("saliency"):
-            ws_list = word_saliency(
-                rt, embeds, enc.attention_mask, word_ids, len(words), label, q.target,
-                q.token_score,
-            )
-        chosen = list(q.word_positions) if q.word_positions else _top_words(
-            ws_list, pieces, q.top_words
-        )
-        salient: list[SalientWordAnswer] = []
-        for wi in chosen if compute_influence else []:
-            should_stop()
-            s_test, diag = word_s_test(
-                rt, q.text, embeds, enc.attention_mask, word_ids, wi, label, q.target,
-                q.token_score, q.solver, should_stop, timer,
-            )
-            cand, n_scored = _candidates(
-                rt, s_test, used_index, q.candidates or default_candidates, timer
-            )
-            candidates_scored = max(candidates_scored, n_scored)
-            scores = _score_exact(rt, s_test, cand, should_stop, scoring_batch_size, timer)
-            sup, opp = _top_k(cand, scores, q.examples_per_word)
-            sup_ans = [_influential(rt, i, s) for i, s in sup]
-            opp_ans = [_influential(rt, i, s) for i, s in opp]
-            if q.token_influence != "none":
-                start_t = time.perf_counter()
-                for item in sup_ans + opp_ans:
-                    should_stop()
-                    _token_level(rt, s_test, item, q.token_influence)
-                timer.add("token_influence", time.perf_counter() - start_t)
-            if not diag["converged"]:
-                warnings.append(
-                    f"s_test for word {words[wi]!r} did not converge "
-                    f"(relative change {diag['rel_change']:.3g} after {diag['iterations']} "
-                    "iterations); raise max_iterations or damping"
-                )
-            salient.append(SalientWordAnswer(
-                wi, words[wi], ws_list[wi], sup_ans, opp_ans, diag
-            ))
-        explanations.append(LabelAnswer(label, role, ws_list, salient))
 
-    if used_index and candidates_scored < 2 * q.examples_per_word:
-        warnings.append(
-            f"only {candidates_scored} candidates were scored for {q.examples_per_word} examples "
-            "per direction; raise `candidates` for a reliable top-k"
-        )
-    return ExplainAnswer(
-        probabilities=[float(p) for p in probs],
-        predicted=predicted,
-        words=word_infos,
-        explanations=explanations,
-        influence_computed=compute_influence,
-        used_index=used_index,
-        candidates_scored=candidates_scored,
-        training_examples=rt.n_train,
-        timings=timer.t,
-        warnings=warnings,
-        notes=notes,
-        total_seconds=time.perf_counter() - start,
+def encode_text(rt: ModelRuntime, text: str) -> EncodedText:
+    return _row(rt.encode_texts([text]), 0, text)
+
+
+def _row(enc: EncodedExamples, b: int, text: str) -> EncodedText:
+    return EncodedText(
+        text, enc.words[b], enc.spans[b], enc.pieces(b), enc.embeds[b : b + 1],
+        enc.mask[b : b + 1], enc.word_ids[b],
     )
 
 
+def predict(rt: ModelRuntime, enc: EncodedText) -> Tensor:
+    """p(y|x) for every label -> [C] (float64)."""
+    with torch.no_grad():
+        logits = rt.task.logits_fn({}, enc.embeds, enc.mask)  # [1,C]
+        return torch.softmax(logits.double(), dim=-1)[0]
+
+
+# -- saliency --------------------------------------------------------------------------------
+
+
 def word_saliency(
-    rt: ModelRuntime, embeds: Tensor, mask: Tensor, word_ids: Sequence[int | None],
-    n_words: int, label: int, target: Target, token_score: TokenScore,
+    rt: ModelRuntime, enc: EncodedText, label: int, target: Target, token_score: TokenScore
 ) -> list[float]:
-    """s(x_t) of every word for `label` (Eq. 1–2; word = sum of its pieces): embeds [1,T,D]."""
+    """s(x_t) of every word for `label` (Eq. 1–2; word = sum of its pieces) -> [W]."""
     tok = token_saliency(
-        rt.task.logits_fn, rt.params, embeds, mask, label, target, token_score,
+        rt.task.logits_fn, rt.params, enc.embeds, enc.mask, label, target, token_score,
         baseline=rt.unk_embed,
     )  # [T]
-    return [float(v) for v in word_scores(tok, word_ids, n_words)]  # [W]
+    return [float(v) for v in word_scores(tok, enc.word_ids, len(enc.words))]  # [W]
 
 
-def word_s_test(
-    rt: ModelRuntime, text: str, embeds: Tensor, mask: Tensor, word_ids: Sequence[int | None],
-    word: int, label: int, target: Target, token_score: TokenScore, solver: SolverSettings,
-    should_stop: Callable[[], None], timer: _Timer | None = None,
-) -> tuple[Tensor, dict[str, float | int | bool | str]]:
-    """s_test = H⁻¹∇θw for the score w of word `word` (Eq. 5; ∇θw by double backprop),
-    cached per (text, label, word, settings)."""
-    timer = timer or _Timer()
-    positions = [t for t, w in enumerate(word_ids) if w == word]
-    with timer.stage("grad_score"):
-        grad_w = grad_theta_word_score(
-            rt.task.logits_fn, rt.params, embeds, mask, label, target, token_score, positions,
-            baseline=rt.unk_embed,
-        )  # [P]
-    key = (text, label, word, target, token_score, solver)
-    with timer.stage("solve"):
-        return solve_s_test(rt, grad_w, solver, should_stop, cache_key=key)
-
-
-def resolve_index(rt: ModelRuntime, use_index: bool | None) -> bool:
-    """Whether to prefilter with the index: the request's choice, else when the bundle has one."""
-    used = rt.has_index if use_index is None else use_index
-    if used and not rt.has_index:
-        raise FailedPrecondition(
-            f"model {rt.name!r} has no candidate index; use CANDIDATE_SEARCH_EXHAUSTIVE or "
-            "build one with `pairdots index build`"
-        )
-    return used
-
-
-def _top_words(scores: Sequence[float], pieces: Sequence[int], m: int) -> list[int]:
+def top_words(scores: Sequence[float], pieces: Sequence[int], m: int) -> list[int]:
     """The m words with the largest saliency magnitude |s(x_t)| for the label (words the model
     saw): a word with a large negative score pulls against y and is salient too."""
     order = sorted(
@@ -312,73 +132,180 @@ def _top_words(scores: Sequence[float], pieces: Sequence[int], m: int) -> list[i
     return order[:m]
 
 
-def _candidates(
-    rt: ModelRuntime, s_test: Tensor, used_index: bool, k: int, timer: _Timer
-) -> tuple[list[int], int]:
-    """Training indices to score exactly, and how many."""
-    if not used_index:
-        return list(range(rt.n_train)), rt.n_train
+# -- measurement gradient --------------------------------------------------------------------
+
+
+class MeasurementKind(enum.Enum):
+    """What the measurement f of a test input is (∇θf is what s_test inverts)."""
+
+    WORD_SALIENCY = "word_saliency"  # f = the saliency score w of one word (Eq. 1–2)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A measurement f of a test input: its kind, the label it is taken for and, for
+    word-level kinds, the word; target/token_score define the saliency score."""
+
+    kind: MeasurementKind
+    label: int
+    word: int | None = None
+    target: Target = Target.LOG_PROB
+    token_score: TokenScore = TokenScore.L2_NORM
+
+
+def _grad_word_saliency(rt: ModelRuntime, enc: EncodedText, m: Measurement) -> Tensor:
+    """∇θw for the score w of word m.word by double backprop -> [P]."""
+    assert m.word is not None
+    return grad_theta_word_score(
+        rt.task.logits_fn, rt.params, enc.embeds, enc.mask, m.label, m.target, m.token_score,
+        enc.positions(m.word), baseline=rt.unk_embed,
+    )
+
+
+# One entry per MeasurementKind: (runtime, encoded text, measurement) -> flat ∇θf [P].
+MEASUREMENTS: dict[MeasurementKind, Callable[[ModelRuntime, EncodedText, Measurement], Tensor]] = {
+    MeasurementKind.WORD_SALIENCY: _grad_word_saliency,
+}
+
+
+def measurement_gradient(rt: ModelRuntime, enc: EncodedText, m: Measurement) -> Tensor:
+    """∇θf of the measurement m of the text `enc` -> flat [P]."""
+    return MEASUREMENTS[m.kind](rt, enc, m)
+
+
+# -- s_test ----------------------------------------------------------------------------------
+
+
+def s_test(
+    rt: ModelRuntime, grad_f: Tensor, settings: PipelineSettings, should_stop: StopFn,
+    *, cache_key: Hashable | None = None,
+) -> tuple[Tensor, dict[str, float | int | bool | str]]:
+    """s_test = (H + δI)⁻¹ ∇θf with the solver's diagnostics (cached per cache_key)."""
+    return _policy_solve(rt, grad_f, settings.solver, should_stop, cache_key=cache_key)
+
+
+def word_s_test(
+    rt: ModelRuntime, enc: EncodedText, word: int, label: int, settings: PipelineSettings,
+    should_stop: StopFn, timer: Timer | None = None,
+) -> tuple[Tensor, dict[str, float | int | bool | str]]:
+    """s_test = H⁻¹∇θw for the saliency score w of word `word` (Eq. 5), cached per
+    (text, label, word, saliency and solver settings)."""
+    timer = timer or Timer()
+    m = Measurement(MeasurementKind.WORD_SALIENCY, label, word, settings.target,
+                    settings.token_score)
+    with timer.stage("grad_score"):
+        grad_w = measurement_gradient(rt, enc, m)  # [P]
+    key = (enc.text, label, word, settings.target, settings.token_score, settings.solver)
+    with timer.stage("solve"):
+        return s_test(rt, grad_w, settings, should_stop, cache_key=key)
+
+
+# -- candidates and exact scores -------------------------------------------------------------
+
+
+def check_index(rt: ModelRuntime, settings: PipelineSettings) -> None:
+    """FailedPrecondition when the settings ask for an index the model does not have."""
+    if settings.use_index and not rt.has_index:
+        raise FailedPrecondition(
+            f"model {rt.name!r} has no candidate index; use CANDIDATE_SEARCH_EXHAUSTIVE or "
+            "build one with `pairdots index build`"
+        )
+
+
+def candidates(
+    rt: ModelRuntime, s_test: Tensor, settings: PipelineSettings, timer: Timer | None = None,
+    *, allowed: Sequence[int] | None = None,
+) -> list[int]:
+    """Training indices to score exactly: all of them (or `allowed`), or, with the index,
+    the union of the top-K supporting (⟨-s_test, g⟩ large) and opposing (⟨s_test, g⟩ large)
+    neighbours of the projected query (restricted to `allowed` when given)."""
+    check_index(rt, settings)
+    keep = None if allowed is None else set(allowed)
+    if not settings.use_index:
+        ids = list(range(rt.n_train))
+        return ids if keep is None else [i for i in ids if i in keep]
     start = time.perf_counter()
     index, projection = rt.index()
     q = projection.project(s_test[None].float()).cpu().numpy()  # [1,k]
-    k = min(k, rt.n_train)
+    k = min(settings.candidates, rt.n_train)
     _, sup_ids = index.search(-q, k)  # supporting: ⟨-s_test, g⟩ large
     _, opp_ids = index.search(q, k)  # opposing: ⟨s_test, g⟩ large
     ids = sorted({int(i) for i in sup_ids[0].tolist() + opp_ids[0].tolist() if i >= 0})
-    timer.add("candidates", time.perf_counter() - start)
-    return ids, len(ids)
+    if keep is not None:
+        ids = [i for i in ids if i in keep]
+    if timer is not None:
+        timer.add("candidates", time.perf_counter() - start)
+    return ids
 
 
-def _score_exact(
-    rt: ModelRuntime,
-    s_test: Tensor,
-    indices: Sequence[int],
-    should_stop: Callable[[], None],
-    batch_size: int,
-    timer: _Timer,
+def _influence(rt: ModelRuntime, s_test: Tensor, enc: EncodedExamples) -> Tensor:
+    """-⟨s_test, ∇θL(z_b)⟩ for every encoded, labelled example -> [B]."""
+    g = per_example_loss_grads(rt.task.logits_fn, rt.params, enc.embeds, enc.mask, enc.labels)
+    return infl.influence_on_score(s_test.to(g.dtype), g)
+
+
+def score_examples(
+    rt: ModelRuntime, s_test: Tensor, indices: Sequence[int], settings: PipelineSettings,
+    should_stop: StopFn, timer: Timer | None = None,
 ) -> Tensor:
-    """I(z_i, w) = -⟨s_test, ∇θL(z_i)⟩ (Eq. 5) for the given training indices -> [K]."""
+    """I(z_i, f) = -⟨s_test, ∇θL(z_i)⟩ (Eq. 5) for the given training indices -> [K]."""
     start = time.perf_counter()
+    batch = settings.scoring_batch_size
     out = []
-    for b in range(0, len(indices), batch_size):
+    for b in range(0, len(indices), batch):
         should_stop()
-        enc = rt.encode_train(indices[b : b + batch_size])
-        g = per_example_loss_grads(rt.task.logits_fn, rt.params, enc.embeds, enc.mask, enc.labels)
-        out.append(infl.influence_on_score(s_test.to(g.dtype), g))  # [B]
-    timer.add("exact_scoring", time.perf_counter() - start)
+        out.append(_influence(rt, s_test, rt.encode_train(indices[b : b + batch])))  # [B]
+    if timer is not None:
+        timer.add("exact_scoring", time.perf_counter() - start)
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def _top_k(
-    indices: Sequence[int], scores: Tensor, k: int
-) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """Top-k positive (supporting, largest first) and negative (opposing, most negative first)."""
-    pairs = [(int(i), float(s)) for i, s in zip(indices, scores.tolist()) if math.isfinite(s)]
-    sup = sorted((p for p in pairs if p[1] > 0), key=lambda p: (-p[1], p[0]))[:k]
-    opp = sorted((p for p in pairs if p[1] < 0), key=lambda p: (p[1], p[0]))[:k]
-    return sup, opp
+def score_texts(
+    rt: ModelRuntime, s_test: Tensor, texts: Sequence[str], labels: Sequence[int],
+    batch_size: int = 32, should_stop: StopFn = no_stop,
+) -> Tensor:
+    """I(z_i, f) = -s_testᵀ ∇θL(z_i) (Eq. 5) for arbitrary labelled texts -> [N] (float64)."""
+    out: list[Tensor] = []
+    for b in range(0, len(texts), batch_size):
+        should_stop()
+        enc = rt.encode_texts(texts[b : b + batch_size], labels[b : b + batch_size])
+        out.append(_influence(rt, s_test, enc).double().cpu())  # [B]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
-def _influential(rt: ModelRuntime, index: int, score: float) -> Influential:
-    ex = rt.bundle.train[index]
-    return Influential(index, ex.text, ex.label, score)
+# -- token attribution -----------------------------------------------------------------------
 
 
-def _token_level(rt: ModelRuntime, s_test: Tensor, item: Influential, method: str) -> None:
-    """Fill item.words with Eq. 8 word influences and pick the responsible word."""
-    enc = rt.encode_train([item.train_index])
-    fn = infl.token_influence_exact if method == "exact" else infl.token_influence_fast
+class TokenInfluence(enum.Enum):
+    """How Eq. 8 is computed for the returned training examples."""
+
+    EXACT = "exact"  # one [UNK] copy per token
+    FIRST_ORDER = "first_order"  # one mixed second derivative
+    NONE = "none"  # not computed
+
+
+def word_attribution(
+    rt: ModelRuntime, s_test: Tensor, enc: EncodedText, label: int,
+    method: TokenInfluence = TokenInfluence.EXACT,
+) -> list[float]:
+    """Eq. 8 per word of `enc` labelled `label`: Σ_{t ∈ word} I(z, f) - I(z̃(t, UNK), f) -> [W]."""
+    positions = enc.word_positions
+    totals = [0.0] * len(enc.words)
+    if not positions or method is TokenInfluence.NONE:
+        return totals
+    fn = (infl.token_influence_exact if method is TokenInfluence.EXACT
+          else infl.token_influence_fast)
     per_token = fn(
-        rt.task.logits_fn, rt.params, s_test, enc.embeds, enc.mask, int(enc.labels[0]),
-        rt.unk_embed,
+        rt.task.logits_fn, rt.params, s_test, enc.embeds, enc.mask, label, rt.unk_embed,
+        positions=positions,
     )  # [T]
-    word_ids = enc.word_ids[0]
-    words = enc.words[0]
-    totals = [0.0] * len(words)
-    for t, w in enumerate(word_ids):
-        if w is not None:
-            totals[w] += float(per_token[t])
-    item.words = list(zip(words, totals))
-    if totals:
-        sign = 1.0 if item.influence >= 0 else -1.0
-        item.responsible_word = max(range(len(totals)), key=lambda i: (sign * totals[i], -i))
+    for t in positions:
+        w = enc.word_ids[t]
+        assert w is not None
+        totals[w] += float(per_token[t])
+    return totals
+
+
+def encode_train_example(rt: ModelRuntime, index: int) -> EncodedText:
+    """Training example `index` encoded as one text."""
+    return _row(rt.encode_train([index]), 0, rt.bundle.train[index].text)

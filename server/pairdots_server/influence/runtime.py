@@ -12,13 +12,14 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from pairdots_server.core.batches import Batch
+from pairdots_server.core.curvature import Curvature
 from pairdots_server.errors import BundleError
 from pairdots_server.storage.bundle import Bundle
 
@@ -30,7 +31,10 @@ PROJECTION_CACHE_BYTES = 8 * 2**30
 
 @dataclass(frozen=True)
 class EncodedExamples:
-    """Training examples as model inputs: embeds [B,T,D], mask [B,T], labels [B]."""
+    """Texts as model inputs: embeds [B,T,D], mask [B,T], labels [B] (empty when the texts
+    carry none), the tokenizer's word segmentation (word_ids[b][t] = word of token t or None
+    for special tokens; spans[b][w] = characters of word w) and the training indices (empty
+    for texts that are not training examples)."""
 
     indices: list[int]
     embeds: Tensor
@@ -39,6 +43,15 @@ class EncodedExamples:
     input_ids: Tensor
     word_ids: list[list[int | None]]
     words: list[list[str]]
+    spans: list[list[tuple[int, int]]] = field(default_factory=list)
+
+    def pieces(self, row: int) -> list[int]:
+        """Word pieces per word of text `row` the model saw (0 = cut off by truncation)."""
+        out = [0] * len(self.words[row])
+        for w in self.word_ids[row]:
+            if w is not None:
+                out[w] += 1
+        return out
 
 
 class TrainingSample:
@@ -117,6 +130,7 @@ class ModelRuntime:
             else 128
         self.defaults: dict[str, Any] = dict(bundle.manifest.get("defaults") or {})
         self.s_test_cache = LRUCache(cache_size)
+        self.lambda_max: dict[tuple[Curvature, int], float] = {}  # (curvature, seed) -> |λ|max
         self._index: Any = None
         self._projection: Any = None
         self._lowrank: Any = None
@@ -132,16 +146,23 @@ class ModelRuntime:
     def n_train(self) -> int:
         return len(self.bundle.train)
 
-    def encode_train(self, indices: Sequence[int]) -> EncodedExamples:
-        examples = [self.bundle.train[i] for i in indices]
-        enc = self.task.encode([e.text for e in examples], max_length=self.max_length)
+    def encode_texts(
+        self, texts: Sequence[str], labels: Sequence[int] = ()
+    ) -> EncodedExamples:
+        """Tokenize (at the model's max_length) and embed: the one encoder of the pipeline."""
+        enc = self.task.encode(list(texts), max_length=self.max_length)
         with torch.no_grad():
             embeds = self.task.embed(enc.input_ids).detach()  # [B,T,D]
-        labels = torch.tensor([e.label for e in examples], device=embeds.device)
+        y = torch.tensor(list(labels), dtype=torch.long, device=embeds.device)  # [B] or [0]
         return EncodedExamples(
-            list(indices), embeds, enc.attention_mask, labels, enc.input_ids, enc.word_ids,
-            enc.words,
+            [], embeds, enc.attention_mask, y, enc.input_ids, enc.word_ids, enc.words,
+            enc.word_spans,
         )
+
+    def encode_train(self, indices: Sequence[int]) -> EncodedExamples:
+        examples = [self.bundle.train[i] for i in indices]
+        enc = self.encode_texts([e.text for e in examples], [e.label for e in examples])
+        return replace(enc, indices=list(indices))
 
     def curvature_sample(self, size: int, batch_size: int, seed: int) -> TrainingSample:
         key = (size, batch_size, seed)

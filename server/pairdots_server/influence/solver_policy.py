@@ -4,6 +4,9 @@ Request settings override the bundle's defaults (manifest "defaults"), which ove
 constants below. The curvature H is averaged over a fixed, seeded sample of the training set
 (`curvature_sample` examples); λ_max for relative damping/scale is estimated once per model
 and curvature by power iteration on one batch of that sample, and cached.
+
+The methods are a registry, SOLVERS: one SolverEntry per SolverChoice with its defaults
+(resolve) and its constructor (build); adding a solver is one enum member and one entry.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import enum
 import math
 import threading
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -75,13 +78,22 @@ def _default(rt: ModelRuntime, key: str) -> Any:
     return rt.defaults.get(key, DEFAULTS[key])
 
 
-def resolve_method(rt: ModelRuntime, s: SolverSettings) -> SolverChoice:
+def resolve_solver(rt: ModelRuntime, s: SolverSettings) -> SolverSettings:
+    """The request's settings with every unset field filled: the method (the request's, else
+    low-rank when the bundle has factors, else the bundle's default), then the method's own
+    defaults (SOLVERS[method].resolve). Idempotent; never raises (build_solver does)."""
     if s.method is not None:
         method = s.method
     elif rt.has_lowrank:
         method = SolverChoice.LOW_RANK
     else:
         method = SolverChoice(_default(rt, "solver"))
+    return SOLVERS[method].resolve(rt, replace(s, method=method))
+
+
+def resolve_method(rt: ModelRuntime, s: SolverSettings) -> SolverChoice:
+    method = resolve_solver(rt, s).method
+    assert method is not None
     if method is SolverChoice.LOW_RANK and not rt.has_lowrank:
         raise FailedPrecondition(
             f"model {rt.name!r} has no precomputed low-rank curvature; choose SOLVER_LISSA or "
@@ -98,54 +110,115 @@ def _operator(rt: ModelRuntime, curvature: Curvature, seed: int) -> CurvatureOpe
 
 
 def lambda_max(rt: ModelRuntime, op: CurvatureOperator, seed: int) -> float:
-    """|λ|_max of the curvature on one batch of the sample, cached per model+curvature."""
-    key = ("lambda_max", op.curvature, seed)
-    cached = rt.s_test_cache.get(key)
+    """|λ|_max of the curvature on one batch of the sample, cached per model+curvature+seed
+    (in rt.lambda_max, beside the curvature sample it is measured on)."""
+    key = (op.curvature, seed)
+    cached = rt.lambda_max.get(key)
     if cached is not None:
-        return float(cached)
+        return cached
     with _lambda_lock:
         batch = next(iter(op.batches.full()))
         lam = abs(estimate_lambda_max(op, int(_default(rt, "power_iters")), seed, batch=batch))
-    rt.s_test_cache.put(key, lam)
+    rt.lambda_max[key] = lam
     return lam
+
+
+# -- the registry: one entry per SolverChoice -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SolverEntry:
+    """How one method fills its defaults (resolve: request settings -> settings with no None
+    the method uses) and builds its solver from resolved settings (build)."""
+
+    resolve: Callable[[ModelRuntime, SolverSettings], SolverSettings]
+    build: Callable[[ModelRuntime, SolverSettings], InverseHVPSolver]
+
+
+def _curvature_defaults(rt: ModelRuntime, s: SolverSettings, **extra: Any) -> SolverSettings:
+    """curvature and seed (every method that runs on the curvature operator), plus `extra`."""
+    return replace(
+        s,
+        curvature=s.curvature or Curvature(str(_default(rt, "curvature"))),
+        seed=int(s.seed if s.seed is not None else _default(rt, "seed")),
+        **extra,
+    )
+
+
+def _op_damping(rt: ModelRuntime, s: SolverSettings) -> tuple[CurvatureOperator, float]:
+    """The curvature operator of resolved settings and δ (absolute, else ratio · λ_max)."""
+    assert s.curvature is not None and s.seed is not None
+    op = _operator(rt, s.curvature, s.seed)
+    if s.damping is not None:
+        return op, s.damping
+    return op, float(_default(rt, "damping_ratio")) * lambda_max(rt, op, s.seed)
+
+
+def _resolve_lissa(rt: ModelRuntime, s: SolverSettings) -> SolverSettings:
+    return _curvature_defaults(
+        rt, s,
+        max_iterations=s.max_iterations or int(_default(rt, "lissa_depth")),
+        repeats=s.repeats or int(_default(rt, "lissa_repeats")),
+        batch_size=s.batch_size or int(_default(rt, "lissa_batch_size")),
+        tolerance=s.tolerance or float(_default(rt, "lissa_tol")),
+    )
+
+
+def _build_lissa(rt: ModelRuntime, s: SolverSettings) -> InverseHVPSolver:
+    op, damping = _op_damping(rt, s)
+    assert s.max_iterations and s.repeats and s.batch_size and s.tolerance and s.seed is not None
+    return LissaSolver(
+        op, damping=damping, scale=s.scale, depth=s.max_iterations, repeats=s.repeats,
+        batch_size=s.batch_size, tol=s.tolerance, seed=s.seed,
+        lambda_max=None if s.scale is not None else lambda_max(rt, op, s.seed),
+    )
+
+
+def _resolve_cg(rt: ModelRuntime, s: SolverSettings) -> SolverSettings:
+    return _curvature_defaults(
+        rt, s,
+        max_iterations=s.max_iterations or int(_default(rt, "cg_max_iter")),
+        tolerance=s.tolerance or float(_default(rt, "cg_tol")),
+    )
+
+
+def _build_cg(rt: ModelRuntime, s: SolverSettings) -> InverseHVPSolver:
+    op, damping = _op_damping(rt, s)
+    assert s.max_iterations and s.tolerance
+    return CGSolver(op, damping=damping, max_iter=s.max_iterations, tol=s.tolerance)
+
+
+def _build_exact(rt: ModelRuntime, s: SolverSettings) -> InverseHVPSolver:
+    op, damping = _op_damping(rt, s)
+    return ExactSolver(op, damping=damping)
+
+
+def _resolve_lowrank(rt: ModelRuntime, s: SolverSettings) -> SolverSettings:
+    # the factors are GGN eigenpairs: the request's curvature does not apply
+    return replace(s, curvature=Curvature.GGN)
+
+
+def _build_lowrank(rt: ModelRuntime, s: SolverSettings) -> InverseHVPSolver:
+    from pairdots_server.core.ihvp.lowrank import LowRankSolver
+
+    factors = rt.lowrank()
+    damping = s.damping if s.damping is not None else float(
+        rt.defaults.get("lowrank_damping", 0.0)
+    ) or DEFAULTS["damping_ratio"] * float(factors.eigvals.max())
+    return LowRankSolver(factors, damping)
+
+
+SOLVERS: dict[SolverChoice, SolverEntry] = {
+    SolverChoice.LISSA: SolverEntry(_resolve_lissa, _build_lissa),
+    SolverChoice.CG: SolverEntry(_resolve_cg, _build_cg),
+    SolverChoice.EXACT: SolverEntry(_curvature_defaults, _build_exact),
+    SolverChoice.LOW_RANK: SolverEntry(_resolve_lowrank, _build_lowrank),
+}
 
 
 def build_solver(rt: ModelRuntime, s: SolverSettings) -> InverseHVPSolver:
     method = resolve_method(rt, s)
-    seed = int(s.seed if s.seed is not None else _default(rt, "seed"))
-    if method is SolverChoice.LOW_RANK:
-        from pairdots_server.core.ihvp.lowrank import LowRankSolver
-
-        factors = rt.lowrank()
-        damping = s.damping if s.damping is not None else float(
-            rt.defaults.get("lowrank_damping", 0.0)
-        ) or DEFAULTS["damping_ratio"] * float(factors.eigvals.max())
-        return LowRankSolver(factors, damping)
-    curvature = s.curvature or Curvature(str(_default(rt, "curvature")))
-    op = _operator(rt, curvature, seed)
-    if s.damping is not None:
-        damping = s.damping
-    else:
-        damping = float(_default(rt, "damping_ratio")) * lambda_max(rt, op, seed)
-    if method is SolverChoice.EXACT:
-        return ExactSolver(op, damping=damping)
-    if method is SolverChoice.CG:
-        return CGSolver(
-            op, damping=damping,
-            max_iter=s.max_iterations or int(_default(rt, "cg_max_iter")),
-            tol=s.tolerance or float(_default(rt, "cg_tol")),
-        )
-    return LissaSolver(
-        op,
-        damping=damping,
-        scale=s.scale,
-        depth=s.max_iterations or int(_default(rt, "lissa_depth")),
-        repeats=s.repeats or int(_default(rt, "lissa_repeats")),
-        batch_size=s.batch_size or int(_default(rt, "lissa_batch_size")),
-        tol=s.tolerance or float(_default(rt, "lissa_tol")),
-        seed=seed,
-        lambda_max=None if s.scale is not None else lambda_max(rt, op, seed),
-    )
+    return SOLVERS[method].build(rt, resolve_solver(rt, s))
 
 
 def solve_s_test(
@@ -163,8 +236,9 @@ def solve_s_test(
             x, diag = hit
             return x, {**diag, "cached": True}
     method = resolve_method(rt, settings)
+    resolved = resolve_solver(rt, settings)
     try:
-        solver = build_solver(rt, settings)
+        solver = SOLVERS[method].build(rt, resolved)
         result = solver.solve(grad_w, should_stop=should_stop)
     except CoreDiverged as exc:
         raise SolverDiverged(
@@ -175,10 +249,10 @@ def solve_s_test(
     d = result.diagnostics
     if not math.isfinite(d.norm):
         raise SolverDiverged("the solve produced a non-finite s_test; raise the damping")
-    curvature = settings.curvature or Curvature(str(_default(rt, "curvature")))
+    assert resolved.curvature is not None
     diag: dict[str, Any] = {
         "method": method.value,
-        "curvature": "ggn" if method is SolverChoice.LOW_RANK else curvature.value,
+        "curvature": resolved.curvature.value,
         "iterations": d.iterations,
         "rel_change": d.rel_change,
         "norm": d.norm,

@@ -27,9 +27,9 @@ import torch
 
 from pairdots_server.errors import InvalidArgument
 from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.settings import InfluenceSettings
 from pairdots_server.perturb.edits import (
     Edit,
-    InfluenceSettings,
     Objective,
     ProgressFn,
     SearchSettings,
@@ -127,9 +127,11 @@ def run_attack(
     used: set[int] = set()
     edits: list[Edit] = []
     notes: list[str] = []
+    settings = q.influence.resolve(
+        rt, default_candidates=default_candidates, scoring_batch_size=scoring_batch_size
+    )
     target = target_finder(
-        rt, q.influence, should_stop, target_cache if target_cache is not None else {},
-        default_candidates=default_candidates, scoring_batch_size=scoring_batch_size,
+        rt, settings, should_stop, target_cache if target_cache is not None else {}
     )
     total = len(q.examples)
     progress("perturbing", 0, total)

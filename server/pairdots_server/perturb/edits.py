@@ -21,20 +21,14 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
-from pairdots_server.core import influence as infl
-from pairdots_server.core.grads import per_example_loss_grads
-from pairdots_server.core.saliency import (
-    Target,
-    TokenScore,
-)
 from pairdots_server.errors import InvalidArgument
+from pairdots_server.influence import pipeline as steps
 from pairdots_server.influence.runtime import ModelRuntime
-from pairdots_server.influence.solver_policy import SolverSettings
+from pairdots_server.influence.settings import PipelineSettings
 from pairdots_server.perturb.lexicon import Lexicon, is_substitutable
 from pairdots_server.storage.data import Example
 
@@ -48,22 +42,6 @@ def no_progress(stage: str, done: int, total: int) -> None:
 
 
 # -- settings ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InfluenceSettings:
-    """How the salient word, s_test and the candidate training examples are obtained
-    (the Explain settings, shared by attack and repair)."""
-
-    target: Target = Target.LOG_PROB
-    token_score: TokenScore = TokenScore.L2_NORM
-    solver: SolverSettings = field(default_factory=SolverSettings)
-    use_index: bool | None = None  # None: the bundle's index when it has one
-    candidates: int = 0  # 0: the server default
-
-    def __post_init__(self) -> None:
-        if self.candidates < 0:
-            raise ValueError(f"candidates must be >= 0, got {self.candidates}")
 
 
 @dataclass(frozen=True)
@@ -185,114 +163,24 @@ def word_substitutes(
     return unique[:limit]
 
 
-@dataclass(frozen=True)
-class EncodedText:
-    words: list[str]
-    spans: list[tuple[int, int]]
-    pieces: list[int]  # word pieces per word the model saw (0 = truncated)
-    embeds: Tensor  # [1,T,D]
-    mask: Tensor  # [1,T]
-    word_ids: list[int | None]
-
-
-def encode_text(rt: ModelRuntime, text: str) -> EncodedText:
-    enc = rt.task.encode([text], max_length=rt.max_length)
-    with torch.no_grad():
-        embeds = rt.task.embed(enc.input_ids).detach()  # [1,T,D]
-    pieces = [0] * len(enc.words[0])
-    for w in enc.word_ids[0]:
-        if w is not None:
-            pieces[w] += 1
-    return EncodedText(
-        enc.words[0], enc.word_spans[0], pieces, embeds, enc.attention_mask, enc.word_ids[0]
-    )
-
-
-# -- influence of texts --------------------------------------------------------------------
-
-
-def influence_of_texts(
-    rt: ModelRuntime,
-    s_test: Tensor,
-    texts: Sequence[str],
-    labels: Sequence[int],
-    batch_size: int = 32,
-    should_stop: StopFn | None = None,
-) -> Tensor:
-    """I(z_i, w) = -s_testᵀ ∇θL(z_i) (Eq. 5) for arbitrary labelled texts -> [N] (float64)."""
-    out: list[Tensor] = []
-    for b in range(0, len(texts), batch_size):
-        if should_stop is not None:
-            should_stop()
-        enc = rt.task.encode(list(texts[b : b + batch_size]), max_length=rt.max_length)
-        with torch.no_grad():
-            embeds = rt.task.embed(enc.input_ids).detach()  # [B,T,D]
-        y = torch.tensor(list(labels[b : b + batch_size]), device=embeds.device)  # [B]
-        g = per_example_loss_grads(rt.task.logits_fn, rt.params, embeds, enc.attention_mask, y)
-        out.append(infl.influence_on_score(s_test.to(g.dtype), g).double().cpu())  # [B]
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
-
-
-def word_influences(rt: ModelRuntime, s_test: Tensor, enc: EncodedText, label: int) -> list[float]:
-    """Eq. 8 per word: Σ_{t ∈ word} I(z, w) - I(z̃(t, UNK), w), exact (one UNK copy per token)."""
-    positions = [t for t, w in enumerate(enc.word_ids) if w is not None]
-    totals = [0.0] * len(enc.words)
-    if not positions:
-        return totals
-    per_token = infl.token_influence_exact(
-        rt.task.logits_fn, rt.params, s_test, enc.embeds, enc.mask, label, rt.unk_embed,
-        positions=positions,
-    )  # [T]
-    for t in positions:
-        w = enc.word_ids[t]
-        assert w is not None
-        totals[w] += float(per_token[t])
-    return totals
-
-
 # -- salient target ------------------------------------------------------------------------
 
 
 def salient_target(
-    rt: ModelRuntime,
-    text: str,
-    label: int,
-    settings: InfluenceSettings,
-    should_stop: StopFn,
-    *,
-    default_candidates: int,
-    scoring_batch_size: int = 32,
+    rt: ModelRuntime, text: str, label: int, settings: PipelineSettings, should_stop: StopFn
 ) -> SalientTarget | None:
     """The top salient word of `text` for `label` (Eq. 1–2, largest word score magnitude), its
     s_test (Eq. 5) and the exact influence of the candidate training examples (as Explain).
     None when the text has no word the model saw."""
-    from pairdots_server.influence.pipeline import (
-        _candidates,
-        _score_exact,
-        _Timer,
-        _top_words,
-        resolve_index,
-        word_s_test,
-        word_saliency,
-    )
-
-    enc = encode_text(rt, text)
-    ws = word_saliency(
-        rt, enc.embeds, enc.mask, enc.word_ids, len(enc.words), label, settings.target,
-        settings.token_score,
-    )  # [W]
-    top = _top_words(ws, enc.pieces, 1)
+    enc = steps.encode_text(rt, text)
+    ws = steps.word_saliency(rt, enc, label, settings.target, settings.token_score)  # [W]
+    top = steps.top_words(ws, enc.pieces, 1)
     if not top:
         return None
     wi = top[0]
-    s_test, diag = word_s_test(
-        rt, text, enc.embeds, enc.mask, enc.word_ids, wi, label, settings.target,
-        settings.token_score, settings.solver, should_stop,
-    )
-    used_index = resolve_index(rt, settings.use_index)
-    timer = _Timer()
-    cand, _ = _candidates(rt, s_test, used_index, settings.candidates or default_candidates, timer)
-    scores = _score_exact(rt, s_test, cand, should_stop, scoring_batch_size, timer)  # [K]
+    s_test, diag = steps.word_s_test(rt, enc, wi, label, settings, should_stop)
+    cand = steps.candidates(rt, s_test, settings)
+    scores = steps.score_examples(rt, s_test, cand, settings, should_stop)  # [K]
     table = {
         int(i): float(s) for i, s in zip(cand, scores.tolist(), strict=True) if math.isfinite(s)
     }
@@ -320,7 +208,7 @@ def greedy_edit(
     """
     if direction not in (-1, 1):
         raise ValueError(f"direction must be +1 or -1, got {direction}")
-    enc = encode_text(rt, example.text)
+    enc = steps.encode_text(rt, example.text)
     subs: dict[int, list[tuple[str, str]]] = {}
     for wi, word in enumerate(enc.words):
         if enc.pieces[wi] == 0:
@@ -330,7 +218,7 @@ def greedy_edit(
             subs[wi] = cands
     if not subs:
         return None
-    totals = word_influences(rt, s_test, enc, example.label)  # Eq. 8 per word
+    totals = steps.word_attribution(rt, s_test, enc, example.label)  # Eq. 8 per word
     greedy = max(subs, key=lambda w: (-direction * totals[w], -w))  # Eq. 11
     others = sorted(w for w in subs if w != greedy)
     rng.shuffle(others)
@@ -341,8 +229,9 @@ def greedy_edit(
         for sub, rel in subs[wi]
     ]
     texts = [example.text] + [c.new_text for c in candidates]
-    scores = influence_of_texts(
-        rt, s_test, texts, [example.label] * len(texts), search.batch_size, should_stop
+    scores = steps.score_texts(
+        rt, s_test, texts, [example.label] * len(texts), search.batch_size,
+        should_stop or steps.no_stop,
     )  # [1+K]
     base = float(scores[0])
     changes = [float(s) - base for s in scores[1:].tolist()]
@@ -362,7 +251,7 @@ def random_edit(
 ) -> WordEdit | None:
     """The random baseline: a random substitutable word (the model saw) and a random one of
     its substitutes. None when the example has no substitutable word."""
-    enc = encode_text(rt, example.text)
+    enc = steps.encode_text(rt, example.text)
     choices = [
         (wi, cands) for wi, word in enumerate(enc.words)
         if enc.pieces[wi] > 0
@@ -434,13 +323,7 @@ def check_labels(rt: ModelRuntime, examples: Sequence[Example]) -> None:
 
 
 def target_finder(
-    rt: ModelRuntime,
-    settings: InfluenceSettings,
-    should_stop: StopFn,
-    cache: TargetCache,
-    *,
-    default_candidates: int,
-    scoring_batch_size: int,
+    rt: ModelRuntime, settings: PipelineSettings, should_stop: StopFn, cache: TargetCache
 ) -> Callable[[str, int], SalientTarget | None]:
     """salient_target(text, label) memoised in `cache` (targets do not depend on the mode or
     the objective, so attack modes and repair directions share them)."""
@@ -448,10 +331,7 @@ def target_finder(
     def target(text: str, label: int) -> SalientTarget | None:
         key = (text, label)
         if key not in cache:
-            cache[key] = salient_target(
-                rt, text, label, settings, should_stop,
-                default_candidates=default_candidates, scoring_batch_size=scoring_batch_size,
-            )
+            cache[key] = salient_target(rt, text, label, settings, should_stop)
         return cache[key]
 
     return target

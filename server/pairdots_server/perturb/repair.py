@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 
 from pairdots_server.errors import InvalidArgument
 from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.settings import InfluenceSettings
 from pairdots_server.model.train import evaluate
 from pairdots_server.perturb.edits import (
     RELATIONS,
     Edit,
-    InfluenceSettings,
     Objective,
     ProgressFn,
     SearchSettings,
@@ -108,9 +108,11 @@ def run_repair(
     used: set[int] = set()
     edits: list[Edit] = []
     notes: list[str] = []
+    settings = q.influence.resolve(
+        rt, default_candidates=default_candidates, scoring_batch_size=scoring_batch_size
+    )
     target = target_finder(
-        rt, q.influence, should_stop, target_cache if target_cache is not None else {},
-        default_candidates=default_candidates, scoring_batch_size=scoring_batch_size,
+        rt, settings, should_stop, target_cache if target_cache is not None else {}
     )
     if not errors:
         notes.append("the served model classifies every example correctly; nothing to repair")

@@ -16,8 +16,10 @@ from pairdots_server.config import ExplainLimits
 from pairdots_server.core.curvature import Curvature
 from pairdots_server.core.saliency import Target, TokenScore
 from pairdots_server.errors import FieldViolation, InvalidArgument
-from pairdots_server.influence.pipeline import ExplainAnswer, ExplainQuery, Influential
+from pairdots_server.influence.explain import ExplainAnswer, ExplainQuery, Influential, Role
+from pairdots_server.influence.pipeline import TokenInfluence
 from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.settings import InfluenceSettings
 from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings
 
 TARGETS = {
@@ -54,10 +56,10 @@ SEARCH = {
     pb.CANDIDATE_SEARCH_EXHAUSTIVE: False,
 }
 TOKEN_INFLUENCE = {
-    pb.TOKEN_INFLUENCE_METHOD_UNSPECIFIED: "exact",
-    pb.TOKEN_INFLUENCE_METHOD_EXACT: "exact",
-    pb.TOKEN_INFLUENCE_METHOD_FIRST_ORDER: "first_order",
-    pb.TOKEN_INFLUENCE_METHOD_NONE: "none",
+    pb.TOKEN_INFLUENCE_METHOD_UNSPECIFIED: TokenInfluence.EXACT,
+    pb.TOKEN_INFLUENCE_METHOD_EXACT: TokenInfluence.EXACT,
+    pb.TOKEN_INFLUENCE_METHOD_FIRST_ORDER: TokenInfluence.FIRST_ORDER,
+    pb.TOKEN_INFLUENCE_METHOD_NONE: TokenInfluence.NONE,
 }
 
 
@@ -161,11 +163,13 @@ def explain_query(req: pb.ExplainRequest, limits: ExplainLimits) -> ExplainQuery
         top_words=top,
         word_positions=tuple(req.word_positions),
         examples_per_word=k,
-        target=target,  # type: ignore[arg-type]
-        token_score=score,  # type: ignore[arg-type]
-        solver=solver,
-        use_index=use_index,  # type: ignore[arg-type]
-        candidates=infl.candidates,
+        influence=InfluenceSettings(
+            target=target,  # type: ignore[arg-type]
+            token_score=score,  # type: ignore[arg-type]
+            solver=solver,
+            use_index=use_index,  # type: ignore[arg-type]
+            candidates=infl.candidates,
+        ),
         token_influence=token_infl,  # type: ignore[arg-type]
     )
 
@@ -184,7 +188,7 @@ def _example(rt: ModelRuntime, item: Influential) -> pb.InfluentialExample:
 
 def explain_response(rt: ModelRuntime, a: ExplainAnswer) -> pb.ExplainResponse:
     labels = rt.bundle.labels
-    roles = {"target": pb.EXPLANATION_ROLE_TARGET, "gold": pb.EXPLANATION_ROLE_GOLD}
+    roles = {Role.TARGET: pb.EXPLANATION_ROLE_TARGET, Role.GOLD: pb.EXPLANATION_ROLE_GOLD}
     explanations = []
     for e in a.explanations:
         words = []

@@ -14,9 +14,9 @@ from pathlib import Path
 from pairdots.v1 import pairdots_pb2 as pb
 from pairdots_server.config import ExplainLimits, JobLimits
 from pairdots_server.errors import InvalidArgument
+from pairdots_server.influence.settings import InfluenceSettings
 from pairdots_server.model.retrain import MAX_EPOCHS, RetrainMode, RetrainSpec, check_save_as
 from pairdots_server.perturb.attack import AttackMode, AttackQuery
-from pairdots_server.perturb.edits import InfluenceSettings
 from pairdots_server.perturb.repair import RepairMode, RepairQuery
 from pairdots_server.rpc.convert import (
     SEARCH,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from pairdots_server.config import ServerConfig
 from pairdots_server.errors import CancelToken, InvalidArgument, NotFound
-from pairdots_server.influence.pipeline import ExplainAnswer, ExplainQuery, explain
+from pairdots_server.influence.explain import ExplainAnswer, ExplainQuery, explain
 from pairdots_server.influence.runtime import ModelRuntime
 from pairdots_server.service.workers import WorkerPool
 from pairdots_server.storage.bundle import discover_bundles, validate_bundle_name
