@@ -161,9 +161,9 @@ def prepare_bundle(
         "dev": dev_info,
     }
     if manifest_extra:
-        from pairdots_server.storage.bundle import _deep_merge
+        from pairdots_server.storage.atomic import deep_merge
 
-        extra = _deep_merge(extra, manifest_extra)
+        extra = deep_merge(extra, manifest_extra)
     out_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".scratch-{cfg.name}-", dir=out_root) as scratch:
         files: Mapping[str, bytes | Path] = {}

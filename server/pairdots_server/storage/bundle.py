@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -39,6 +38,7 @@ from pairdots_server.errors import (
     NotFound,
     PairdotsError,
 )
+from pairdots_server.storage import atomic
 
 if TYPE_CHECKING:
     from pairdots_server.model.task import Task
@@ -87,80 +87,12 @@ def _check_relpath(relpath: str) -> str:
     return relpath
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or directory (directories: best effort, not all platforms allow it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _hash_tree(root: Path) -> dict[str, str]:
     """{relpath: sha256} for every regular file under root except manifest.json."""
     out: dict[str, str] = {}
     for p in sorted(root.rglob("*")):
         if p.is_file() and not (p.parent == root and p.name == MANIFEST):
-            out[p.relative_to(root).as_posix()] = _sha256_file(p)
-    return out
-
-
-def _write_json_atomic(path: Path, obj: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
-
-
-def _write_file(dest: Path, content: bytes | Path) -> None:
-    """Write bytes (or copy a file) to dest via a temp file + fsync + os.replace."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        if isinstance(content, (bytes, bytearray, memoryview)):
-            with tmp.open("wb") as f:
-                f.write(content)
-                f.flush()
-                os.fsync(f.fileno())
-        else:
-            src = Path(content)
-            if not src.is_file():
-                raise NotFound(f"artifact source {src} is not a file")
-            shutil.copyfile(src, tmp)
-            _fsync_path(tmp)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _deep_merge(base: dict[str, Any], updates: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge; a value of None deletes the key."""
-    out = copy.deepcopy(base)
-    for key, value in updates.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value) if isinstance(value, (dict, list)) else value
+            out[p.relative_to(root).as_posix()] = atomic.sha256_file(p)
     return out
 
 
@@ -254,11 +186,11 @@ def save_bundle(
         task.save_pretrained(tmp / MODEL_DIR)
         write_jsonl(tmp / TRAIN_FILE, train_examples)
         for rel, content in (files or {}).items():
-            _write_file(tmp / rel, content)
+            atomic.write_file(tmp / rel, content)
         for p in tmp.rglob("*"):
             if p.is_file():
                 p.chmod(0o644)  # save_pretrained may leave 0600 temp-file modes; bundles ship
-                _fsync_path(p)
+                atomic.fsync_path(p)
         manifest: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "name": name,
@@ -284,10 +216,10 @@ def save_bundle(
             "defaults": {},
             "versions": library_versions(),
         }
-        manifest = _deep_merge(manifest, extra) if extra else manifest
+        manifest = atomic.deep_merge(manifest, extra) if extra else manifest
         manifest["files"] = _hash_tree(tmp)
-        _write_json_atomic(tmp / MANIFEST, manifest)
-        _fsync_path(tmp)
+        atomic.write_json_atomic(tmp / MANIFEST, manifest)
+        atomic.fsync_path(tmp)
         if final.exists():  # overwrite: swap by renames, then delete the old one
             old = root / f"{TMP_PREFIX}old-{name}-{secrets.token_hex(4)}"
             os.rename(final, old)
@@ -295,7 +227,7 @@ def save_bundle(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync_path(root)
+        atomic.fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -349,7 +281,7 @@ def verify_files(path: Path, manifest: Mapping[str, Any], *, check_hashes: bool 
         fp = path / rel
         if not fp.is_file():
             raise BundleError(f"bundle {name!r} ({path}): file {rel} is missing; {_FIX}")
-        if check_hashes and _sha256_file(fp) != digest:
+        if check_hashes and atomic.sha256_file(fp) != digest:
             raise BundleError(
                 f"bundle {name!r} ({path}): file {rel} does not match its SHA-256 in the "
                 f"manifest (corrupted or modified); {_FIX}"
@@ -446,14 +378,14 @@ def update_bundle(
         interim = copy.deepcopy(manifest)
         for rel in replaced:
             del interim["files"][rel]
-        _write_json_atomic(path / MANIFEST, interim)
+        atomic.write_json_atomic(path / MANIFEST, interim)
     new_hashes: dict[str, str] = {}
     for rel, content in files.items():
-        _write_file(path / rel, content)
-        new_hashes[rel] = _sha256_file(path / rel)
-    final = _deep_merge(manifest, updates) if updates else copy.deepcopy(manifest)
+        atomic.write_file(path / rel, content)
+        new_hashes[rel] = atomic.sha256_file(path / rel)
+    final = atomic.deep_merge(manifest, updates) if updates else copy.deepcopy(manifest)
     final["files"] = {**manifest["files"], **new_hashes}
-    _write_json_atomic(path / MANIFEST, final)
+    atomic.write_json_atomic(path / MANIFEST, final)
     return final
 
 
