@@ -33,7 +33,8 @@ from _perturb_common import edit_sets, log
 from pairdots_server.core.saliency import token_saliency, word_scores
 from pairdots_server.influence.settings import InfluenceSettings
 from pairdots_server.model.retrain import base_task
-from pairdots_server.model.task import ScopeSpec, Task
+from pairdots_server.model.scope import ScopeSpec
+from pairdots_server.model.task import Task
 from pairdots_server.model.train import TrainConfig, evaluate, fine_tune
 from pairdots_server.perturb.edits import Edit
 from pairdots_server.storage.data import Example, read_examples

@@ -230,7 +230,8 @@ def _make_tiny_bundle(
 ) -> Path:
     import torch
 
-    from pairdots_server.model.task import ScopeSpec, Task
+    from pairdots_server.model.scope import ScopeSpec
+    from pairdots_server.model.task import Task
     from pairdots_server.model.train import TrainConfig, evaluate, fine_tune
     from pairdots_server.storage.bundle import save_bundle
 

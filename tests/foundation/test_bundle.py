@@ -14,7 +14,8 @@ import pairdots_server.storage.atomic as atomic_mod
 import pairdots_server.storage.bundle as bundle_mod
 import pairdots_server.storage.data as data_mod
 from pairdots_server.errors import AlreadyExists, BundleError, InvalidArgument, NotFound
-from pairdots_server.model.task import ScopeSpec, Task
+from pairdots_server.model.scope import ScopeSpec
+from pairdots_server.model.task import Task
 from pairdots_server.storage.bundle import (
     FORMAT_VERSION,
     discover_bundles,

@@ -10,7 +10,8 @@ import torch
 
 from pairdots_server.errors import AlreadyExists, Cancelled, InvalidArgument
 from pairdots_server.model.prepare import PrepareConfig, packaged_minilm_dir, prepare_bundle
-from pairdots_server.model.task import ScopeSpec, Task
+from pairdots_server.model.scope import ScopeSpec
+from pairdots_server.model.task import Task
 from pairdots_server.model.train import TrainConfig
 from pairdots_server.storage.bundle import discover_bundles, load_bundle, read_artifact
 from pairdots_server.storage.data import Example, read_examples

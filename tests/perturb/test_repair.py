@@ -20,7 +20,8 @@ from pairdots_server.model.retrain import (
     retrain_and_evaluate,
     starting_task,
 )
-from pairdots_server.model.task import ScopeSpec, Task
+from pairdots_server.model.scope import ScopeSpec
+from pairdots_server.model.task import Task
 from pairdots_server.model.train import evaluate
 from pairdots_server.perturb.attack import AttackMode, AttackQuery, run_attack
 from pairdots_server.perturb.repair import (

@@ -50,7 +50,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from pairdots_server.influence.artifacts import build_artifacts
     from pairdots_server.influence.runtime import ModelRuntime
     from pairdots_server.model.prepare import PrepareConfig, prepare_bundle
-    from pairdots_server.model.task import ScopeSpec
+    from pairdots_server.model.scope import ScopeSpec
     from pairdots_server.model.train import TrainConfig
     from pairdots_server.storage.bundle import Bundle
 

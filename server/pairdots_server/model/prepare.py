@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pairdots_server.errors import FailedPrecondition, InvalidArgument
-from pairdots_server.model.task import ScopeSpec
+from pairdots_server.model.scope import ScopeSpec
 from pairdots_server.model.train import TrainConfig
 
 if TYPE_CHECKING:

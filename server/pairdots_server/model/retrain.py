@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from pairdots_server.errors import AlreadyExists, InvalidArgument
 from pairdots_server.influence.runtime import ModelRuntime
-from pairdots_server.model.task import ScopeSpec, Task
+from pairdots_server.model.scope import ScopeSpec
+from pairdots_server.model.task import Task
 from pairdots_server.model.train import TrainConfig, TrainResult, evaluate, fine_tune
 from pairdots_server.storage.bundle import save_bundle, validate_bundle_name
 from pairdots_server.storage.data import Example

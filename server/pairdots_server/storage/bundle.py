@@ -296,7 +296,8 @@ def load_bundle(
     verify=True checks every listed file's SHA-256 and the dataset hash of train.jsonl;
     verify=False only checks that the listed files exist.
     """
-    from pairdots_server.model.task import ScopeSpec, Task
+    from pairdots_server.model.scope import ScopeSpec
+    from pairdots_server.model.task import Task
     from pairdots_server.storage.data import read_examples, sha256_of_examples
 
     path = Path(path)
