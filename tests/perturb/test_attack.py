@@ -23,7 +23,7 @@ from pairdots_server.perturb.attack import (
     wrong_label,
 )
 from pairdots_server.perturb.edits import Edit, substitute_word
-from pairdots_server.perturb.lexicon import is_substitutable
+from pairdots_server.perturb.vocabulary import is_substitutable
 from pairdots_server.storage.bundle import load_bundle
 from pairdots_server.storage.data import Example
 from pairdots_server.testing import make_tiny_bundle, tiny_examples

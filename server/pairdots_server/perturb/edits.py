@@ -29,7 +29,8 @@ from pairdots_server.errors import InvalidArgument
 from pairdots_server.influence import pipeline as steps
 from pairdots_server.influence.runtime import ModelRuntime
 from pairdots_server.influence.settings import PipelineSettings
-from pairdots_server.perturb.lexicon import Lexicon, is_substitutable
+from pairdots_server.perturb.lexicon import Lexicon
+from pairdots_server.perturb.vocabulary import is_substitutable
 from pairdots_server.storage.data import Example
 
 StopFn = Callable[[], None]
