@@ -16,7 +16,7 @@ from pairdots_server.influence.settings import InfluenceSettings
 from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings
 from pairdots_server.model.retrain import RetrainMode, RetrainSpec, retrain
 from pairdots_server.model.train import evaluate
-from pairdots_server.perturb.edits import Edit
+from pairdots_server.perturb.objectives import Edit
 from pairdots_server.storage.data import Example
 
 SST2 = Path("/work/shared/data/sst2")

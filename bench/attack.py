@@ -45,7 +45,7 @@ from pairdots_server.perturb.attack import (
     AttackQuery,
     run_attack,
 )
-from pairdots_server.perturb.edits import Edit, TargetCache
+from pairdots_server.perturb.objectives import Edit, TargetCache
 from pairdots_server.storage.bundle import load_bundle
 from pairdots_server.storage.data import Example, read_examples
 

@@ -36,7 +36,7 @@ from pairdots_server.model.retrain import base_task
 from pairdots_server.model.scope import ScopeSpec
 from pairdots_server.model.task import Task
 from pairdots_server.model.train import TrainConfig, evaluate, fine_tune
-from pairdots_server.perturb.edits import Edit
+from pairdots_server.perturb.objectives import Edit
 from pairdots_server.storage.data import Example, read_examples
 
 

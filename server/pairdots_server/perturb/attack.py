@@ -28,7 +28,8 @@ import torch
 from pairdots_server.errors import InvalidArgument
 from pairdots_server.influence.runtime import ModelRuntime
 from pairdots_server.influence.settings import InfluenceSettings
-from pairdots_server.perturb.edits import (
+from pairdots_server.perturb.lexicon import Lexicon, default_lexicon
+from pairdots_server.perturb.objectives import (
     Edit,
     Objective,
     ProgressFn,
@@ -41,7 +42,6 @@ from pairdots_server.perturb.edits import (
     random_edits,
     target_finder,
 )
-from pairdots_server.perturb.lexicon import Lexicon, default_lexicon
 from pairdots_server.storage.data import Example
 
 DEMOTE = "decrease I(z, w_y)"

@@ -25,7 +25,8 @@ from pairdots_server.errors import InvalidArgument
 from pairdots_server.influence.runtime import ModelRuntime
 from pairdots_server.influence.settings import InfluenceSettings
 from pairdots_server.model.train import evaluate
-from pairdots_server.perturb.edits import (
+from pairdots_server.perturb.lexicon import Lexicon, default_lexicon
+from pairdots_server.perturb.objectives import (
     RELATIONS,
     Edit,
     Objective,
@@ -39,7 +40,6 @@ from pairdots_server.perturb.edits import (
     random_edits,
     target_finder,
 )
-from pairdots_server.perturb.lexicon import Lexicon, default_lexicon
 from pairdots_server.storage.data import Example
 
 RAISE_GOLD = "increase I(z, w_y)"

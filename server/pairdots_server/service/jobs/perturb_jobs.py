@@ -19,7 +19,7 @@ from pairdots.v1 import pairdots_pb2 as pb
 from pairdots_server.influence.runtime import ModelRuntime
 from pairdots_server.model.retrain import Evaluation, RetrainSpec, retrain_and_evaluate
 from pairdots_server.perturb.attack import AttackQuery, run_attack
-from pairdots_server.perturb.edits import Edit
+from pairdots_server.perturb.objectives import Edit
 from pairdots_server.perturb.repair import RepairQuery, run_repair
 from pairdots_server.service.jobs.runner import JobContext, JobFn, JobResult
 from pairdots_server.storage.data import Example
