@@ -22,7 +22,8 @@ from pairdots_server.perturb.attack import (
     run_attack,
     wrong_label,
 )
-from pairdots_server.perturb.objectives import Edit, substitute_word
+from pairdots_server.perturb.objectives import Edit
+from pairdots_server.perturb.search import substitute_word
 from pairdots_server.perturb.vocabulary import is_substitutable
 from pairdots_server.storage.bundle import load_bundle
 from pairdots_server.storage.data import Example

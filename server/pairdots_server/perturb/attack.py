@@ -33,8 +33,6 @@ from pairdots_server.perturb.objectives import (
     Edit,
     Objective,
     ProgressFn,
-    SearchSettings,
-    StopFn,
     TargetCache,
     check_labels,
     edits_for_objectives,
@@ -42,6 +40,7 @@ from pairdots_server.perturb.objectives import (
     random_edits,
     target_finder,
 )
+from pairdots_server.perturb.search import SearchSettings, StopFn
 from pairdots_server.storage.data import Example
 
 DEMOTE = "decrease I(z, w_y)"

@@ -27,12 +27,9 @@ from pairdots_server.influence.settings import InfluenceSettings
 from pairdots_server.model.train import evaluate
 from pairdots_server.perturb.lexicon import Lexicon, default_lexicon
 from pairdots_server.perturb.objectives import (
-    RELATIONS,
     Edit,
     Objective,
     ProgressFn,
-    SearchSettings,
-    StopFn,
     TargetCache,
     check_labels,
     edits_for_objectives,
@@ -40,6 +37,7 @@ from pairdots_server.perturb.objectives import (
     random_edits,
     target_finder,
 )
+from pairdots_server.perturb.search import RELATIONS, SearchSettings, StopFn
 from pairdots_server.storage.data import Example
 
 RAISE_GOLD = "increase I(z, w_y)"
