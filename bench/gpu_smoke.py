@@ -41,7 +41,8 @@ def main() -> None:
     from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings
     from pairdots_server.model.task import Task
     from pairdots_server.model.train import TrainConfig, fine_tune
-    from pairdots_server.storage.bundle import load_bundle, save_bundle, update_bundle
+    from pairdots_server.storage.bundle import load_bundle, save_bundle
+    from pairdots_server.storage.update import update_bundle
     from pairdots_server.testing import (
         BASE_WORDS,
         build_tiny_model_dir,

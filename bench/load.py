@@ -95,7 +95,8 @@ def build_tiny_root(root: Path) -> Path:
         lowrank_bytes,
     )
     from pairdots_server.influence.runtime import LOWRANK_FILE, ModelRuntime
-    from pairdots_server.storage.bundle import load_bundle, update_bundle
+    from pairdots_server.storage.bundle import load_bundle
+    from pairdots_server.storage.update import update_bundle
     from pairdots_server.testing import make_tiny_bundle
 
     path = make_tiny_bundle(root, "tiny", n_train=64)

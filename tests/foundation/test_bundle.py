@@ -20,12 +20,11 @@ from pairdots_server.storage.bundle import (
     FORMAT_VERSION,
     discover_bundles,
     load_bundle,
-    read_artifact,
     save_bundle,
-    update_bundle,
     validate_bundle_name,
 )
 from pairdots_server.storage.data import Example
+from pairdots_server.storage.update import read_artifact, update_bundle
 
 TEXTS = ["a great film", "boring and awful", "I loved it!"]
 

@@ -13,8 +13,9 @@ from pairdots_server.model.prepare import PrepareConfig, packaged_minilm_dir, pr
 from pairdots_server.model.scope import ScopeSpec
 from pairdots_server.model.task import Task
 from pairdots_server.model.train import TrainConfig
-from pairdots_server.storage.bundle import discover_bundles, load_bundle, read_artifact
+from pairdots_server.storage.bundle import discover_bundles, load_bundle
 from pairdots_server.storage.data import Example, read_examples
+from pairdots_server.storage.update import read_artifact
 from pairdots_server.testing import make_tiny_bundle, synthetic_examples
 
 

@@ -19,7 +19,8 @@ from pairdots_server.influence.artifacts import (
 )
 from pairdots_server.influence.runtime import LOWRANK_FILE, ModelRuntime
 from pairdots_server.rpc.app import App, create_server
-from pairdots_server.storage.bundle import load_bundle, update_bundle
+from pairdots_server.storage.bundle import load_bundle
+from pairdots_server.storage.update import update_bundle
 from pairdots_server.testing import make_tiny_bundle
 
 

@@ -90,7 +90,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         build_index_shard,
         index_files,
     )
-    from pairdots_server.storage.bundle import update_bundle
+    from pairdots_server.storage.update import update_bundle
 
     rt = _load_runtime(args.bundle, args.device)
     cfg = _artifact_config(args)
@@ -112,7 +112,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 def cmd_index_merge(args: argparse.Namespace) -> int:
     from pairdots_server.influence.artifacts import index_files, merge_index_parts
-    from pairdots_server.storage.bundle import update_bundle
+    from pairdots_server.storage.update import update_bundle
 
     with tempfile.TemporaryDirectory(prefix="pairdots-index-") as tmp:
         out = merge_index_parts(Path(args.parts), Path(tmp) / "index")

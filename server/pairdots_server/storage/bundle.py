@@ -18,7 +18,6 @@ JSON or safetensors: no pickles.
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import json
 import os
@@ -51,7 +50,7 @@ TRAIN_FILE = "train.jsonl"
 TMP_PREFIX = ".tmp-"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _RESERVED = ("format_version", "name", "files")
-_FIX = "re-run `pairdots prepare` to rebuild it"
+FIX = "re-run `pairdots prepare` to rebuild it"
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,7 +69,7 @@ def validate_bundle_name(name: str) -> str:
     return name
 
 
-def _check_relpath(relpath: str) -> str:
+def check_relpath(relpath: str) -> str:
     p = PurePosixPath(relpath)
     if (
         not relpath
@@ -96,7 +95,7 @@ def _hash_tree(root: Path) -> dict[str, str]:
     return out
 
 
-def _check_reserved(updates: Mapping[str, Any], what: str) -> None:
+def check_reserved(updates: Mapping[str, Any], what: str) -> None:
     bad = [k for k in _RESERVED if k in updates]
     if bad:
         raise InvalidArgument.for_field(
@@ -168,9 +167,9 @@ def save_bundle(
 
     validate_bundle_name(name)
     extra = dict(manifest_extra or {})
-    _check_reserved(extra, "manifest_extra")
+    check_reserved(extra, "manifest_extra")
     for rel in files or {}:
-        _check_relpath(rel)
+        check_relpath(rel)
         if rel == TRAIN_FILE or rel.startswith(MODEL_DIR + "/"):
             raise InvalidArgument.for_field("files", f"{rel!r} is written by save_bundle itself")
     root = Path(root)
@@ -239,25 +238,25 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise NotFound(f"no bundle directory at {path}")
     if not mpath.is_file():
-        raise BundleError(f"bundle at {path} has no {MANIFEST}; {_FIX}")
+        raise BundleError(f"bundle at {path} has no {MANIFEST}; {FIX}")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(
-            f"bundle at {path}: {MANIFEST} is not valid JSON ({exc}); {_FIX}"
+            f"bundle at {path}: {MANIFEST} is not valid JSON ({exc}); {FIX}"
         ) from None
     if not isinstance(manifest, dict):
-        raise BundleError(f"bundle at {path}: {MANIFEST} is not a JSON object; {_FIX}")
+        raise BundleError(f"bundle at {path}: {MANIFEST} is not a JSON object; {FIX}")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(
             f"bundle at {path} has format_version {version!r}; this server reads version "
-            f"{FORMAT_VERSION}; {_FIX} with this version of pairdots"
+            f"{FORMAT_VERSION}; {FIX} with this version of pairdots"
         )
     for key, typ in (("name", str), ("labels", list), ("files", dict), ("scope", dict)):
         if not isinstance(manifest.get(key), typ):
             raise BundleError(
-                f"bundle at {path}: {MANIFEST} lacks a valid {key!r} ({typ.__name__}); {_FIX}"
+                f"bundle at {path}: {MANIFEST} lacks a valid {key!r} ({typ.__name__}); {FIX}"
             )
     return manifest
 
@@ -269,22 +268,22 @@ def verify_files(path: Path, manifest: Mapping[str, Any], *, check_hashes: bool 
     for required in (TRAIN_FILE, f"{MODEL_DIR}/config.json"):
         if required not in files:
             raise BundleError(
-                f"bundle {name!r} ({path}): manifest does not list {required}; {_FIX}"
+                f"bundle {name!r} ({path}): manifest does not list {required}; {FIX}"
             )
     for rel, digest in files.items():
         try:
-            _check_relpath(rel)
+            check_relpath(rel)
         except InvalidArgument:
             raise BundleError(
-                f"bundle {name!r} ({path}): manifest lists a bad path {rel!r}; {_FIX}"
+                f"bundle {name!r} ({path}): manifest lists a bad path {rel!r}; {FIX}"
             ) from None
         fp = path / rel
         if not fp.is_file():
-            raise BundleError(f"bundle {name!r} ({path}): file {rel} is missing; {_FIX}")
+            raise BundleError(f"bundle {name!r} ({path}): file {rel} is missing; {FIX}")
         if check_hashes and atomic.sha256_file(fp) != digest:
             raise BundleError(
                 f"bundle {name!r} ({path}): file {rel} does not match its SHA-256 in the "
-                f"manifest (corrupted or modified); {_FIX}"
+                f"manifest (corrupted or modified); {FIX}"
             )
 
 
@@ -306,7 +305,7 @@ def load_bundle(
     try:
         validate_bundle_name(name)
     except InvalidArgument:
-        raise BundleError(f"bundle at {path}: manifest name {name!r} is invalid; {_FIX}") from None
+        raise BundleError(f"bundle at {path}: manifest name {name!r} is invalid; {FIX}") from None
     verify_files(path, manifest, check_hashes=verify)
     try:
         train = read_examples(path / TRAIN_FILE, "jsonl", label_names=manifest["labels"])
@@ -314,19 +313,19 @@ def load_bundle(
         if verify and dataset.get("sha256") not in (None, sha256_of_examples(train)):
             raise BundleError(
                 f"bundle {name!r} ({path}): {TRAIN_FILE} does not match the dataset SHA-256 in "
-                f"the manifest; {_FIX}"
+                f"the manifest; {FIX}"
             )
         if dataset.get("count") not in (None, len(train)):
             raise BundleError(
                 f"bundle {name!r} ({path}): {TRAIN_FILE} has {len(train)} examples, the "
-                f"manifest says {dataset.get('count')}; {_FIX}"
+                f"manifest says {dataset.get('count')}; {FIX}"
             )
         config = json.loads((path / MODEL_DIR / "config.json").read_text(encoding="utf-8"))
         saved_n = len(config.get("id2label") or {}) or int(config.get("num_labels", 2))
         if saved_n != len(manifest["labels"]):
             raise BundleError(
                 f"bundle {name!r} ({path}): the manifest names {len(manifest['labels'])} labels "
-                f"but model/config.json has {saved_n} classes; {_FIX}"
+                f"but model/config.json has {saved_n} classes; {FIX}"
             )
         scope = ScopeSpec.from_dict(manifest["scope"])
         if dtype is None:  # the dtype the bundle was saved in (float32 unless stated)
@@ -334,17 +333,17 @@ def load_bundle(
 
             dtype = getattr(torch, str((manifest.get("model") or {}).get("dtype", "float32")))
             if not isinstance(dtype, torch.dtype):
-                raise BundleError(f"bundle {name!r} ({path}): unknown model dtype; {_FIX}")
+                raise BundleError(f"bundle {name!r} ({path}): unknown model dtype; {FIX}")
         task = Task.from_pretrained(
             path / MODEL_DIR, labels=manifest["labels"], scope=scope, device=device, dtype=dtype
         )
     except BundleError:
         raise
     except PairdotsError as exc:
-        raise BundleError(f"bundle {name!r} ({path}): {exc.message}; {_FIX}") from exc
+        raise BundleError(f"bundle {name!r} ({path}): {exc.message}; {FIX}") from exc
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise BundleError(
-            f"bundle {name!r} ({path}): cannot load ({type(exc).__name__}: {exc}); {_FIX}"
+            f"bundle {name!r} ({path}): cannot load ({type(exc).__name__}: {exc}); {FIX}"
         ) from exc
     return Bundle(name=name, path=path, manifest=manifest, task=task, train=train)
 
@@ -352,64 +351,6 @@ def load_bundle(
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The validated manifest of a bundle dir, without loading the model."""
     return _read_manifest(Path(path))
-
-
-def update_bundle(
-    bundle_dir: str | Path,
-    files: Mapping[str, bytes | Path] | None = None,
-    manifest_updates: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Add/replace artifacts and deep-merge manifest keys (None deletes a key); returns the
-    new manifest.
-
-    Crash safety: files that replace listed ones are first dropped from the manifest (written
-    atomically), then every file is written via temp + os.replace, then the final manifest
-    (with fresh hashes) replaces the old one. At every instant the manifest on disk lists only
-    files that exist with the listed hash.
-    """
-    path = Path(bundle_dir)
-    manifest = _read_manifest(path)
-    files = dict(files or {})
-    updates = dict(manifest_updates or {})
-    _check_reserved(updates, "manifest_updates")
-    for rel in files:
-        _check_relpath(rel)
-    replaced = [rel for rel in files if rel in manifest["files"]]
-    if replaced:
-        interim = copy.deepcopy(manifest)
-        for rel in replaced:
-            del interim["files"][rel]
-        atomic.write_json_atomic(path / MANIFEST, interim)
-    new_hashes: dict[str, str] = {}
-    for rel, content in files.items():
-        atomic.write_file(path / rel, content)
-        new_hashes[rel] = atomic.sha256_file(path / rel)
-    final = atomic.deep_merge(manifest, updates) if updates else copy.deepcopy(manifest)
-    final["files"] = {**manifest["files"], **new_hashes}
-    atomic.write_json_atomic(path / MANIFEST, final)
-    return final
-
-
-def read_artifact(bundle: Bundle | str | Path, relpath: str) -> Path:
-    """Path of a listed artifact of the bundle; NotFound if the manifest does not list it."""
-    _check_relpath(relpath)
-    if isinstance(bundle, Bundle):
-        path, manifest = bundle.path, bundle.manifest
-    else:
-        path = Path(bundle)
-        manifest = _read_manifest(path)
-    if relpath not in manifest.get("files", {}):
-        raise NotFound(
-            f"bundle {manifest.get('name', path.name)!r} has no artifact {relpath}; build it "
-            "(e.g. `pairdots index`) or re-run `pairdots prepare`"
-        )
-    fp = path / relpath
-    if not fp.is_file():
-        raise BundleError(
-            f"bundle {manifest.get('name')!r} ({path}): file {relpath} is listed "
-            f"but missing; {_FIX}"
-        )
-    return fp
 
 
 def discover_bundles(
