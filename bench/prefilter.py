@@ -1,4 +1,4 @@
-"""Recall and speedup of the gradient prefilter (issue 4, DESIGN §3 "Prefilter").
+"""Recall and speedup of the gradient prefilter (issue 4, docs/DESIGN.md §3 "Prefilter").
 
 For each of --sentences seeded SST-2 test sentences, the top salient word w (Explain's choice,
 bench/_common.top_word_query) and s_test = (H + δI)⁻¹ ∇θ w from the bundle's default solver.

@@ -1,7 +1,7 @@
 """Tests for perturb/lexicon.py + perturb/wordnet_data.py against the real WordNet 3.0 files.
 
 The direct wndb reader is cross-checked against nltk's WordNetCorpusReader, built from a copy of
-the same files in a temporary nltk data dir (DESIGN §4 recipe: copy files into
+the same files in a temporary nltk data dir (docs/DESIGN.md §4 recipe: copy files into
 <dir>/corpora/wordnet/, write `lexnames` from the lexnames(5WN) man page table).
 """
 

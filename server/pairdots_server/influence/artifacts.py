@@ -1,7 +1,7 @@
 """Per-bundle precomputed artifacts: the candidate index and the low-rank curvature.
 
-index/  Pᵀ∇θL(z_i) for every training example (DESIGN §3 "Prefilter"), P a seeded Gaussian
-        projection; built whole, or as shards (`--shard i --num-shards N`, one per Kubernetes
+index/  Pᵀ∇θL(z_i) for every training example (docs/DESIGN.md §3 "Prefilter"), P a seeded
+        Gaussian projection; built whole, or as shards (`--shard i --num-shards N`, one per Kubernetes
         Indexed Job completion) that `merge` joins.
 lowrank.safetensors  top-k GGN eigenpairs on the curvature sample (Schioppa et al. 2022);
         SOLVER_LOW_RANK answers s_test with one projection.

@@ -54,7 +54,7 @@ class SolverSettings:
     seed: int | None = None
 
 
-# Fallback defaults (DESIGN §2: GGN, damping relative to λ_max, stop on a tolerance).
+# Fallback defaults (docs/DESIGN.md §2: GGN, damping relative to λ_max, stop on a tolerance).
 DEFAULTS: dict[str, Any] = {
     "solver": "lissa",
     "curvature": "ggn",

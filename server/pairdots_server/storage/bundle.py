@@ -1,4 +1,4 @@
-"""A model bundle on disk: the unit that is prepared, shipped and served (DESIGN §3).
+"""A model bundle on disk: the unit that is prepared, shipped and served (docs/DESIGN.md §3).
 
 Layout of ``<root>/<name>/``::
 
