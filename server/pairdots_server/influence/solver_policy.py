@@ -274,5 +274,5 @@ def fit_lowrank_factors(
     from pairdots_server.core.ihvp.lowrank import fit_lowrank
 
     op = _operator(rt, Curvature.GGN, seed)
-    factors = fit_lowrank(op, rank, seed=seed)
+    factors = fit_lowrank(op, rank, seed=seed, should_stop=should_stop)
     return factors.to_tensors()
