@@ -68,8 +68,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     started = time.perf_counter()
 
     def after_train(task: Any, examples: Any, scratch: Path) -> Any:
-        manifest = {"labels": list(task.labels), "train": train.to_dict(), "files": {}}
-        rt = ModelRuntime(Bundle(cfg.name, scratch, manifest, task, list(examples)))
+        rt = ModelRuntime(Bundle.unsaved(cfg.name, scratch, task, examples, train.to_dict()))
         return build_artifacts(rt, art, scratch, progress=not args.quiet)
 
     path = prepare_bundle(cfg, progress=not args.quiet, after_train=after_train)

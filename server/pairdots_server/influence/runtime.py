@@ -13,7 +13,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -22,6 +22,11 @@ from pairdots_server.core.batches import Batch
 from pairdots_server.core.curvature import Curvature
 from pairdots_server.errors import BundleError
 from pairdots_server.storage.bundle import Bundle
+
+if TYPE_CHECKING:
+    from pairdots_server.core.ihvp.lowrank import LowRankFactors
+    from pairdots_server.index.base import CandidateIndex
+    from pairdots_server.index.projection import GaussianProjection
 
 INDEX_DIR = "index"
 LOWRANK_FILE = "lowrank.safetensors"
@@ -131,9 +136,9 @@ class ModelRuntime:
         self.defaults: dict[str, Any] = dict(bundle.manifest.get("defaults") or {})
         self.s_test_cache = LRUCache(cache_size)
         self.lambda_max: dict[tuple[Curvature, int], float] = {}  # (curvature, seed) -> |λ|max
-        self._index: Any = None
-        self._projection: Any = None
-        self._lowrank: Any = None
+        self._index: CandidateIndex | None = None
+        self._projection: GaussianProjection | None = None
+        self._lowrank: LowRankFactors | None = None
         self._lock = threading.Lock()
         self._curvature_samples: dict[tuple[int, int, int], TrainingSample] = {}
         self.unk_embed = self.task.embed(
@@ -181,7 +186,7 @@ class ModelRuntime:
     def has_lowrank(self) -> bool:
         return self.bundle.has_artifact(LOWRANK_FILE)
 
-    def index(self) -> tuple[Any, Any]:
+    def index(self) -> tuple[CandidateIndex, GaussianProjection]:
         """(CandidateIndex, GaussianProjection), loaded on first use."""
         with self._lock:
             if self._index is None:
@@ -200,9 +205,10 @@ class ModelRuntime:
                     max_dense_bytes=PROJECTION_CACHE_BYTES,
                 )
                 self._index = index
+            assert self._projection is not None
             return self._index, self._projection
 
-    def lowrank(self) -> Any:
+    def lowrank(self) -> LowRankFactors:
         """LowRankFactors from the bundle, loaded on first use."""
         with self._lock:
             if self._lowrank is None:

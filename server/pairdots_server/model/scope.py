@@ -176,7 +176,7 @@ class ScopeSpec:
                 "scope", f"unknown keys {sorted(unknown)}; allowed: kind, n, pattern"
             )
         return cls(
-            kind=str(d.get("kind", "default")),  # type: ignore[arg-type]  (coerced)
+            kind=str(d.get("kind", "default")),  # type: ignore[arg-type]  # coerced to ScopeKind
             n=int(d.get("n", 1)),
             pattern=str(d.get("pattern", "")),
         )

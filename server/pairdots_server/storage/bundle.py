@@ -145,6 +145,16 @@ class Bundle:
     def has_artifact(self, relpath: str) -> bool:
         return relpath in self.manifest.get("files", {})
 
+    @classmethod
+    def unsaved(
+        cls, name: str, path: Path, task: Task, train: Sequence[Example],
+        train_config: Mapping[str, Any],
+    ) -> Bundle:
+        """A bundle being prepared, not yet saved (no artifacts): what building its artifacts
+        (index, low-rank factors) needs before save_bundle writes it."""
+        manifest = {"labels": list(task.labels), "train": dict(train_config), "files": {}}
+        return cls(name, path, manifest, task, list(train))
+
 
 def save_bundle(
     root: str | Path,
