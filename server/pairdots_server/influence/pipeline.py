@@ -5,7 +5,7 @@
   word_saliency          s(x_t) of every word for a label (Eq. 1–2)
   top_words              the m most salient words the model saw
   measurement_gradient   what f is (a Measurement) -> ∇θf, flat [P] (one backward)
-  solve_s_test           s_test = (H + δI)⁻¹ ∇θf (solver_policy; cached per query)
+  s_test                 s_test = (H + δI)⁻¹ ∇θf (the runtime's cache, else solver_policy)
   candidates             training indices to score (index prefilter, or all; optional subset)
   score_examples         I(z_i, f) = -⟨s_test, ∇θL(z_i)⟩ (Eq. 5) for training indices
   score_texts            the same for arbitrary labelled texts (perturbed examples)
@@ -38,7 +38,7 @@ from pairdots_server.core.saliency import (
 from pairdots_server.errors import FailedPrecondition
 from pairdots_server.influence.runtime import EncodedExamples, ModelRuntime
 from pairdots_server.influence.settings import PipelineSettings
-from pairdots_server.influence.solver_policy import solve_s_test as _policy_solve
+from pairdots_server.influence.solver_policy import solve_s_test
 
 StopFn = Callable[[], None]
 
@@ -180,8 +180,18 @@ def s_test(
     rt: ModelRuntime, grad_f: Tensor, settings: PipelineSettings, should_stop: StopFn,
     *, cache_key: Hashable | None = None,
 ) -> tuple[Tensor, dict[str, float | int | bool | str]]:
-    """s_test = (H + δI)⁻¹ ∇θf with the solver's diagnostics (cached per cache_key)."""
-    return _policy_solve(rt, grad_f, settings.solver, should_stop, cache_key=cache_key)
+    """s_test = (H + δI)⁻¹ ∇θf with the solver's diagnostics; a query whose cache_key was
+    solved before comes from the runtime's s_test cache (diagnostics "cached": True)."""
+    key = None if cache_key is None else ("s_test", cache_key)
+    if key is not None:
+        hit = rt.s_test_cache.get(key)
+        if hit is not None:
+            x, diag = hit
+            return x, {**diag, "cached": True}
+    x, diag = solve_s_test(rt, grad_f, settings.solver, should_stop)
+    if key is not None:
+        rt.s_test_cache.put(key, (x, diag))
+    return x, diag
 
 
 def word_s_test(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import math
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -226,15 +226,8 @@ def solve_s_test(
     grad_w: Tensor,
     settings: SolverSettings,
     should_stop: Callable[[], None],
-    *,
-    cache_key: Hashable | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
-    """s_test = (H + δI)⁻¹ ∇θw with diagnostics; identical queries come from the cache."""
-    if cache_key is not None:
-        hit = rt.s_test_cache.get(("s_test", cache_key))
-        if hit is not None:
-            x, diag = hit
-            return x, {**diag, "cached": True}
+    """s_test = (H + δI)⁻¹ ∇θw with diagnostics ("cached": False; pipeline.s_test caches)."""
     method = resolve_method(rt, settings)
     resolved = resolve_solver(rt, settings)
     try:
@@ -261,10 +254,7 @@ def solve_s_test(
         "seconds": d.seconds,
         "cached": False,
     }
-    x = result.x.detach()
-    if cache_key is not None:
-        rt.s_test_cache.put(("s_test", cache_key), (x, diag))
-    return x, diag
+    return result.x.detach(), diag
 
 
 def fit_lowrank_factors(
