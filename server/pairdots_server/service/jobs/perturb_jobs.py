@@ -1,33 +1,49 @@
-"""Attack and Repair as job functions for the JobRunner: validated request in, result proto out.
+"""Attack and Repair as job functions for the JobRunner: validated query in, encoded result out.
 
-A job reports progress as a pairdots.v1.JobMetadata (kind, model, stage, done/total,
-create/update time) — stages "explaining"/"perturbing" (per test example or error),
-"evaluating", "retraining" (per optimiser step), "saving", "done" — at most every
-`min_interval_s` seconds except on stage changes, and returns an AttackResult / RepairResult.
+A job reports progress (kind, model, stage, done/total, create/update time) — stages
+"explaining"/"perturbing" (per test example or error), "evaluating", "retraining" (per
+optimiser step), "saving", "done" — at most every `min_interval_s` seconds except on stage
+changes, and returns its AttackOutcome / RepairOutcome with the retraining's Evaluation. How
+progress and outcomes become stored bytes is the JobEncoding the caller passes (the rpc layer
+gives rpc/job_results.ENCODING: JobMetadata, AttackResult, RepairResult).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from google.protobuf import timestamp_pb2
-
-from pairdots.v1 import pairdots_pb2 as pb
 from pairdots_server.influence.runtime import ModelRuntime
 from pairdots_server.model.retrain import Evaluation, RetrainSpec, retrain_and_evaluate
-from pairdots_server.perturb.attack import AttackQuery, run_attack
+from pairdots_server.perturb.attack import AttackOutcome, AttackQuery, run_attack
 from pairdots_server.perturb.objectives import Edit
-from pairdots_server.perturb.repair import RepairQuery, run_repair
+from pairdots_server.perturb.repair import RepairOutcome, RepairQuery, run_repair
 from pairdots_server.service.jobs.runner import JobContext, JobFn, JobResult
 from pairdots_server.storage.data import Example
 
-TYPE_PREFIX = "type.googleapis.com/"
-METADATA_TYPE = TYPE_PREFIX + pb.JobMetadata.DESCRIPTOR.full_name
-ATTACK_RESULT_TYPE = TYPE_PREFIX + pb.AttackResult.DESCRIPTOR.full_name
-REPAIR_RESULT_TYPE = TYPE_PREFIX + pb.RepairResult.DESCRIPTOR.full_name
+
+@dataclass(frozen=True)
+class JobProgress:
+    """One progress report of a job (times in seconds since the epoch)."""
+
+    kind: str
+    model: str
+    stage: str
+    done: int
+    total: int
+    created: float
+    updated: float
+
+
+@dataclass(frozen=True)
+class JobEncoding:
+    """How progress and outcomes become (type URL, bytes) for the job store."""
+
+    progress: Callable[[JobProgress], tuple[str, bytes]]
+    attack: Callable[[AttackOutcome, Evaluation | None], JobResult]
+    repair: Callable[[RepairOutcome, Evaluation | None], JobResult]
 
 
 @dataclass(frozen=True)
@@ -38,20 +54,16 @@ class JobEnv:
     default_candidates: int
     scoring_batch_size: int
     output_root: Path
-
-
-def _timestamp(t: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(t * 1e9))
-    return ts
+    encoding: JobEncoding
 
 
 class ProgressReporter:
-    """Publishes JobMetadata through ctx.set_metadata, throttled within a stage."""
+    """Publishes progress through ctx.set_metadata, throttled within a stage."""
 
-    def __init__(self, ctx: JobContext, kind: str, model: str, min_interval_s: float = 0.5
-                 ) -> None:
+    def __init__(self, ctx: JobContext, kind: str, model: str, encode: JobEncoding,
+                 min_interval_s: float = 0.5) -> None:
         self.ctx = ctx
+        self.encode = encode.progress
         self.kind = kind
         self.model = model
         self.created = time.time()
@@ -65,45 +77,27 @@ class ProgressReporter:
         if stage == self._last_stage and not final and now - self._last_time < self.min_interval_s:
             return
         self._last_stage, self._last_time = stage, now
-        meta = pb.JobMetadata(
-            kind=self.kind, model=self.model, stage=stage, done=done, total=total,
-            create_time=_timestamp(self.created), update_time=_timestamp(time.time()),
-        )
-        self.ctx.set_metadata(METADATA_TYPE, meta.SerializeToString())
-
-
-def edit_proto(e: Edit) -> pb.TrainingEdit:
-    return pb.TrainingEdit(
-        train_index=e.train_index, original_text=e.original_text, new_text=e.new_text,
-        label=e.label, example_index=e.example_index, word_index=e.word_index,
-        original_word=e.original_word, substitute=e.substitute, relation=e.relation,
-        influence_change=e.influence_change, objective=e.objective,
-    )
-
-
-def evaluation_proto(ev: Evaluation) -> pb.Evaluation:
-    return pb.Evaluation(
-        accuracy_before=ev.accuracy_before, accuracy_after=ev.accuracy_after,
-        examples=ev.examples, saved_model=ev.saved_model, retrain_seconds=ev.retrain_seconds,
-    )
+        self.ctx.set_metadata(*self.encode(JobProgress(
+            self.kind, self.model, stage, done, total, self.created, time.time(),
+        )))
 
 
 def _provenance(kind: str, edits: Sequence[Edit], seed: int) -> dict[str, object]:
     return {"operation_kind": kind, "edits": len(edits), "seed": seed}
 
 
-def _retrain_into(
-    result: pb.AttackResult | pb.RepairResult, rt: ModelRuntime, train: Sequence[Example],
-    retrain: RetrainSpec, examples: Sequence[Example], ctx: JobContext,
-    report: ProgressReporter, env: JobEnv, provenance: dict[str, object],
-) -> None:
-    """Retrain on the edited training set, evaluate, and record it in `result`."""
-    ev = retrain_and_evaluate(
+def _retrain(
+    rt: ModelRuntime, train: Sequence[Example], retrain: RetrainSpec | None,
+    examples: Sequence[Example], ctx: JobContext, report: ProgressReporter, env: JobEnv,
+    provenance: dict[str, object],
+) -> Evaluation | None:
+    """Retrain on the edited training set and evaluate (None when no retraining is asked)."""
+    if retrain is None:
+        return None
+    return retrain_and_evaluate(
         rt, train, retrain, examples, ctx.check, report, output_root=env.output_root,
         provenance=provenance,
     )
-    result.evaluation.CopyFrom(evaluation_proto(ev))
-    result.notes.extend(ev.notes)
 
 
 def attack_job(rt: ModelRuntime, q: AttackQuery, retrain: RetrainSpec | None, env: JobEnv
@@ -111,18 +105,16 @@ def attack_job(rt: ModelRuntime, q: AttackQuery, retrain: RetrainSpec | None, en
     """The job function of one Attack operation."""
 
     def run(ctx: JobContext) -> JobResult:
-        report = ProgressReporter(ctx, "attack", rt.name)
+        report = ProgressReporter(ctx, "attack", rt.name, env.encoding)
         report("explaining", 0, len(q.examples))
         out = run_attack(
             rt, q, ctx.check, report, default_candidates=env.default_candidates,
             scoring_batch_size=env.scoring_batch_size,
         )
-        result = pb.AttackResult(edits=[edit_proto(e) for e in out.edits], notes=out.notes)
-        if retrain is not None:
-            _retrain_into(result, rt, out.train, retrain, q.examples, ctx, report, env,
-                          _provenance("attack", out.edits, q.seed))
+        ev = _retrain(rt, out.train, retrain, q.examples, ctx, report, env,
+                      _provenance("attack", out.edits, q.seed))
         report("done", 1, 1)
-        return ATTACK_RESULT_TYPE, result.SerializeToString()
+        return env.encoding.attack(out, ev)
 
     return run
 
@@ -132,19 +124,14 @@ def repair_job(rt: ModelRuntime, q: RepairQuery, retrain: RetrainSpec | None, en
     """The job function of one Repair operation."""
 
     def run(ctx: JobContext) -> JobResult:
-        report = ProgressReporter(ctx, "repair", rt.name)
+        report = ProgressReporter(ctx, "repair", rt.name, env.encoding)
         out = run_repair(
             rt, q, ctx.check, report, default_candidates=env.default_candidates,
             scoring_batch_size=env.scoring_batch_size,
         )
-        result = pb.RepairResult(
-            errors_found=out.errors_found, edits=[edit_proto(e) for e in out.edits],
-            notes=out.notes,
-        )
-        if retrain is not None:
-            _retrain_into(result, rt, out.train, retrain, q.examples, ctx, report, env,
-                          _provenance("repair", out.edits, q.seed))
+        ev = _retrain(rt, out.train, retrain, q.examples, ctx, report, env,
+                      _provenance("repair", out.edits, q.seed))
         report("done", 1, 1)
-        return REPAIR_RESULT_TYPE, result.SerializeToString()
+        return env.encoding.repair(out, ev)
 
     return run
