@@ -1,6 +1,6 @@
 """Helpers shared by bench/prefilter.py and bench/explain_latency.py (issue 4 benchmarks).
 
-Both run the served pipeline's own code (pairdots_server.runtime / explain / solvers) on a
+Both run the served pipeline's own code (pairdots_server.influence.runtime / explain / solvers) on a
 prepared bundle; SST-2 reading and logging come from bench/fidelity.py.
 """
 
@@ -16,11 +16,12 @@ import torch
 from fidelity import log, read_sst2  # also puts <repo>/server on sys.path
 from torch import Tensor
 
-from pairdots_server.bundle import load_bundle
 from pairdots_server.config import ExplainLimits
-from pairdots_server.explain import ExplainQuery, _top_words, word_s_test, word_saliency
-from pairdots_server.runtime import ModelRuntime
-from pairdots_server.solvers import SolverSettings
+from pairdots_server.influence import pipeline as steps
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.settings import InfluenceSettings
+from pairdots_server.influence.solver_policy import SolverSettings
+from pairdots_server.storage.bundle import load_bundle
 
 __all__ = [
     "WordQuery", "default_candidates", "load_runtime", "log", "no_stop", "sample_sentences",
@@ -28,8 +29,7 @@ __all__ = [
 ]
 
 
-def no_stop() -> None:
-    """should_stop callback that never cancels."""
+no_stop = steps.no_stop
 
 
 def load_runtime(bundle: str, threads: int) -> tuple[ModelRuntime, float]:
@@ -75,28 +75,16 @@ class WordQuery:
 def top_word_query(
     rt: ModelRuntime, text: str, settings: SolverSettings | None = None
 ) -> WordQuery:
-    """Explain steps 1–3 (explain.py) for the single most salient word of `text`, with the
-    service's default saliency (ExplainQuery defaults: target and token score, Eq. 1–2), the
-    top word by |score|, ∇θ w by double backprop, and s_test from the bundle's default solver."""
-    defaults = ExplainQuery(text=text)
-    task = rt.task
-    enc = task.encode([text], max_length=rt.max_length)
-    with torch.no_grad():
-        embeds = task.embed(enc.input_ids).detach()  # [1,T,D]
-        label = int(task.logits_fn({}, embeds, enc.attention_mask).argmax(-1)[0])
-    word_ids = enc.word_ids[0]
-    words = enc.words[0]
-    pieces = [0] * len(words)
-    for w in word_ids:
-        if w is not None:
-            pieces[w] += 1
-    ws = word_saliency(
-        rt, embeds, enc.attention_mask, word_ids, len(words), label, defaults.target,
-        defaults.token_score,
-    )  # [W]
-    wi = _top_words(ws, pieces, 1)[0]
-    s_test, diag = word_s_test(
-        rt, text, embeds, enc.attention_mask, word_ids, wi, label, defaults.target,
-        defaults.token_score, settings or SolverSettings(), no_stop,
+    """Explain steps 1–4 (influence/explain.py) for the single most salient word of `text`,
+    with the service's default saliency (InfluenceSettings defaults: target and token score,
+    Eq. 1–2), the top word by |score|, ∇θ w by double backprop, and s_test from the bundle's
+    default solver."""
+    resolved = InfluenceSettings(solver=settings or SolverSettings()).resolve(
+        rt, default_candidates=default_candidates(rt.n_train)
     )
-    return WordQuery(text, label, wi, words[wi], s_test, diag)
+    enc = steps.encode_text(rt, text)
+    label = int(steps.predict(rt, enc).argmax())
+    ws = steps.word_saliency(rt, enc, label, resolved.target, resolved.token_score)  # [W]
+    wi = steps.top_words(ws, enc.pieces, 1)[0]
+    s_test, diag = steps.word_s_test(rt, enc, wi, label, resolved, no_stop)
+    return WordQuery(text, label, wi, enc.words[wi], s_test, diag)

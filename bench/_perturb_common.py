@@ -11,12 +11,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pairdots_server.data import Example
-from pairdots_server.perturb.edits import Edit, InfluenceSettings
-from pairdots_server.retrain import RetrainMode, RetrainSpec, retrain
-from pairdots_server.runtime import ModelRuntime
-from pairdots_server.solvers import SolverChoice, SolverSettings
-from pairdots_server.train import evaluate
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.settings import InfluenceSettings
+from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings
+from pairdots_server.model.retrain import RetrainMode, RetrainSpec, retrain
+from pairdots_server.model.train import evaluate
+from pairdots_server.perturb.objectives import Edit
+from pairdots_server.storage.data import Example
 
 SST2 = Path("/work/shared/data/sst2")
 
@@ -73,7 +74,7 @@ def write_edits(
     """The search's result, replayable by bench/retrain_edits.py: {"kind", "bundle", "recipe",
     "base_model", "ns", "evals": {name: [[text, label], ...]}, "edits": {mode: [Edit, ...]},
     **extra}."""
-    from pairdots_server.retrain import recipe
+    from pairdots_server.model.retrain import recipe
 
     payload = {
         "kind": kind, "bundle": rt.name, "recipe": recipe(rt, spec).to_dict(),

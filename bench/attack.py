@@ -36,8 +36,8 @@ from _perturb_common import (
     write_edits,
 )
 
-from pairdots_server.bundle import load_bundle
-from pairdots_server.data import Example, read_examples
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.model.train import evaluate
 from pairdots_server.perturb.attack import (
     DEMOTE,
     PROMOTE,
@@ -45,9 +45,9 @@ from pairdots_server.perturb.attack import (
     AttackQuery,
     run_attack,
 )
-from pairdots_server.perturb.edits import Edit, TargetCache
-from pairdots_server.runtime import ModelRuntime
-from pairdots_server.train import evaluate
+from pairdots_server.perturb.objectives import Edit, TargetCache
+from pairdots_server.storage.bundle import load_bundle
+from pairdots_server.storage.data import Example, read_examples
 
 MODES = {"demote": AttackMode.DEMOTE_SALIENT, "promote": AttackMode.PROMOTE_WRONG,
          "combined": AttackMode.COMBINED, "random": AttackMode.RANDOM}

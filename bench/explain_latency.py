@@ -27,9 +27,10 @@ from dataclasses import replace
 
 from _common import default_candidates, load_runtime, log, no_stop, sample_sentences
 
-from pairdots_server.explain import ExplainAnswer, ExplainQuery, explain
-from pairdots_server.runtime import ModelRuntime
-from pairdots_server.solvers import SolverChoice, SolverSettings
+from pairdots_server.influence.explain import ExplainAnswer, ExplainQuery, explain
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.settings import InfluenceSettings
+from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings
 
 STAGES = ("saliency", "grad_score", "solve", "candidates", "exact_scoring", "token_influence")
 FIRST_TEXT = "i loved it !"
@@ -110,10 +111,11 @@ def main() -> None:
         if name == "default":
             base = ExplainQuery(text="")
         elif name == "lissa":
-            base = ExplainQuery(text="", solver=SolverSettings(
-                method=SolverChoice.LISSA, max_iterations=args.lissa_depth))
+            base = ExplainQuery(text="", influence=InfluenceSettings(solver=SolverSettings(
+                method=SolverChoice.LISSA, max_iterations=args.lissa_depth)))
         elif name == "exhaustive":
-            base = ExplainQuery(text="", use_index=False, top_words=args.exhaustive_top_words)
+            base = ExplainQuery(text="", influence=InfluenceSettings(use_index=False),
+                                top_words=args.exhaustive_top_words)
             texts = texts[: max(1, args.exhaustive_calls)]
         else:
             raise SystemExit(f"unknown configuration {name!r}; use default, lissa, exhaustive")

@@ -149,7 +149,7 @@ def load_minilm_problem(bundle: str | None, n_train: int, n_head: int = 512) -> 
     """MiniLM, scope = last encoder layer + pooler + classifier; ``n_train`` SST-2 examples."""
     test_text = "a gorgeous , witty , seductive movie ."
     if bundle:
-        from pairdots_server.bundle import load_bundle
+        from pairdots_server.storage.bundle import load_bundle
 
         b = load_bundle(bundle)
         task = b.task

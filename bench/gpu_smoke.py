@@ -29,24 +29,26 @@ def main() -> None:
     ap.add_argument("--index-dim", type=int, default=1024)
     args = ap.parse_args()
 
-    from pairdots_server.artifacts import (
+    from pairdots_server.influence.artifacts import (
         ArtifactConfig,
         build_index_dir,
         index_files,
         lowrank_bytes,
     )
-    from pairdots_server.bundle import load_bundle, save_bundle, update_bundle
-    from pairdots_server.explain import ExplainQuery, explain
-    from pairdots_server.runtime import LOWRANK_FILE, ModelRuntime
-    from pairdots_server.solvers import SolverChoice, SolverSettings
-    from pairdots_server.task import Task
+    from pairdots_server.influence.explain import ExplainQuery, explain
+    from pairdots_server.influence.runtime import LOWRANK_FILE, ModelRuntime
+    from pairdots_server.influence.settings import InfluenceSettings
+    from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings
+    from pairdots_server.model.task import Task
+    from pairdots_server.model.train import TrainConfig, fine_tune
+    from pairdots_server.storage.bundle import load_bundle, save_bundle
+    from pairdots_server.storage.update import update_bundle
     from pairdots_server.testing import (
         BASE_WORDS,
         build_tiny_model_dir,
         synthetic_examples,
         words_of,
     )
-    from pairdots_server.train import TrainConfig, fine_tune
 
     out: dict[str, object] = {"device": args.device}
     if args.device.startswith("cuda"):
@@ -81,9 +83,11 @@ def main() -> None:
             ("lowrank_exhaustive", SolverSettings(method=SolverChoice.LOW_RANK), False),
             ("lissa_index", SolverSettings(method=SolverChoice.LISSA, max_iterations=300), True),
         ):
-            q = ExplainQuery(text=text, top_words=2, solver=settings, use_index=use_index)
+            q = ExplainQuery(text=text, top_words=2,
+                             influence=InfluenceSettings(solver=settings, use_index=use_index))
             explain(rt, q, lambda: None, default_candidates=100)  # warm-up (+ cache fill)
             rt.s_test_cache = type(rt.s_test_cache)(256)
+            rt.lambda_max.clear()
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             t = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Recall and speedup of the gradient prefilter (issue 4, DESIGN §3 "Prefilter").
+"""Recall and speedup of the gradient prefilter (issue 4, docs/DESIGN.md §3 "Prefilter").
 
 For each of --sentences seeded SST-2 test sentences, the top salient word w (Explain's choice,
 bench/_common.top_word_query) and s_test = (H + δI)⁻¹ ∇θ w from the bundle's default solver.
@@ -15,7 +15,7 @@ Prefilter: the index searched with -Pᵀs_test (supporting: ⟨-s_test, g⟩ lar
 
 Speedup = exhaustive time per query / (search + exact scoring of the union) per query:
   exhaustive per query = gradient time of the full pass + its [N,P]@[P,Q] product / Q (one
-  query needs one full gradient pass); prefilter = explain._candidates + explain._score_exact
+  query needs one full gradient pass); prefilter = pipeline.candidates + pipeline.score_examples
   (Explain's own code), timed on the first --timed-sentences sentences at the default K and the
   largest K ≤ 5 % of N. Both in this run, same threads.
 
@@ -44,9 +44,10 @@ from _common import (
 from torch import Tensor
 
 from pairdots_server.core.grads import per_example_loss_grads
-from pairdots_server.explain import _candidates, _score_exact, _Timer
 from pairdots_server.index.recall import recall_at
-from pairdots_server.runtime import ModelRuntime
+from pairdots_server.influence import pipeline as steps
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.settings import InfluenceSettings
 
 
 def exhaustive_influence(
@@ -75,7 +76,7 @@ def exhaustive_influence(
 
 
 def search_ids(rt: ModelRuntime, s_test: Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(supporting ids [k], opposing ids [k]) from the index, as explain._candidates queries it."""
+    """(supporting ids [k], opposing ids [k]) from the index, as pipeline.candidates queries it."""
     index, projection = rt.index()
     q = projection.project(s_test[None].float()).cpu().numpy()  # [1,k_proj]
     _, sup = index.search(-q, k)
@@ -165,15 +166,18 @@ def main() -> None:
     max_err = 0.0
     for q_i, q in enumerate(queries[: args.timed_sentences]):
         for k in timed_k:
-            timer = _Timer()
+            timer = steps.Timer()
+            settings = InfluenceSettings(use_index=True, candidates=k).resolve(
+                rt, default_candidates=k, scoring_batch_size=args.batch_size
+            )
             start = time.perf_counter()
-            cand, _ = _candidates(rt, q.s_test, True, k, timer)
-            scores = _score_exact(rt, q.s_test, cand, no_stop, args.batch_size, timer)
+            cand = steps.candidates(rt, q.s_test, settings, timer)
+            scores = steps.score_examples(rt, q.s_test, cand, settings, no_stop, timer)
             timing[k].append(time.perf_counter() - start)
             sup, opp = ids[q_i][0][:k], ids[q_i][1][:k]
             expect = sorted({int(i) for i in np.concatenate([sup, opp]) if i >= 0})
             if cand != expect:
-                raise SystemExit(f"explain._candidates disagrees with the search at K={k}")
+                raise SystemExit(f"pipeline.candidates disagrees with the search at K={k}")
             ref = infl[cand, q_i]
             err = float((scores.double() - ref).abs().max() / ref.abs().max())
             max_err = max(max_err, err)

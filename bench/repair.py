@@ -30,11 +30,11 @@ from _perturb_common import (
     write_edits,
 )
 
-from pairdots_server.bundle import load_bundle
-from pairdots_server.data import read_examples
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.model.train import evaluate
 from pairdots_server.perturb.repair import RepairMode, RepairQuery, find_errors, run_repair
-from pairdots_server.runtime import ModelRuntime
-from pairdots_server.train import evaluate
+from pairdots_server.storage.bundle import load_bundle
+from pairdots_server.storage.data import read_examples
 
 
 def main() -> None:

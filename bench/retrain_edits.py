@@ -31,11 +31,13 @@ from typing import Any
 from _perturb_common import edit_sets, log
 
 from pairdots_server.core.saliency import token_saliency, word_scores
-from pairdots_server.data import Example, read_examples
-from pairdots_server.perturb.edits import Edit, InfluenceSettings
-from pairdots_server.retrain import base_task
-from pairdots_server.task import ScopeSpec, Task
-from pairdots_server.train import TrainConfig, evaluate, fine_tune
+from pairdots_server.influence.settings import InfluenceSettings
+from pairdots_server.model.retrain import base_task
+from pairdots_server.model.scope import ScopeSpec
+from pairdots_server.model.task import Task
+from pairdots_server.model.train import TrainConfig, evaluate, fine_tune
+from pairdots_server.perturb.objectives import Edit
+from pairdots_server.storage.data import Example, read_examples
 
 
 def word_saliencies(task: Task, examples: list[Example], max_length: int) -> list[list[float]]:

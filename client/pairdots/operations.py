@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any, TypeAlias
 
 from pairdots.errors import PairdotsError, UnexpectedResponseError, error_from_status
-from pairdots.results import _timestamp
+from pairdots.options import datetime_from_proto
 from pairdots.v1 import pairdots_pb2
 
 __all__ = [
@@ -41,7 +41,7 @@ class JobProgress:
     @classmethod
     def from_proto(cls, msg: pairdots_pb2.JobMetadata) -> JobProgress:
         return cls(msg.kind, msg.model, msg.stage, msg.done, msg.total,
-                   _timestamp(msg.create_time), _timestamp(msg.update_time))
+                   datetime_from_proto(msg.create_time), datetime_from_proto(msg.update_time))
 
     @property
     def fraction(self) -> float | None:

@@ -26,9 +26,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from pairdots.options import ExplanationRole
 from pairdots.results import (
     Explanation,
-    ExplanationRole,
     InfluentialExample,
     LabelExplanation,
     SalientWord,

@@ -1,6 +1,6 @@
-"""Typed values exchanged with the service: option enums and dataclasses sent in requests, and
-frozen result dataclasses read from responses (each with ``from_proto``; `Explanation` and
-`ModelInfo` keep the message as ``.raw``).
+"""Typed values read from the service's responses: frozen result dataclasses (each with
+``from_proto``; `Explanation` and `ModelInfo` keep the message as ``.raw``). The option enums
+and request options are in pairdots.options.
 
 Influence sign convention (proto header, paper Eq. 5): I(z, w) = -∇θw(x)ᵀ H⁻¹ ∇θL(z) is the
 derivative of w with respect to upweighting training example z. Positive: z is *supporting*
@@ -13,234 +13,35 @@ Repeated fields become tuples (the dataclasses are frozen and hashable-ish); enu
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import TypeVar
+from datetime import datetime
 
-from google.protobuf import timestamp_pb2
-
+from pairdots.options import (
+    CandidateSearch,
+    Curvature,
+    ExplanationRole,
+    Solver,
+    datetime_from_proto,
+    enum_from_proto,
+)
 from pairdots.v1 import pairdots_pb2
 
 __all__ = [
-    "AttackMode", "CandidateSearch", "Curvature", "Diagnostics", "Explanation",
-    "ExplanationRole", "InfluenceOptions", "InfluentialExample", "LabelExplanation",
-    "LabeledText", "ModelInfo", "Prediction", "RepairMode", "RetrainMode", "RetrainOptions",
-    "SaliencyOptions", "SalientWord", "Solver", "SolverDiagnostics", "SolverOptions",
-    "StageTiming", "TargetFunction", "TokenInfluenceMethod", "TokenScoreMethod", "Word",
-    "WordInfluence", "word_separators",
+    "Diagnostics",
+    "Explanation",
+    "InfluentialExample",
+    "LabelExplanation",
+    "ModelInfo",
+    "Prediction",
+    "SalientWord",
+    "SolverDiagnostics",
+    "StageTiming",
+    "Word",
+    "WordInfluence",
+    "word_separators",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Enums (numbers equal to the proto's; UNSPECIFIED = server default)
-
-class TargetFunction(enum.IntEnum):
-    """The scalar S_y whose gradient defines saliency (paper Eq. 1)."""
-
-    UNSPECIFIED = 0
-    LOG_PROBABILITY = 1
-    PROBABILITY = 2
-    LOGIT = 3
-
-
-class TokenScoreMethod(enum.IntEnum):
-    """How a token score s(x_t) is formed from w_y(e_t) = ∇_{e_t} S_y (paper §3.1)."""
-
-    UNSPECIFIED = 0
-    GRADIENT_TIMES_INPUT = 1
-    L2_NORM = 2
-    SUM = 3
-    GRADIENT_TIMES_DELTA_UNK = 4
-
-
-class Curvature(enum.IntEnum):
-    """The curvature H of H⁻¹v (GAUSS_NEWTON is PSD; HESSIAN as in the paper)."""
-
-    UNSPECIFIED = 0
-    GAUSS_NEWTON = 1
-    HESSIAN = 2
-
-
-class Solver(enum.IntEnum):
-    """The inverse-HVP solver for s_test = H⁻¹∇θw (paper App. B for LiSSA)."""
-
-    UNSPECIFIED = 0
-    LISSA = 1
-    CONJUGATE_GRADIENT = 2
-    LOW_RANK = 3
-    EXACT = 4
-
-
-class CandidateSearch(enum.IntEnum):
-    """How training examples to score exactly are chosen."""
-
-    UNSPECIFIED = 0
-    INDEX = 1
-    EXHAUSTIVE = 2
-
-
-class TokenInfluenceMethod(enum.IntEnum):
-    """How the responsible word of a training example is found (paper Eq. 8)."""
-
-    UNSPECIFIED = 0
-    EXACT = 1
-    FIRST_ORDER = 2
-    NONE = 3
-
-
-class ExplanationRole(enum.IntEnum):
-    """Why a LabelExplanation is there: the explained label, or the gold label."""
-
-    UNSPECIFIED = 0
-    TARGET = 1
-    GOLD = 2
-
-
-class AttackMode(enum.IntEnum):
-    """What an attack optimises (paper §4.2, Eq. 9-10)."""
-
-    UNSPECIFIED = 0
-    DEMOTE_SALIENT = 1
-    PROMOTE_WRONG = 2
-    COMBINED = 3
-    RANDOM = 4
-
-
-class RepairMode(enum.IntEnum):
-    """How repair examples are made (paper §4.3)."""
-
-    UNSPECIFIED = 0
-    INFLUENCE = 1
-    RANDOM = 2
-
-
-class RetrainMode(enum.IntEnum):
-    """How retraining runs."""
-
-    UNSPECIFIED = 0
-    FULL = 1
-    SCOPE_ONLY = 2
-
-
-_E = TypeVar("_E", bound=enum.IntEnum)
-
-
-def enum_from_proto(cls: type[_E], value: int) -> _E:
-    """`cls(value)`, or `cls(0)` (UNSPECIFIED) for a number this client does not know yet."""
-    try:
-        return cls(value)
-    except ValueError:
-        return cls(0)
-
-
-def _timestamp(ts: timestamp_pb2.Timestamp) -> datetime | None:
-    if ts.seconds == 0 and ts.nanos == 0:
-        return None
-    return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, tz=timezone.utc)
-
-
-# ---------------------------------------------------------------------------------------------
-# Request options
-
-@dataclass(frozen=True)
-class SaliencyOptions:
-    """Saliency settings; UNSPECIFIED fields take the server defaults
-    (log p(y|x), L2 norm of the embedding gradient)."""
-
-    target_function: TargetFunction = TargetFunction.UNSPECIFIED
-    token_score: TokenScoreMethod = TokenScoreMethod.UNSPECIFIED
-
-    def to_proto(self) -> pairdots_pb2.SaliencyOptions:
-        return pairdots_pb2.SaliencyOptions(
-            target_function=pairdots_pb2.TargetFunction.ValueType(int(self.target_function)),
-            token_score=pairdots_pb2.TokenScoreMethod.ValueType(int(self.token_score)),
-        )
-
-
-@dataclass(frozen=True)
-class SolverOptions:
-    """Inverse-HVP settings: solves (H + λI)x = v. None = the bundle's default (reported back
-    in SolverDiagnostics). The server validates ranges and answers INVALID_ARGUMENT."""
-
-    solver: Solver = Solver.UNSPECIFIED
-    curvature: Curvature = Curvature.UNSPECIFIED
-    damping: float | None = None
-    scale: float | None = None
-    max_iterations: int | None = None
-    repeats: int | None = None
-    batch_size: int | None = None
-    tolerance: float | None = None
-    seed: int | None = None
-
-    def to_proto(self) -> pairdots_pb2.SolverOptions:
-        return pairdots_pb2.SolverOptions(
-            solver=pairdots_pb2.Solver.ValueType(int(self.solver)),
-            curvature=pairdots_pb2.Curvature.ValueType(int(self.curvature)),
-            damping=self.damping, scale=self.scale, max_iterations=self.max_iterations,
-            repeats=self.repeats, batch_size=self.batch_size, tolerance=self.tolerance,
-            seed=self.seed,
-        )
-
-
-@dataclass(frozen=True)
-class InfluenceOptions:
-    """Influence settings. `candidates` 0 = server default."""
-
-    solver: SolverOptions = field(default_factory=SolverOptions)
-    candidate_search: CandidateSearch = CandidateSearch.UNSPECIFIED
-    candidates: int = 0
-    token_influence: TokenInfluenceMethod = TokenInfluenceMethod.UNSPECIFIED
-
-    def to_proto(self) -> pairdots_pb2.InfluenceOptions:
-        return pairdots_pb2.InfluenceOptions(
-            solver=self.solver.to_proto(),
-            candidate_search=pairdots_pb2.CandidateSearch.ValueType(int(self.candidate_search)),
-            candidates=self.candidates,
-            token_influence=pairdots_pb2.TokenInfluenceMethod.ValueType(int(self.token_influence)),
-        )
-
-
-@dataclass(frozen=True)
-class LabeledText:
-    """A text with its gold label (an index into ModelInfo.labels)."""
-
-    text: str
-    label: int
-
-    def to_proto(self) -> pairdots_pb2.LabeledText:
-        return pairdots_pb2.LabeledText(text=self.text, label=self.label)
-
-    @classmethod
-    def coerce(cls, value: LabeledText | tuple[str, int]) -> LabeledText:
-        """Accept ``LabeledText`` or a ``(text, label)`` pair."""
-        if isinstance(value, LabeledText):
-            return value
-        text, label = value
-        return cls(text, int(label))
-
-
-@dataclass(frozen=True)
-class RetrainOptions:
-    """Retrain on the edited training set and evaluate. `epochs` 0 = the bundle's recipe;
-    empty `eval_examples` = the request's examples; `save_as` "" = do not save."""
-
-    enabled: bool = True
-    mode: RetrainMode = RetrainMode.UNSPECIFIED
-    epochs: int = 0
-    eval_examples: Sequence[LabeledText | tuple[str, int]] = ()
-    save_as: str = ""
-
-    def to_proto(self) -> pairdots_pb2.RetrainOptions:
-        return pairdots_pb2.RetrainOptions(
-            enabled=self.enabled,
-            mode=pairdots_pb2.RetrainMode.ValueType(int(self.mode)),
-            epochs=self.epochs,
-            eval_examples=[LabeledText.coerce(e).to_proto() for e in self.eval_examples],
-            save_as=self.save_as,
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +74,7 @@ class ModelInfo:
             scope=msg.scope, scope_parameters=msg.scope_parameters, has_index=msg.has_index,
             has_low_rank=msg.has_low_rank,
             default_solver=enum_from_proto(Solver, msg.default_solver),
-            create_time=_timestamp(msg.create_time) if msg.HasField("create_time") else None,
+            create_time=datetime_from_proto(msg.create_time) if msg.HasField("create_time") else None,
             format_version=msg.format_version, max_length=msg.max_length, raw=msg,
         )
 

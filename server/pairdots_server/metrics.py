@@ -23,24 +23,12 @@ class Metrics:
             "pairdots_request_seconds", "RPC latency by method", ["method"],
             buckets=LATENCY_BUCKETS, registry=self.registry,
         )
-        self.stage = Histogram(
-            "pairdots_explain_stage_seconds", "Explain pipeline stage time", ["stage"],
-            buckets=LATENCY_BUCKETS, registry=self.registry,
-        )
-        self.solver_iterations = Histogram(
-            "pairdots_solver_iterations", "inverse-HVP solver iterations per solve", ["solver"],
-            buckets=(0, 10, 50, 100, 250, 500, 1000, 2500, 5000), registry=self.registry,
-        )
         self.queue_depth = Gauge(
             "pairdots_queue_depth", "model requests running or waiting", registry=self.registry
         )
         self.models = Gauge("pairdots_models", "served models", registry=self.registry)
         self.bad_bundles = Gauge(
             "pairdots_refused_bundles", "bundles refused at load", registry=self.registry
-        )
-        self.jobs = Counter(
-            "pairdots_jobs", "operations by kind and final state", ["kind", "state"],
-            registry=self.registry,
         )
         self._server: Any = None
         self.port: int | None = None
@@ -51,10 +39,6 @@ class Metrics:
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method, code).inc()
         self.latency.labels(method).observe(seconds)
-
-    def observe_stages(self, timings: dict[str, float]) -> None:
-        for stage, seconds in timings.items():
-            self.stage.labels(stage).observe(seconds)
 
     def set_queue_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)

@@ -23,8 +23,8 @@ from pairdots_server.errors import PairdotsError
 if TYPE_CHECKING:
     import torch
 
-    from pairdots_server.data import Example
-    from pairdots_server.task import Task
+    from pairdots_server.model.task import Task
+    from pairdots_server.storage.data import Example
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 BASE_WORDS = (
@@ -87,7 +87,7 @@ def build_tiny_model_dir(
         BertTokenizerFast,
     )
 
-    from pairdots_server.task import quiet_hf
+    from pairdots_server.model.task import quiet_hf
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -134,7 +134,7 @@ def build_tiny_model_dir(
 
 def synthetic_examples(n: int, seed: int = 0) -> list[Example]:
     """n sentences "the <noun> was <adj> ." with label 1 for a positive adjective, else 0."""
-    from pairdots_server.data import Example
+    from pairdots_server.storage.data import Example
 
     rng = random.Random(seed)
     out = []
@@ -150,7 +150,7 @@ def synthetic_examples(n: int, seed: int = 0) -> list[Example]:
 
 def tiny_examples(n: int, seed: int = 0, *, split: str = "train") -> list[Example]:
     """The first n SST-2 examples of ``split`` when the shared data is present, else synthetic."""
-    from pairdots_server.data import default_sst2_dir, read_examples
+    from pairdots_server.storage.data import default_sst2_dir, read_examples
 
     try:
         return read_examples(default_sst2_dir() / f"{split}.tsv", limit=n)
@@ -167,7 +167,7 @@ def make_tiny_task(
     **model_kw: int,
 ) -> Task:
     """A Task on a freshly built tiny model (written to a temporary dir, then loaded)."""
-    from pairdots_server.task import Task
+    from pairdots_server.model.task import Task
 
     with tempfile.TemporaryDirectory(prefix="pairdots-tiny-") as d:
         build_tiny_model_dir(
@@ -230,9 +230,10 @@ def _make_tiny_bundle(
 ) -> Path:
     import torch
 
-    from pairdots_server.bundle import save_bundle
-    from pairdots_server.task import ScopeSpec, Task
-    from pairdots_server.train import TrainConfig, evaluate, fine_tune
+    from pairdots_server.model.scope import ScopeSpec
+    from pairdots_server.model.task import Task
+    from pairdots_server.model.train import TrainConfig, evaluate, fine_tune
+    from pairdots_server.storage.bundle import save_bundle
 
     train = tiny_examples(n_train, seed)
     dev = tiny_examples(n_dev, seed, split="dev")

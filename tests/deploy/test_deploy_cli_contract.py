@@ -1,5 +1,5 @@
 """The command lines the chart and gpu-smoke.sh run are accepted by the real `pairdots`
-argument parser (pairdots_server.cli.build_parser), so deploy/ cannot drift from the CLI."""
+argument parser (pairdots_server.cli.main.build_parser), so deploy/ cannot drift from the CLI."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ KNOWN_GAPS: set[str] = set()
 
 @pytest.fixture(scope="module")
 def parser() -> Any:
-    from pairdots_server.cli import build_parser  # needs PYTHONPATH=server:client or an install
+    from pairdots_server.cli.main import (
+        build_parser,  # needs PYTHONPATH=server:client or an install
+    )
 
     return build_parser()
 
@@ -61,7 +63,7 @@ def test_health_port_reaches_the_server_config(parser: Any,
                                               rendered: dict[str, list[dict[str, Any]]]) -> None:
     """Under TLS the kubelet probes the plaintext port the chart passes as --health-port; the
     parsed flags must turn into ServerConfig.health_port (the port create_server listens on)."""
-    from pairdots_server.cli import server_config
+    from pairdots_server.cli.main import server_config
 
     (server,) = [c for c in containers(rendered["all-on"]) if c["name"] == "server"]
     probe_port = server["readinessProbe"]["grpc"]["port"]

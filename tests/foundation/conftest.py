@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pairdots_server.task import Task
+from pairdots_server.model.task import Task
 from pairdots_server.testing import BASE_WORDS, build_tiny_model_dir, make_tiny_bundle
 
 

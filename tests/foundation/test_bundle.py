@@ -10,20 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 
-import pairdots_server.bundle as bundle_mod
-import pairdots_server.data as data_mod
-from pairdots_server.bundle import (
+import pairdots_server.storage.atomic as atomic_mod
+import pairdots_server.storage.bundle as bundle_mod
+import pairdots_server.storage.data as data_mod
+from pairdots_server.errors import AlreadyExists, BundleError, InvalidArgument, NotFound
+from pairdots_server.model.scope import ScopeSpec
+from pairdots_server.model.task import Task
+from pairdots_server.storage.bundle import (
     FORMAT_VERSION,
     discover_bundles,
     load_bundle,
-    read_artifact,
     save_bundle,
-    update_bundle,
     validate_bundle_name,
 )
-from pairdots_server.data import Example
-from pairdots_server.errors import AlreadyExists, BundleError, InvalidArgument, NotFound
-from pairdots_server.task import ScopeSpec, Task
+from pairdots_server.storage.data import Example
+from pairdots_server.storage.update import read_artifact, update_bundle
 
 TEXTS = ["a great film", "boring and awful", "I loved it!"]
 
@@ -169,7 +170,7 @@ def test_crash_mid_save_leaves_nothing(
     elif target == "rename":
         monkeypatch.setattr(bundle_mod.os, "rename", _raise)
     else:
-        monkeypatch.setattr(bundle_mod, "_write_json_atomic", _raise)
+        monkeypatch.setattr(atomic_mod, "write_json_atomic", _raise)
     with pytest.raises(OSError, match="simulated"):
         save_bundle(tmp_path, "crash", tiny_task, [Example("x", 1)], {})
     assert _visible(tmp_path) == []  # neither the bundle nor a temp dir is left
@@ -222,7 +223,7 @@ def test_update_bundle_adds_and_replaces(tiny: Path, tmp_path: Path) -> None:
 
 def test_update_crash_never_lists_a_bad_file(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     update_bundle(tiny, {"lowrank.safetensors": b"v1"}, {})
-    real_write = bundle_mod._write_file
+    real_write = atomic_mod.write_file
     calls = []
 
     def half_write(dest: Path, content: bytes | Path) -> None:
@@ -230,10 +231,10 @@ def test_update_crash_never_lists_a_bad_file(tiny: Path, monkeypatch: pytest.Mon
         dest.write_bytes(b"partial")  # the old content is already gone...
         raise OSError("killed (simulated)")  # ...and the process dies
 
-    monkeypatch.setattr(bundle_mod, "_write_file", half_write)
+    monkeypatch.setattr(atomic_mod, "write_file", half_write)
     with pytest.raises(OSError, match="simulated"):
         update_bundle(tiny, {"lowrank.safetensors": b"v2"}, {"defaults": {"x": 1}})
-    monkeypatch.setattr(bundle_mod, "_write_file", real_write)
+    monkeypatch.setattr(atomic_mod, "write_file", real_write)
     assert calls
     b = load_bundle(tiny)  # still loads and verifies: the replaced file is no longer listed
     assert not b.has_artifact("lowrank.safetensors")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pairdots_server.data import (
+from pairdots_server.errors import DataError, FailedPrecondition, InvalidArgument, NotFound
+from pairdots_server.storage.data import (
     Example,
     default_sst2_dir,
     load_hf_dataset,
@@ -16,7 +17,6 @@ from pairdots_server.data import (
     sha256_of_examples,
     write_jsonl,
 )
-from pairdots_server.errors import DataError, FailedPrecondition, InvalidArgument, NotFound
 
 SST2 = Path(__file__).resolve().parents[3] / "shared" / "data" / "sst2"
 needs_sst2 = pytest.mark.skipif(not (SST2 / "train.tsv").is_file(), reason="no shared SST-2 data")
@@ -51,7 +51,7 @@ def test_default_sst2_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
 
 
 def test_default_sst2_dir_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import pairdots_server.data as data_mod
+    import pairdots_server.storage.data as data_mod
 
     monkeypatch.delenv("PAIRDOTS_SST2_DIR", raising=False)
     monkeypatch.chdir(tmp_path)

@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from pairdots_server.bundle import discover_bundles, load_bundle, read_artifact
-from pairdots_server.data import Example, read_examples
 from pairdots_server.errors import AlreadyExists, Cancelled, InvalidArgument
-from pairdots_server.prepare import PrepareConfig, packaged_minilm_dir, prepare_bundle
-from pairdots_server.task import ScopeSpec, Task
+from pairdots_server.model.prepare import PrepareConfig, packaged_minilm_dir, prepare_bundle
+from pairdots_server.model.scope import ScopeSpec
+from pairdots_server.model.task import Task
+from pairdots_server.model.train import TrainConfig
+from pairdots_server.storage.bundle import discover_bundles, load_bundle
+from pairdots_server.storage.data import Example, read_examples
+from pairdots_server.storage.update import read_artifact
 from pairdots_server.testing import make_tiny_bundle, synthetic_examples
-from pairdots_server.train import TrainConfig
 
 
 def _tsv(path: Path, exs: list[Example]) -> Path:

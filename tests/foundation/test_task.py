@@ -9,7 +9,8 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from pairdots_server.errors import InvalidArgument
-from pairdots_server.task import ScopeSpec, Task
+from pairdots_server.model.scope import ScopeSpec
+from pairdots_server.model.task import Task
 
 TEXTS = [
     "I loved it!",

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from pairdots_server.errors import Cancelled, CancelToken, InvalidArgument
-from pairdots_server.task import Task
+from pairdots_server.model.task import Task
+from pairdots_server.model.train import TrainConfig, evaluate, fine_tune
 from pairdots_server.testing import synthetic_examples
-from pairdots_server.train import TrainConfig, evaluate, fine_tune
 
 CFG = TrainConfig(epochs=8, batch_size=8, lr=3e-3, warmup_ratio=0.1, max_length=32, seed=1)
 
@@ -111,7 +111,7 @@ def test_train_config_dict_roundtrip() -> None:
 
 
 def test_bad_labels_rejected(tiny_task: Task) -> None:
-    from pairdots_server.data import Example
+    from pairdots_server.storage.data import Example
 
     with pytest.raises(InvalidArgument, match="outside"):
         fine_tune(tiny_task, [Example("good", 2)], TrainConfig())

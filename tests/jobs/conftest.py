@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pairdots_server.jobs.runner import JobRunner
-from pairdots_server.jobs.store import JobStore
+from pairdots_server.service.jobs.runner import JobRunner
+from pairdots_server.service.jobs.store import JobStore
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from google.protobuf import wrappers_pb2
 from google.rpc import code_pb2
 
 from pairdots_server import errors
-from pairdots_server.jobs.runner import Code, JobContext, JobRunner, status_code_for
-from pairdots_server.jobs.store import INTERRUPTED_REASON, JobState, JobStore
+from pairdots_server.service.jobs.runner import Code, JobContext, JobRunner, status_code_for
+from pairdots_server.service.jobs.store import INTERRUPTED_REASON, JobState, JobStore
 
 URL = "type.googleapis.com/google.protobuf.StringValue"
 TYPE = "google.protobuf.StringValue"

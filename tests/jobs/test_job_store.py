@@ -10,7 +10,7 @@ import pytest
 from google.protobuf import wrappers_pb2
 
 from pairdots_server import errors
-from pairdots_server.jobs.store import (
+from pairdots_server.service.jobs.store import (
     INTERRUPTED_MESSAGE,
     INTERRUPTED_REASON,
     SCHEMA_VERSION,

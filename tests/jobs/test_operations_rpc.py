@@ -17,9 +17,9 @@ from google.protobuf import duration_pb2, wrappers_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from pairdots_server import errors
-from pairdots_server.jobs.runner import JobContext, JobRunner
-from pairdots_server.jobs.store import JobStore
 from pairdots_server.rpc.operations import add_operations_servicer, parse_filter
+from pairdots_server.service.jobs.runner import JobContext, JobRunner
+from pairdots_server.service.jobs.store import JobStore
 
 URL = "type.googleapis.com/google.protobuf.StringValue"
 TYPE = "google.protobuf.StringValue"
@@ -323,7 +323,7 @@ def test_restart_keeps_finished_and_interrupts_unfinished(db_path: Path) -> None
 
 
 def test_parse_filter_grammar() -> None:
-    from pairdots_server.jobs.store import JobState
+    from pairdots_server.service.jobs.store import JobState
 
     assert parse_filter("") == (None, None)
     assert parse_filter("  kind=attack  ") == ("attack", None)

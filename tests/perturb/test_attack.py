@@ -7,12 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pairdots_server.bundle import load_bundle
 from pairdots_server.core.grads import per_example_loss_grads_loop
 from pairdots_server.core.influence import perturbed_influence
 from pairdots_server.core.saliency import grad_theta_word_score, token_saliency, word_scores
-from pairdots_server.data import Example
 from pairdots_server.errors import InvalidArgument
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.settings import InfluenceSettings
+from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings, solve_s_test
 from pairdots_server.perturb.attack import (
     DEMOTE,
     PROMOTE,
@@ -21,10 +22,11 @@ from pairdots_server.perturb.attack import (
     run_attack,
     wrong_label,
 )
-from pairdots_server.perturb.edits import Edit, InfluenceSettings, substitute_word
-from pairdots_server.perturb.lexicon import is_substitutable
-from pairdots_server.runtime import ModelRuntime
-from pairdots_server.solvers import SolverChoice, SolverSettings, solve_s_test
+from pairdots_server.perturb.objectives import Edit
+from pairdots_server.perturb.search import substitute_word
+from pairdots_server.perturb.vocabulary import is_substitutable
+from pairdots_server.storage.bundle import load_bundle
+from pairdots_server.storage.data import Example
 from pairdots_server.testing import make_tiny_bundle, tiny_examples
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -1,7 +1,7 @@
 """Tests for perturb/lexicon.py + perturb/wordnet_data.py against the real WordNet 3.0 files.
 
 The direct wndb reader is cross-checked against nltk's WordNetCorpusReader, built from a copy of
-the same files in a temporary nltk data dir (DESIGN §4 recipe: copy files into
+the same files in a temporary nltk data dir (docs/DESIGN.md §4 recipe: copy files into
 <dir>/corpora/wordnet/, write `lexnames` from the lexnames(5WN) man page table).
 """
 
@@ -18,15 +18,9 @@ from typing import Any
 import pytest
 
 from pairdots_server.errors import FailedPrecondition, InvalidArgument
-from pairdots_server.perturb import lexicon as lexmod
-from pairdots_server.perturb.lexicon import (
-    STOP_WORDS,
-    Lexicon,
-    LexiconConfig,
-    default_lexicon,
-    is_substitutable,
-    normalize_pos,
-)
+from pairdots_server.perturb import inflection
+from pairdots_server.perturb.lexicon import Lexicon, LexiconConfig, default_lexicon, normalize_pos
+from pairdots_server.perturb.vocabulary import STOP_WORDS, is_substitutable
 from pairdots_server.perturb.wordnet_data import ENV_VAR, REQUIRED_FILES, WordNetDB
 
 SYSTEM_WN = Path("/usr/share/wordnet")
@@ -189,7 +183,7 @@ def test_inflection(lex: Lexicon, word: str, pos: str, expected: str) -> None:
 
 
 def test_regular_inflection_rules() -> None:
-    rule = lexmod._regular_inflection
+    rule = inflection.regular_inflection
     assert [rule(w, "plural") for w in ("film", "box", "story", "day", "church")] == [
         "films", "boxes", "stories", "days", "churches"
     ]  # fmt: skip

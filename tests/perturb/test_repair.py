@@ -9,10 +9,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from pairdots_server.bundle import load_bundle
 from pairdots_server.errors import AlreadyExists, InvalidArgument
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.settings import InfluenceSettings
+from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings
+from pairdots_server.model.retrain import (
+    RetrainMode,
+    RetrainSpec,
+    base_task,
+    retrain_and_evaluate,
+    starting_task,
+)
+from pairdots_server.model.scope import ScopeSpec
+from pairdots_server.model.task import Task
+from pairdots_server.model.train import evaluate
 from pairdots_server.perturb.attack import AttackMode, AttackQuery, run_attack
-from pairdots_server.perturb.edits import InfluenceSettings
 from pairdots_server.perturb.repair import (
     LOWER_WRONG,
     RAISE_GOLD,
@@ -21,18 +32,8 @@ from pairdots_server.perturb.repair import (
     find_errors,
     run_repair,
 )
-from pairdots_server.retrain import (
-    RetrainMode,
-    RetrainSpec,
-    base_task,
-    retrain_and_evaluate,
-    starting_task,
-)
-from pairdots_server.runtime import ModelRuntime
-from pairdots_server.solvers import SolverChoice, SolverSettings
-from pairdots_server.task import ScopeSpec, Task
+from pairdots_server.storage.bundle import load_bundle
 from pairdots_server.testing import build_tiny_model_dir, make_tiny_bundle, tiny_examples
-from pairdots_server.train import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

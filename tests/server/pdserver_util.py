@@ -10,11 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from pairdots import ClientConfig, PairdotsClient
-from pairdots_server.artifacts import ArtifactConfig, build_index_dir, index_files, lowrank_bytes
-from pairdots_server.bundle import load_bundle, update_bundle
 from pairdots_server.config import ServerConfig
+from pairdots_server.influence.artifacts import (
+    ArtifactConfig,
+    build_index_dir,
+    index_files,
+    lowrank_bytes,
+)
+from pairdots_server.influence.runtime import LOWRANK_FILE, ModelRuntime
 from pairdots_server.rpc.app import App, create_server
-from pairdots_server.runtime import LOWRANK_FILE, ModelRuntime
+from pairdots_server.storage.bundle import load_bundle
+from pairdots_server.storage.update import update_bundle
 from pairdots_server.testing import make_tiny_bundle
 
 

@@ -18,11 +18,11 @@ from pairdots import (
     SolverOptions,
     TokenInfluenceMethod,
 )
-from pairdots_server.bundle import load_bundle
 from pairdots_server.core.grads import per_example_loss_grads
 from pairdots_server.core.saliency import Target, TokenScore, token_saliency, word_scores
-from pairdots_server.runtime import ModelRuntime
-from pairdots_server.solvers import SolverChoice, SolverSettings, solve_s_test
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings, solve_s_test
+from pairdots_server.storage.bundle import load_bundle
 
 TEXT = "i loved it !"
 CG = SolverOptions(solver=Solver.CONJUGATE_GRADIENT, max_iterations=40, damping=0.01)

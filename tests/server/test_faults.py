@@ -232,7 +232,7 @@ def test_tls_server_is_probed_on_the_plaintext_health_port(bundle_root: Path,
 
 
 def test_health_port_config_and_flag(bundle_root: Path) -> None:
-    from pairdots_server.cli import build_parser, server_config
+    from pairdots_server.cli.main import build_parser, server_config
 
     args = build_parser().parse_args(["serve", "--bundles", str(bundle_root), "--port", "50051",
                                       "--health-port", "50052"])

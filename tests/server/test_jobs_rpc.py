@@ -24,8 +24,8 @@ from pairdots import (
 )
 from pairdots.errors import AlreadyExistsError
 from pairdots.operations import JobProgress
-from pairdots_server.bundle import load_bundle
 from pairdots_server.config import JobLimits, ServerConfig
+from pairdots_server.storage.bundle import load_bundle
 from pairdots_server.testing import tiny_examples
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -25,15 +25,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pairdots_server.data import Example
 from pairdots_server.errors import InvalidArgument
-from pairdots_server.perturb.edits import (
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.settings import InfluenceSettings
+from pairdots_server.perturb.lexicon import Lexicon, default_lexicon
+from pairdots_server.perturb.objectives import (
     Edit,
-    InfluenceSettings,
     Objective,
     ProgressFn,
-    SearchSettings,
-    StopFn,
     TargetCache,
     check_labels,
     edits_for_objectives,
@@ -41,8 +40,8 @@ from pairdots_server.perturb.edits import (
     random_edits,
     target_finder,
 )
-from pairdots_server.perturb.lexicon import Lexicon, default_lexicon
-from pairdots_server.runtime import ModelRuntime
+from pairdots_server.perturb.search import SearchSettings, StopFn
+from pairdots_server.storage.data import Example
 
 DEMOTE = "decrease I(z, w_y)"
 PROMOTE = "increase I(z, w_y')"
@@ -127,9 +126,11 @@ def run_attack(
     used: set[int] = set()
     edits: list[Edit] = []
     notes: list[str] = []
+    settings = q.influence.resolve(
+        rt, default_candidates=default_candidates, scoring_batch_size=scoring_batch_size
+    )
     target = target_finder(
-        rt, q.influence, should_stop, target_cache if target_cache is not None else {},
-        default_candidates=default_candidates, scoring_batch_size=scoring_batch_size,
+        rt, settings, should_stop, target_cache if target_cache is not None else {}
     )
     total = len(q.examples)
     progress("perturbing", 0, total)

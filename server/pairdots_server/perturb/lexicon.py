@@ -30,9 +30,7 @@ Lookup of a word w (lower-cased; SST-2 text is lower case):
    substitute's lemma. Otherwise — and for inputs like "ran", "better", "worse" — the
    substitute is returned in its lemma form.
 
-`is_substitutable(word)` is the gate for attack/repair: punctuation, numbers, stop words (the
-fixed list STOP_WORDS below, no download), special tokens ([CLS], <s>, ...), word pieces
-("##ing") and anything that is not a plain (hyphenated) ASCII word are never substituted.
+Which words attack/repair may substitute at all is perturb/vocabulary.py (is_substitutable).
 """
 
 from __future__ import annotations
@@ -45,6 +43,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pairdots_server.errors import InvalidArgument
+from pairdots_server.perturb import inflection
+from pairdots_server.perturb.vocabulary import STOP_WORDS, is_substitutable
 from pairdots_server.perturb.wordnet_data import WordNetDB
 
 SubstituteKind = Literal["synonym", "synonym_or_antonym"]
@@ -52,32 +52,6 @@ CandidateKind = Literal["synonym", "antonym"]
 
 POS_ORDER: tuple[str, ...] = ("n", "v", "a", "r")
 
-# nltk's English stop-word list (179 words), fixed here so nothing is downloaded, plus SST/PTB
-# bracket tokens and contraction pieces.
-STOP_WORDS: frozenset[str] = frozenset(
-    """
-    i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself
-    yourselves he him his himself she she's her hers herself it it's its itself they them their
-    theirs themselves what which who whom this that that'll these those am is are was were be
-    been being have has had having do does did doing a an the and but if or because as until
-    while of at by for with about against between into through during before after above below
-    to from up down in out on off over under again further then once here there when where why
-    how all any both each few more most other some such no nor not only own same so than too
-    very s t can will just don don't should should've now d ll m o re ve y ain aren aren't
-    couldn couldn't didn didn't doesn doesn't hadn hadn't hasn hasn't haven haven't isn isn't
-    ma mightn mightn't mustn mustn't needn needn't shan shan't shouldn shouldn't wasn wasn't
-    weren weren't won won't wouldn wouldn't
-    n't 's 're 've 'll 'd 'm -lrb- -rrb- -lsb- -rsb- -lcb- -rcb-
-    """.split()  # noqa: SIM905 - one readable word list
-)
-
-SPECIAL_TOKENS: frozenset[str] = frozenset(
-    """
-    [CLS] [SEP] [UNK] [PAD] [MASK] <s> </s> <unk> <pad> <mask> <cls> <sep> <|endoftext|>
-    """.split()  # noqa: SIM905
-)
-_SPECIAL_PATTERN = re.compile(r"^(\[[A-Za-z_0-9]+\]|<[^<>\s]*>|<\|[^|]*\|>)$")
-_WORD_PATTERN = re.compile(r"^[a-z]+(?:-[a-z]+)*$")
 # Outputs may also contain spaces (multi-word lemmas, when enabled) and apostrophes ("ain't").
 _OUTPUT_PATTERN = re.compile(r"^[a-z]+(?:[-' ][a-z]+)*$")
 
@@ -88,42 +62,6 @@ _POS_ALIASES: dict[str, str] = {
     "r": "r", "adv": "r", "adverb": "r",
 }  # fmt: skip
 _PENN_PREFIX = (("NN", "n"), ("VB", "v"), ("JJ", "a"), ("RB", "r"))
-
-# nltk's wordnet.MORPHOLOGICAL_SUBSTITUTIONS (same order), with the inflection each rule undoes.
-_RULES: dict[str, tuple[tuple[str, str, str], ...]] = {
-    "n": (
-        ("s", "", "plural"), ("ses", "s", "plural"), ("ves", "f", "plural"),
-        ("xes", "x", "plural"), ("zes", "z", "plural"), ("ches", "ch", "plural"),
-        ("shes", "sh", "plural"), ("men", "man", "plural"), ("ies", "y", "plural"),
-    ),
-    "v": (
-        ("s", "", "3sg"), ("ies", "y", "3sg"), ("es", "e", "3sg"), ("es", "", "3sg"),
-        ("ed", "e", "past"), ("ed", "", "past"), ("ing", "e", "ing"), ("ing", "", "ing"),
-    ),
-    "a": (
-        ("er", "", "comparative"), ("est", "", "superlative"),
-        ("er", "e", "comparative"), ("est", "e", "superlative"),
-    ),
-    "r": (),
-}  # fmt: skip
-_VOWELS = frozenset("aeiou")
-# Suffix -> inflection class for irregular (.exc-listed) forms with a regular-looking ending.
-_EXC_SUFFIXES: dict[str, tuple[tuple[str, str], ...]] = {
-    "v": (("ing", "ing"), ("ed", "past")),
-    "a": (("est", "superlative"), ("er", "comparative")),
-}
-
-
-def is_substitutable(word: str) -> bool:
-    """True iff attack/repair may replace `word`: a plain ASCII word (letters, inner hyphens),
-    at least 2 letters, not a stop word, number, punctuation, special token or word piece."""
-    if not word or word in SPECIAL_TOKENS or _SPECIAL_PATTERN.match(word):
-        return False
-    lowered = word.lower()
-    if lowered in STOP_WORDS or len(lowered) < 2:
-        return False
-    return _WORD_PATTERN.match(lowered) is not None
-
 
 def normalize_pos(pos: str | None) -> str | None:
     """Map a POS hint to WordNet's file POS n/v/a/r (None stays None).
@@ -197,35 +135,6 @@ def _check_limit(limit: int | None) -> None:
         )
 
 
-def _regular_inflection(word: str, cls: str) -> str:
-    """English spelling rules for plural/3rd-person -s, -ed and -ing (no consonant doubling;
-    doubled forms come from WordNet's .exc lists first)."""
-    consonant_y = len(word) > 1 and word[-1] == "y" and word[-2] not in _VOWELS
-    if cls in ("plural", "3sg"):
-        if word.endswith(("s", "x", "z", "ch", "sh")):
-            return word + "es"
-        return word[:-1] + "ies" if consonant_y else word + "s"
-    if cls == "past":
-        if word.endswith("e"):
-            return word + "d"
-        return word[:-1] + "ied" if consonant_y else word + "ed"
-    if cls == "ing":
-        if word.endswith("ie"):
-            return word[:-2] + "ying"
-        if word.endswith("e") and not word.endswith(("ee", "ye", "oe")) and len(word) > 2:
-            return word[:-1] + "ing"
-        return word + "ing"
-    raise ValueError(cls)
-
-
-def _restore_case(original: str, text: str) -> str:
-    if original.isupper() and len(original) > 1:
-        return text.upper()
-    if original[:1].isupper():
-        return text[:1].upper() + text[1:]
-    return text
-
-
 class Lexicon:
     """WordNet synonym/antonym lookup. Build with `Lexicon.load()` or `default_lexicon()`."""
 
@@ -265,7 +174,7 @@ class Lexicon:
         else:
             forms = [form] + [
                 form[: len(form) - len(old)] + new
-                for old, new, _ in _RULES[wn_pos]
+                for old, new, _ in inflection.RULES[wn_pos]
                 if form.endswith(old)
             ]
         out: list[str] = []
@@ -284,11 +193,11 @@ class Lexicon:
         if form in self.db.exceptions(pos):
             if pos == "n":
                 return "plural"
-            for suffix, cls in _EXC_SUFFIXES.get(pos, ()):
+            for suffix, cls in inflection.EXC_SUFFIXES.get(pos, ()):
                 if form.endswith(suffix):
                     return cls
             return None
-        for old, new, cls in _RULES[pos]:
+        for old, new, cls in inflection.RULES[pos]:
             if form.endswith(old) and form[: len(form) - len(old)] + new == base:
                 return cls
         return None
@@ -311,7 +220,7 @@ class Lexicon:
         if choices:
             inflected = choices[0]
         elif pos in ("n", "v"):
-            inflected = _regular_inflection(word, cls)
+            inflected = inflection.regular_inflection(word, cls)
         else:
             return lemma
         if word not in self.morphy(inflected, pos):
@@ -424,7 +333,7 @@ class Lexicon:
                     ):
                         continue
                     seen.add(text)
-                    out.append(Candidate(_restore_case(word.strip(), text), kind, lemma, sense))
+                    out.append(Candidate(inflection.restore_case(word.strip(), text), kind, lemma, sense))
                     if limit is not None and len(out) >= limit:
                         return out
         return out

@@ -21,16 +21,15 @@ import enum
 import random
 from dataclasses import dataclass, field
 
-from pairdots_server.data import Example
 from pairdots_server.errors import InvalidArgument
-from pairdots_server.perturb.edits import (
-    RELATIONS,
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.settings import InfluenceSettings
+from pairdots_server.model.train import evaluate
+from pairdots_server.perturb.lexicon import Lexicon, default_lexicon
+from pairdots_server.perturb.objectives import (
     Edit,
-    InfluenceSettings,
     Objective,
     ProgressFn,
-    SearchSettings,
-    StopFn,
     TargetCache,
     check_labels,
     edits_for_objectives,
@@ -38,9 +37,8 @@ from pairdots_server.perturb.edits import (
     random_edits,
     target_finder,
 )
-from pairdots_server.perturb.lexicon import Lexicon, default_lexicon
-from pairdots_server.runtime import ModelRuntime
-from pairdots_server.train import evaluate
+from pairdots_server.perturb.search import RELATIONS, SearchSettings, StopFn
+from pairdots_server.storage.data import Example
 
 RAISE_GOLD = "increase I(z, w_y)"
 LOWER_WRONG = "decrease I(z, w_y')"
@@ -108,9 +106,11 @@ def run_repair(
     used: set[int] = set()
     edits: list[Edit] = []
     notes: list[str] = []
+    settings = q.influence.resolve(
+        rt, default_candidates=default_candidates, scoring_batch_size=scoring_batch_size
+    )
     target = target_finder(
-        rt, q.influence, should_stop, target_cache if target_cache is not None else {},
-        default_candidates=default_candidates, scoring_batch_size=scoring_batch_size,
+        rt, settings, should_stop, target_cache if target_cache is not None else {}
     )
     if not errors:
         notes.append("the served model classifies every example correctly; nothing to repair")

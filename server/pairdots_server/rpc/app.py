@@ -24,13 +24,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pairdots.v1 import pairdots_pb2, pairdots_pb2_grpc
 from pairdots_server.config import ServerConfig
-from pairdots_server.jobs.runner import JobRunner
-from pairdots_server.jobs.store import JobStore
 from pairdots_server.metrics import Metrics
 from pairdots_server.rpc.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
 from pairdots_server.rpc.operations import add_operations_servicer
 from pairdots_server.rpc.servicer import PairdotsServicer
-from pairdots_server.service import ModelRegistry, PairdotsService
+from pairdots_server.service.facade import ModelRegistry, PairdotsService
+from pairdots_server.service.jobs.runner import JobRunner
+from pairdots_server.service.jobs.store import JobStore
 
 log = logging.getLogger("pairdots.server")
 

@@ -15,10 +15,12 @@ from pairdots.v1 import pairdots_pb2 as pb
 from pairdots_server.config import ExplainLimits
 from pairdots_server.core.curvature import Curvature
 from pairdots_server.core.saliency import Target, TokenScore
-from pairdots_server.errors import FieldViolation, InvalidArgument
-from pairdots_server.explain import ExplainAnswer, ExplainQuery, Influential
-from pairdots_server.runtime import ModelRuntime
-from pairdots_server.solvers import SolverChoice, SolverSettings
+from pairdots_server.influence.explain import ExplainAnswer, ExplainQuery, Influential, Role
+from pairdots_server.influence.pipeline import TokenInfluence
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.settings import InfluenceSettings
+from pairdots_server.influence.solver_policy import SolverChoice
+from pairdots_server.rpc.validation import SOLVERS, Violations, solver_settings
 
 TARGETS = {
     pb.TARGET_FUNCTION_UNSPECIFIED: Target.LOG_PROB,
@@ -33,18 +35,6 @@ TOKEN_SCORES = {
     pb.TOKEN_SCORE_METHOD_L2_NORM: TokenScore.L2_NORM,
     pb.TOKEN_SCORE_METHOD_SUM: TokenScore.SUM,
 }
-CURVATURES = {
-    pb.CURVATURE_UNSPECIFIED: None,
-    pb.CURVATURE_GAUSS_NEWTON: Curvature.GGN,
-    pb.CURVATURE_HESSIAN: Curvature.HESSIAN,
-}
-SOLVERS = {
-    pb.SOLVER_UNSPECIFIED: None,
-    pb.SOLVER_LISSA: SolverChoice.LISSA,
-    pb.SOLVER_CONJUGATE_GRADIENT: SolverChoice.CG,
-    pb.SOLVER_LOW_RANK: SolverChoice.LOW_RANK,
-    pb.SOLVER_EXACT: SolverChoice.EXACT,
-}
 SOLVER_TO_PB = {v: k for k, v in SOLVERS.items() if v is not None}
 CURVATURE_TO_PB = {Curvature.GGN.value: pb.CURVATURE_GAUSS_NEWTON,
                    Curvature.HESSIAN.value: pb.CURVATURE_HESSIAN}
@@ -54,69 +44,16 @@ SEARCH = {
     pb.CANDIDATE_SEARCH_EXHAUSTIVE: False,
 }
 TOKEN_INFLUENCE = {
-    pb.TOKEN_INFLUENCE_METHOD_UNSPECIFIED: "exact",
-    pb.TOKEN_INFLUENCE_METHOD_EXACT: "exact",
-    pb.TOKEN_INFLUENCE_METHOD_FIRST_ORDER: "first_order",
-    pb.TOKEN_INFLUENCE_METHOD_NONE: "none",
+    pb.TOKEN_INFLUENCE_METHOD_UNSPECIFIED: TokenInfluence.EXACT,
+    pb.TOKEN_INFLUENCE_METHOD_EXACT: TokenInfluence.EXACT,
+    pb.TOKEN_INFLUENCE_METHOD_FIRST_ORDER: TokenInfluence.FIRST_ORDER,
+    pb.TOKEN_INFLUENCE_METHOD_NONE: TokenInfluence.NONE,
 }
-
-
-class _Violations:
-    def __init__(self) -> None:
-        self.items: list[FieldViolation] = []
-
-    def add(self, field: str, description: str) -> None:
-        self.items.append(FieldViolation(field, description))
-
-    def enum(self, field: str, value: int, table: dict[int, object], name: str) -> object:
-        if value not in table:
-            self.add(field, f"{value} is not a valid {name}; see the proto for the values")
-            return None
-        return table[value]
-
-    def raise_if_any(self) -> None:
-        if self.items:
-            summary = "; ".join(f"{v.field}: {v.description}" for v in self.items)
-            raise InvalidArgument(f"invalid request: {summary}", violations=self.items)
-
-
-def _solver_settings(v: _Violations, s: pb.SolverOptions, prefix: str) -> SolverSettings:
-    method = v.enum(f"{prefix}.solver", s.solver, SOLVERS, "Solver")
-    curvature = v.enum(f"{prefix}.curvature", s.curvature, CURVATURES, "Curvature")
-
-    def positive(name: str, value: float, upper: float = math.inf) -> float | None:
-        if not s.HasField(name):
-            return None
-        if not (math.isfinite(value) and 0 < value < upper):
-            bound = "" if upper == math.inf else f" and < {upper}"
-            v.add(f"{prefix}.{name}", f"must be a finite number > 0{bound}, got {value}")
-            return None
-        return float(value)
-
-    def bounded(name: str, value: int, lo: int, hi: int) -> int | None:
-        if not s.HasField(name):
-            return None
-        if not lo <= value <= hi:
-            v.add(f"{prefix}.{name}", f"must be in {lo}..{hi}, got {value}")
-            return None
-        return int(value)
-
-    return SolverSettings(
-        method=method,  # type: ignore[arg-type]
-        curvature=curvature,  # type: ignore[arg-type]
-        damping=positive("damping", s.damping),
-        scale=positive("scale", s.scale),
-        max_iterations=bounded("max_iterations", s.max_iterations, 1, 100_000),
-        repeats=bounded("repeats", s.repeats, 1, 16),
-        batch_size=bounded("batch_size", s.batch_size, 1, 1024),
-        tolerance=positive("tolerance", s.tolerance, 1.0),
-        seed=int(s.seed) if s.HasField("seed") else None,
-    )
 
 
 def explain_query(req: pb.ExplainRequest, limits: ExplainLimits) -> ExplainQuery:
     """Validate an ExplainRequest (model existence and label ranges are checked later)."""
-    v = _Violations()
+    v = Violations()
     text = req.text
     if not text.strip():
         v.add("text", "must contain at least one non-whitespace character")
@@ -145,7 +82,7 @@ def explain_query(req: pb.ExplainRequest, limits: ExplainLimits) -> ExplainQuery
     score = v.enum("saliency.token_score", req.saliency.token_score, TOKEN_SCORES,
                    "TokenScoreMethod")
     infl = req.influence
-    solver = _solver_settings(v, infl.solver, "influence.solver")
+    solver = solver_settings(v, infl.solver, "influence.solver")
     use_index = v.enum("influence.candidate_search", infl.candidate_search, SEARCH,
                        "CandidateSearch")
     if not 0 <= infl.candidates <= limits.max_candidates:
@@ -161,11 +98,13 @@ def explain_query(req: pb.ExplainRequest, limits: ExplainLimits) -> ExplainQuery
         top_words=top,
         word_positions=tuple(req.word_positions),
         examples_per_word=k,
-        target=target,  # type: ignore[arg-type]
-        token_score=score,  # type: ignore[arg-type]
-        solver=solver,
-        use_index=use_index,  # type: ignore[arg-type]
-        candidates=infl.candidates,
+        influence=InfluenceSettings(
+            target=target,  # type: ignore[arg-type]
+            token_score=score,  # type: ignore[arg-type]
+            solver=solver,
+            use_index=use_index,  # type: ignore[arg-type]
+            candidates=infl.candidates,
+        ),
         token_influence=token_infl,  # type: ignore[arg-type]
     )
 
@@ -184,7 +123,7 @@ def _example(rt: ModelRuntime, item: Influential) -> pb.InfluentialExample:
 
 def explain_response(rt: ModelRuntime, a: ExplainAnswer) -> pb.ExplainResponse:
     labels = rt.bundle.labels
-    roles = {"target": pb.EXPLANATION_ROLE_TARGET, "gold": pb.EXPLANATION_ROLE_GOLD}
+    roles = {Role.TARGET: pb.EXPLANATION_ROLE_TARGET, Role.GOLD: pb.EXPLANATION_ROLE_GOLD}
     explanations = []
     for e in a.explanations:
         words = []

@@ -12,21 +12,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pairdots.v1 import pairdots_pb2 as pb
-from pairdots_server.bundle import validate_bundle_name
 from pairdots_server.config import ExplainLimits, JobLimits
-from pairdots_server.data import Example
 from pairdots_server.errors import InvalidArgument
+from pairdots_server.influence.settings import InfluenceSettings
+from pairdots_server.model.retrain import MAX_EPOCHS, RetrainMode, RetrainSpec, check_save_as
 from pairdots_server.perturb.attack import AttackMode, AttackQuery
-from pairdots_server.perturb.edits import InfluenceSettings
 from pairdots_server.perturb.repair import RepairMode, RepairQuery
-from pairdots_server.retrain import MAX_EPOCHS, RetrainMode, RetrainSpec, check_save_as
 from pairdots_server.rpc.convert import (
     SEARCH,
     TARGETS,
     TOKEN_SCORES,
-    _solver_settings,
-    _Violations,
 )
+from pairdots_server.rpc.validation import Violations, solver_settings
+from pairdots_server.storage.bundle import validate_bundle_name
+from pairdots_server.storage.data import Example
 
 ATTACK_MODES = {
     pb.ATTACK_MODE_DEMOTE_SALIENT: AttackMode.DEMOTE_SALIENT,
@@ -49,7 +48,7 @@ MAX_RANDOM_CANDIDATES = 20
 
 
 def _examples(
-    v: _Violations, field: str, items: Sequence[pb.LabeledText], n_labels: int,
+    v: Violations, field: str, items: Sequence[pb.LabeledText], n_labels: int,
     max_count: int, max_chars: int, *, required: bool = True,
 ) -> tuple[Example, ...]:
     if required and not items:
@@ -74,11 +73,11 @@ def _examples(
 
 
 def _influence(
-    v: _Violations, sal: pb.SaliencyOptions, inf: pb.InfluenceOptions, limits: ExplainLimits
+    v: Violations, sal: pb.SaliencyOptions, inf: pb.InfluenceOptions, limits: ExplainLimits
 ) -> InfluenceSettings:
     target = v.enum("saliency.target_function", sal.target_function, TARGETS, "TargetFunction")
     score = v.enum("saliency.token_score", sal.token_score, TOKEN_SCORES, "TokenScoreMethod")
-    solver = _solver_settings(v, inf.solver, "influence.solver")
+    solver = solver_settings(v, inf.solver, "influence.solver")
     use_index = v.enum("influence.candidate_search", inf.candidate_search, SEARCH,
                        "CandidateSearch")
     candidates = inf.candidates
@@ -91,7 +90,7 @@ def _influence(
 
 
 def _retrain(
-    v: _Violations, r: pb.RetrainOptions, n_labels: int, jobs: JobLimits,
+    v: Violations, r: pb.RetrainOptions, n_labels: int, jobs: JobLimits,
     limits: ExplainLimits,
 ) -> RetrainSpec | None:
     eval_examples = _examples(
@@ -129,7 +128,7 @@ def attack_query(
     output_root: Path,
 ) -> tuple[AttackQuery, RetrainSpec | None]:
     """Validate an AttackRequest for a model with `n_labels` labels."""
-    v = _Violations()
+    v = Violations()
     examples = _examples(v, "examples", req.examples, n_labels, jobs.max_attack_examples,
                          limits.max_text_chars)
     mode = ATTACK_MODES.get(req.mode)
@@ -160,7 +159,7 @@ def repair_query(
     output_root: Path,
 ) -> tuple[RepairQuery, RetrainSpec | None]:
     """Validate a RepairRequest for a model with `n_labels` labels."""
-    v = _Violations()
+    v = Violations()
     examples = _examples(v, "examples", req.examples, n_labels, jobs.max_repair_examples,
                          limits.max_text_chars)
     mode = v.enum("mode", req.mode, REPAIR_MODES, "RepairMode")

@@ -39,8 +39,8 @@ from google.protobuf import any_pb2, empty_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from pairdots_server import errors
-from pairdots_server.jobs.runner import Code, JobRunner, status_code_for
-from pairdots_server.jobs.store import JobRecord, JobState, JobStore
+from pairdots_server.service.jobs.runner import Code, JobRunner, status_code_for
+from pairdots_server.service.jobs.store import JobRecord, JobState, JobStore
 
 DOMAIN = "pairdots.dev"
 DEFAULT_WAIT_S = 60.0

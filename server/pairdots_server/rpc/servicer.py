@@ -10,12 +10,12 @@ from google.longrunning import operations_pb2
 from pairdots.v1 import pairdots_pb2 as pb
 from pairdots.v1 import pairdots_pb2_grpc as pb_grpc
 from pairdots_server.errors import CancelToken, Unavailable
-from pairdots_server.jobs.perturb_jobs import JobEnv, attack_job, repair_job
-from pairdots_server.jobs.runner import JobRunner
-from pairdots_server.rpc import convert, convert_jobs
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.rpc import convert, convert_jobs, job_results
 from pairdots_server.rpc.operations import record_to_operation
-from pairdots_server.runtime import ModelRuntime
-from pairdots_server.service import PairdotsService
+from pairdots_server.service.facade import PairdotsService
+from pairdots_server.service.jobs.perturb_jobs import JobEnv, attack_job, repair_job
+from pairdots_server.service.jobs.runner import JobRunner
 
 
 def cancel_token(context: grpc.aio.ServicerContext) -> CancelToken:
@@ -59,6 +59,7 @@ class PairdotsServicer(pb_grpc.PairdotsServiceServicer):
             default_candidates=cfg.explain.default_candidates(rt.n_train),
             scoring_batch_size=cfg.explain.scoring_batch_size,
             output_root=cfg.output_root,
+            encoding=job_results.ENCODING,
         )
 
     async def Attack(self, request: pb.AttackRequest, context: grpc.aio.ServicerContext

@@ -1,4 +1,4 @@
-"""A model bundle on disk: the unit that is prepared, shipped and served (DESIGN §3).
+"""A model bundle on disk: the unit that is prepared, shipped and served (docs/DESIGN.md §3).
 
 Layout of ``<root>/<name>/``::
 
@@ -18,9 +18,7 @@ JSON or safetensors: no pickles.
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -39,10 +37,11 @@ from pairdots_server.errors import (
     NotFound,
     PairdotsError,
 )
+from pairdots_server.storage import atomic
 
 if TYPE_CHECKING:
-    from pairdots_server.data import Example
-    from pairdots_server.task import Task
+    from pairdots_server.model.task import Task
+    from pairdots_server.storage.data import Example
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -51,7 +50,7 @@ TRAIN_FILE = "train.jsonl"
 TMP_PREFIX = ".tmp-"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _RESERVED = ("format_version", "name", "files")
-_FIX = "re-run `pairdots prepare` to rebuild it"
+FIX = "re-run `pairdots prepare` to rebuild it"
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,7 +69,7 @@ def validate_bundle_name(name: str) -> str:
     return name
 
 
-def _check_relpath(relpath: str) -> str:
+def check_relpath(relpath: str) -> str:
     p = PurePosixPath(relpath)
     if (
         not relpath
@@ -87,84 +86,16 @@ def _check_relpath(relpath: str) -> str:
     return relpath
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or directory (directories: best effort, not all platforms allow it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _hash_tree(root: Path) -> dict[str, str]:
     """{relpath: sha256} for every regular file under root except manifest.json."""
     out: dict[str, str] = {}
     for p in sorted(root.rglob("*")):
         if p.is_file() and not (p.parent == root and p.name == MANIFEST):
-            out[p.relative_to(root).as_posix()] = _sha256_file(p)
+            out[p.relative_to(root).as_posix()] = atomic.sha256_file(p)
     return out
 
 
-def _write_json_atomic(path: Path, obj: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
-
-
-def _write_file(dest: Path, content: bytes | Path) -> None:
-    """Write bytes (or copy a file) to dest via a temp file + fsync + os.replace."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        if isinstance(content, (bytes, bytearray, memoryview)):
-            with tmp.open("wb") as f:
-                f.write(content)
-                f.flush()
-                os.fsync(f.fileno())
-        else:
-            src = Path(content)
-            if not src.is_file():
-                raise NotFound(f"artifact source {src} is not a file")
-            shutil.copyfile(src, tmp)
-            _fsync_path(tmp)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _deep_merge(base: dict[str, Any], updates: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge; a value of None deletes the key."""
-    out = copy.deepcopy(base)
-    for key, value in updates.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value) if isinstance(value, (dict, list)) else value
-    return out
-
-
-def _check_reserved(updates: Mapping[str, Any], what: str) -> None:
+def check_reserved(updates: Mapping[str, Any], what: str) -> None:
     bad = [k for k in _RESERVED if k in updates]
     if bad:
         raise InvalidArgument.for_field(
@@ -214,6 +145,16 @@ class Bundle:
     def has_artifact(self, relpath: str) -> bool:
         return relpath in self.manifest.get("files", {})
 
+    @classmethod
+    def unsaved(
+        cls, name: str, path: Path, task: Task, train: Sequence[Example],
+        train_config: Mapping[str, Any],
+    ) -> Bundle:
+        """A bundle being prepared, not yet saved (no artifacts): what building its artifacts
+        (index, low-rank factors) needs before save_bundle writes it."""
+        manifest = {"labels": list(task.labels), "train": dict(train_config), "files": {}}
+        return cls(name, path, manifest, task, list(train))
+
 
 def save_bundle(
     root: str | Path,
@@ -232,13 +173,13 @@ def save_bundle(
     {relpath: bytes | source path}. AlreadyExists if the bundle exists unless overwrite=True,
     in which case the old one is swapped out by renames and then deleted.
     """
-    from pairdots_server.data import sha256_of_examples, write_jsonl
+    from pairdots_server.storage.data import sha256_of_examples, write_jsonl
 
     validate_bundle_name(name)
     extra = dict(manifest_extra or {})
-    _check_reserved(extra, "manifest_extra")
+    check_reserved(extra, "manifest_extra")
     for rel in files or {}:
-        _check_relpath(rel)
+        check_relpath(rel)
         if rel == TRAIN_FILE or rel.startswith(MODEL_DIR + "/"):
             raise InvalidArgument.for_field("files", f"{rel!r} is written by save_bundle itself")
     root = Path(root)
@@ -254,11 +195,11 @@ def save_bundle(
         task.save_pretrained(tmp / MODEL_DIR)
         write_jsonl(tmp / TRAIN_FILE, train_examples)
         for rel, content in (files or {}).items():
-            _write_file(tmp / rel, content)
+            atomic.write_file(tmp / rel, content)
         for p in tmp.rglob("*"):
             if p.is_file():
                 p.chmod(0o644)  # save_pretrained may leave 0600 temp-file modes; bundles ship
-                _fsync_path(p)
+                atomic.fsync_path(p)
         manifest: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "name": name,
@@ -284,10 +225,10 @@ def save_bundle(
             "defaults": {},
             "versions": library_versions(),
         }
-        manifest = _deep_merge(manifest, extra) if extra else manifest
+        manifest = atomic.deep_merge(manifest, extra) if extra else manifest
         manifest["files"] = _hash_tree(tmp)
-        _write_json_atomic(tmp / MANIFEST, manifest)
-        _fsync_path(tmp)
+        atomic.write_json_atomic(tmp / MANIFEST, manifest)
+        atomic.fsync_path(tmp)
         if final.exists():  # overwrite: swap by renames, then delete the old one
             old = root / f"{TMP_PREFIX}old-{name}-{secrets.token_hex(4)}"
             os.rename(final, old)
@@ -295,7 +236,7 @@ def save_bundle(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync_path(root)
+        atomic.fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -307,25 +248,25 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise NotFound(f"no bundle directory at {path}")
     if not mpath.is_file():
-        raise BundleError(f"bundle at {path} has no {MANIFEST}; {_FIX}")
+        raise BundleError(f"bundle at {path} has no {MANIFEST}; {FIX}")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(
-            f"bundle at {path}: {MANIFEST} is not valid JSON ({exc}); {_FIX}"
+            f"bundle at {path}: {MANIFEST} is not valid JSON ({exc}); {FIX}"
         ) from None
     if not isinstance(manifest, dict):
-        raise BundleError(f"bundle at {path}: {MANIFEST} is not a JSON object; {_FIX}")
+        raise BundleError(f"bundle at {path}: {MANIFEST} is not a JSON object; {FIX}")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(
             f"bundle at {path} has format_version {version!r}; this server reads version "
-            f"{FORMAT_VERSION}; {_FIX} with this version of pairdots"
+            f"{FORMAT_VERSION}; {FIX} with this version of pairdots"
         )
     for key, typ in (("name", str), ("labels", list), ("files", dict), ("scope", dict)):
         if not isinstance(manifest.get(key), typ):
             raise BundleError(
-                f"bundle at {path}: {MANIFEST} lacks a valid {key!r} ({typ.__name__}); {_FIX}"
+                f"bundle at {path}: {MANIFEST} lacks a valid {key!r} ({typ.__name__}); {FIX}"
             )
     return manifest
 
@@ -337,22 +278,22 @@ def verify_files(path: Path, manifest: Mapping[str, Any], *, check_hashes: bool 
     for required in (TRAIN_FILE, f"{MODEL_DIR}/config.json"):
         if required not in files:
             raise BundleError(
-                f"bundle {name!r} ({path}): manifest does not list {required}; {_FIX}"
+                f"bundle {name!r} ({path}): manifest does not list {required}; {FIX}"
             )
     for rel, digest in files.items():
         try:
-            _check_relpath(rel)
+            check_relpath(rel)
         except InvalidArgument:
             raise BundleError(
-                f"bundle {name!r} ({path}): manifest lists a bad path {rel!r}; {_FIX}"
+                f"bundle {name!r} ({path}): manifest lists a bad path {rel!r}; {FIX}"
             ) from None
         fp = path / rel
         if not fp.is_file():
-            raise BundleError(f"bundle {name!r} ({path}): file {rel} is missing; {_FIX}")
-        if check_hashes and _sha256_file(fp) != digest:
+            raise BundleError(f"bundle {name!r} ({path}): file {rel} is missing; {FIX}")
+        if check_hashes and atomic.sha256_file(fp) != digest:
             raise BundleError(
                 f"bundle {name!r} ({path}): file {rel} does not match its SHA-256 in the "
-                f"manifest (corrupted or modified); {_FIX}"
+                f"manifest (corrupted or modified); {FIX}"
             )
 
 
@@ -364,8 +305,9 @@ def load_bundle(
     verify=True checks every listed file's SHA-256 and the dataset hash of train.jsonl;
     verify=False only checks that the listed files exist.
     """
-    from pairdots_server.data import read_examples, sha256_of_examples
-    from pairdots_server.task import ScopeSpec, Task
+    from pairdots_server.model.scope import ScopeSpec
+    from pairdots_server.model.task import Task
+    from pairdots_server.storage.data import read_examples, sha256_of_examples
 
     path = Path(path)
     manifest = _read_manifest(path)
@@ -373,7 +315,7 @@ def load_bundle(
     try:
         validate_bundle_name(name)
     except InvalidArgument:
-        raise BundleError(f"bundle at {path}: manifest name {name!r} is invalid; {_FIX}") from None
+        raise BundleError(f"bundle at {path}: manifest name {name!r} is invalid; {FIX}") from None
     verify_files(path, manifest, check_hashes=verify)
     try:
         train = read_examples(path / TRAIN_FILE, "jsonl", label_names=manifest["labels"])
@@ -381,19 +323,19 @@ def load_bundle(
         if verify and dataset.get("sha256") not in (None, sha256_of_examples(train)):
             raise BundleError(
                 f"bundle {name!r} ({path}): {TRAIN_FILE} does not match the dataset SHA-256 in "
-                f"the manifest; {_FIX}"
+                f"the manifest; {FIX}"
             )
         if dataset.get("count") not in (None, len(train)):
             raise BundleError(
                 f"bundle {name!r} ({path}): {TRAIN_FILE} has {len(train)} examples, the "
-                f"manifest says {dataset.get('count')}; {_FIX}"
+                f"manifest says {dataset.get('count')}; {FIX}"
             )
         config = json.loads((path / MODEL_DIR / "config.json").read_text(encoding="utf-8"))
         saved_n = len(config.get("id2label") or {}) or int(config.get("num_labels", 2))
         if saved_n != len(manifest["labels"]):
             raise BundleError(
                 f"bundle {name!r} ({path}): the manifest names {len(manifest['labels'])} labels "
-                f"but model/config.json has {saved_n} classes; {_FIX}"
+                f"but model/config.json has {saved_n} classes; {FIX}"
             )
         scope = ScopeSpec.from_dict(manifest["scope"])
         if dtype is None:  # the dtype the bundle was saved in (float32 unless stated)
@@ -401,17 +343,17 @@ def load_bundle(
 
             dtype = getattr(torch, str((manifest.get("model") or {}).get("dtype", "float32")))
             if not isinstance(dtype, torch.dtype):
-                raise BundleError(f"bundle {name!r} ({path}): unknown model dtype; {_FIX}")
+                raise BundleError(f"bundle {name!r} ({path}): unknown model dtype; {FIX}")
         task = Task.from_pretrained(
             path / MODEL_DIR, labels=manifest["labels"], scope=scope, device=device, dtype=dtype
         )
     except BundleError:
         raise
     except PairdotsError as exc:
-        raise BundleError(f"bundle {name!r} ({path}): {exc.message}; {_FIX}") from exc
+        raise BundleError(f"bundle {name!r} ({path}): {exc.message}; {FIX}") from exc
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise BundleError(
-            f"bundle {name!r} ({path}): cannot load ({type(exc).__name__}: {exc}); {_FIX}"
+            f"bundle {name!r} ({path}): cannot load ({type(exc).__name__}: {exc}); {FIX}"
         ) from exc
     return Bundle(name=name, path=path, manifest=manifest, task=task, train=train)
 
@@ -419,64 +361,6 @@ def load_bundle(
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The validated manifest of a bundle dir, without loading the model."""
     return _read_manifest(Path(path))
-
-
-def update_bundle(
-    bundle_dir: str | Path,
-    files: Mapping[str, bytes | Path] | None = None,
-    manifest_updates: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Add/replace artifacts and deep-merge manifest keys (None deletes a key); returns the
-    new manifest.
-
-    Crash safety: files that replace listed ones are first dropped from the manifest (written
-    atomically), then every file is written via temp + os.replace, then the final manifest
-    (with fresh hashes) replaces the old one. At every instant the manifest on disk lists only
-    files that exist with the listed hash.
-    """
-    path = Path(bundle_dir)
-    manifest = _read_manifest(path)
-    files = dict(files or {})
-    updates = dict(manifest_updates or {})
-    _check_reserved(updates, "manifest_updates")
-    for rel in files:
-        _check_relpath(rel)
-    replaced = [rel for rel in files if rel in manifest["files"]]
-    if replaced:
-        interim = copy.deepcopy(manifest)
-        for rel in replaced:
-            del interim["files"][rel]
-        _write_json_atomic(path / MANIFEST, interim)
-    new_hashes: dict[str, str] = {}
-    for rel, content in files.items():
-        _write_file(path / rel, content)
-        new_hashes[rel] = _sha256_file(path / rel)
-    final = _deep_merge(manifest, updates) if updates else copy.deepcopy(manifest)
-    final["files"] = {**manifest["files"], **new_hashes}
-    _write_json_atomic(path / MANIFEST, final)
-    return final
-
-
-def read_artifact(bundle: Bundle | str | Path, relpath: str) -> Path:
-    """Path of a listed artifact of the bundle; NotFound if the manifest does not list it."""
-    _check_relpath(relpath)
-    if isinstance(bundle, Bundle):
-        path, manifest = bundle.path, bundle.manifest
-    else:
-        path = Path(bundle)
-        manifest = _read_manifest(path)
-    if relpath not in manifest.get("files", {}):
-        raise NotFound(
-            f"bundle {manifest.get('name', path.name)!r} has no artifact {relpath}; build it "
-            "(e.g. `pairdots index`) or re-run `pairdots prepare`"
-        )
-    fp = path / relpath
-    if not fp.is_file():
-        raise BundleError(
-            f"bundle {manifest.get('name')!r} ({path}): file {relpath} is listed "
-            f"but missing; {_FIX}"
-        )
-    return fp
 
 
 def discover_bundles(

@@ -20,8 +20,8 @@ from pairdots_server.errors import InvalidArgument
 if TYPE_CHECKING:
     import torch
 
-    from pairdots_server.data import Example
-    from pairdots_server.task import Task
+    from pairdots_server.model.task import Task
+    from pairdots_server.storage.data import Example
 
 ProgressFn = Callable[[int, int, float], None]  # (step, total_steps, loss)
 

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pairdots_server import errors
-from pairdots_server.jobs.store import (
+from pairdots_server.service.jobs.store import (
     INTERRUPTED_MESSAGE,
     INTERRUPTED_REASON,
     JobRecord,

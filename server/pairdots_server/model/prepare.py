@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pairdots_server.errors import FailedPrecondition, InvalidArgument
-from pairdots_server.task import ScopeSpec
-from pairdots_server.train import TrainConfig
+from pairdots_server.model.scope import ScopeSpec
+from pairdots_server.model.train import TrainConfig
 
 if TYPE_CHECKING:
-    from pairdots_server.data import Example
-    from pairdots_server.task import Task
+    from pairdots_server.model.task import Task
+    from pairdots_server.storage.data import Example
 
 AfterTrain = Callable[["Task", "list[Example]", Path], Mapping[str, "bytes | Path"]]
 SST2_LABELS = ("negative", "positive")
@@ -65,7 +65,7 @@ class PrepareConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        from pairdots_server.bundle import validate_bundle_name
+        from pairdots_server.storage.bundle import validate_bundle_name
 
         validate_bundle_name(self.name)
         if len(self.labels) < 2:
@@ -83,7 +83,7 @@ class PrepareConfig:
     def resolved_train_path(self) -> Path:
         if self.train_path:
             return Path(self.train_path)
-        from pairdots_server.data import default_sst2_dir
+        from pairdots_server.storage.data import default_sst2_dir
 
         return default_sst2_dir() / "train.tsv"
 
@@ -94,7 +94,7 @@ class PrepareConfig:
             return Path(self.dev_path)
         if self.train_path:  # custom training data without dev data: skip evaluation
             return None
-        from pairdots_server.data import default_sst2_dir
+        from pairdots_server.storage.data import default_sst2_dir
 
         return default_sst2_dir() / "dev.tsv"
 
@@ -114,10 +114,10 @@ def prepare_bundle(
     """
     import tempfile
 
-    from pairdots_server.bundle import save_bundle
-    from pairdots_server.data import read_examples
-    from pairdots_server.task import Task
-    from pairdots_server.train import evaluate, fine_tune
+    from pairdots_server.model.task import Task
+    from pairdots_server.model.train import evaluate, fine_tune
+    from pairdots_server.storage.bundle import save_bundle
+    from pairdots_server.storage.data import read_examples
 
     out_root = Path(cfg.out_root)
     if (out_root / cfg.name).exists() and not cfg.overwrite:
@@ -161,9 +161,9 @@ def prepare_bundle(
         "dev": dev_info,
     }
     if manifest_extra:
-        from pairdots_server.bundle import _deep_merge
+        from pairdots_server.storage.atomic import deep_merge
 
-        extra = _deep_merge(extra, manifest_extra)
+        extra = deep_merge(extra, manifest_extra)
     out_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".scratch-{cfg.name}-", dir=out_root) as scratch:
         files: Mapping[str, bytes | Path] = {}

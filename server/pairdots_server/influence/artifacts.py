@@ -1,7 +1,7 @@
 """Per-bundle precomputed artifacts: the candidate index and the low-rank curvature.
 
-index/  Pᵀ∇θL(z_i) for every training example (DESIGN §3 "Prefilter"), P a seeded Gaussian
-        projection; built whole, or as shards (`--shard i --num-shards N`, one per Kubernetes
+index/  Pᵀ∇θL(z_i) for every training example (docs/DESIGN.md §3 "Prefilter"), P a seeded
+        Gaussian projection; built whole, or as shards (`--shard i --num-shards N`, one per Kubernetes
         Indexed Job completion) that `merge` joins.
 lowrank.safetensors  top-k GGN eigenpairs on the curvature sample (Schioppa et al. 2022);
         SOLVER_LOW_RANK answers s_test with one projection.
@@ -17,7 +17,12 @@ from typing import Any
 from torch import Tensor
 
 from pairdots_server.core.grads import per_example_loss_grads
-from pairdots_server.runtime import INDEX_DIR, LOWRANK_FILE, PROJECTION_CACHE_BYTES, ModelRuntime
+from pairdots_server.influence.runtime import (
+    INDEX_DIR,
+    LOWRANK_FILE,
+    PROJECTION_CACHE_BYTES,
+    ModelRuntime,
+)
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,7 @@ def lowrank_bytes(rt: ModelRuntime, rank: int, seed: int = 0,
     """Fit the top-`rank` GGN eigenpairs and serialise them (safetensors)."""
     from safetensors.torch import save
 
-    from pairdots_server.solvers import fit_lowrank_factors
+    from pairdots_server.influence.solver_policy import fit_lowrank_factors
 
     tensors = fit_lowrank_factors(rt, rank, seed=seed, should_stop=should_stop)
     return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})

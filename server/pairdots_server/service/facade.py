@@ -11,15 +11,15 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pairdots_server.bundle import discover_bundles, validate_bundle_name
 from pairdots_server.config import ServerConfig
 from pairdots_server.errors import CancelToken, InvalidArgument, NotFound
-from pairdots_server.explain import ExplainAnswer, ExplainQuery, explain
-from pairdots_server.runtime import ModelRuntime
-from pairdots_server.workers import WorkerPool
+from pairdots_server.influence.explain import ExplainAnswer, ExplainQuery, explain
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.service.workers import WorkerPool
+from pairdots_server.storage.bundle import discover_bundles, validate_bundle_name
 
 if TYPE_CHECKING:
-    from pairdots_server.jobs.runner import JobRunner
+    from pairdots_server.service.jobs.runner import JobRunner
 
 log = logging.getLogger("pairdots.service")
 

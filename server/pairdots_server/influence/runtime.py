@@ -12,15 +12,21 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from pairdots_server.bundle import Bundle
 from pairdots_server.core.batches import Batch
+from pairdots_server.core.curvature import Curvature
 from pairdots_server.errors import BundleError
+from pairdots_server.storage.bundle import Bundle
+
+if TYPE_CHECKING:
+    from pairdots_server.core.ihvp.lowrank import LowRankFactors
+    from pairdots_server.index.base import CandidateIndex
+    from pairdots_server.index.projection import GaussianProjection
 
 INDEX_DIR = "index"
 LOWRANK_FILE = "lowrank.safetensors"
@@ -30,7 +36,10 @@ PROJECTION_CACHE_BYTES = 8 * 2**30
 
 @dataclass(frozen=True)
 class EncodedExamples:
-    """Training examples as model inputs: embeds [B,T,D], mask [B,T], labels [B]."""
+    """Texts as model inputs: embeds [B,T,D], mask [B,T], labels [B] (empty when the texts
+    carry none), the tokenizer's word segmentation (word_ids[b][t] = word of token t or None
+    for special tokens; spans[b][w] = characters of word w) and the training indices (empty
+    for texts that are not training examples)."""
 
     indices: list[int]
     embeds: Tensor
@@ -39,6 +48,15 @@ class EncodedExamples:
     input_ids: Tensor
     word_ids: list[list[int | None]]
     words: list[list[str]]
+    spans: list[list[tuple[int, int]]] = field(default_factory=list)
+
+    def pieces(self, row: int) -> list[int]:
+        """Word pieces per word of text `row` the model saw (0 = cut off by truncation)."""
+        out = [0] * len(self.words[row])
+        for w in self.word_ids[row]:
+            if w is not None:
+                out[w] += 1
+        return out
 
 
 class TrainingSample:
@@ -117,9 +135,10 @@ class ModelRuntime:
             else 128
         self.defaults: dict[str, Any] = dict(bundle.manifest.get("defaults") or {})
         self.s_test_cache = LRUCache(cache_size)
-        self._index: Any = None
-        self._projection: Any = None
-        self._lowrank: Any = None
+        self.lambda_max: dict[tuple[Curvature, int], float] = {}  # (curvature, seed) -> |λ|max
+        self._index: CandidateIndex | None = None
+        self._projection: GaussianProjection | None = None
+        self._lowrank: LowRankFactors | None = None
         self._lock = threading.Lock()
         self._curvature_samples: dict[tuple[int, int, int], TrainingSample] = {}
         self.unk_embed = self.task.embed(
@@ -132,16 +151,23 @@ class ModelRuntime:
     def n_train(self) -> int:
         return len(self.bundle.train)
 
-    def encode_train(self, indices: Sequence[int]) -> EncodedExamples:
-        examples = [self.bundle.train[i] for i in indices]
-        enc = self.task.encode([e.text for e in examples], max_length=self.max_length)
+    def encode_texts(
+        self, texts: Sequence[str], labels: Sequence[int] = ()
+    ) -> EncodedExamples:
+        """Tokenize (at the model's max_length) and embed: the one encoder of the pipeline."""
+        enc = self.task.encode(list(texts), max_length=self.max_length)
         with torch.no_grad():
             embeds = self.task.embed(enc.input_ids).detach()  # [B,T,D]
-        labels = torch.tensor([e.label for e in examples], device=embeds.device)
+        y = torch.tensor(list(labels), dtype=torch.long, device=embeds.device)  # [B] or [0]
         return EncodedExamples(
-            list(indices), embeds, enc.attention_mask, labels, enc.input_ids, enc.word_ids,
-            enc.words,
+            [], embeds, enc.attention_mask, y, enc.input_ids, enc.word_ids, enc.words,
+            enc.word_spans,
         )
+
+    def encode_train(self, indices: Sequence[int]) -> EncodedExamples:
+        examples = [self.bundle.train[i] for i in indices]
+        enc = self.encode_texts([e.text for e in examples], [e.label for e in examples])
+        return replace(enc, indices=list(indices))
 
     def curvature_sample(self, size: int, batch_size: int, seed: int) -> TrainingSample:
         key = (size, batch_size, seed)
@@ -160,7 +186,7 @@ class ModelRuntime:
     def has_lowrank(self) -> bool:
         return self.bundle.has_artifact(LOWRANK_FILE)
 
-    def index(self) -> tuple[Any, Any]:
+    def index(self) -> tuple[CandidateIndex, GaussianProjection]:
         """(CandidateIndex, GaussianProjection), loaded on first use."""
         with self._lock:
             if self._index is None:
@@ -179,9 +205,10 @@ class ModelRuntime:
                     max_dense_bytes=PROJECTION_CACHE_BYTES,
                 )
                 self._index = index
+            assert self._projection is not None
             return self._index, self._projection
 
-    def lowrank(self) -> Any:
+    def lowrank(self) -> LowRankFactors:
         """LowRankFactors from the bundle, loaded on first use."""
         with self._lock:
             if self._lowrank is None:

@@ -25,18 +25,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pairdots_server.errors import FailedPrecondition, InvalidArgument, NotFound
+from pairdots_server.model.scope import ScopeSpec
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
-
-SCOPE_KINDS = ("default", "head", "last_n", "all", "pattern")
-
-_LAYER_RE = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
-
 
 @contextmanager
 def quiet_hf() -> Iterator[None]:
@@ -53,138 +49,6 @@ def quiet_hf() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-# --------------------------------------------------------------------------------------------
-# Influence scope
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ScopeSpec:
-    """Which parameters θ the influence functions differentiate (Eq. 4-8 take ∇θ over these).
-
-    kind:
-      * ``"default"`` - the last encoder layer + pooler + classifier (= ``last_n`` with n=1)
-      * ``"head"``    - pooler + classifier only
-      * ``"last_n"``  - the ``n`` last encoder layers + pooler + classifier
-      * ``"all"``     - every parameter (embeddings included)
-      * ``"pattern"`` - every parameter whose name matches the regex ``pattern`` (re.search)
-    """
-
-    kind: str = "default"
-    n: int = 1
-    pattern: str = ""
-
-    def __post_init__(self) -> None:
-        if self.kind not in SCOPE_KINDS:
-            raise InvalidArgument.for_field(
-                "scope.kind",
-                f"unknown scope kind {self.kind!r}; use one of {', '.join(SCOPE_KINDS)}",
-            )
-        if self.kind == "last_n" and (not isinstance(self.n, int) or self.n < 1):
-            raise InvalidArgument.for_field(
-                "scope.n", f"last_n needs n >= 1 encoder layers, got {self.n!r}"
-            )
-        if self.kind == "pattern":
-            if not self.pattern:
-                raise InvalidArgument.for_field(
-                    "scope.pattern", "scope kind 'pattern' needs a non-empty regular expression"
-                )
-            try:
-                re.compile(self.pattern)
-            except re.error as exc:
-                raise InvalidArgument.for_field(
-                    "scope.pattern", f"not a valid regular expression ({exc}): {self.pattern!r}"
-                ) from exc
-
-    # -- selection ---------------------------------------------------------------------------
-
-    def select(self, model: torch.nn.Module) -> list[str]:
-        """Names of the parameters in scope, in ``model.named_parameters()`` order.
-
-        Raises InvalidArgument when the layout is not BERT-like (no ``encoder.layer.<i>.``
-        parameters or no classifier) for the layer-based kinds, or when nothing matches.
-        """
-        names = [name for name, _ in model.named_parameters()]
-        if self.kind == "all":
-            chosen = names
-        elif self.kind == "pattern":
-            rx = re.compile(self.pattern)
-            chosen = [nm for nm in names if rx.search(nm)]
-        else:
-            head = [nm for nm in names if _is_head(nm)]
-            if not any(nm.startswith("classifier.") or ".classifier." in nm for nm in head):
-                raise InvalidArgument.for_field(
-                    "scope.kind",
-                    f"scope {self.kind!r} expects a BERT-family model with a 'classifier' head; "
-                    f"this model ({type(model).__name__}) has none - use scope kind 'pattern' "
-                    "or 'all'",
-                )
-            if self.kind == "head":
-                keep_layers: set[int] = set()
-            else:
-                layer_ids = sorted({int(m.group(1)) for nm in names if (m := _LAYER_RE.search(nm))})
-                if not layer_ids:
-                    raise InvalidArgument.for_field(
-                        "scope.kind",
-                        f"scope {self.kind!r} expects BERT-style 'encoder.layer.<i>.' parameters; "
-                        f"{type(model).__name__} has none - use scope kind 'head', 'pattern' or "
-                        "'all'",
-                    )
-                n = 1 if self.kind == "default" else self.n
-                if n > len(layer_ids):
-                    raise InvalidArgument.for_field(
-                        "scope.n", f"the model has {len(layer_ids)} encoder layers, asked for {n}"
-                    )
-                keep_layers = set(layer_ids[-n:])
-            chosen = []
-            for nm in names:
-                m = _LAYER_RE.search(nm)
-                if (m and int(m.group(1)) in keep_layers) or nm in head:
-                    chosen.append(nm)
-        if not chosen:
-            raise InvalidArgument.for_field(
-                "scope", f"{self.describe()} selects no parameter of {type(model).__name__}"
-            )
-        return chosen
-
-    def describe(self) -> str:
-        """Human-readable description for manifests and answers."""
-        if self.kind == "default":
-            return "default (last encoder layer + pooler + classifier)"
-        if self.kind == "head":
-            return "head (pooler + classifier)"
-        if self.kind == "last_n":
-            return f"last_n={self.n} (last {self.n} encoder layers + pooler + classifier)"
-        if self.kind == "all":
-            return "all parameters"
-        return f"pattern {self.pattern!r}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "n": self.n, "pattern": self.pattern}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ScopeSpec:
-        unknown = set(d) - {"kind", "n", "pattern"}
-        if unknown:
-            raise InvalidArgument.for_field(
-                "scope", f"unknown keys {sorted(unknown)}; allowed: kind, n, pattern"
-            )
-        return cls(
-            kind=str(d.get("kind", "default")),
-            n=int(d.get("n", 1)),
-            pattern=str(d.get("pattern", "")),
-        )
-
-
-def _is_head(name: str) -> bool:
-    """Pooler and classifier parameters (BERT naming: bert.pooler.*, classifier.*)."""
-    return (
-        name.startswith(("classifier.", "pooler."))
-        or ".classifier." in name
-        or (".pooler." in name)
-    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,8 +13,6 @@ Every flag of `serve` has a PAIRDOTS_* environment fallback (deploy/ uses them).
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import sys
 import tempfile
@@ -22,6 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pairdots_server.cli.demo import cmd_demo
+from pairdots_server.cli.logs import setup_logging
+from pairdots_server.cli.render import print_explanation
 from pairdots_server.errors import PairdotsError
 
 DEFAULT_TEXT = "i loved it !"
@@ -35,7 +36,7 @@ def _env(name: str, default: Any = None) -> Any:
 
 
 def _artifact_config(args: argparse.Namespace) -> Any:
-    from pairdots_server.artifacts import ArtifactConfig
+    from pairdots_server.influence.artifacts import ArtifactConfig
 
     return ArtifactConfig(
         index=not getattr(args, "no_index", False),
@@ -47,12 +48,12 @@ def _artifact_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from pairdots_server.artifacts import build_artifacts
-    from pairdots_server.bundle import Bundle
-    from pairdots_server.prepare import PrepareConfig, prepare_bundle
-    from pairdots_server.runtime import ModelRuntime
-    from pairdots_server.task import ScopeSpec
-    from pairdots_server.train import TrainConfig
+    from pairdots_server.influence.artifacts import build_artifacts
+    from pairdots_server.influence.runtime import ModelRuntime
+    from pairdots_server.model.prepare import PrepareConfig, prepare_bundle
+    from pairdots_server.model.scope import ScopeSpec
+    from pairdots_server.model.train import TrainConfig
+    from pairdots_server.storage.bundle import Bundle
 
     train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                         max_length=args.max_length, seed=args.seed, max_steps=args.max_steps)
@@ -67,8 +68,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     started = time.perf_counter()
 
     def after_train(task: Any, examples: Any, scratch: Path) -> Any:
-        manifest = {"labels": list(task.labels), "train": train.to_dict(), "files": {}}
-        rt = ModelRuntime(Bundle(cfg.name, scratch, manifest, task, list(examples)))
+        rt = ModelRuntime(Bundle.unsaved(cfg.name, scratch, task, examples, train.to_dict()))
         return build_artifacts(rt, art, scratch, progress=not args.quiet)
 
     path = prepare_bundle(cfg, progress=not args.quiet, after_train=after_train)
@@ -77,19 +77,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _load_runtime(path: str, device: str) -> Any:
-    from pairdots_server.bundle import load_bundle
-    from pairdots_server.runtime import ModelRuntime
+    from pairdots_server.influence.runtime import ModelRuntime
+    from pairdots_server.storage.bundle import load_bundle
 
     return ModelRuntime(load_bundle(path, device=device))
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from pairdots_server.artifacts import (
+    from pairdots_server.influence.artifacts import (
         build_index_dir,
         build_index_shard,
         index_files,
     )
-    from pairdots_server.bundle import update_bundle
+    from pairdots_server.storage.update import update_bundle
 
     rt = _load_runtime(args.bundle, args.device)
     cfg = _artifact_config(args)
@@ -110,8 +110,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_index_merge(args: argparse.Namespace) -> int:
-    from pairdots_server.artifacts import index_files, merge_index_parts
-    from pairdots_server.bundle import update_bundle
+    from pairdots_server.influence.artifacts import index_files, merge_index_parts
+    from pairdots_server.storage.update import update_bundle
 
     with tempfile.TemporaryDirectory(prefix="pairdots-index-") as tmp:
         out = merge_index_parts(Path(args.parts), Path(tmp) / "index")
@@ -121,29 +121,6 @@ def cmd_index_merge(args: argparse.Namespace) -> int:
 
 
 # -- serve -----------------------------------------------------------------------------------
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": round(record.created, 3), "level": record.levelname,
-               "logger": record.name, "msg": record.getMessage()}
-        for key in ("request_id", "method", "code", "seconds"):
-            if hasattr(record, key):
-                out[key] = getattr(record, key)
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
-def setup_logging(fmt: str, level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
 
 
 def server_config(args: argparse.Namespace) -> Any:
@@ -185,39 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # -- explain / demo --------------------------------------------------------------------------
 
 
-def print_explanation(expl: Any) -> None:
-    """Readable text rendering of a pairdots.Explanation."""
-    pred = expl.prediction
-    probs = ", ".join(f"{p:.3f}" for p in pred.probabilities)
-    print(f"model {expl.model}: predicted {pred.label_name!r} (p = [{probs}])")
-    for e in expl.explanations:
-        print(f"\n== explaining label {e.label_name!r} ({e.role}) ==")
-        print("word saliency: " + "  ".join(
-            f"{w.text}:{s:+.3f}" for w, s in zip(expl.words, e.word_saliency)))
-        for sw in e.salient_words:
-            d = sw.solver
-            print(f"\n  salient word {sw.text!r} (saliency {sw.saliency:+.4f}; s_test by "
-                  f"{getattr(d.solver, 'name', d.solver)} in {d.iterations} it, converged={d.converged}, "
-                  f"{d.seconds:.2f} s{', cached' if d.cached else ''})")
-            for title, items in (("supporting", sw.supporting), ("opposing", sw.opposing)):
-                print(f"    {title}:")
-                for ex in items:
-                    resp = ""
-                    if 0 <= ex.responsible_word < len(ex.words):
-                        resp = f"  [responsible: {ex.words[ex.responsible_word].text!r}]"
-                    print(f"      #{ex.train_index:<6} I={ex.influence:+.3e} "
-                          f"({ex.label_name}) {ex.text[:90]}{resp}")
-    diag = expl.diagnostics
-    stages = ", ".join(f"{t.stage} {t.seconds:.2f}s" for t in diag.timings)
-    print(f"\ncandidates scored: {diag.candidates_scored} of {diag.training_examples}; "
-          f"{stages}; total {diag.total_seconds:.2f} s")
-    for w in diag.warnings:
-        print(f"warning: {w}")
-    for n in diag.notes:
-        print(f"note: {n}")
-
-
-def _explain_call(client: Any, args: argparse.Namespace, model: str) -> Any:
+def explain_call(client: Any, args: argparse.Namespace, model: str) -> Any:
     return client.explain(
         args.text, model=model, target_label=args.target_label, gold_label=args.gold_label,
         top_words=args.top_words, examples_per_word=args.examples,
@@ -233,7 +178,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         overrides["default_timeout_s"] = args.timeout
     with PairdotsClient(ClientConfig.from_env(**overrides)) as client:
         model = args.model or client.list_models()[0].name
-        expl = _explain_call(client, args, model)
+        expl = explain_call(client, args, model)
     if args.json:
         from google.protobuf.json_format import MessageToJson
 
@@ -245,59 +190,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
         write_html(expl, args.html)
         print(f"HTML report: {args.html}")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Prepare the default bundle if missing, serve it on localhost, Explain, write HTML, stop."""
-    import asyncio
-    import threading
-
-    from pairdots import ClientConfig, PairdotsClient
-    from pairdots.report import write_html
-    from pairdots_server.config import ServerConfig
-    from pairdots_server.rpc.app import create_server
-
-    started = time.perf_counter()
-    bundles = Path(args.bundles)
-    if not (bundles / args.name / "manifest.json").exists():
-        print(f"no bundle {args.name!r} under {bundles}: preparing it (fine-tune + index)...")
-        prep = build_parser().parse_args(
-            ["prepare", "--name", args.name, "--out", str(bundles)]
-            + (["--train", args.train] if args.train else [])
-            + (["--dev", args.dev] if args.dev else [])
-            + (["--limit-train", str(args.limit_train)] if args.limit_train else [])
-        )
-        cmd_prepare(prep)
-    setup_logging("text", "WARNING")
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder: dict[str, Any] = {}
-
-    async def run_server() -> None:
-        app, port = await create_server(ServerConfig(bundles=bundles, port=0, grace_s=1))
-        holder["app"], holder["port"] = app, port
-        ready.set()
-        holder["stop"] = asyncio.Event()
-        await holder["stop"].wait()
-        await app.stop(1)
-
-    thread = threading.Thread(target=lambda: loop.run_until_complete(run_server()), daemon=True)
-    thread.start()
-    if not ready.wait(timeout=600):
-        raise SystemExit("the server did not start within 10 minutes")
-    try:
-        with PairdotsClient(ClientConfig(address=f"127.0.0.1:{holder['port']}",
-                                         default_timeout_s=1800)) as client:
-            print("models:", ", ".join(m.name for m in client.list_models()))
-            expl = _explain_call(client, args, args.name)
-        print_explanation(expl)
-        write_html(expl, args.html)
-        print(f"\nHTML report: {args.html}")
-    finally:
-        loop.call_soon_threadsafe(holder["stop"].set)
-        thread.join(timeout=30)
-    print(f"demo finished in {time.perf_counter() - started:.0f} s")
     return 0
 
 

@@ -20,12 +20,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pairdots_server.bundle import save_bundle, validate_bundle_name
-from pairdots_server.data import Example
 from pairdots_server.errors import AlreadyExists, InvalidArgument
-from pairdots_server.runtime import ModelRuntime
-from pairdots_server.task import ScopeSpec, Task
-from pairdots_server.train import TrainConfig, TrainResult, evaluate, fine_tune
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.model.scope import ScopeSpec
+from pairdots_server.model.task import Task
+from pairdots_server.model.train import TrainConfig, TrainResult, evaluate, fine_tune
+from pairdots_server.storage.bundle import save_bundle, validate_bundle_name
+from pairdots_server.storage.data import Example
 
 if TYPE_CHECKING:
     import torch

@@ -1,0 +1,265 @@
+"""The Explain use case (paper §3, §4.1), composed from the pipeline steps (pipeline.py):
+
+For a test input x and label y:
+  1. encode x and predict p(y|x);
+  2. word saliency s(x_t) (Eq. 1–2) for y (and the gold label y_g in error analysis, Table 2);
+  3. the top-m words by |saliency| (or the caller's positions);
+  4. per word w: ∇θw by double backprop, s_test = H⁻¹∇θw (solver from the request or the
+     bundle default; cached for identical queries);
+  5. candidates: the FAISS index over projected training gradients queried with ∓Pᵀs_test
+     (supporting examples have I = -⟨s_test, g_i⟩ > 0, i.e. ⟨-s_test, g_i⟩ large), or all;
+  6. exact I(z_i, w) = -⟨s_test, ∇θL(z_i)⟩ (Eq. 5) for every candidate, top-k each way;
+  7. for each returned example, I(x_t, w) (Eq. 8) per word, and the responsible word.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from pairdots_server.errors import InvalidArgument
+from pairdots_server.influence import pipeline as steps
+from pairdots_server.influence.pipeline import TokenInfluence
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.settings import InfluenceSettings, PipelineSettings
+
+# -- query ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExplainQuery:
+    """A validated Explain request (rpc/convert.py builds it)."""
+
+    text: str
+    target_label: int | None = None
+    gold_label: int | None = None
+    top_words: int = 3
+    word_positions: tuple[int, ...] = ()
+    examples_per_word: int = 5
+    influence: InfluenceSettings = field(default_factory=InfluenceSettings)
+    token_influence: TokenInfluence = TokenInfluence.EXACT
+
+
+# -- answer --------------------------------------------------------------------------------
+
+
+class Role(enum.Enum):
+    """Which label an explanation is for."""
+
+    TARGET = "target"  # the requested (or predicted) label
+    GOLD = "gold"  # the caller's gold label, when it differs (error analysis)
+
+
+@dataclass
+class WordInfo:
+    index: int
+    text: str
+    char_start: int
+    char_end: int
+    pieces: int
+
+
+@dataclass
+class Influential:
+    train_index: int
+    text: str
+    label: int
+    influence: float
+    words: list[tuple[str, float]] = field(default_factory=list)
+    responsible_word: int = -1
+
+
+@dataclass
+class SalientWordAnswer:
+    word_index: int
+    text: str
+    saliency: float
+    supporting: list[Influential]
+    opposing: list[Influential]
+    solver: dict[str, float | int | bool | str]
+
+
+@dataclass
+class LabelAnswer:
+    label: int
+    role: Role
+    word_saliency: list[float]
+    salient_words: list[SalientWordAnswer]
+
+
+@dataclass
+class ExplainAnswer:
+    probabilities: list[float]
+    predicted: int
+    words: list[WordInfo]
+    explanations: list[LabelAnswer]
+    influence_computed: bool
+    used_index: bool
+    candidates_scored: int
+    training_examples: int
+    timings: dict[str, float]
+    warnings: list[str]
+    notes: list[str]
+    total_seconds: float
+
+
+# -- the use case --------------------------------------------------------------------------
+
+
+def explain(
+    rt: ModelRuntime,
+    q: ExplainQuery,
+    should_stop: Callable[[], None],
+    *,
+    default_candidates: int,
+    scoring_batch_size: int = 32,
+) -> ExplainAnswer:
+    start = time.perf_counter()
+    settings = q.influence.resolve(
+        rt, default_candidates=default_candidates, scoring_batch_size=scoring_batch_size
+    )
+    timer = steps.Timer()
+    warnings: list[str] = []
+    notes: list[str] = []
+    _check_labels(rt, q)
+
+    # [1] encode + predict
+    enc = steps.encode_text(rt, q.text)
+    probs = steps.predict(rt, enc)  # [C]
+    predicted = int(probs.argmax())
+    words, pieces = enc.words, enc.pieces
+    if any(p == 0 for p in pieces):
+        warnings.append(
+            f"input truncated to {rt.max_length} word pieces: "
+            f"{sum(p == 0 for p in pieces)} trailing words were not seen by the model"
+        )
+    word_infos = [
+        WordInfo(i, w, s, e, pieces[i]) for i, (w, (s, e)) in enumerate(zip(words, enc.spans))
+    ]
+    for pos in q.word_positions:
+        if not 0 <= pos < len(words) or pieces[pos] == 0:
+            raise InvalidArgument.for_field(
+                "word_positions", f"{pos} is not a word the model saw; valid: 0..{len(words) - 1}"
+                " (words beyond the truncation point have no tokens)"
+            )
+
+    y = predicted if q.target_label is None else q.target_label
+    labels: list[tuple[int, Role]] = [(y, Role.TARGET)]
+    if q.gold_label is not None and q.gold_label != y:
+        labels.append((q.gold_label, Role.GOLD))
+
+    compute_influence = q.top_words > 0 or bool(q.word_positions)
+    if compute_influence:
+        steps.check_index(rt, settings)
+    else:
+        notes.append("influence not computed: top_words = 0 and no word_positions were given")
+
+    candidates_scored = 0
+    explanations: list[LabelAnswer] = []
+    for label, role in labels:
+        should_stop()
+        # [2] saliency, [3] the words to explain
+        with timer.stage("saliency"):
+            ws_list = steps.word_saliency(rt, enc, label, settings.target, settings.token_score)
+        chosen = list(q.word_positions) if q.word_positions else steps.top_words(
+            ws_list, pieces, q.top_words
+        )
+        salient: list[SalientWordAnswer] = []
+        for wi in chosen if compute_influence else []:
+            should_stop()
+            answer, n_scored = _explain_word(
+                rt, q, settings, enc, wi, ws_list[wi], label, should_stop, timer
+            )
+            candidates_scored = max(candidates_scored, n_scored)
+            diag = answer.solver
+            if not diag["converged"]:
+                warnings.append(
+                    f"s_test for word {words[wi]!r} did not converge "
+                    f"(relative change {diag['rel_change']:.3g} after {diag['iterations']} "
+                    "iterations); raise max_iterations or damping"
+                )
+            salient.append(answer)
+        explanations.append(LabelAnswer(label, role, ws_list, salient))
+
+    used_index = compute_influence and settings.use_index
+    if used_index and candidates_scored < 2 * q.examples_per_word:
+        warnings.append(
+            f"only {candidates_scored} candidates were scored for {q.examples_per_word} examples "
+            "per direction; raise `candidates` for a reliable top-k"
+        )
+    return ExplainAnswer(
+        probabilities=[float(p) for p in probs],
+        predicted=predicted,
+        words=word_infos,
+        explanations=explanations,
+        influence_computed=compute_influence,
+        used_index=used_index,
+        candidates_scored=candidates_scored,
+        training_examples=rt.n_train,
+        timings=timer.t,
+        warnings=warnings,
+        notes=notes,
+        total_seconds=time.perf_counter() - start,
+    )
+
+
+def _check_labels(rt: ModelRuntime, q: ExplainQuery) -> None:
+    n_labels = len(rt.bundle.labels)
+    for fname, value in (("target_label", q.target_label), ("gold_label", q.gold_label)):
+        if value is not None and not 0 <= value < n_labels:
+            raise InvalidArgument.for_field(
+                fname, f"{value} is not a label of model {rt.name!r}; valid: 0..{n_labels - 1} "
+                f"({', '.join(rt.bundle.labels)})"
+            )
+
+
+def _explain_word(
+    rt: ModelRuntime, q: ExplainQuery, settings: PipelineSettings, enc: steps.EncodedText,
+    wi: int, saliency: float, label: int, should_stop: Callable[[], None], timer: steps.Timer,
+) -> tuple[SalientWordAnswer, int]:
+    """Steps 4–7 for one word: its answer and the number of candidates scored."""
+    s_test, diag = steps.word_s_test(rt, enc, wi, label, settings, should_stop, timer)
+    cand = steps.candidates(rt, s_test, settings, timer)
+    scores = steps.score_examples(rt, s_test, cand, settings, should_stop, timer)
+    sup, opp = _top_k(cand, scores, q.examples_per_word)
+    sup_ans = [_influential(rt, i, s) for i, s in sup]
+    opp_ans = [_influential(rt, i, s) for i, s in opp]
+    if q.token_influence is not TokenInfluence.NONE:
+        start_t = time.perf_counter()
+        for item in sup_ans + opp_ans:
+            should_stop()
+            _responsible_word(rt, s_test, item, q.token_influence)
+        timer.add("token_influence", time.perf_counter() - start_t)
+    return SalientWordAnswer(wi, enc.words[wi], saliency, sup_ans, opp_ans, diag), len(cand)
+
+
+def _top_k(
+    indices: Sequence[int], scores: Tensor, k: int
+) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """Top-k positive (supporting, largest first) and negative (opposing, most negative first)."""
+    pairs = [(int(i), float(s)) for i, s in zip(indices, scores.tolist()) if math.isfinite(s)]
+    sup = sorted((p for p in pairs if p[1] > 0), key=lambda p: (-p[1], p[0]))[:k]
+    opp = sorted((p for p in pairs if p[1] < 0), key=lambda p: (p[1], p[0]))[:k]
+    return sup, opp
+
+
+def _influential(rt: ModelRuntime, index: int, score: float) -> Influential:
+    ex = rt.bundle.train[index]
+    return Influential(index, ex.text, ex.label, score)
+
+
+def _responsible_word(
+    rt: ModelRuntime, s_test: Tensor, item: Influential, method: TokenInfluence
+) -> None:
+    """Fill item.words with Eq. 8 word influences and pick the responsible word."""
+    enc = steps.encode_train_example(rt, item.train_index)
+    totals = steps.word_attribution(rt, s_test, enc, item.label, method)
+    item.words = list(zip(enc.words, totals))
+    if totals:
+        sign = 1.0 if item.influence >= 0 else -1.0
+        item.responsible_word = max(range(len(totals)), key=lambda i: (sign * totals[i], -i))

@@ -1,0 +1,321 @@
+"""The influence pipeline's steps (paper §3), public and composed by Explain
+(influence/explain.py), Attack and Repair (perturb/) and the benchmarks (bench/):
+
+  encode_text            text -> EncodedText (tokens, words, embeddings; one encoder)
+  word_saliency          s(x_t) of every word for a label (Eq. 1–2)
+  top_words              the m most salient words the model saw
+  measurement_gradient   what f is (a Measurement) -> ∇θf, flat [P] (one backward)
+  s_test                 s_test = (H + δI)⁻¹ ∇θf (the runtime's cache, else solver_policy)
+  candidates             training indices to score (index prefilter, or all; optional subset)
+  score_examples         I(z_i, f) = -⟨s_test, ∇θL(z_i)⟩ (Eq. 5) for training indices
+  score_texts            the same for arbitrary labelled texts (perturbed examples)
+  word_attribution       I(x_t, f) (Eq. 8) per word of one text
+
+Every step takes the resolved PipelineSettings (influence/settings.py) or the part of it it
+needs; `Timer` sums wall time per stage.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from pairdots_server.core import influence as infl
+from pairdots_server.core.grads import per_example_loss_grads
+from pairdots_server.core.saliency import (
+    Target,
+    TokenScore,
+    grad_theta_word_score,
+    token_saliency,
+    word_scores,
+)
+from pairdots_server.errors import FailedPrecondition
+from pairdots_server.influence.runtime import EncodedExamples, ModelRuntime
+from pairdots_server.influence.settings import PipelineSettings
+from pairdots_server.influence.solver_policy import solve_s_test
+
+StopFn = Callable[[], None]
+
+
+def no_stop() -> None:
+    """A should_stop callback that never cancels."""
+
+
+class Timer:
+    """Wall time per pipeline stage, summed over explained words."""
+
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.t[stage] = self.t.get(stage, 0.0) + seconds
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+
+# -- encode ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    """One text as model input: embeds [1,T,D], mask [1,T], word_ids [T] (word of token t or
+    None for special tokens), words / spans / pieces [W] (pieces 0 = cut off by truncation)."""
+
+    text: str
+    words: list[str]
+    spans: list[tuple[int, int]]
+    pieces: list[int]
+    embeds: Tensor
+    mask: Tensor
+    word_ids: list[int | None]
+
+    def positions(self, word: int) -> list[int]:
+        """Token positions of word `word`."""
+        return [t for t, w in enumerate(self.word_ids) if w == word]
+
+    @property
+    def word_positions(self) -> list[int]:
+        """Token positions that belong to some word (special tokens excluded)."""
+        return [t for t, w in enumerate(self.word_ids) if w is not None]
+
+
+def encode_text(rt: ModelRuntime, text: str) -> EncodedText:
+    return _row(rt.encode_texts([text]), 0, text)
+
+
+def _row(enc: EncodedExamples, b: int, text: str) -> EncodedText:
+    return EncodedText(
+        text, enc.words[b], enc.spans[b], enc.pieces(b), enc.embeds[b : b + 1],
+        enc.mask[b : b + 1], enc.word_ids[b],
+    )
+
+
+def predict(rt: ModelRuntime, enc: EncodedText) -> Tensor:
+    """p(y|x) for every label -> [C] (float64)."""
+    with torch.no_grad():
+        logits = rt.task.logits_fn({}, enc.embeds, enc.mask)  # [1,C]
+        return torch.softmax(logits.double(), dim=-1)[0]
+
+
+# -- saliency --------------------------------------------------------------------------------
+
+
+def word_saliency(
+    rt: ModelRuntime, enc: EncodedText, label: int, target: Target, token_score: TokenScore
+) -> list[float]:
+    """s(x_t) of every word for `label` (Eq. 1–2; word = sum of its pieces) -> [W]."""
+    tok = token_saliency(
+        rt.task.logits_fn, rt.params, enc.embeds, enc.mask, label, target, token_score,
+        baseline=rt.unk_embed,
+    )  # [T]
+    return [float(v) for v in word_scores(tok, enc.word_ids, len(enc.words))]  # [W]
+
+
+def top_words(scores: Sequence[float], pieces: Sequence[int], m: int) -> list[int]:
+    """The m words with the largest saliency magnitude |s(x_t)| for the label (words the model
+    saw): a word with a large negative score pulls against y and is salient too."""
+    order = sorted(
+        (i for i in range(len(scores)) if pieces[i] > 0), key=lambda i: (-abs(scores[i]), i)
+    )
+    return order[:m]
+
+
+# -- measurement gradient --------------------------------------------------------------------
+
+
+class MeasurementKind(enum.Enum):
+    """What the measurement f of a test input is (∇θf is what s_test inverts)."""
+
+    WORD_SALIENCY = "word_saliency"  # f = the saliency score w of one word (Eq. 1–2)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A measurement f of a test input: its kind, the label it is taken for and, for
+    word-level kinds, the word; target/token_score define the saliency score."""
+
+    kind: MeasurementKind
+    label: int
+    word: int | None = None
+    target: Target = Target.LOG_PROB
+    token_score: TokenScore = TokenScore.L2_NORM
+
+
+def _grad_word_saliency(rt: ModelRuntime, enc: EncodedText, m: Measurement) -> Tensor:
+    """∇θw for the score w of word m.word by double backprop -> [P]."""
+    assert m.word is not None
+    return grad_theta_word_score(
+        rt.task.logits_fn, rt.params, enc.embeds, enc.mask, m.label, m.target, m.token_score,
+        enc.positions(m.word), baseline=rt.unk_embed,
+    )
+
+
+# One entry per MeasurementKind: (runtime, encoded text, measurement) -> flat ∇θf [P].
+MEASUREMENTS: dict[MeasurementKind, Callable[[ModelRuntime, EncodedText, Measurement], Tensor]] = {
+    MeasurementKind.WORD_SALIENCY: _grad_word_saliency,
+}
+
+
+def measurement_gradient(rt: ModelRuntime, enc: EncodedText, m: Measurement) -> Tensor:
+    """∇θf of the measurement m of the text `enc` -> flat [P]."""
+    return MEASUREMENTS[m.kind](rt, enc, m)
+
+
+# -- s_test ----------------------------------------------------------------------------------
+
+
+def s_test(
+    rt: ModelRuntime, grad_f: Tensor, settings: PipelineSettings, should_stop: StopFn,
+    *, cache_key: Hashable | None = None,
+) -> tuple[Tensor, dict[str, float | int | bool | str]]:
+    """s_test = (H + δI)⁻¹ ∇θf with the solver's diagnostics; a query whose cache_key was
+    solved before comes from the runtime's s_test cache (diagnostics "cached": True)."""
+    key = None if cache_key is None else ("s_test", cache_key)
+    if key is not None:
+        hit = rt.s_test_cache.get(key)
+        if hit is not None:
+            x, diag = hit
+            return x, {**diag, "cached": True}
+    x, diag = solve_s_test(rt, grad_f, settings.solver, should_stop)
+    if key is not None:
+        rt.s_test_cache.put(key, (x, diag))
+    return x, diag
+
+
+def word_s_test(
+    rt: ModelRuntime, enc: EncodedText, word: int, label: int, settings: PipelineSettings,
+    should_stop: StopFn, timer: Timer | None = None,
+) -> tuple[Tensor, dict[str, float | int | bool | str]]:
+    """s_test = H⁻¹∇θw for the saliency score w of word `word` (Eq. 5), cached per
+    (text, label, word, saliency and solver settings)."""
+    timer = timer or Timer()
+    m = Measurement(MeasurementKind.WORD_SALIENCY, label, word, settings.target,
+                    settings.token_score)
+    with timer.stage("grad_score"):
+        grad_w = measurement_gradient(rt, enc, m)  # [P]
+    key = (enc.text, label, word, settings.target, settings.token_score, settings.solver)
+    with timer.stage("solve"):
+        return s_test(rt, grad_w, settings, should_stop, cache_key=key)
+
+
+# -- candidates and exact scores -------------------------------------------------------------
+
+
+def check_index(rt: ModelRuntime, settings: PipelineSettings) -> None:
+    """FailedPrecondition when the settings ask for an index the model does not have."""
+    if settings.use_index and not rt.has_index:
+        raise FailedPrecondition(
+            f"model {rt.name!r} has no candidate index; use CANDIDATE_SEARCH_EXHAUSTIVE or "
+            "build one with `pairdots index build`"
+        )
+
+
+def candidates(
+    rt: ModelRuntime, s_test: Tensor, settings: PipelineSettings, timer: Timer | None = None,
+    *, allowed: Sequence[int] | None = None,
+) -> list[int]:
+    """Training indices to score exactly: all of them (or `allowed`), or, with the index,
+    the union of the top-K supporting (⟨-s_test, g⟩ large) and opposing (⟨s_test, g⟩ large)
+    neighbours of the projected query (restricted to `allowed` when given)."""
+    check_index(rt, settings)
+    keep = None if allowed is None else set(allowed)
+    if not settings.use_index:
+        ids = list(range(rt.n_train))
+        return ids if keep is None else [i for i in ids if i in keep]
+    start = time.perf_counter()
+    index, projection = rt.index()
+    q = projection.project(s_test[None].float()).cpu().numpy()  # [1,k]
+    k = min(settings.candidates, rt.n_train)
+    _, sup_ids = index.search(-q, k)  # supporting: ⟨-s_test, g⟩ large
+    _, opp_ids = index.search(q, k)  # opposing: ⟨s_test, g⟩ large
+    ids = sorted({int(i) for i in sup_ids[0].tolist() + opp_ids[0].tolist() if i >= 0})
+    if keep is not None:
+        ids = [i for i in ids if i in keep]
+    if timer is not None:
+        timer.add("candidates", time.perf_counter() - start)
+    return ids
+
+
+def _influence(rt: ModelRuntime, s_test: Tensor, enc: EncodedExamples) -> Tensor:
+    """-⟨s_test, ∇θL(z_b)⟩ for every encoded, labelled example -> [B]."""
+    g = per_example_loss_grads(rt.task.logits_fn, rt.params, enc.embeds, enc.mask, enc.labels)
+    return infl.influence_on_score(s_test.to(g.dtype), g)
+
+
+def score_examples(
+    rt: ModelRuntime, s_test: Tensor, indices: Sequence[int], settings: PipelineSettings,
+    should_stop: StopFn, timer: Timer | None = None,
+) -> Tensor:
+    """I(z_i, f) = -⟨s_test, ∇θL(z_i)⟩ (Eq. 5) for the given training indices -> [K]."""
+    start = time.perf_counter()
+    batch = settings.scoring_batch_size
+    out = []
+    for b in range(0, len(indices), batch):
+        should_stop()
+        out.append(_influence(rt, s_test, rt.encode_train(indices[b : b + batch])))  # [B]
+    if timer is not None:
+        timer.add("exact_scoring", time.perf_counter() - start)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def score_texts(
+    rt: ModelRuntime, s_test: Tensor, texts: Sequence[str], labels: Sequence[int],
+    batch_size: int = 32, should_stop: StopFn = no_stop,
+) -> Tensor:
+    """I(z_i, f) = -s_testᵀ ∇θL(z_i) (Eq. 5) for arbitrary labelled texts -> [N] (float64)."""
+    out: list[Tensor] = []
+    for b in range(0, len(texts), batch_size):
+        should_stop()
+        enc = rt.encode_texts(texts[b : b + batch_size], labels[b : b + batch_size])
+        out.append(_influence(rt, s_test, enc).double().cpu())  # [B]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+# -- token attribution -----------------------------------------------------------------------
+
+
+class TokenInfluence(enum.Enum):
+    """How Eq. 8 is computed for the returned training examples."""
+
+    EXACT = "exact"  # one [UNK] copy per token
+    FIRST_ORDER = "first_order"  # one mixed second derivative
+    NONE = "none"  # not computed
+
+
+def word_attribution(
+    rt: ModelRuntime, s_test: Tensor, enc: EncodedText, label: int,
+    method: TokenInfluence = TokenInfluence.EXACT,
+) -> list[float]:
+    """Eq. 8 per word of `enc` labelled `label`: Σ_{t ∈ word} I(z, f) - I(z̃(t, UNK), f) -> [W]."""
+    positions = enc.word_positions
+    totals = [0.0] * len(enc.words)
+    if not positions or method is TokenInfluence.NONE:
+        return totals
+    fn = (infl.token_influence_exact if method is TokenInfluence.EXACT
+          else infl.token_influence_fast)
+    per_token = fn(
+        rt.task.logits_fn, rt.params, s_test, enc.embeds, enc.mask, label, rt.unk_embed,
+        positions=positions,
+    )  # [T]
+    for t in positions:
+        w = enc.word_ids[t]
+        assert w is not None
+        totals[w] += float(per_token[t])
+    return totals
+
+
+def encode_train_example(rt: ModelRuntime, index: int) -> EncodedText:
+    """Training example `index` encoded as one text."""
+    return _row(rt.encode_train([index]), 0, rt.bundle.train[index].text)

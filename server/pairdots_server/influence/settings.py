@@ -1,0 +1,65 @@
+"""The one settings object of the influence pipeline: saliency + solver + candidates + batching.
+
+A request (Explain, Attack, Repair) carries an `InfluenceSettings` whose unset fields (None / 0)
+mean "the default". `InfluenceSettings.resolve` fills every one of them once, against the
+served model (bundle manifest "defaults", whether it has an index / low-rank factors) and the
+server's limits, and the pipeline steps take the resolved `PipelineSettings` whole:
+
+  field               unset means                                   where the default lives
+  target, token_score LOG_PROB, L2_NORM                             here (the dataclass)
+  solver              the bundle's default method and its options   solver_policy.resolve_solver
+  use_index           the bundle's index when it has one            resolve() below
+  candidates          clamp(2 % · N, 50, 2000) per direction        config.ExplainLimits
+  scoring_batch_size  the server's batch for exact scoring          config.ExplainLimits
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pairdots_server.core.saliency import Target, TokenScore
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.solver_policy import SolverSettings, resolve_solver
+
+
+@dataclass(frozen=True)
+class InfluenceSettings:
+    """How the salient word, s_test and the candidate training examples are obtained, as a
+    request states it (None / 0 = default; see the module docstring)."""
+
+    target: Target = Target.LOG_PROB
+    token_score: TokenScore = TokenScore.L2_NORM
+    solver: SolverSettings = field(default_factory=SolverSettings)
+    use_index: bool | None = None  # None: the bundle's index when it has one
+    candidates: int = 0  # 0: the server default
+    scoring_batch_size: int | None = None  # None: the server default
+
+    def __post_init__(self) -> None:
+        if self.candidates < 0:
+            raise ValueError(f"candidates must be >= 0, got {self.candidates}")
+
+    def resolve(
+        self, rt: ModelRuntime, *, default_candidates: int, scoring_batch_size: int = 32
+    ) -> PipelineSettings:
+        """Every default filled in, for model `rt`; `default_candidates` and
+        `scoring_batch_size` are the server's (config.ExplainLimits)."""
+        return PipelineSettings(
+            target=self.target,
+            token_score=self.token_score,
+            solver=resolve_solver(rt, self.solver),
+            use_index=rt.has_index if self.use_index is None else self.use_index,
+            candidates=self.candidates or default_candidates,
+            scoring_batch_size=self.scoring_batch_size or scoring_batch_size,
+        )
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """InfluenceSettings with every default resolved for one model (what the steps take)."""
+
+    target: Target
+    token_score: TokenScore
+    solver: SolverSettings
+    use_index: bool
+    candidates: int  # K per direction when the index prefilters
+    scoring_batch_size: int

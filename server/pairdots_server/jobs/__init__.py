@@ -1,1 +1,0 @@
-"""pairdots_server.jobs"""

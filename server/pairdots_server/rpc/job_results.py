@@ -1,0 +1,72 @@
+"""Job progress and Attack/Repair outcomes as the protobuf messages the operations carry
+(pairdots.v1.JobMetadata, AttackResult, RepairResult): the encoding the jobs are given
+(service/jobs/perturb_jobs.JobEncoding), so the jobs themselves hold no protobuf."""
+
+from __future__ import annotations
+
+from google.protobuf import timestamp_pb2
+
+from pairdots.v1 import pairdots_pb2 as pb
+from pairdots_server.model.retrain import Evaluation
+from pairdots_server.perturb.attack import AttackOutcome
+from pairdots_server.perturb.objectives import Edit
+from pairdots_server.perturb.repair import RepairOutcome
+from pairdots_server.service.jobs.perturb_jobs import JobEncoding, JobProgress
+
+TYPE_PREFIX = "type.googleapis.com/"
+METADATA_TYPE = TYPE_PREFIX + pb.JobMetadata.DESCRIPTOR.full_name
+ATTACK_RESULT_TYPE = TYPE_PREFIX + pb.AttackResult.DESCRIPTOR.full_name
+REPAIR_RESULT_TYPE = TYPE_PREFIX + pb.RepairResult.DESCRIPTOR.full_name
+
+
+def timestamp(t: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    return ts
+
+
+def job_metadata(p: JobProgress) -> tuple[str, bytes]:
+    meta = pb.JobMetadata(
+        kind=p.kind, model=p.model, stage=p.stage, done=p.done, total=p.total,
+        create_time=timestamp(p.created), update_time=timestamp(p.updated),
+    )
+    return METADATA_TYPE, meta.SerializeToString()
+
+
+def edit_proto(e: Edit) -> pb.TrainingEdit:
+    return pb.TrainingEdit(
+        train_index=e.train_index, original_text=e.original_text, new_text=e.new_text,
+        label=e.label, example_index=e.example_index, word_index=e.word_index,
+        original_word=e.original_word, substitute=e.substitute, relation=e.relation,
+        influence_change=e.influence_change, objective=e.objective,
+    )
+
+
+def evaluation_proto(ev: Evaluation) -> pb.Evaluation:
+    return pb.Evaluation(
+        accuracy_before=ev.accuracy_before, accuracy_after=ev.accuracy_after,
+        examples=ev.examples, saved_model=ev.saved_model, retrain_seconds=ev.retrain_seconds,
+    )
+
+
+def _add_evaluation(result: pb.AttackResult | pb.RepairResult, ev: Evaluation | None) -> None:
+    if ev is not None:
+        result.evaluation.CopyFrom(evaluation_proto(ev))
+        result.notes.extend(ev.notes)
+
+
+def attack_result(out: AttackOutcome, ev: Evaluation | None) -> tuple[str, bytes]:
+    result = pb.AttackResult(edits=[edit_proto(e) for e in out.edits], notes=out.notes)
+    _add_evaluation(result, ev)
+    return ATTACK_RESULT_TYPE, result.SerializeToString()
+
+
+def repair_result(out: RepairOutcome, ev: Evaluation | None) -> tuple[str, bytes]:
+    result = pb.RepairResult(
+        errors_found=out.errors_found, edits=[edit_proto(e) for e in out.edits], notes=out.notes,
+    )
+    _add_evaluation(result, ev)
+    return REPAIR_RESULT_TYPE, result.SerializeToString()
+
+
+ENCODING = JobEncoding(progress=job_metadata, attack=attack_result, repair=repair_result)

@@ -1,0 +1,1 @@
+"""The service behind the RPCs: the model registry and facade, the worker pool, the jobs."""

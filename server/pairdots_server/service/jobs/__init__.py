@@ -1,0 +1,1 @@
+"""pairdots_server.service.jobs"""

@@ -1,0 +1,137 @@
+"""Attack and Repair as job functions for the JobRunner: validated query in, encoded result out.
+
+A job reports progress (kind, model, stage, done/total, create/update time) — stages
+"explaining"/"perturbing" (per test example or error), "evaluating", "retraining" (per
+optimiser step), "saving", "done" — at most every `min_interval_s` seconds except on stage
+changes, and returns its AttackOutcome / RepairOutcome with the retraining's Evaluation. How
+progress and outcomes become stored bytes is the JobEncoding the caller passes (the rpc layer
+gives rpc/job_results.ENCODING: JobMetadata, AttackResult, RepairResult).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.model.retrain import Evaluation, RetrainSpec, retrain_and_evaluate
+from pairdots_server.perturb.attack import AttackOutcome, AttackQuery, run_attack
+from pairdots_server.perturb.objectives import Edit
+from pairdots_server.perturb.repair import RepairOutcome, RepairQuery, run_repair
+from pairdots_server.service.jobs.runner import JobContext, JobFn, JobResult
+from pairdots_server.storage.data import Example
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """One progress report of a job (times in seconds since the epoch)."""
+
+    kind: str
+    model: str
+    stage: str
+    done: int
+    total: int
+    created: float
+    updated: float
+
+
+@dataclass(frozen=True)
+class JobEncoding:
+    """How progress and outcomes become (type URL, bytes) for the job store."""
+
+    progress: Callable[[JobProgress], tuple[str, bytes]]
+    attack: Callable[[AttackOutcome, Evaluation | None], JobResult]
+    repair: Callable[[RepairOutcome, Evaluation | None], JobResult]
+
+
+@dataclass(frozen=True)
+class JobEnv:
+    """What a job needs from the server besides the model: candidate defaults and the
+    directory where save_as bundles go."""
+
+    default_candidates: int
+    scoring_batch_size: int
+    output_root: Path
+    encoding: JobEncoding
+
+
+class ProgressReporter:
+    """Publishes progress through ctx.set_metadata, throttled within a stage."""
+
+    def __init__(self, ctx: JobContext, kind: str, model: str, encode: JobEncoding,
+                 min_interval_s: float = 0.5) -> None:
+        self.ctx = ctx
+        self.encode = encode.progress
+        self.kind = kind
+        self.model = model
+        self.created = time.time()
+        self.min_interval_s = min_interval_s
+        self._last_stage = ""
+        self._last_time = 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        final = total > 0 and done >= total
+        if stage == self._last_stage and not final and now - self._last_time < self.min_interval_s:
+            return
+        self._last_stage, self._last_time = stage, now
+        self.ctx.set_metadata(*self.encode(JobProgress(
+            self.kind, self.model, stage, done, total, self.created, time.time(),
+        )))
+
+
+def _provenance(kind: str, edits: Sequence[Edit], seed: int) -> dict[str, object]:
+    return {"operation_kind": kind, "edits": len(edits), "seed": seed}
+
+
+def _retrain(
+    rt: ModelRuntime, train: Sequence[Example], retrain: RetrainSpec | None,
+    examples: Sequence[Example], ctx: JobContext, report: ProgressReporter, env: JobEnv,
+    provenance: dict[str, object],
+) -> Evaluation | None:
+    """Retrain on the edited training set and evaluate (None when no retraining is asked)."""
+    if retrain is None:
+        return None
+    return retrain_and_evaluate(
+        rt, train, retrain, examples, ctx.check, report, output_root=env.output_root,
+        provenance=provenance,
+    )
+
+
+def attack_job(rt: ModelRuntime, q: AttackQuery, retrain: RetrainSpec | None, env: JobEnv
+               ) -> JobFn:
+    """The job function of one Attack operation."""
+
+    def run(ctx: JobContext) -> JobResult:
+        report = ProgressReporter(ctx, "attack", rt.name, env.encoding)
+        report("explaining", 0, len(q.examples))
+        out = run_attack(
+            rt, q, ctx.check, report, default_candidates=env.default_candidates,
+            scoring_batch_size=env.scoring_batch_size,
+        )
+        ev = _retrain(rt, out.train, retrain, q.examples, ctx, report, env,
+                      _provenance("attack", out.edits, q.seed))
+        report("done", 1, 1)
+        return env.encoding.attack(out, ev)
+
+    return run
+
+
+def repair_job(rt: ModelRuntime, q: RepairQuery, retrain: RetrainSpec | None, env: JobEnv
+               ) -> JobFn:
+    """The job function of one Repair operation."""
+
+    def run(ctx: JobContext) -> JobResult:
+        report = ProgressReporter(ctx, "repair", rt.name, env.encoding)
+        out = run_repair(
+            rt, q, ctx.check, report, default_candidates=env.default_candidates,
+            scoring_batch_size=env.scoring_batch_size,
+        )
+        ev = _retrain(rt, out.train, retrain, q.examples, ctx, report, env,
+                      _provenance("repair", out.edits, q.seed))
+        report("done", 1, 1)
+        return env.encoding.repair(out, ev)
+
+    return run

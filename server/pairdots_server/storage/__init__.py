@@ -1,0 +1,1 @@
+"""What lives on disk: model bundles (manifest, weights, artifacts) and labelled data files."""
