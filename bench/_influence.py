@@ -14,7 +14,7 @@ from _common import log
 from torch import Tensor
 
 from pairdots_server.core.grads import per_example_loss_grads
-from pairdots_server.runtime import ModelRuntime
+from pairdots_server.influence.runtime import ModelRuntime
 
 
 def training_pass(

@@ -45,8 +45,8 @@ from pairdots_server.core.measure import (
     occlude,
     word_occlusion,
 )
-from pairdots_server.runtime import ModelRuntime
-from pairdots_server.wordmatch import words_of
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.wordmatch import words_of
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
@@ -249,7 +249,7 @@ def main() -> None:
             deltas = []
             for qi in range(rq):
                 col = scores[curv][:, 2 * qi + mi]
-                drop = set(int(i) for i in torch.argsort(col, descending=True)[:k_rm])
+                drop = {int(i) for i in torch.argsort(col, descending=True)[:k_rm]}
                 after = retrain([i for i in range(n) if i not in drop], seed=0)
                 deltas.append(after[qi][mi] - base[qi][mi])
             removal[f"{meas}/{curv}"] = {

@@ -52,8 +52,8 @@ from pairdots_server.core.saliency import (
     token_saliency,
     word_scores,
 )
+from pairdots_server.influence.wordmatch import WordIndex, stem, words_of
 from pairdots_server.perturb.lexicon import default_lexicon
-from pairdots_server.wordmatch import WordIndex, stem, words_of
 
 
 def is_wordlike(word: str) -> bool:

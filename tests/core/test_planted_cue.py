@@ -45,10 +45,10 @@ from pairdots_server.core.measure import (
     margin,
     word_occlusion,
 )
-from pairdots_server.data import Example
-from pairdots_server.task import ScopeSpec, Task
+from pairdots_server.model.task import ScopeSpec, Task
+from pairdots_server.model.train import TrainConfig, fine_tune
+from pairdots_server.storage.data import Example
 from pairdots_server.testing import make_tiny_task
-from pairdots_server.train import TrainConfig, fine_tune
 
 FILLER = ("the", "movie", "film", "story", "plot", "was", "is", "a", "it", "and", "this", "cast")
 CUES = {"zorp": 1, "quib": 1, "blick": 0, "fexa": 0}
