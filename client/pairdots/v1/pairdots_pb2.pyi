@@ -176,6 +176,22 @@ class _SolverEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Solver.ValueTy
     """Precomputed top-k eigenpairs of the GGN stored in the bundle; per query only a projection."""
     SOLVER_EXACT: _Solver.ValueType  # 4
     """Dense solve. Only for small scopes (refused with INVALID_ARGUMENT above the size limit)."""
+    SOLVER_EKFAC: _Solver.ValueType  # 5
+    """EK-FAC (George et al. 2018; Grosse et al. 2023): per Linear layer of the scope, the
+    Kronecker eigenbasis of the sampled Fisher with eigenvalues refitted on per-example
+    gradients, fitted over the whole training set in prepare and stored in the bundle
+    (`pairdots curvature fit` adds it to an older bundle). Per query: two rotations and an
+    element-wise division per layer. Damping: 0.1 × the mean eigenvalue of each layer unless
+    `damping` is given. LayerNorm parameters get the diagonal Fisher.
+    """
+    SOLVER_DIAGONAL: _Solver.ValueType  # 6
+    """The diagonal of the empirical Fisher (mean squared per-example gradient) over the whole
+    training set, stored in the bundle; damping 0.1 × its mean unless `damping` is given.
+    """
+    SOLVER_IDENTITY: _Solver.ValueType  # 7
+    """H = I: influence is the plain gradient dot product -∇θfᵀ∇θL(z) (TracIn at one
+    checkpoint); `damping` scales it (x = v / damping, default 1). Needs nothing in the bundle.
+    """
 
 class Solver(_Solver, metaclass=_SolverEnumTypeWrapper):
     """The inverse-Hessian-vector-product solver for s_test = H⁻¹∇θw."""
@@ -190,7 +206,93 @@ SOLVER_LOW_RANK: Solver.ValueType  # 3
 """Precomputed top-k eigenpairs of the GGN stored in the bundle; per query only a projection."""
 SOLVER_EXACT: Solver.ValueType  # 4
 """Dense solve. Only for small scopes (refused with INVALID_ARGUMENT above the size limit)."""
+SOLVER_EKFAC: Solver.ValueType  # 5
+"""EK-FAC (George et al. 2018; Grosse et al. 2023): per Linear layer of the scope, the
+Kronecker eigenbasis of the sampled Fisher with eigenvalues refitted on per-example
+gradients, fitted over the whole training set in prepare and stored in the bundle
+(`pairdots curvature fit` adds it to an older bundle). Per query: two rotations and an
+element-wise division per layer. Damping: 0.1 × the mean eigenvalue of each layer unless
+`damping` is given. LayerNorm parameters get the diagonal Fisher.
+"""
+SOLVER_DIAGONAL: Solver.ValueType  # 6
+"""The diagonal of the empirical Fisher (mean squared per-example gradient) over the whole
+training set, stored in the bundle; damping 0.1 × its mean unless `damping` is given.
+"""
+SOLVER_IDENTITY: Solver.ValueType  # 7
+"""H = I: influence is the plain gradient dot product -∇θfᵀ∇θL(z) (TracIn at one
+checkpoint); `damping` scales it (x = v / damping, default 1). Needs nothing in the bundle.
+"""
 Global___Solver: _TypeAlias = Solver  # noqa: Y015
+
+class _WordMeasurement:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WordMeasurementEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WordMeasurement.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WORD_MEASUREMENT_UNSPECIFIED: _WordMeasurement.ValueType  # 0
+    """Server default: WORD_MEASUREMENT_OCCLUSION."""
+    WORD_MEASUREMENT_OCCLUSION: _WordMeasurement.ValueType  # 1
+    """f = c_w = m_y(x) − m_y(x with the word's pieces replaced by [UNK]), the word's
+    contribution to the logit margin m_y = z_y − max_{c≠y} z_c. Words are ranked by c_w
+    (signed: the words that push the input most towards y come first). Supporting examples
+    make the word push more towards y.
+    """
+    WORD_MEASUREMENT_SALIENCY: _WordMeasurement.ValueType  # 2
+    """f = the word's saliency score (paper Eq. 5, the token score of SaliencyOptions); words
+    ranked by |saliency|. With the default unsigned score on log p this is ≈ the same
+    direction for every word of a sentence (∇_e log p_y = (1 − p_y)∇_e m_y), so its
+    "supporting" examples are those that lower the model's confidence.
+    """
+
+class WordMeasurement(_WordMeasurement, metaclass=_WordMeasurementEnumTypeWrapper):
+    """What a salient word's measurement f is: the quantity whose influence pairs the word with
+    training examples (I(z, f) = -∇θfᵀ H⁻¹ ∇θL(z)).
+    """
+
+WORD_MEASUREMENT_UNSPECIFIED: WordMeasurement.ValueType  # 0
+"""Server default: WORD_MEASUREMENT_OCCLUSION."""
+WORD_MEASUREMENT_OCCLUSION: WordMeasurement.ValueType  # 1
+"""f = c_w = m_y(x) − m_y(x with the word's pieces replaced by [UNK]), the word's
+contribution to the logit margin m_y = z_y − max_{c≠y} z_c. Words are ranked by c_w
+(signed: the words that push the input most towards y come first). Supporting examples
+make the word push more towards y.
+"""
+WORD_MEASUREMENT_SALIENCY: WordMeasurement.ValueType  # 2
+"""f = the word's saliency score (paper Eq. 5, the token score of SaliencyOptions); words
+ranked by |saliency|. With the default unsigned score on log p this is ≈ the same
+direction for every word of a sentence (∇_e log p_y = (1 − p_y)∇_e m_y), so its
+"supporting" examples are those that lower the model's confidence.
+"""
+Global___WordMeasurement: _TypeAlias = WordMeasurement  # noqa: Y015
+
+class _WordCandidates:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WordCandidatesEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WordCandidates.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WORD_CANDIDATES_UNSPECIFIED: _WordCandidates.ValueType  # 0
+    """Server default: WORD_CANDIDATES_CONTAINING."""
+    WORD_CANDIDATES_CONTAINING: _WordCandidates.ValueType  # 1
+    """Only training examples that contain the word (same Porter stem: "loved" ~ "love" ~
+    "loving"); when none does, all examples (with a note).
+    """
+    WORD_CANDIDATES_ALL: _WordCandidates.ValueType  # 2
+    """Every training example (through the index prefilter when CANDIDATE_SEARCH_INDEX)."""
+
+class WordCandidates(_WordCandidates, metaclass=_WordCandidatesEnumTypeWrapper):
+    """Which training examples a salient word is paired with."""
+
+WORD_CANDIDATES_UNSPECIFIED: WordCandidates.ValueType  # 0
+"""Server default: WORD_CANDIDATES_CONTAINING."""
+WORD_CANDIDATES_CONTAINING: WordCandidates.ValueType  # 1
+"""Only training examples that contain the word (same Porter stem: "loved" ~ "love" ~
+"loving"); when none does, all examples (with a note).
+"""
+WORD_CANDIDATES_ALL: WordCandidates.ValueType  # 2
+"""Every training example (through the index prefilter when CANDIDATE_SEARCH_INDEX)."""
+Global___WordCandidates: _TypeAlias = WordCandidates  # noqa: Y015
 
 class _CandidateSearch:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -478,6 +580,8 @@ class Model(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     FORMAT_VERSION_FIELD_NUMBER: _builtins.int
     MAX_LENGTH_FIELD_NUMBER: _builtins.int
+    HAS_EKFAC_FIELD_NUMBER: _builtins.int
+    HAS_DIAGONAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name, from the bundle's manifest. Lower-case letters, digits, '.', '_', '-'."""
     base_model: _builtins.str
@@ -500,6 +604,10 @@ class Model(_message.Message):
     """Bundle format version."""
     max_length: _builtins.int
     """Maximum input length in word pieces; longer inputs are truncated (reported in warnings)."""
+    has_ekfac: _builtins.bool
+    """True when the bundle has fitted EK-FAC factors (SOLVER_EKFAC is available)."""
+    has_diagonal: _builtins.bool
+    """True when the bundle has the diagonal Fisher (SOLVER_DIAGONAL is available)."""
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Class names; the label of a class is its index in this list."""
@@ -524,10 +632,12 @@ class Model(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         format_version: _builtins.int = ...,
         max_length: _builtins.int = ...,
+        has_ekfac: _builtins.bool = ...,
+        has_diagonal: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "create_time", b"create_time", "default_solver", b"default_solver", "dev_accuracy", b"dev_accuracy", "format_version", b"format_version", "has_index", b"has_index", "has_low_rank", b"has_low_rank", "labels", b"labels", "max_length", b"max_length", "name", b"name", "scope", b"scope", "scope_parameters", b"scope_parameters", "training_examples", b"training_examples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "create_time", b"create_time", "default_solver", b"default_solver", "dev_accuracy", b"dev_accuracy", "format_version", b"format_version", "has_diagonal", b"has_diagonal", "has_ekfac", b"has_ekfac", "has_index", b"has_index", "has_low_rank", b"has_low_rank", "labels", b"labels", "max_length", b"max_length", "name", b"name", "scope", b"scope", "scope_parameters", b"scope_parameters", "training_examples", b"training_examples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -654,6 +764,9 @@ class InfluenceOptions(_message.Message):
     CANDIDATE_SEARCH_FIELD_NUMBER: _builtins.int
     CANDIDATES_FIELD_NUMBER: _builtins.int
     TOKEN_INFLUENCE_FIELD_NUMBER: _builtins.int
+    WORD_MEASUREMENT_FIELD_NUMBER: _builtins.int
+    WORD_CANDIDATES_FIELD_NUMBER: _builtins.int
+    PREDICTION_INFLUENCE_FIELD_NUMBER: _builtins.int
     candidate_search: Global___CandidateSearch.ValueType
     """How candidates are chosen."""
     candidates: _builtins.int
@@ -662,6 +775,12 @@ class InfluenceOptions(_message.Message):
     """
     token_influence: Global___TokenInfluenceMethod.ValueType
     """How the responsible word of each returned training example is found."""
+    word_measurement: Global___WordMeasurement.ValueType
+    """What a salient word's influence is measured on."""
+    word_candidates: Global___WordCandidates.ValueType
+    """Which training examples a salient word is paired with."""
+    prediction_influence: _builtins.bool
+    """Whether to return prediction-level influence (LabelExplanation.prediction). Default true."""
     @_builtins.property
     def solver(self) -> Global___SolverOptions:
         """The inverse-HVP solve."""
@@ -673,12 +792,17 @@ class InfluenceOptions(_message.Message):
         candidate_search: Global___CandidateSearch.ValueType = ...,
         candidates: _builtins.int = ...,
         token_influence: Global___TokenInfluenceMethod.ValueType = ...,
+        word_measurement: Global___WordMeasurement.ValueType = ...,
+        word_candidates: Global___WordCandidates.ValueType = ...,
+        prediction_influence: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["solver", b"solver"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_prediction_influence", b"_prediction_influence", "prediction_influence", b"prediction_influence", "solver", b"solver"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_search", b"candidate_search", "candidates", b"candidates", "solver", b"solver", "token_influence", b"token_influence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prediction_influence", b"_prediction_influence", "candidate_search", b"candidate_search", "candidates", b"candidates", "prediction_influence", b"prediction_influence", "solver", b"solver", "token_influence", b"token_influence", "word_candidates", b"word_candidates", "word_measurement", b"word_measurement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__prediction_influence: _TypeAlias = _typing.Literal["prediction_influence"]  # noqa: Y015
+    _WhichOneofArgType__prediction_influence: _TypeAlias = _typing.Literal["_prediction_influence", b"_prediction_influence"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__prediction_influence) -> _WhichOneofReturnType__prediction_influence | None: ...
 
 Global___InfluenceOptions: _TypeAlias = InfluenceOptions  # noqa: Y015
 
@@ -891,6 +1015,8 @@ class LabelExplanation(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     WORD_SALIENCY_FIELD_NUMBER: _builtins.int
     SALIENT_WORDS_FIELD_NUMBER: _builtins.int
+    WORD_CONTRIBUTION_FIELD_NUMBER: _builtins.int
+    PREDICTION_FIELD_NUMBER: _builtins.int
     label: _builtins.int
     """The explained label y."""
     label_name: _builtins.str
@@ -907,6 +1033,19 @@ class LabelExplanation(_message.Message):
     def salient_words(self) -> _containers.RepeatedCompositeFieldContainer[Global___SalientWord]:
         """The explained words, most salient first."""
 
+    @_builtins.property
+    def word_contribution(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """c_w = m_y(x) − m_y(x with word w → [UNK]) of every word, aligned with
+        ExplainResponse.words: the word's contribution to the logit margin of this label (0 for
+        words cut off by truncation). Filled when the word measurement is OCCLUSION.
+        """
+
+    @_builtins.property
+    def prediction(self) -> Global___PredictionInfluence:
+        """The training examples that support and oppose the prediction itself (Koh & Liang; the
+        training-focused view of the paper's Figure 1). Unset when prediction_influence = false.
+        """
+
     def __init__(
         self,
         *,
@@ -915,14 +1054,60 @@ class LabelExplanation(_message.Message):
         role: Global___ExplanationRole.ValueType = ...,
         word_saliency: _abc.Iterable[_builtins.float] | None = ...,
         salient_words: _abc.Iterable[Global___SalientWord] | None = ...,
+        word_contribution: _abc.Iterable[_builtins.float] | None = ...,
+        prediction: Global___PredictionInfluence | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["prediction", b"prediction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "label_name", b"label_name", "role", b"role", "salient_words", b"salient_words", "word_saliency", b"word_saliency"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "label_name", b"label_name", "prediction", b"prediction", "role", b"role", "salient_words", b"salient_words", "word_contribution", b"word_contribution", "word_saliency", b"word_saliency"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LabelExplanation: _TypeAlias = LabelExplanation  # noqa: Y015
+
+@_typing.final
+class PredictionInfluence(_message.Message):
+    """Prediction-level influence: I(z, m_y) for the logit margin m_y = z_y − max_{c≠y} z_c."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MARGIN_FIELD_NUMBER: _builtins.int
+    SUPPORTING_FIELD_NUMBER: _builtins.int
+    OPPOSING_FIELD_NUMBER: _builtins.int
+    SOLVER_FIELD_NUMBER: _builtins.int
+    CANDIDATES_SCORED_FIELD_NUMBER: _builtins.int
+    margin: _builtins.float
+    """m_y(x) for this label."""
+    candidates_scored: _builtins.int
+    """Training examples scored exactly."""
+    @_builtins.property
+    def supporting(self) -> _containers.RepeatedCompositeFieldContainer[Global___InfluentialExample]:
+        """Training examples with the largest positive influence on m_y, largest first."""
+
+    @_builtins.property
+    def opposing(self) -> _containers.RepeatedCompositeFieldContainer[Global___InfluentialExample]:
+        """Training examples with the most negative influence on m_y, most negative first."""
+
+    @_builtins.property
+    def solver(self) -> Global___SolverDiagnostics:
+        """Convergence of the s_test solve."""
+
+    def __init__(
+        self,
+        *,
+        margin: _builtins.float = ...,
+        supporting: _abc.Iterable[Global___InfluentialExample] | None = ...,
+        opposing: _abc.Iterable[Global___InfluentialExample] | None = ...,
+        solver: Global___SolverDiagnostics | None = ...,
+        candidates_scored: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["solver", b"solver"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates_scored", b"candidates_scored", "margin", b"margin", "opposing", b"opposing", "solver", b"solver", "supporting", b"supporting"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PredictionInfluence: _TypeAlias = PredictionInfluence  # noqa: Y015
 
 @_typing.final
 class SalientWord(_message.Message):
@@ -936,12 +1121,20 @@ class SalientWord(_message.Message):
     SUPPORTING_FIELD_NUMBER: _builtins.int
     OPPOSING_FIELD_NUMBER: _builtins.int
     SOLVER_FIELD_NUMBER: _builtins.int
+    CONTRIBUTION_FIELD_NUMBER: _builtins.int
+    CONTAINING_EXAMPLES_FIELD_NUMBER: _builtins.int
     word_index: _builtins.int
     """Index into ExplainResponse.words."""
     text: _builtins.str
     """The word."""
     saliency: _builtins.float
     """Its saliency s(x_t) for this label."""
+    contribution: _builtins.float
+    """The word's contribution c_w to the margin (see LabelExplanation.word_contribution)."""
+    containing_examples: _builtins.int
+    """Training examples that contain the word (same stem); the candidates under
+    WORD_CANDIDATES_CONTAINING.
+    """
     @_builtins.property
     def supporting(self) -> _containers.RepeatedCompositeFieldContainer[Global___InfluentialExample]:
         """Training examples with the largest positive influence I(z, w) (they raise this word's
@@ -965,10 +1158,12 @@ class SalientWord(_message.Message):
         supporting: _abc.Iterable[Global___InfluentialExample] | None = ...,
         opposing: _abc.Iterable[Global___InfluentialExample] | None = ...,
         solver: Global___SolverDiagnostics | None = ...,
+        contribution: _builtins.float = ...,
+        containing_examples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["solver", b"solver"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["opposing", b"opposing", "saliency", b"saliency", "solver", b"solver", "supporting", b"supporting", "text", b"text", "word_index", b"word_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["containing_examples", b"containing_examples", "contribution", b"contribution", "opposing", b"opposing", "saliency", b"saliency", "solver", b"solver", "supporting", b"supporting", "text", b"text", "word_index", b"word_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
