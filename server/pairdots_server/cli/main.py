@@ -3,6 +3,8 @@
     pairdots prepare [--model DIR] [--train F] [--dev F] [--name N] [--out ROOT]
     pairdots index build --bundle DIR [--shard I --num-shards N --out PARTS]
     pairdots index merge --bundle DIR --parts PARTS
+    pairdots curvature fit --bundle DIR [--kind ekfac,diagonal] [--device cpu|cuda]
+    pairdots curvature show --bundle DIR
     pairdots serve --bundles ROOT [--port 50051] [--metrics-port 9090] ...
     pairdots explain "text" [--address host:port] [--model NAME] [--html out.html] [--json]
     pairdots demo [--bundles ROOT] [--text "..."] [--html report.html]
@@ -36,7 +38,7 @@ def _env(name: str, default: Any = None) -> Any:
 
 
 def _artifact_config(args: argparse.Namespace) -> Any:
-    from pairdots_server.influence.artifacts import ArtifactConfig
+    from pairdots_server.influence.artifacts import ArtifactConfig, CurvatureConfig
 
     return ArtifactConfig(
         index=not getattr(args, "no_index", False),
@@ -44,11 +46,14 @@ def _artifact_config(args: argparse.Namespace) -> Any:
         index_seed=args.index_seed,
         grad_batch_size=args.grad_batch_size,
         low_rank=getattr(args, "low_rank", 0),
+        ekfac=not getattr(args, "no_ekfac", True),
+        diagonal=not getattr(args, "no_diagonal", True),
+        curvature=CurvatureConfig(batch_size=getattr(args, "curvature_batch_size", 32)),
     )
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from pairdots_server.influence.artifacts import build_artifacts
+    from pairdots_server.influence.artifacts import build_bundle_artifacts
     from pairdots_server.influence.runtime import ModelRuntime
     from pairdots_server.model.prepare import PrepareConfig, prepare_bundle
     from pairdots_server.model.scope import ScopeSpec
@@ -65,13 +70,22 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     art = _artifact_config(args)
+    extra: dict[str, Any] = {}
+    if args.default_solver:
+        from pairdots_server.influence.solver_policy import parse_method
+
+        choice = parse_method(args.default_solver)
+        if choice is None:
+            raise SystemExit(f"--default-solver {args.default_solver!r} names no solver")
+        extra = {"defaults": {"solver": choice.value}}
     started = time.perf_counter()
 
     def after_train(task: Any, examples: Any, scratch: Path) -> Any:
         rt = ModelRuntime(Bundle.unsaved(cfg.name, scratch, task, examples, train.to_dict()))
-        return build_artifacts(rt, art, scratch, progress=not args.quiet)
+        return build_bundle_artifacts(rt, art, scratch, progress=not args.quiet)
 
-    path = prepare_bundle(cfg, progress=not args.quiet, after_train=after_train)
+    path = prepare_bundle(cfg, progress=not args.quiet, after_train=after_train,
+                          manifest_extra=extra)
     print(f"bundle written: {path} ({time.perf_counter() - started:.0f} s)")
     return 0
 
@@ -245,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-index", action="store_true", help="skip the candidate index")
     p.add_argument("--low-rank", type=int, default=24,
                    help="rank of the precomputed GGN eigendecomposition (0: none)")
+    p.add_argument("--no-ekfac", action="store_true",
+                   help="skip the EK-FAC factors (add them later: `pairdots curvature fit`)")
+    p.add_argument("--no-diagonal", action="store_true",
+                   help="skip the diagonal Fisher (add it later: `pairdots curvature fit`)")
+    p.add_argument("--curvature-batch-size", type=int, default=32,
+                   help="training examples per batch of the EK-FAC / diagonal fits")
+    p.add_argument("--default-solver", default=None,
+                   help="declare the bundle's default solver (manifest defaults.solver), e.g. "
+                        "ekfac; default: low_rank when fitted, else lissa")
     p.add_argument("--overwrite", action="store_true")
     _add_artifact_flags(p)
     p.set_defaults(fn=cmd_prepare)
@@ -263,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--bundle", required=True)
     m.add_argument("--parts", required=True)
     m.set_defaults(fn=cmd_index_merge)
+
+    from pairdots_server.cli.curvature import add_curvature_parser
+
+    add_curvature_parser(sub, _env)
 
     s = sub.add_parser("serve", help="run the gRPC server")
     s.add_argument("--bundles", default=_env("BUNDLES", "bundles"))

@@ -4,25 +4,59 @@ index/  Pᵀ∇θL(z_i) for every training example (docs/DESIGN.md §3 "Prefilte
         Gaussian projection; built whole, or as shards (`--shard i --num-shards N`, one per Kubernetes
         Indexed Job completion) that `merge` joins.
 lowrank.safetensors  top-k GGN eigenpairs on the curvature sample (Schioppa et al. 2022);
-        SOLVER_LOW_RANK answers s_test with one projection.
+        SOLVER_LOW_RANK answers s_test with one projection. Also stores the tail: the
+        (k+1)-th Ritz value and the relative Ritz residuals of the kept pairs.
+ekfac.safetensors  EK-FAC factors (core.kfac_fit.fit_ekfac, sampled Fisher) over the WHOLE
+        training set; SOLVER_EKFAC.
+diagonal.safetensors  the diagonal empirical Fisher (core.ihvp.diagonal.fit_diagonal) over the
+        whole training set; SOLVER_DIAGONAL.
+
+How each curvature artifact was fitted goes into manifest["curvature"][kind]: file, seconds,
+bytes (the file), num_examples, fisher, batch_size, seed, fitted_at, scope_num_parameters (and
+for lowrank: rank, next_eigval, max_residual). ``fit_curvature`` computes every requested kind
+in memory first, so a failure writes nothing; ``add_curvature`` then adds them to a bundle in
+one crash-safe storage.update.update_bundle.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import datetime as _dt
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
 from pairdots_server.core.grads import per_example_loss_grads
+from pairdots_server.errors import InvalidArgument
 from pairdots_server.influence.runtime import (
+    CURVATURE_KEY,
+    DIAGONAL_FILE,
+    EKFAC_FILE,
     INDEX_DIR,
     LOWRANK_FILE,
     PROJECTION_CACHE_BYTES,
     ModelRuntime,
 )
+
+CURVATURE_KINDS = ("ekfac", "diagonal")
+CURVATURE_FILES = {"ekfac": EKFAC_FILE, "diagonal": DIAGONAL_FILE, "lowrank": LOWRANK_FILE}
+
+
+@dataclass(frozen=True)
+class CurvatureConfig:
+    """How the EK-FAC / diagonal factors are fitted: over every training example in batches of
+    batch_size; ekfac_fisher "sampled" (kronfluence's true Fisher, one label drawn per example
+    from the model, = GGN in expectation), diagonal_fisher "empirical" (gold labels); seed for
+    the sampled labels."""
+
+    batch_size: int = 32
+    seed: int = 0
+    ekfac_fisher: str = "sampled"
+    diagonal_fisher: str = "empirical"
 
 
 @dataclass(frozen=True)
@@ -40,6 +74,9 @@ class ArtifactConfig:
     grad_batch_size: int = 32
     low_rank: int = 24  # 0: none
     low_rank_seed: int = 0
+    ekfac: bool = True
+    diagonal: bool = True
+    curvature: CurvatureConfig = field(default_factory=lambda: CurvatureConfig())
 
     def resolved_dim(self) -> int:
         return self.index_dim if self.index_dim is not None else 1024
@@ -127,15 +164,231 @@ def lowrank_bytes(rt: ModelRuntime, rank: int, seed: int = 0,
     return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
 
 
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _safetensors(tensors: Mapping[str, Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+
+class Progress:
+    """A should_stop hook that prints "<label>: step i/total (elapsed, eta)" at most every
+    `every` seconds (and at the last step), then calls the caller's should_stop."""
+
+    def __init__(self, label: str, total: int, enabled: bool = True, every: float = 10.0,
+                 should_stop: Callable[[], None] | None = None) -> None:
+        self.label, self.total, self.enabled, self.every = label, max(1, total), enabled, every
+        self.should_stop = should_stop
+        self.count = 0
+        self.t0 = time.perf_counter()
+        self._last = self.t0
+
+    def __call__(self) -> None:
+        if self.should_stop is not None:
+            self.should_stop()
+        self.count += 1
+        now = time.perf_counter()
+        if self.enabled and (now - self._last >= self.every or self.count in (1, self.total)):
+            self._last = now
+            elapsed = now - self.t0
+            eta = elapsed / self.count * max(0, self.total - self.count)
+            print(f"  {self.label}: {self.count}/{self.total} batches, {elapsed:.0f} s "
+                  f"elapsed, ~{eta:.0f} s left", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class FittedArtifact:
+    """One fitted curvature artifact: its bundle relpath, safetensors bytes and manifest info."""
+
+    kind: str
+    relpath: str
+    content: bytes
+    info: dict[str, Any]
+
+
+def _info(rt: ModelRuntime, relpath: str, seconds: float, content: bytes,
+          **extra: Any) -> dict[str, Any]:
+    return {
+        "file": relpath, "seconds": round(seconds, 2), "bytes": len(content),
+        "fitted_at": _now(), "scope_num_parameters": rt.num_params,
+        "device": str(rt.task.device), **extra,
+    }
+
+
+def fit_ekfac_artifact(
+    rt: ModelRuntime, cfg: CurvatureConfig = CurvatureConfig(), progress: bool = True,
+    should_stop: Callable[[], None] | None = None,
+) -> FittedArtifact:
+    """EK-FAC factors over every training example (two passes) -> ekfac.safetensors."""
+    from pairdots_server.core.kfac_fit import fit_ekfac
+
+    data = rt.training_pass(cfg.batch_size)
+    hook = Progress("ekfac (pass 1 + pass 2)", 2 * data.num_batches, progress, should_stop=should_stop)
+    t0 = time.perf_counter()
+    factors = fit_ekfac(
+        rt.task.model, rt.params, rt.task.logits_fn, data,
+        fisher=cfg.ekfac_fisher, seed=cfg.seed, should_stop=hook,
+    )
+    content = _safetensors(factors.to_tensors())
+    seconds = time.perf_counter() - t0
+    return FittedArtifact("ekfac", EKFAC_FILE, content, _info(
+        rt, EKFAC_FILE, seconds, content, num_examples=factors.num_examples,
+        fisher=factors.fisher, batch_size=cfg.batch_size, seed=cfg.seed,
+        factor_bytes=factors.num_bytes, linear_blocks=len(factors.linear),
+        diagonal_blocks=len(factors.diag),
+        stats={k: round(float(v), 3) for k, v in factors.stats.items()},
+    ))
+
+
+def fit_diagonal_artifact(
+    rt: ModelRuntime, cfg: CurvatureConfig = CurvatureConfig(), progress: bool = True,
+    should_stop: Callable[[], None] | None = None,
+) -> FittedArtifact:
+    """The diagonal Fisher over every training example (one pass) -> diagonal.safetensors."""
+    from pairdots_server.core.ihvp.diagonal import fit_diagonal
+
+    data = rt.training_pass(cfg.batch_size)
+    hook = Progress("diagonal", data.num_batches, progress, should_stop=should_stop)
+    t0 = time.perf_counter()
+    factors = fit_diagonal(
+        rt.task.logits_fn, rt.params, data, fisher=cfg.diagonal_fisher, seed=cfg.seed,
+        should_stop=hook,
+    )
+    content = _safetensors(factors.to_tensors())
+    seconds = time.perf_counter() - t0
+    return FittedArtifact("diagonal", DIAGONAL_FILE, content, _info(
+        rt, DIAGONAL_FILE, seconds, content, num_examples=factors.num_examples,
+        fisher=factors.fisher, batch_size=cfg.batch_size, seed=cfg.seed,
+        factor_bytes=factors.num_bytes,
+    ))
+
+
+def fit_lowrank_artifact(
+    rt: ModelRuntime, rank: int, seed: int = 0, progress: bool = True,
+    should_stop: Callable[[], None] | None = None,
+) -> FittedArtifact:
+    """Top-`rank` GGN eigenpairs on the curvature sample, with the tail stats."""
+    from pairdots_server.core.ihvp.lowrank import LowRankFactors
+    from pairdots_server.influence.solver_policy import fit_lowrank_factors
+
+    if progress:
+        print(f"fitting rank-{rank} GGN eigendecomposition (Lanczos)...", file=sys.stderr,
+              flush=True)
+    t0 = time.perf_counter()
+    tensors = fit_lowrank_factors(rt, rank, seed=seed, should_stop=should_stop)
+    factors = LowRankFactors.from_tensors(tensors)
+    content = _safetensors(tensors)
+    seconds = time.perf_counter() - t0
+    if progress:
+        print(f"  lowrank: {seconds:.1f} s, {len(content) / 2**20:.1f} MiB, λ_1 "
+              f"{float(factors.eigvals.max()):.3g}, λ_(k+1) {factors.next_eigval}, max Ritz "
+              f"residual {factors.max_residual}", file=sys.stderr, flush=True)
+    return FittedArtifact("lowrank", LOWRANK_FILE, content, _info(
+        rt, LOWRANK_FILE, seconds, content, rank=factors.rank, seed=seed,
+        eigval_max=float(factors.eigvals.max()) if factors.rank else None,
+        next_eigval=factors.next_eigval, max_residual=factors.max_residual,
+    ))
+
+
+FITTERS: dict[str, Callable[..., FittedArtifact]] = {
+    "ekfac": fit_ekfac_artifact,
+    "diagonal": fit_diagonal_artifact,
+}
+
+
+def parse_kinds(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """"ekfac,diagonal" (or a list) -> ("ekfac", "diagonal"); InvalidArgument on others."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    kinds = tuple(dict.fromkeys(k.strip().lower() for k in items if k.strip()))
+    bad = [k for k in kinds if k not in CURVATURE_KINDS]
+    if bad or not kinds:
+        raise InvalidArgument.for_field(
+            "kind", f"unknown curvature kind(s) {bad or [spec]}; use a comma-separated subset "
+            f"of {','.join(CURVATURE_KINDS)}"
+        )
+    return kinds
+
+
+def fit_curvature(
+    rt: ModelRuntime, kinds: Sequence[str], cfg: CurvatureConfig = CurvatureConfig(),
+    progress: bool = True, should_stop: Callable[[], None] | None = None,
+) -> list[FittedArtifact]:
+    """Fit every requested kind in memory (nothing is written), printing progress/timings."""
+    out: list[FittedArtifact] = []
+    for kind in parse_kinds(kinds):
+        if progress:
+            print(f"fitting {kind} over all {rt.n_train} training examples "
+                  f"(batch {cfg.batch_size}, scope {rt.num_params:,} parameters, device "
+                  f"{rt.task.device})...", file=sys.stderr, flush=True)
+        art = FITTERS[kind](rt, cfg, progress, should_stop)
+        if progress:
+            print(f"  {kind}: {art.info['seconds']:.1f} s, {len(art.content) / 2**20:.2f} MiB",
+                  file=sys.stderr, flush=True)
+        out.append(art)
+    return out
+
+
+def curvature_files_and_manifest(
+    fitted: Sequence[FittedArtifact], default_solver: str | None = None,
+) -> tuple[dict[str, bytes | Path], dict[str, Any]]:
+    """({relpath: bytes}, manifest updates {"curvature": {kind: info}, ["defaults"]})."""
+    files: dict[str, bytes | Path] = {a.relpath: a.content for a in fitted}
+    manifest: dict[str, Any] = {CURVATURE_KEY: {a.kind: a.info for a in fitted}} if fitted else {}
+    if default_solver is not None:
+        manifest["defaults"] = {"solver": default_solver}
+    return files, manifest
+
+
+def add_curvature(
+    bundle_dir: str | Path, rt: ModelRuntime, kinds: Sequence[str],
+    cfg: CurvatureConfig = CurvatureConfig(), progress: bool = True,
+    default_solver: str | None = None, should_stop: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Fit `kinds` and add them to the bundle at bundle_dir in one crash-safe update (a failed
+    fit writes nothing; the bundle verifies at every instant). Returns the new manifest."""
+    from pairdots_server.storage.update import update_bundle
+
+    fitted = fit_curvature(rt, kinds, cfg, progress, should_stop)
+    files, manifest = curvature_files_and_manifest(fitted, default_solver)
+    return update_bundle(bundle_dir, files, manifest)
+
+
+@dataclass(frozen=True)
+class BuiltArtifacts:
+    """What `prepare` adds to a new bundle: files {relpath: content} and manifest additions."""
+
+    files: dict[str, bytes | Path]
+    manifest: dict[str, Any]
+
+
+def build_bundle_artifacts(
+    rt: ModelRuntime, cfg: ArtifactConfig, scratch: Path, progress: bool = True,
+    should_stop: Callable[[], None] | None = None,
+) -> BuiltArtifacts:
+    """The index, low-rank, EK-FAC and diagonal artifacts `cfg` asks for, with their fit
+    records for manifest["curvature"]."""
+    files: dict[str, bytes | Path] = {}
+    fitted: list[FittedArtifact] = []
+    if cfg.index:
+        files.update(index_files(build_index_dir(rt, cfg, scratch / INDEX_DIR, progress,
+                                                 should_stop)))
+    if cfg.low_rank > 0:
+        fitted.append(fit_lowrank_artifact(rt, cfg.low_rank, cfg.low_rank_seed, progress,
+                                           should_stop))
+    kinds = [k for k, on in (("ekfac", cfg.ekfac), ("diagonal", cfg.diagonal)) if on]
+    if kinds:
+        fitted.extend(fit_curvature(rt, kinds, cfg.curvature, progress, should_stop))
+    more, manifest = curvature_files_and_manifest(fitted)
+    files.update(more)
+    return BuiltArtifacts(files, manifest)
+
+
 def build_artifacts(
     rt: ModelRuntime, cfg: ArtifactConfig, scratch: Path, progress: bool = True
 ) -> Mapping[str, bytes | Path]:
-    """Everything `prepare` adds to a new bundle, as {relpath: content}."""
-    files: dict[str, bytes | Path] = {}
-    if cfg.index:
-        files.update(index_files(build_index_dir(rt, cfg, scratch / INDEX_DIR, progress)))
-    if cfg.low_rank > 0:
-        if progress:
-            print(f"fitting rank-{cfg.low_rank} GGN eigendecomposition (Lanczos)...", flush=True)
-        files[LOWRANK_FILE] = lowrank_bytes(rt, cfg.low_rank, cfg.low_rank_seed)
-    return files
+    """Everything `prepare` adds to a new bundle, as {relpath: content} (the manifest records
+    are in build_bundle_artifacts)."""
+    return build_bundle_artifacts(rt, cfg, scratch, progress).files

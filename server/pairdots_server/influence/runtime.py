@@ -3,7 +3,8 @@
 Everything Explain, Attack and Repair need per model lives here and is built once at load:
 the scope parameters θ, an encoder for training examples (indices → embeddings batch), a
 curvature batch provider over a fixed seeded sample of the training set, the candidate
-index (when the bundle has one) and the low-rank curvature factors (when present).
+index (when the bundle has one) and the curvature artifacts (when present): low-rank GGN
+eigenpairs, EK-FAC factors and the diagonal Fisher, each loaded lazily on first use.
 """
 
 from __future__ import annotations
@@ -24,12 +25,18 @@ from pairdots_server.errors import BundleError
 from pairdots_server.storage.bundle import Bundle
 
 if TYPE_CHECKING:
+    from pairdots_server.core.ihvp.diagonal import DiagonalFactors
+    from pairdots_server.core.ihvp.kfac import KFACFactors
     from pairdots_server.core.ihvp.lowrank import LowRankFactors
     from pairdots_server.index.base import CandidateIndex
     from pairdots_server.index.projection import GaussianProjection
 
 INDEX_DIR = "index"
 LOWRANK_FILE = "lowrank.safetensors"
+EKFAC_FILE = "ekfac.safetensors"
+DIAGONAL_FILE = "diagonal.safetensors"
+# manifest["curvature"][kind]: how each curvature artifact was fitted (seconds, bytes, ...)
+CURVATURE_KEY = "curvature"
 # The dense projection matrix is cached when it fits this budget (building and serving).
 PROJECTION_CACHE_BYTES = 8 * 2**30
 
@@ -95,6 +102,39 @@ class TrainingSample:
         return self._rows(pick)
 
 
+class TrainingPass:
+    """A BatchProvider (``full()`` only) over EVERY training example, encoded batch by batch
+    (memory: one batch), in order of text length so each batch pads little. What the EK-FAC
+    and diagonal fits run over (the curvature of the whole training set)."""
+
+    def __init__(self, runtime: ModelRuntime, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        train = runtime.bundle.train
+        self.indices = sorted(range(len(train)), key=lambda i: (len(train[i].text), i))
+        self.batch_size = batch_size
+        self._runtime = runtime
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def num_batches(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    def full(self) -> Iterator[Batch]:
+        for start in range(0, len(self.indices), self.batch_size):
+            enc = self._runtime.encode_train(self.indices[start : start + self.batch_size])
+            t = int(enc.mask.sum(dim=1).max())
+            yield Batch(enc.embeds[:, :t], enc.mask[:, :t], enc.labels)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
+        pick = torch.randperm(len(self.indices), generator=generator)[:batch_size].tolist()
+        enc = self._runtime.encode_train([self.indices[i] for i in pick])
+        t = int(enc.mask.sum(dim=1).max())
+        return Batch(enc.embeds[:, :t], enc.mask[:, :t], enc.labels)
+
+
 class LRUCache:
     """A small thread-safe LRU cache (s_test vectors keyed by the query)."""
 
@@ -139,6 +179,8 @@ class ModelRuntime:
         self._index: CandidateIndex | None = None
         self._projection: GaussianProjection | None = None
         self._lowrank: LowRankFactors | None = None
+        self._ekfac: KFACFactors | None = None
+        self._diagonal: DiagonalFactors | None = None
         self._lock = threading.Lock()
         self._curvature_samples: dict[tuple[int, int, int], TrainingSample] = {}
         self.unk_embed = self.task.embed(
@@ -169,6 +211,10 @@ class ModelRuntime:
         enc = self.encode_texts([e.text for e in examples], [e.label for e in examples])
         return replace(enc, indices=list(indices))
 
+    def training_pass(self, batch_size: int = 32) -> TrainingPass:
+        """Every training example, batch by batch (the EK-FAC / diagonal fits)."""
+        return TrainingPass(self, batch_size)
+
     def curvature_sample(self, size: int, batch_size: int, seed: int) -> TrainingSample:
         key = (size, batch_size, seed)
         with self._lock:
@@ -185,6 +231,76 @@ class ModelRuntime:
     @property
     def has_lowrank(self) -> bool:
         return self.bundle.has_artifact(LOWRANK_FILE)
+
+    @property
+    def has_ekfac(self) -> bool:
+        return self.bundle.has_artifact(EKFAC_FILE)
+
+    @property
+    def has_diagonal(self) -> bool:
+        return self.bundle.has_artifact(DIAGONAL_FILE)
+
+    def curvature_info(self, kind: str) -> dict[str, Any]:
+        """manifest["curvature"][kind] (how the artifact was fitted), {} when not recorded."""
+        info = (self.bundle.manifest.get(CURVATURE_KEY) or {})
+        out = info.get(kind) if isinstance(info, dict) else None
+        return dict(out) if isinstance(out, dict) else {}
+
+    def _tensors(self, relpath: str) -> dict[str, Tensor]:
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(self.bundle.path / relpath))
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise BundleError(
+                f"bundle {self.name!r}: cannot read {relpath} ({type(exc).__name__}: {exc}); "
+                "refit it with `pairdots curvature fit`"
+            ) from exc
+        return {k: v.to(self.task.device) for k, v in tensors.items()}
+
+    def _check_params(self, relpath: str, num_params: int) -> None:
+        if num_params != self.num_params:
+            raise BundleError(
+                f"bundle {self.name!r}: {relpath} was fitted for {num_params} scoped parameters "
+                f"but the scope has {self.num_params}; refit it with `pairdots curvature fit "
+                f"--bundle {self.bundle.path}`"
+            )
+
+    def ekfac(self) -> KFACFactors:
+        """EK-FAC factors (ekfac.safetensors), loaded on first use."""
+        with self._lock:
+            if self._ekfac is None:
+                from pairdots_server.core.exceptions import SolverError
+                from pairdots_server.core.ihvp.kfac import KFACFactors
+
+                try:
+                    factors = KFACFactors.from_tensors(self._tensors(EKFAC_FILE))
+                except SolverError as exc:
+                    raise BundleError(f"bundle {self.name!r}: {EKFAC_FILE}: {exc}") from exc
+                self._check_params(EKFAC_FILE, factors.num_params)
+                if list(factors.shapes) != list(self.params):
+                    raise BundleError(
+                        f"bundle {self.name!r}: {EKFAC_FILE} covers other parameters than the "
+                        f"scope; refit it with `pairdots curvature fit --bundle "
+                        f"{self.bundle.path} --kind ekfac`"
+                    )
+                self._ekfac = factors
+            return self._ekfac
+
+    def diagonal(self) -> DiagonalFactors:
+        """Diagonal Fisher factors (diagonal.safetensors), loaded on first use."""
+        with self._lock:
+            if self._diagonal is None:
+                from pairdots_server.core.exceptions import SolverError
+                from pairdots_server.core.ihvp.diagonal import DiagonalFactors
+
+                try:
+                    factors = DiagonalFactors.from_tensors(self._tensors(DIAGONAL_FILE))
+                except SolverError as exc:
+                    raise BundleError(f"bundle {self.name!r}: {DIAGONAL_FILE}: {exc}") from exc
+                self._check_params(DIAGONAL_FILE, factors.num_params)
+                self._diagonal = factors
+            return self._diagonal
 
     def index(self) -> tuple[CandidateIndex, GaussianProjection]:
         """(CandidateIndex, GaussianProjection), loaded on first use."""
@@ -218,7 +334,8 @@ class ModelRuntime:
 
                 tensors = load_file(str(self.bundle.path / LOWRANK_FILE))
                 self._lowrank = LowRankFactors.from_tensors(
-                    {k: v.to(self.task.device) for k, v in tensors.items()}
+                    {k: v.to(self.task.device) if k in ("eigvals", "eigvecs") else v
+                     for k, v in tensors.items()}
                 )
             return self._lowrank
 

@@ -6,7 +6,21 @@ constants below. The curvature H is averaged over a fixed, seeded sample of the 
 and curvature by power iteration on one batch of that sample, and cached.
 
 The methods are a registry, SOLVERS: one SolverEntry per SolverChoice with its defaults
-(resolve) and its constructor (build); adding a solver is one enum member and one entry.
+(resolve), its constructor (build), the bundle artifact it needs (available + the command that
+adds it) and its damping rule as reported in the diagnostics; adding a solver is one enum member
+and one entry.
+
+The default method (a request without one) is ``default_method``: the bundle's manifest
+"defaults": {"solver": ...} when the bundle has what that method needs, else the first method
+of DEFAULT_METHOD_ORDER the bundle can run. That tuple is the one place to change the default.
+
+Default damping per method (request damping > manifest "defaults" > this rule):
+  lissa, cg, exact  δ = damping_ratio (0.01) × λ_max (power iteration on the sample)
+  low_rank          δ = manifest lowrank_damping, else 0.01 × λ_1 (largest stored eigenvalue)
+  ekfac             kronfluence's heuristic per block: 0.1 × mean eigenvalue of the block
+                    (manifest ekfac_damping: absolute; ekfac_damping_scale: the 0.1)
+  diagonal          0.1 × mean(d) (manifest diagonal_damping: absolute; diagonal_damping_scale)
+  identity          δ = 1: x = v, the plain gradient dot product (manifest identity_damping)
 """
 
 from __future__ import annotations
@@ -27,6 +41,7 @@ from pairdots_server.core.exceptions import SolverError
 from pairdots_server.core.ihvp.base import InverseHVPSolver
 from pairdots_server.core.ihvp.cg import CGSolver
 from pairdots_server.core.ihvp.exact import ExactSolver
+from pairdots_server.core.ihvp.kfac import HEURISTIC_DAMPING_SCALE
 from pairdots_server.core.ihvp.lissa import LissaSolver
 from pairdots_server.errors import FailedPrecondition, InvalidArgument, SolverDiverged
 from pairdots_server.influence.runtime import ModelRuntime
@@ -37,6 +52,16 @@ class SolverChoice(enum.Enum):
     CG = "cg"
     LOW_RANK = "low_rank"
     EXACT = "exact"
+    EKFAC = "ekfac"
+    DIAGONAL = "diagonal"
+    IDENTITY = "identity"
+
+
+# The default method of a request that names none: the first of these the bundle can run
+# (low-rank needs lowrank.safetensors, EK-FAC ekfac.safetensors, ...). A bundle's manifest
+# "defaults": {"solver": "<value>"} takes precedence when the bundle has its artifact. This
+# tuple is the one place the server-wide default lives.
+DEFAULT_METHOD_ORDER: tuple[SolverChoice, ...] = (SolverChoice.LOW_RANK, SolverChoice.LISSA)
 
 
 @dataclass(frozen=True)
@@ -56,7 +81,6 @@ class SolverSettings:
 
 # Fallback defaults (docs/DESIGN.md §2: GGN, damping relative to λ_max, stop on a tolerance).
 DEFAULTS: dict[str, Any] = {
-    "solver": "lissa",
     "curvature": "ggn",
     "damping_ratio": 0.01,  # δ = ratio · λ_max when no absolute damping is given
     "lissa_depth": 1000,
@@ -69,6 +93,9 @@ DEFAULTS: dict[str, Any] = {
     "curvature_batch_size": 16,
     "power_iters": 20,
     "seed": 0,
+    "identity_damping": 1.0,
+    "ekfac_damping_scale": HEURISTIC_DAMPING_SCALE,
+    "diagonal_damping_scale": HEURISTIC_DAMPING_SCALE,
 }
 
 _lambda_lock = threading.Lock()
@@ -78,27 +105,63 @@ def _default(rt: ModelRuntime, key: str) -> Any:
     return rt.defaults.get(key, DEFAULTS[key])
 
 
+def parse_method(value: Any) -> SolverChoice | None:
+    """A SolverChoice from a manifest value ("ekfac", "low_rank", "lowrank", "EKFAC", ...);
+    None when it names no method."""
+    if isinstance(value, SolverChoice):
+        return value
+    if not isinstance(value, str):
+        return None
+    key = value.strip().lower().replace("-", "_")
+    key = {"lowrank": "low_rank", "ek_fac": "ekfac", "diag": "diagonal"}.get(key, key)
+    try:
+        return SolverChoice(key)
+    except ValueError:
+        return None
+
+
+def is_available(rt: ModelRuntime, method: SolverChoice) -> bool:
+    """Whether the bundle has what `method` needs (its precomputed artifact, if any)."""
+    entry = SOLVERS[method]
+    return entry.available is None or bool(entry.available(rt))
+
+
+def default_method(rt: ModelRuntime) -> SolverChoice:
+    """The method of a request that names none (see DEFAULT_METHOD_ORDER); also the
+    Model.default_solver GetModel reports."""
+    declared = parse_method(rt.defaults.get("solver"))
+    if declared is not None and is_available(rt, declared):
+        return declared
+    for method in DEFAULT_METHOD_ORDER:
+        if is_available(rt, method):
+            return method
+    return SolverChoice.LISSA
+
+
 def resolve_solver(rt: ModelRuntime, s: SolverSettings) -> SolverSettings:
     """The request's settings with every unset field filled: the method (the request's, else
-    low-rank when the bundle has factors, else the bundle's default), then the method's own
-    defaults (SOLVERS[method].resolve). Idempotent; never raises (build_solver does)."""
-    if s.method is not None:
-        method = s.method
-    elif rt.has_lowrank:
-        method = SolverChoice.LOW_RANK
-    else:
-        method = SolverChoice(_default(rt, "solver"))
+    default_method), then the method's own defaults (SOLVERS[method].resolve). Idempotent;
+    never raises (build_solver does)."""
+    method = s.method if s.method is not None else default_method(rt)
     return SOLVERS[method].resolve(rt, replace(s, method=method))
 
 
+def missing_artifact_message(rt: ModelRuntime, method: SolverChoice) -> str:
+    entry = SOLVERS[method]
+    fix = entry.missing.format(path=rt.bundle.path, name=rt.name)
+    return (
+        f"model {rt.name!r} has no {fix}; or choose another solver (SOLVER_LISSA, "
+        "SOLVER_CONJUGATE_GRADIENT, SOLVER_IDENTITY need no precomputed artifact)"
+    )
+
+
 def resolve_method(rt: ModelRuntime, s: SolverSettings) -> SolverChoice:
+    """The resolved method; FailedPrecondition naming the command that adds the artifact when
+    the bundle lacks what the method needs."""
     method = resolve_solver(rt, s).method
     assert method is not None
-    if method is SolverChoice.LOW_RANK and not rt.has_lowrank:
-        raise FailedPrecondition(
-            f"model {rt.name!r} has no precomputed low-rank curvature; choose SOLVER_LISSA or "
-            "SOLVER_CONJUGATE_GRADIENT, or rebuild the bundle with `pairdots prepare --low-rank`"
-        )
+    if not is_available(rt, method):
+        raise FailedPrecondition(missing_artifact_message(rt, method))
     return method
 
 
@@ -129,10 +192,16 @@ def lambda_max(rt: ModelRuntime, op: CurvatureOperator, seed: int) -> float:
 @dataclass(frozen=True)
 class SolverEntry:
     """How one method fills its defaults (resolve: request settings -> settings with no None
-    the method uses) and builds its solver from resolved settings (build)."""
+    the method uses, damping None = the method's rule), builds its solver from resolved
+    settings (build), whether a bundle can run it (available: None = always) with the artifact
+    and the command that adds it (missing, formatted with {path}), and the damping rule the
+    diagnostics report when the solver itself states none (damping_rule)."""
 
     resolve: Callable[[ModelRuntime, SolverSettings], SolverSettings]
     build: Callable[[ModelRuntime, SolverSettings], InverseHVPSolver]
+    available: Callable[[ModelRuntime], bool] | None = None
+    missing: str = ""
+    damping_rule: Callable[[ModelRuntime, SolverSettings], str] | None = None
 
 
 def _curvature_defaults(rt: ModelRuntime, s: SolverSettings, **extra: Any) -> SolverSettings:
@@ -202,17 +271,105 @@ def _build_lowrank(rt: ModelRuntime, s: SolverSettings) -> InverseHVPSolver:
     from pairdots_server.core.ihvp.lowrank import LowRankSolver
 
     factors = rt.lowrank()
-    damping = s.damping if s.damping is not None else float(
-        rt.defaults.get("lowrank_damping", 0.0)
-    ) or DEFAULTS["damping_ratio"] * float(factors.eigvals.max())
-    return LowRankSolver(factors, damping)
+    manifest_damping = float(rt.defaults.get("lowrank_damping", 0.0) or 0.0)
+    if s.damping is not None:
+        damping, rule = s.damping, "absolute"
+    elif manifest_damping > 0:
+        damping, rule = manifest_damping, "absolute (bundle default lowrank_damping)"
+    else:
+        ratio = float(DEFAULTS["damping_ratio"])
+        damping = ratio * float(factors.eigvals.max())
+        rule = f"relative: {ratio:g} × λ_1 (largest stored eigenvalue)"
+    return LowRankSolver(factors, damping, damping_rule=rule)
+
+
+def _op_damping_rule(rt: ModelRuntime, s: SolverSettings) -> str:
+    if s.damping is not None:
+        return "absolute"
+    return f"relative: {float(_default(rt, 'damping_ratio')):g} × λ_max (power iteration)"
+
+
+def _resolve_fixed(rt: ModelRuntime, s: SolverSettings, prefix: str) -> SolverSettings:
+    """EK-FAC / diagonal: factors fitted on the whole training set (a Fisher ≈ the GGN); the
+    damping stays None (the heuristic) unless the request or the manifest gives one."""
+    damping = s.damping
+    if damping is None and rt.defaults.get(f"{prefix}_damping") is not None:
+        damping = float(rt.defaults[f"{prefix}_damping"])
+    return replace(
+        s, curvature=Curvature.GGN, damping=damping,
+        seed=int(s.seed if s.seed is not None else _default(rt, "seed")),
+    )
+
+
+def _resolve_ekfac(rt: ModelRuntime, s: SolverSettings) -> SolverSettings:
+    return _resolve_fixed(rt, s, "ekfac")
+
+
+def _build_ekfac(rt: ModelRuntime, s: SolverSettings) -> InverseHVPSolver:
+    from pairdots_server.core.ihvp.kfac import EKFACSolver
+
+    return EKFACSolver(
+        rt.ekfac(), s.damping,
+        heuristic_scale=float(_default(rt, "ekfac_damping_scale")),
+    )
+
+
+def _resolve_diagonal(rt: ModelRuntime, s: SolverSettings) -> SolverSettings:
+    return _resolve_fixed(rt, s, "diagonal")
+
+
+def _build_diagonal(rt: ModelRuntime, s: SolverSettings) -> InverseHVPSolver:
+    from pairdots_server.core.ihvp.diagonal import DiagonalSolver
+
+    return DiagonalSolver(
+        rt.diagonal(), s.damping,
+        heuristic_scale=float(_default(rt, "diagonal_damping_scale")),
+    )
+
+
+def _resolve_identity(rt: ModelRuntime, s: SolverSettings) -> SolverSettings:
+    # no curvature at all: reported as GGN (the proto's default) so diagnostics stay total
+    damping = s.damping if s.damping is not None else float(_default(rt, "identity_damping"))
+    return replace(s, curvature=Curvature.GGN, damping=damping)
+
+
+def _build_identity(rt: ModelRuntime, s: SolverSettings) -> InverseHVPSolver:
+    from pairdots_server.core.ihvp.identity import IdentitySolver
+
+    assert s.damping is not None
+    return IdentitySolver(s.damping, num_params=rt.num_params)
+
+
+def _identity_rule(rt: ModelRuntime, s: SolverSettings) -> str:
+    return f"absolute: x = v / {s.damping:g} (H taken as 0; 1 = the plain gradient dot product)"
 
 
 SOLVERS: dict[SolverChoice, SolverEntry] = {
-    SolverChoice.LISSA: SolverEntry(_resolve_lissa, _build_lissa),
-    SolverChoice.CG: SolverEntry(_resolve_cg, _build_cg),
-    SolverChoice.EXACT: SolverEntry(_curvature_defaults, _build_exact),
-    SolverChoice.LOW_RANK: SolverEntry(_resolve_lowrank, _build_lowrank),
+    SolverChoice.LISSA: SolverEntry(_resolve_lissa, _build_lissa,
+                                    damping_rule=_op_damping_rule),
+    SolverChoice.CG: SolverEntry(_resolve_cg, _build_cg, damping_rule=_op_damping_rule),
+    SolverChoice.EXACT: SolverEntry(_curvature_defaults, _build_exact,
+                                    damping_rule=_op_damping_rule),
+    SolverChoice.LOW_RANK: SolverEntry(
+        _resolve_lowrank, _build_lowrank,
+        available=lambda rt: rt.has_lowrank,
+        missing="precomputed low-rank curvature (lowrank.safetensors); rebuild the bundle with "
+                "`pairdots prepare --low-rank 24`",
+    ),
+    SolverChoice.EKFAC: SolverEntry(
+        _resolve_ekfac, _build_ekfac,
+        available=lambda rt: rt.has_ekfac,
+        missing="EK-FAC factors (ekfac.safetensors); add them with "
+                "`pairdots curvature fit --bundle {path} --kind ekfac`",
+    ),
+    SolverChoice.DIAGONAL: SolverEntry(
+        _resolve_diagonal, _build_diagonal,
+        available=lambda rt: rt.has_diagonal,
+        missing="diagonal Fisher factors (diagonal.safetensors); add them with "
+                "`pairdots curvature fit --bundle {path} --kind diagonal`",
+    ),
+    SolverChoice.IDENTITY: SolverEntry(_resolve_identity, _build_identity,
+                                       damping_rule=_identity_rule),
 }
 
 
@@ -254,7 +411,54 @@ def solve_s_test(
         "seconds": d.seconds,
         "cached": False,
     }
+    diag.update(_extra_diagnostics(rt, method, resolved, solver, d))
     return result.x.detach(), diag
+
+
+UNKNOWN = "unknown"
+
+
+def _extra_diagnostics(
+    rt: ModelRuntime, method: SolverChoice, s: SolverSettings, solver: InverseHVPSolver,
+    d: Any,
+) -> dict[str, Any]:
+    """damping_rule for every method; fisher for the fitted factors; the low-rank tail
+    (λ_{k+1}, λ_{k+1}/δ, max Ritz residual; "unknown" for factors stored without them)."""
+    entry = SOLVERS[method]
+    rule = getattr(d, "damping_rule", None)
+    if rule is None and entry.damping_rule is not None:
+        rule = entry.damping_rule(rt, s)
+    out: dict[str, Any] = {"damping_rule": rule or "absolute"}
+    factors = getattr(solver, "factors", None)
+    if method in (SolverChoice.EKFAC, SolverChoice.DIAGONAL) and factors is not None:
+        out["fisher"] = factors.fisher
+        out["fit_examples"] = factors.num_examples
+    if method is SolverChoice.LOW_RANK:
+        def known(x: float | None) -> float | str:
+            return UNKNOWN if x is None else float(x)
+
+        out["lowrank_rank"] = int(factors.rank) if factors is not None else 0
+        out["lowrank_next_eigval"] = known(getattr(d, "next_eigval", None))
+        out["lowrank_tail_ratio"] = known(getattr(d, "next_over_damping", None))
+        out["lowrank_max_residual"] = known(getattr(d, "max_residual", None))
+    return out
+
+
+def solver_warnings(diag: dict[str, Any]) -> list[str]:
+    """Warning texts for an answer's solver diagnostics (solve_s_test's dict): for the
+    low-rank solver, λ_{k+1}/δ > 1 or a Ritz residual > 0.1 (core.ihvp.lowrank.tail_warning);
+    unknown values warn nothing."""
+    from pairdots_server.core.ihvp.lowrank import tail_warning
+
+    if diag.get("method") != SolverChoice.LOW_RANK.value:
+        return []
+
+    def num(key: str) -> float | None:
+        v = diag.get(key)
+        return float(v) if isinstance(v, (int, float)) else None
+
+    text = tail_warning(num("lowrank_tail_ratio"), num("lowrank_max_residual"))
+    return [text] if text else []
 
 
 def fit_lowrank_factors(

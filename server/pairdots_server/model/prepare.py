@@ -1,6 +1,6 @@
 """Prepare a bundle: load a pretrained encoder, fine-tune it on the training set, evaluate on
-the dev set, build extra artifacts (index, low-rank curvature) through a hook, and save it all
-atomically with bundle.save_bundle.
+the dev set, build extra artifacts (index, low-rank, EK-FAC and diagonal curvature) through a
+hook, and save it all atomically with bundle.save_bundle.
 
 A crash at any point leaves no half bundle that loads: nothing is written under
 ``<out_root>/<name>`` until the final rename in save_bundle.
@@ -22,7 +22,9 @@ if TYPE_CHECKING:
     from pairdots_server.model.task import Task
     from pairdots_server.storage.data import Example
 
-AfterTrain = Callable[["Task", "list[Example]", Path], Mapping[str, "bytes | Path"]]
+# after_train returns {relpath: content}, or (files, manifest additions), or an object with
+# .files and .manifest (influence.artifacts.BuiltArtifacts)
+AfterTrain = Callable[["Task", "list[Example]", Path], Any]
 SST2_LABELS = ("negative", "positive")
 
 
@@ -110,7 +112,9 @@ def prepare_bundle(
     """Fine-tune, evaluate, run ``after_train(task, train, scratch_dir)`` and save the bundle.
 
     after_train returns {relpath: bytes | Path} artifacts to include (it may write files into
-    scratch_dir, a temporary directory that is deleted afterwards). Returns the bundle path.
+    scratch_dir, a temporary directory that is deleted afterwards), or (files, manifest) /
+    an object with .files and .manifest whose manifest is deep-merged into the bundle's
+    (e.g. {"curvature": {"ekfac": {"seconds": ..., "bytes": ...}}}). Returns the bundle path.
     """
     import tempfile
 
@@ -168,8 +172,23 @@ def prepare_bundle(
     with tempfile.TemporaryDirectory(prefix=f".scratch-{cfg.name}-", dir=out_root) as scratch:
         files: Mapping[str, bytes | Path] = {}
         if after_train is not None:
-            files = dict(after_train(task, train, Path(scratch)))
+            files, more = split_artifacts(after_train(task, train, Path(scratch)))
+            if more:
+                from pairdots_server.storage.atomic import deep_merge
+
+                extra = deep_merge(extra, more)
         extra["prepare_seconds"] = round(time.perf_counter() - t0, 2)
         return save_bundle(
             out_root, cfg.name, task, train, extra, files=files, overwrite=cfg.overwrite
         )
+
+
+def split_artifacts(result: Any) -> tuple[dict[str, bytes | Path], dict[str, Any]]:
+    """after_train's result -> (files, manifest additions)."""
+    if result is None:
+        return {}, {}
+    if hasattr(result, "files") and hasattr(result, "manifest"):
+        return dict(result.files), dict(result.manifest or {})
+    if isinstance(result, tuple) and len(result) == 2:
+        return dict(result[0]), dict(result[1] or {})
+    return dict(result), {}

@@ -185,8 +185,10 @@ def model_proto(rt: ModelRuntime) -> pb.Model:
     except (TypeError, ValueError):
         pass
     dev = (m.get("dev") or {}).get("accuracy") if isinstance(m.get("dev"), dict) else None
+    from pairdots_server.influence.solver_policy import default_method
+
     has_lowrank = rt.has_lowrank
-    default_solver = pb.SOLVER_LOW_RANK if has_lowrank else pb.SOLVER_LISSA
+    default_solver = SOLVER_TO_PB[default_method(rt)]
     return pb.Model(
         name=rt.name,
         labels=rt.bundle.labels,
@@ -198,6 +200,8 @@ def model_proto(rt: ModelRuntime) -> pb.Model:
         scope_parameters=rt.num_params,
         has_index=rt.has_index,
         has_low_rank=has_lowrank,
+        has_ekfac=rt.has_ekfac,
+        has_diagonal=rt.has_diagonal,
         default_solver=default_solver,
         create_time=created,
         format_version=int(m.get("format_version", 0)),

@@ -22,6 +22,9 @@ SOLVERS = {
     pb.SOLVER_CONJUGATE_GRADIENT: SolverChoice.CG,
     pb.SOLVER_LOW_RANK: SolverChoice.LOW_RANK,
     pb.SOLVER_EXACT: SolverChoice.EXACT,
+    pb.SOLVER_EKFAC: SolverChoice.EKFAC,
+    pb.SOLVER_DIAGONAL: SolverChoice.DIAGONAL,
+    pb.SOLVER_IDENTITY: SolverChoice.IDENTITY,
 }
 
 

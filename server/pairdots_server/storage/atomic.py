@@ -75,6 +75,31 @@ def write_file(dest: Path, content: bytes | Path) -> None:
             tmp.unlink()
 
 
+def stage_file(dest: Path, content: bytes | Path) -> Path:
+    """Write content to a fsync'ed temp file beside dest (not yet in place) and return its
+    path; ``os.replace(tmp, dest)`` then installs it atomically. Nothing is left on error."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        if isinstance(content, (bytes, bytearray, memoryview)):
+            with tmp.open("wb") as f:
+                f.write(content)
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            src = Path(content)
+            if not src.is_file():
+                raise NotFound(f"artifact source {src} is not a file")
+            shutil.copyfile(src, tmp)
+            fsync_path(tmp)
+        tmp.chmod(0o644)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+    return tmp
+
+
 def deep_merge(base: dict[str, Any], updates: Mapping[str, Any]) -> dict[str, Any]:
     """Recursive dict merge; a value of None deletes the key."""
     out = copy.deepcopy(base)

@@ -7,7 +7,8 @@ Layout of ``<root>/<name>/``::
                          library versions, files: {relpath: sha256} for every other file
     model/               save_pretrained output: safetensors weights + tokenizer
     train.jsonl          the training examples in order (line i = training example i)
-    index/ ...           optional artifacts added later with update_bundle
+    index/ ...           optional artifacts (also lowrank.safetensors, ekfac.safetensors,
+                         diagonal.safetensors) added by prepare or later with update_bundle
 
 Guarantees: ``save_bundle`` builds the bundle in ``<root>/.tmp-<name>-<rand>`` and renames
 it into place, so a crash never leaves a half bundle under ``<root>/<name>``;
@@ -295,6 +296,15 @@ def verify_files(path: Path, manifest: Mapping[str, Any], *, check_hashes: bool 
                 f"bundle {name!r} ({path}): file {rel} does not match its SHA-256 in the "
                 f"manifest (corrupted or modified); {FIX}"
             )
+
+
+def verify_bundle(path: str | Path) -> dict[str, Any]:
+    """Check a bundle on disk without loading its model: a valid manifest and every listed
+    file present with its SHA-256. Returns the manifest; BundleError naming the file if not."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    verify_files(path, manifest, check_hashes=True)
+    return manifest
 
 
 def load_bundle(

@@ -1,9 +1,10 @@
-"""Artifacts added to a bundle after it is prepared (index, low-rank factors): crash-safe
-update of files + manifest, and lookup of a listed artifact."""
+"""Artifacts added to a bundle after it is prepared (index, low-rank, EK-FAC and diagonal
+curvature): crash-safe update of files + manifest, and lookup of a listed artifact."""
 
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,13 @@ def update_bundle(
     """Add/replace artifacts and deep-merge manifest keys (None deletes a key); returns the
     new manifest.
 
-    Crash safety: files that replace listed ones are first dropped from the manifest (written
-    atomically), then every file is written via temp + os.replace, then the final manifest
-    (with fresh hashes) replaces the old one. At every instant the manifest on disk lists only
-    files that exist with the listed hash.
+    Crash safety: every new file is first staged beside its destination (temp file, fsync'ed,
+    hashed) while the bundle is untouched, so a failure there (disk full, a bad source) changes
+    nothing and the staged files are removed. Then files that replace listed ones are dropped
+    from the manifest (written atomically), every staged file is renamed into place
+    (os.replace) and the final manifest (with fresh hashes) replaces the old one. At every
+    instant the manifest on disk lists only files that exist with the listed hash; an error
+    during the renames restores the previous manifest when the old files are still in place.
     """
     path = Path(bundle_dir)
     manifest = read_manifest(path)
@@ -40,19 +44,35 @@ def update_bundle(
     check_reserved(updates, "manifest_updates")
     for rel in files:
         check_relpath(rel)
-    replaced = [rel for rel in files if rel in manifest["files"]]
-    if replaced:
-        interim = copy.deepcopy(manifest)
-        for rel in replaced:
-            del interim["files"][rel]
-        atomic.write_json_atomic(path / MANIFEST, interim)
+    staged: dict[str, Path] = {}
     new_hashes: dict[str, str] = {}
-    for rel, content in files.items():
-        atomic.write_file(path / rel, content)
-        new_hashes[rel] = atomic.sha256_file(path / rel)
-    final = atomic.deep_merge(manifest, updates) if updates else copy.deepcopy(manifest)
-    final["files"] = {**manifest["files"], **new_hashes}
-    atomic.write_json_atomic(path / MANIFEST, final)
+    try:
+        for rel, content in files.items():
+            staged[rel] = atomic.stage_file(path / rel, content)
+            new_hashes[rel] = atomic.sha256_file(staged[rel])
+        final = atomic.deep_merge(manifest, updates) if updates else copy.deepcopy(manifest)
+        final["files"] = {**manifest["files"], **new_hashes}
+        replaced = [rel for rel in files if rel in manifest["files"]]
+        if replaced:
+            interim = copy.deepcopy(manifest)
+            for rel in replaced:
+                del interim["files"][rel]
+            atomic.write_json_atomic(path / MANIFEST, interim)
+        installed: list[str] = []
+        try:
+            for rel, tmp in staged.items():
+                os.replace(tmp, path / rel)
+                installed.append(rel)
+            atomic.fsync_path(path)
+            atomic.write_json_atomic(path / MANIFEST, final)
+        except BaseException:
+            if not any(rel in manifest["files"] for rel in installed):
+                atomic.write_json_atomic(path / MANIFEST, manifest)  # nothing listed changed
+            raise
+    finally:
+        for tmp in staged.values():
+            if tmp.exists():
+                tmp.unlink()
     return final
 
 
