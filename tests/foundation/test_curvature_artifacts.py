@@ -212,7 +212,7 @@ def test_default_method_and_model_message(rt: ModelRuntime, fitted: Path, tmp_pa
     declared = ModelRuntime(load_bundle(path))
     assert default_method(declared) is SolverChoice.EKFAC
     assert model_proto(declared).default_solver == pb.SOLVER_EKFAC
-    x, diag = solve_s_test(declared, _v(declared), SolverSettings(), _stop)
+    _, diag = solve_s_test(declared, _v(declared), SolverSettings(), _stop)
     assert diag["method"] == "ekfac"
     # declared but missing artifact: the automatic rule
     bare_decl = tmp_path / "bare-declared"
@@ -278,11 +278,9 @@ def test_curvature_fit_adds_artifacts_and_failure_leaves_bundle_unchanged(
 
     # 2. a failure while installing the staged files: manifest restored, no temp files left
     real = update_mod.os.replace
-    calls = []
 
     def flaky(src: object, dst: object) -> None:
-        calls.append(dst)
-        if len(calls) == 2:
+        if str(dst).endswith(DIAGONAL_FILE):  # installing the second file fails
             raise OSError("disk went away (simulated)")
         real(src, dst)  # type: ignore[arg-type]
 
@@ -291,7 +289,7 @@ def test_curvature_fit_adds_artifacts_and_failure_leaves_bundle_unchanged(
         main(["curvature", "fit", "--bundle", str(path), "--batch-size", "8", "--quiet"])
     monkeypatch.undo()
     assert verify_bundle(path)["files"] == m0["files"]
-    assert not [p for p in path.rglob("*.tmp")]
+    assert not [p for p in path.rglob("*.tmp")] and not [p for p in path.rglob("*.bak")]
 
     # 3. success: both added, the old files untouched, everything verifies
     capsys.readouterr()
@@ -313,5 +311,15 @@ def test_curvature_fit_adds_artifacts_and_failure_leaves_bundle_unchanged(
     monkeypatch.setitem(artifacts.FITTERS, "ekfac", boom)
     with pytest.raises(RuntimeError):
         main(["curvature", "fit", "--bundle", str(path), "--kind", "ekfac", "--quiet"])
+    assert _snapshot(path) == after
+    verify_bundle(path)
+    monkeypatch.undo()
+
+    # 5. a refit that fails while replacing the second file: the old files and manifest are
+    # put back (the first, already replaced, file included)
+    monkeypatch.setattr(update_mod.os, "replace", flaky)
+    with pytest.raises(OSError, match="simulated"):
+        main(["curvature", "fit", "--bundle", str(path), "--seed", "1", "--quiet"])
+    monkeypatch.undo()
     assert _snapshot(path) == after
     verify_bundle(path)

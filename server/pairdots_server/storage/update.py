@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import os
+import secrets
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,8 +36,9 @@ def update_bundle(
     nothing and the staged files are removed. Then files that replace listed ones are dropped
     from the manifest (written atomically), every staged file is renamed into place
     (os.replace) and the final manifest (with fresh hashes) replaces the old one. At every
-    instant the manifest on disk lists only files that exist with the listed hash; an error
-    during the renames restores the previous manifest when the old files are still in place.
+    instant the manifest on disk lists only files that exist with the listed hash. Replaced
+    files are kept as hard links (or copies) until the end, so an error during the renames
+    puts them and the previous manifest back: nothing is lost on a failure.
     """
     path = Path(bundle_dir)
     manifest = read_manifest(path)
@@ -45,6 +48,7 @@ def update_bundle(
     for rel in files:
         check_relpath(rel)
     staged: dict[str, Path] = {}
+    backups: dict[str, Path] = {}
     new_hashes: dict[str, str] = {}
     try:
         for rel, content in files.items():
@@ -53,6 +57,8 @@ def update_bundle(
         final = atomic.deep_merge(manifest, updates) if updates else copy.deepcopy(manifest)
         final["files"] = {**manifest["files"], **new_hashes}
         replaced = [rel for rel in files if rel in manifest["files"]]
+        for rel in replaced:  # the old content stays reachable until the new manifest is in
+            backups[rel] = _backup(path / rel)
         if replaced:
             interim = copy.deepcopy(manifest)
             for rel in replaced:
@@ -66,14 +72,26 @@ def update_bundle(
             atomic.fsync_path(path)
             atomic.write_json_atomic(path / MANIFEST, final)
         except BaseException:
-            if not any(rel in manifest["files"] for rel in installed):
-                atomic.write_json_atomic(path / MANIFEST, manifest)  # nothing listed changed
+            for rel in installed:  # put the replaced files back, then the old manifest
+                if rel in backups:
+                    os.replace(backups.pop(rel), path / rel)
+            atomic.write_json_atomic(path / MANIFEST, manifest)
             raise
     finally:
-        for tmp in staged.values():
+        for tmp in [*staged.values(), *backups.values()]:
             if tmp.exists():
                 tmp.unlink()
     return final
+
+
+def _backup(dest: Path) -> Path:
+    """A hard link (a copy where links are not possible) of dest beside it."""
+    bak = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.bak")
+    try:
+        os.link(dest, bak)
+    except OSError:
+        shutil.copy2(dest, bak)
+    return bak
 
 
 def read_artifact(bundle: Bundle | str | Path, relpath: str) -> Path:
