@@ -349,11 +349,11 @@ def add_curvature(
 ) -> dict[str, Any]:
     """Fit `kinds` and add them to the bundle at bundle_dir in one crash-safe update (a failed
     fit writes nothing; the bundle verifies at every instant). Returns the new manifest."""
-    from pairdots_server.storage.update import update_bundle
+    from pairdots_server.storage.update import update_bundle_staged
 
     fitted = fit_curvature(rt, kinds, cfg, progress, should_stop)
     files, manifest = curvature_files_and_manifest(fitted, default_solver)
-    return update_bundle(bundle_dir, files, manifest)
+    return update_bundle_staged(bundle_dir, files, manifest)
 
 
 @dataclass(frozen=True)

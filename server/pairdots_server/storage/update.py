@@ -1,5 +1,10 @@
 """Artifacts added to a bundle after it is prepared (index, low-rank, EK-FAC and diagonal
-curvature): crash-safe update of files + manifest, and lookup of a listed artifact."""
+curvature): crash-safe update of files + manifest, and lookup of a listed artifact.
+
+update_bundle: at every instant the manifest lists only files that exist with their hash (a
+replaced file is unlisted while it is rewritten). update_bundle_staged: the same, and nothing
+listed is lost on a failure (new files are staged first, replaced ones kept until the new
+manifest is in)."""
 
 from __future__ import annotations
 
@@ -30,6 +35,42 @@ def update_bundle(
 ) -> dict[str, Any]:
     """Add/replace artifacts and deep-merge manifest keys (None deletes a key); returns the
     new manifest.
+
+    Crash safety: files that replace listed ones are first dropped from the manifest (written
+    atomically), then every file is written via temp + os.replace, then the final manifest
+    (with fresh hashes) replaces the old one. At every instant the manifest on disk lists only
+    files that exist with the listed hash.
+    """
+    path = Path(bundle_dir)
+    manifest = read_manifest(path)
+    files = dict(files or {})
+    updates = dict(manifest_updates or {})
+    check_reserved(updates, "manifest_updates")
+    for rel in files:
+        check_relpath(rel)
+    replaced = [rel for rel in files if rel in manifest["files"]]
+    if replaced:
+        interim = copy.deepcopy(manifest)
+        for rel in replaced:
+            del interim["files"][rel]
+        atomic.write_json_atomic(path / MANIFEST, interim)
+    new_hashes: dict[str, str] = {}
+    for rel, content in files.items():
+        atomic.write_file(path / rel, content)
+        new_hashes[rel] = atomic.sha256_file(path / rel)
+    final = atomic.deep_merge(manifest, updates) if updates else copy.deepcopy(manifest)
+    final["files"] = {**manifest["files"], **new_hashes}
+    atomic.write_json_atomic(path / MANIFEST, final)
+    return final
+
+
+def update_bundle_staged(
+    bundle_dir: str | Path,
+    files: Mapping[str, bytes | Path] | None = None,
+    manifest_updates: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``update_bundle`` with a stronger guarantee (what `pairdots curvature fit` uses):
+    nothing listed is lost when it fails.
 
     Crash safety: every new file is first staged beside its destination (temp file, fsync'ed,
     hashed) while the bundle is untouched, so a failure there (disk full, a bad source) changes
