@@ -122,6 +122,9 @@ class TrainingPass:
     def num_batches(self) -> int:
         return -(-len(self.indices) // self.batch_size)
 
+    def __iter__(self) -> Iterator[Batch]:
+        return self.full()
+
     def full(self) -> Iterator[Batch]:
         for start in range(0, len(self.indices), self.batch_size):
             enc = self._runtime.encode_train(self.indices[start : start + self.batch_size])
