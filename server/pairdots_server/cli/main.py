@@ -71,7 +71,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     )
     art = _artifact_config(args)
     extra: dict[str, Any] = {}
-    if args.default_solver:
+    if getattr(args, "default_solver", None):
         from pairdots_server.influence.solver_policy import parse_method
 
         choice = parse_method(args.default_solver)
