@@ -261,3 +261,33 @@ def _make_tiny_bundle(
             "model": {"source": f"pairdots.testing.build_tiny_model_dir(seed={seed})"},
         }
         return save_bundle(root, name, task, train, extra, overwrite=overwrite)
+
+
+# -- a planted-cue data set (the right pairing is known) --------------------------------------
+
+PLANTED_FILLER = (
+    "the", "movie", "film", "story", "plot", "was", "is", "a", "it", "and", "this", "cast",
+)
+PLANTED_CUES = {"zorp": 1, "quib": 1, "blick": 0, "fexa": 0}
+
+
+def planted_cue_examples(n_per_cue: int = 20, flipped: int = 2, seed: int = 0) -> list[Example]:
+    """Neutral filler plus exactly one cue word per sentence; the cue decides the label
+    (PLANTED_CUES), except for the first `flipped` sentences of every cue, which carry the
+    other label (label noise). Shuffled, deterministic for a seed."""
+    from pairdots_server.storage.data import Example
+
+    rng = random.Random(seed)
+    out = []
+    for cue, label in PLANTED_CUES.items():
+        for k in range(n_per_cue):
+            words = [rng.choice(PLANTED_FILLER) for _ in range(rng.randint(3, 6))]
+            words.insert(rng.randint(0, len(words)), cue)
+            out.append(Example(" ".join(words), 1 - label if k < flipped else label))
+    rng.shuffle(out)
+    return out
+
+
+def planted_cue(text: str) -> str | None:
+    """The planted cue word of a text, or None."""
+    return next((w for w in text.split() if w in PLANTED_CUES), None)

@@ -27,7 +27,6 @@ x∖zorp more than that of x — the contrast moves through its baseline.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import pytest
@@ -48,30 +47,21 @@ from pairdots_server.core.measure import (
 from pairdots_server.model.task import ScopeSpec, Task
 from pairdots_server.model.train import TrainConfig, fine_tune
 from pairdots_server.storage.data import Example
-from pairdots_server.testing import make_tiny_task
+from pairdots_server.testing import (
+    PLANTED_CUES,
+    PLANTED_FILLER,
+    make_tiny_task,
+    planted_cue,
+    planted_cue_examples,
+)
 
-FILLER = ("the", "movie", "film", "story", "plot", "was", "is", "a", "it", "and", "this", "cast")
-CUES = {"zorp": 1, "quib": 1, "blick": 0, "fexa": 0}
-
-
+CUES = PLANTED_CUES
+FILLER = PLANTED_FILLER
 FLIPPED = 2  # mislabelled sentences per cue
 
 
-def planted(n_per_cue: int, seed: int) -> list[Example]:
-    rng = random.Random(seed)
-    out = []
-    for cue, label in CUES.items():
-        for k in range(n_per_cue):
-            words = [rng.choice(FILLER) for _ in range(rng.randint(3, 6))]
-            words.insert(rng.randint(0, len(words)), cue)
-            out.append(Example(" ".join(words), 1 - label if k < FLIPPED else label))
-    rng.shuffle(out)
-    return out
-
-
 def clean(ex: Example) -> bool:
-    cue = next(w for w in ex.text.split() if w in CUES)
-    return ex.label == CUES[cue]
+    return ex.label == CUES[planted_cue(ex.text) or ""]
 
 
 @dataclass
@@ -99,7 +89,7 @@ class Planted:
 @pytest.fixture(scope="module")
 def planted_model() -> Planted:
     torch.manual_seed(0)
-    train = planted(20, seed=0)
+    train = planted_cue_examples(20, FLIPPED, seed=0)
     task = make_tiny_task(list(FILLER) + list(CUES), seed=0, dtype=torch.float64)
     task.set_scope(ScopeSpec("default"))
     fine_tune(task, train, TrainConfig(
@@ -112,8 +102,7 @@ def planted_model() -> Planted:
     labels = torch.tensor([ex.label for ex in train])
     with torch.no_grad():
         pred = task.logits_fn(params, embeds, enc.attention_mask).argmax(1)
-    right = [int(p) == CUES[next(w for w in ex.text.split() if w in CUES)]
-             for p, ex in zip(pred.tolist(), train)]
+    right = [int(p) == CUES[planted_cue(ex.text) or ""] for p, ex in zip(pred.tolist(), train)]
     assert all(right), f"the tiny model did not learn the planted cues ({sum(right)}/{len(train)})"
     grads = per_example_loss_grads(task.logits_fn, params, embeds, enc.attention_mask, labels)
     op = CurvatureOperator(

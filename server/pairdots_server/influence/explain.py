@@ -26,7 +26,12 @@ from pairdots_server.errors import InvalidArgument
 from pairdots_server.influence import pipeline as steps
 from pairdots_server.influence.pipeline import TokenInfluence
 from pairdots_server.influence.runtime import ModelRuntime
-from pairdots_server.influence.settings import InfluenceSettings, PipelineSettings
+from pairdots_server.influence.settings import (
+    InfluenceSettings,
+    PipelineSettings,
+    WordCandidates,
+    WordMeasurement,
+)
 
 # -- query ---------------------------------------------------------------------------------
 
@@ -82,6 +87,19 @@ class SalientWordAnswer:
     supporting: list[Influential]
     opposing: list[Influential]
     solver: dict[str, float | int | bool | str]
+    contribution: float = 0.0  # c_w on the margin
+    containing_examples: int = 0  # training examples with the word's stem
+
+
+@dataclass
+class PredictionAnswer:
+    """Prediction-level influence I(z, m_y) on the label's logit margin."""
+
+    margin: float
+    supporting: list[Influential]
+    opposing: list[Influential]
+    solver: dict[str, float | int | bool | str]
+    candidates_scored: int
 
 
 @dataclass
@@ -90,6 +108,8 @@ class LabelAnswer:
     role: Role
     word_saliency: list[float]
     salient_words: list[SalientWordAnswer]
+    word_contribution: list[float] = field(default_factory=list)
+    prediction: PredictionAnswer | None = None
 
 
 @dataclass
@@ -163,28 +183,33 @@ def explain(
     explanations: list[LabelAnswer] = []
     for label, role in labels:
         should_stop()
-        # [2] saliency, [3] the words to explain
+        # [2] saliency and contributions, [3] the words to explain
         with timer.stage("saliency"):
             ws_list = steps.word_saliency(rt, enc, label, settings.target, settings.token_score)
-        chosen = list(q.word_positions) if q.word_positions else steps.top_words(
-            ws_list, pieces, q.top_words
-        )
+            contrib = steps.word_contribution(rt, enc, label)
+        if q.word_positions:
+            chosen = list(q.word_positions)
+        elif settings.word_measurement is WordMeasurement.OCCLUSION:
+            chosen = steps.top_contributing_words(contrib, words, pieces, q.top_words)
+        else:
+            chosen = steps.top_words(ws_list, pieces, q.top_words)
+        prediction = None
+        if compute_influence and settings.prediction_influence:
+            should_stop()
+            prediction = _explain_prediction(rt, q, settings, enc, label, should_stop, timer)
+            candidates_scored = max(candidates_scored, prediction.candidates_scored)
+            _warn_unconverged(warnings, prediction.solver, "the prediction")
         salient: list[SalientWordAnswer] = []
         for wi in chosen if compute_influence else []:
             should_stop()
             answer, n_scored = _explain_word(
-                rt, q, settings, enc, wi, ws_list[wi], label, should_stop, timer
+                rt, q, settings, enc, wi, ws_list[wi], label, should_stop, timer, notes
             )
+            answer.contribution = contrib[wi]
             candidates_scored = max(candidates_scored, n_scored)
-            diag = answer.solver
-            if not diag["converged"]:
-                warnings.append(
-                    f"s_test for word {words[wi]!r} did not converge "
-                    f"(relative change {diag['rel_change']:.3g} after {diag['iterations']} "
-                    "iterations); raise max_iterations or damping"
-                )
+            _warn_unconverged(warnings, answer.solver, f"word {words[wi]!r}")
             salient.append(answer)
-        explanations.append(LabelAnswer(label, role, ws_list, salient))
+        explanations.append(LabelAnswer(label, role, ws_list, salient, contrib, prediction))
 
     used_index = compute_influence and settings.use_index
     if used_index and candidates_scored < 2 * q.examples_per_word:
@@ -218,13 +243,21 @@ def _check_labels(rt: ModelRuntime, q: ExplainQuery) -> None:
             )
 
 
-def _explain_word(
-    rt: ModelRuntime, q: ExplainQuery, settings: PipelineSettings, enc: steps.EncodedText,
-    wi: int, saliency: float, label: int, should_stop: Callable[[], None], timer: steps.Timer,
-) -> tuple[SalientWordAnswer, int]:
-    """Steps 4–7 for one word: its answer and the number of candidates scored."""
-    s_test, diag = steps.word_s_test(rt, enc, wi, label, settings, should_stop, timer)
-    cand = steps.candidates(rt, s_test, settings, timer)
+def _warn_unconverged(
+    warnings: list[str], diag: dict[str, float | int | bool | str], what: str
+) -> None:
+    if not diag["converged"]:
+        warnings.append(
+            f"s_test for {what} did not converge (relative change {diag['rel_change']:.3g} "
+            f"after {diag['iterations']} iterations); raise max_iterations or damping"
+        )
+
+
+def _ranked_examples(
+    rt: ModelRuntime, q: ExplainQuery, settings: PipelineSettings, s_test: Tensor,
+    cand: list[int], should_stop: Callable[[], None], timer: steps.Timer,
+) -> tuple[list[Influential], list[Influential]]:
+    """Steps 6–7: exact scores of the candidates, top-k each way, Eq. 8 responsible words."""
     scores = steps.score_examples(rt, s_test, cand, settings, should_stop, timer)
     sup, opp = _top_k(cand, scores, q.examples_per_word)
     sup_ans = [_influential(rt, i, s) for i, s in sup]
@@ -235,7 +268,47 @@ def _explain_word(
             should_stop()
             _responsible_word(rt, s_test, item, q.token_influence)
         timer.add("token_influence", time.perf_counter() - start_t)
-    return SalientWordAnswer(wi, enc.words[wi], saliency, sup_ans, opp_ans, diag), len(cand)
+    return sup_ans, opp_ans
+
+
+def _explain_prediction(
+    rt: ModelRuntime, q: ExplainQuery, settings: PipelineSettings, enc: steps.EncodedText,
+    label: int, should_stop: Callable[[], None], timer: steps.Timer,
+) -> PredictionAnswer:
+    """Prediction-level influence: f = m_y(x), over every training example (or the index)."""
+    m = steps.Measurement(steps.MeasurementKind.PREDICTION_MARGIN, label)
+    s_test, diag = steps.measurement_s_test(rt, enc, m, settings, should_stop, timer)
+    cand = steps.candidates(rt, s_test, settings, timer)
+    sup, opp = _ranked_examples(rt, q, settings, s_test, cand, should_stop, timer)
+    return PredictionAnswer(steps.margin_of(rt, enc, label), sup, opp, diag, len(cand))
+
+
+def _explain_word(
+    rt: ModelRuntime, q: ExplainQuery, settings: PipelineSettings, enc: steps.EncodedText,
+    wi: int, saliency: float, label: int, should_stop: Callable[[], None], timer: steps.Timer,
+    notes: list[str],
+) -> tuple[SalientWordAnswer, int]:
+    """Steps 4–7 for one word: its answer and the number of candidates scored."""
+    kind = (steps.MeasurementKind.WORD_OCCLUSION
+            if settings.word_measurement is WordMeasurement.OCCLUSION
+            else steps.MeasurementKind.WORD_SALIENCY)
+    m = steps.Measurement(kind, label, wi, settings.target, settings.token_score)
+    s_test, diag = steps.measurement_s_test(rt, enc, m, settings, should_stop, timer)
+    containing = steps.examples_containing(rt, enc.words[wi])
+    allowed: list[int] | None = None
+    if settings.word_candidates is WordCandidates.CONTAINING:
+        if containing:
+            allowed = containing
+        else:
+            notes.append(
+                f"no training example contains {enc.words[wi]!r}; its pairing is over all "
+                "training examples"
+            )
+    cand = steps.candidates(rt, s_test, settings, timer, allowed=allowed)
+    sup, opp = _ranked_examples(rt, q, settings, s_test, cand, should_stop, timer)
+    answer = SalientWordAnswer(wi, enc.words[wi], saliency, sup, opp, diag,
+                               containing_examples=len(containing))
+    return answer, len(cand)
 
 
 def _top_k(

@@ -3,9 +3,11 @@
 
   encode_text            text -> EncodedText (tokens, words, embeddings; one encoder)
   word_saliency          s(x_t) of every word for a label (Eq. 1–2)
+  word_contribution      c_w = m_y(x) − m_y(x with w → [UNK]) of every word (occlusion)
   top_words              the m most salient words the model saw
   measurement_gradient   what f is (a Measurement) -> ∇θf, flat [P] (one backward)
   s_test                 s_test = (H + δI)⁻¹ ∇θf (the runtime's cache, else solver_policy)
+  examples_containing    training indices that contain a word (same stem)
   candidates             training indices to score (index prefilter, or all; optional subset)
   score_examples         I(z_i, f) = -⟨s_test, ∇θL(z_i)⟩ (Eq. 5) for training indices
   score_texts            the same for arbitrary labelled texts (perturbed examples)
@@ -18,7 +20,10 @@ needs; `Timer` sums wall time per stage.
 from __future__ import annotations
 
 import enum
+import math
+import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +33,12 @@ from torch import Tensor
 
 from pairdots_server.core import influence as infl
 from pairdots_server.core.grads import per_example_loss_grads
+from pairdots_server.core.measure import (
+    grad_theta_margin,
+    grad_theta_occlusion,
+    margin,
+    word_occlusion,
+)
 from pairdots_server.core.saliency import (
     Target,
     TokenScore,
@@ -39,6 +50,7 @@ from pairdots_server.errors import FailedPrecondition
 from pairdots_server.influence.runtime import EncodedExamples, ModelRuntime
 from pairdots_server.influence.settings import PipelineSettings
 from pairdots_server.influence.solver_policy import solve_s_test
+from pairdots_server.influence.wordmatch import WordIndex, words_of
 
 StopFn = Callable[[], None]
 
@@ -109,6 +121,13 @@ def predict(rt: ModelRuntime, enc: EncodedText) -> Tensor:
         return torch.softmax(logits.double(), dim=-1)[0]
 
 
+def margin_of(rt: ModelRuntime, enc: EncodedText, label: int) -> float:
+    """m_y(x) = z_y − max_{c≠y} z_c for the label (core/measure.margin)."""
+    with torch.no_grad():
+        logits = rt.task.logits_fn({}, enc.embeds, enc.mask)  # [1,C]
+        return float(margin(logits, torch.tensor([label], device=logits.device))[0])
+
+
 # -- saliency --------------------------------------------------------------------------------
 
 
@@ -121,6 +140,28 @@ def word_saliency(
         baseline=rt.unk_embed,
     )  # [T]
     return [float(v) for v in word_scores(tok, enc.word_ids, len(enc.words))]  # [W]
+
+
+def word_contribution(rt: ModelRuntime, enc: EncodedText, label: int) -> list[float]:
+    """c_w = m_y(x) − m_y(x with w → [UNK]) of every word (core/measure.py) -> [W]."""
+    c = word_occlusion(
+        rt.task.logits_fn, rt.params, enc.embeds, enc.mask, label, enc.word_ids,
+        len(enc.words), rt.unk_embed,
+    )  # [W]
+    return [float(v) for v in c]
+
+
+def top_contributing_words(
+    contribution: Sequence[float], words: Sequence[str], pieces: Sequence[int], m: int
+) -> list[int]:
+    """The m words with the largest signed contribution c_w to the label's margin, among the
+    words the model saw that have a letter or digit (punctuation is left out of the automatic
+    choice; name it in word_positions to explain it)."""
+    order = sorted(
+        (i for i in range(len(contribution)) if pieces[i] > 0 and words_of(words[i])),
+        key=lambda i: (-contribution[i], i),
+    )
+    return order[:m]
 
 
 def top_words(scores: Sequence[float], pieces: Sequence[int], m: int) -> list[int]:
@@ -136,9 +177,11 @@ def top_words(scores: Sequence[float], pieces: Sequence[int], m: int) -> list[in
 
 
 class MeasurementKind(enum.Enum):
-    """What the measurement f of a test input is (∇θf is what s_test inverts)."""
+    """What the measurement f of a test input is (∇θf is what s_test inverts; core/measure.py)."""
 
-    WORD_SALIENCY = "word_saliency"  # f = the saliency score w of one word (Eq. 1–2)
+    WORD_SALIENCY = "word_saliency"  # f = the saliency score w of one word (Eq. 1–2, Eq. 5)
+    WORD_OCCLUSION = "word_occlusion"  # f = c_w = m_y(x) − m_y(x with w → [UNK])
+    PREDICTION_MARGIN = "prediction_margin"  # f = m_y(x) = z_y − max_{c≠y} z_c
 
 
 @dataclass(frozen=True)
@@ -162,9 +205,25 @@ def _grad_word_saliency(rt: ModelRuntime, enc: EncodedText, m: Measurement) -> T
     )
 
 
+def _grad_word_occlusion(rt: ModelRuntime, enc: EncodedText, m: Measurement) -> Tensor:
+    """∇θc_w by two ordinary backward passes (x and its occluded copy) -> [P]."""
+    assert m.word is not None
+    return grad_theta_occlusion(
+        rt.task.logits_fn, rt.params, enc.embeds, enc.mask, m.label, enc.positions(m.word),
+        rt.unk_embed,
+    )
+
+
+def _grad_prediction_margin(rt: ModelRuntime, enc: EncodedText, m: Measurement) -> Tensor:
+    """∇θm_y by one backward pass -> [P]."""
+    return grad_theta_margin(rt.task.logits_fn, rt.params, enc.embeds, enc.mask, m.label)
+
+
 # One entry per MeasurementKind: (runtime, encoded text, measurement) -> flat ∇θf [P].
 MEASUREMENTS: dict[MeasurementKind, Callable[[ModelRuntime, EncodedText, Measurement], Tensor]] = {
     MeasurementKind.WORD_SALIENCY: _grad_word_saliency,
+    MeasurementKind.WORD_OCCLUSION: _grad_word_occlusion,
+    MeasurementKind.PREDICTION_MARGIN: _grad_prediction_margin,
 }
 
 
@@ -194,23 +253,47 @@ def s_test(
     return x, diag
 
 
+def measurement_s_test(
+    rt: ModelRuntime, enc: EncodedText, m: Measurement, settings: PipelineSettings,
+    should_stop: StopFn, timer: Timer | None = None,
+) -> tuple[Tensor, dict[str, float | int | bool | str]]:
+    """s_test = H⁻¹∇θf for the measurement m of `enc` (Eq. 5 with f = m), cached per
+    (text, measurement, solver settings)."""
+    timer = timer or Timer()
+    with timer.stage("grad_score"):
+        grad_f = measurement_gradient(rt, enc, m)  # [P]
+    key = (enc.text, m, settings.solver)
+    with timer.stage("solve"):
+        return s_test(rt, grad_f, settings, should_stop, cache_key=key)
+
+
 def word_s_test(
     rt: ModelRuntime, enc: EncodedText, word: int, label: int, settings: PipelineSettings,
     should_stop: StopFn, timer: Timer | None = None,
 ) -> tuple[Tensor, dict[str, float | int | bool | str]]:
-    """s_test = H⁻¹∇θw for the saliency score w of word `word` (Eq. 5), cached per
-    (text, label, word, saliency and solver settings)."""
-    timer = timer or Timer()
+    """s_test = H⁻¹∇θw for the saliency score w of word `word` (Eq. 5), the paper's word-level
+    measurement (Attack and Repair optimise it)."""
     m = Measurement(MeasurementKind.WORD_SALIENCY, label, word, settings.target,
                     settings.token_score)
-    with timer.stage("grad_score"):
-        grad_w = measurement_gradient(rt, enc, m)  # [P]
-    key = (enc.text, label, word, settings.target, settings.token_score, settings.solver)
-    with timer.stage("solve"):
-        return s_test(rt, grad_w, settings, should_stop, cache_key=key)
+    return measurement_s_test(rt, enc, m, settings, should_stop, timer)
 
 
 # -- candidates and exact scores -------------------------------------------------------------
+
+_WORD_INDEXES: weakref.WeakKeyDictionary[ModelRuntime, WordIndex] = weakref.WeakKeyDictionary()
+_WORD_INDEX_LOCK = threading.Lock()
+
+
+def examples_containing(rt: ModelRuntime, word: str) -> list[int]:
+    """Training indices whose text contains `word` or another form with its Porter stem
+    (influence/wordmatch.py); the index over the training texts is built once per model."""
+    with _WORD_INDEX_LOCK:
+        index = _WORD_INDEXES.get(rt)
+        if index is None:
+            index = WordIndex([ex.text for ex in rt.bundle.train])
+            _WORD_INDEXES[rt] = index
+    return index.containing(word)
+
 
 
 def check_index(rt: ModelRuntime, settings: PipelineSettings) -> None:
@@ -228,16 +311,22 @@ def candidates(
 ) -> list[int]:
     """Training indices to score exactly: all of them (or `allowed`), or, with the index,
     the union of the top-K supporting (⟨-s_test, g⟩ large) and opposing (⟨s_test, g⟩ large)
-    neighbours of the projected query (restricted to `allowed` when given)."""
+    neighbours of the projected query. With `allowed`, only those: all of them when they are at
+    most 2K, else the index searched K·N/|allowed| deep and filtered to them."""
     check_index(rt, settings)
     keep = None if allowed is None else set(allowed)
     if not settings.use_index:
         ids = list(range(rt.n_train))
         return ids if keep is None else [i for i in ids if i in keep]
+    if keep is not None and len(keep) <= 2 * settings.candidates:
+        return sorted(keep)  # no more than the index would return: score them all exactly
     start = time.perf_counter()
     index, projection = rt.index()
     q = projection.project(s_test[None].float()).cpu().numpy()  # [1,k]
-    k = min(settings.candidates, rt.n_train)
+    k = settings.candidates
+    if keep is not None:  # search deep enough that about K of the allowed come back
+        k = math.ceil(k * rt.n_train / len(keep))
+    k = min(k, rt.n_train)
     _, sup_ids = index.search(-q, k)  # supporting: ⟨-s_test, g⟩ large
     _, opp_ids = index.search(q, k)  # opposing: ⟨s_test, g⟩ large
     ids = sorted({int(i) for i in sup_ids[0].tolist() + opp_ids[0].tolist() if i >= 0})

@@ -9,17 +9,35 @@ server's limits, and the pipeline steps take the resolved `PipelineSettings` who
   target, token_score LOG_PROB, L2_NORM                             here (the dataclass)
   solver              the bundle's default method and its options   solver_policy.resolve_solver
   use_index           the bundle's index when it has one            resolve() below
+  word_measurement    OCCLUSION (c_w on the margin)                 here (the dataclass)
+  word_candidates     CONTAINING (examples with the word's stem)    here (the dataclass)
+  prediction_influence True                                         here (the dataclass)
   candidates          clamp(2 % · N, 50, 2000) per direction        config.ExplainLimits
   scoring_batch_size  the server's batch for exact scoring          config.ExplainLimits
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from pairdots_server.core.saliency import Target, TokenScore
 from pairdots_server.influence.runtime import ModelRuntime
 from pairdots_server.influence.solver_policy import SolverSettings, resolve_solver
+
+
+class WordMeasurement(enum.Enum):
+    """What a salient word's influence is measured on (core/measure.py, core/saliency.py)."""
+
+    OCCLUSION = "occlusion"  # f = c_w = m_y(x) − m_y(x with w → [UNK]); words ranked by c_w
+    SALIENCY = "saliency"  # f = the word's saliency score (paper Eq. 5); ranked by |s|
+
+
+class WordCandidates(enum.Enum):
+    """Which training examples a salient word is paired with."""
+
+    CONTAINING = "containing"  # examples that contain the word (same Porter stem)
+    ALL = "all"  # every example (through the index prefilter when it is used)
 
 
 @dataclass(frozen=True)
@@ -33,6 +51,9 @@ class InfluenceSettings:
     use_index: bool | None = None  # None: the bundle's index when it has one
     candidates: int = 0  # 0: the server default
     scoring_batch_size: int | None = None  # None: the server default
+    word_measurement: WordMeasurement = WordMeasurement.OCCLUSION
+    word_candidates: WordCandidates = WordCandidates.CONTAINING
+    prediction_influence: bool = True
 
     def __post_init__(self) -> None:
         if self.candidates < 0:
@@ -50,6 +71,9 @@ class InfluenceSettings:
             use_index=rt.has_index if self.use_index is None else self.use_index,
             candidates=self.candidates or default_candidates,
             scoring_batch_size=self.scoring_batch_size or scoring_batch_size,
+            word_measurement=self.word_measurement,
+            word_candidates=self.word_candidates,
+            prediction_influence=self.prediction_influence,
         )
 
 
@@ -63,3 +87,6 @@ class PipelineSettings:
     use_index: bool
     candidates: int  # K per direction when the index prefilters
     scoring_batch_size: int
+    word_measurement: WordMeasurement = WordMeasurement.OCCLUSION
+    word_candidates: WordCandidates = WordCandidates.CONTAINING
+    prediction_influence: bool = True

@@ -18,7 +18,7 @@ from pairdots_server.core.saliency import Target, TokenScore
 from pairdots_server.influence.explain import ExplainAnswer, ExplainQuery, Influential, Role
 from pairdots_server.influence.pipeline import TokenInfluence
 from pairdots_server.influence.runtime import ModelRuntime
-from pairdots_server.influence.settings import InfluenceSettings
+from pairdots_server.influence.settings import InfluenceSettings, WordCandidates, WordMeasurement
 from pairdots_server.influence.solver_policy import SolverChoice
 from pairdots_server.rpc.validation import SOLVERS, Violations, solver_settings
 
@@ -42,6 +42,16 @@ SEARCH = {
     pb.CANDIDATE_SEARCH_UNSPECIFIED: None,
     pb.CANDIDATE_SEARCH_INDEX: True,
     pb.CANDIDATE_SEARCH_EXHAUSTIVE: False,
+}
+WORD_MEASUREMENTS = {
+    pb.WORD_MEASUREMENT_UNSPECIFIED: WordMeasurement.OCCLUSION,
+    pb.WORD_MEASUREMENT_OCCLUSION: WordMeasurement.OCCLUSION,
+    pb.WORD_MEASUREMENT_SALIENCY: WordMeasurement.SALIENCY,
+}
+WORD_CANDIDATES = {
+    pb.WORD_CANDIDATES_UNSPECIFIED: WordCandidates.CONTAINING,
+    pb.WORD_CANDIDATES_CONTAINING: WordCandidates.CONTAINING,
+    pb.WORD_CANDIDATES_ALL: WordCandidates.ALL,
 }
 TOKEN_INFLUENCE = {
     pb.TOKEN_INFLUENCE_METHOD_UNSPECIFIED: TokenInfluence.EXACT,
@@ -90,6 +100,10 @@ def explain_query(req: pb.ExplainRequest, limits: ExplainLimits) -> ExplainQuery
               f"{infl.candidates}")
     token_infl = v.enum("influence.token_influence", infl.token_influence, TOKEN_INFLUENCE,
                         "TokenInfluenceMethod")
+    word_measurement = v.enum("influence.word_measurement", infl.word_measurement,
+                              WORD_MEASUREMENTS, "WordMeasurement")
+    word_candidates = v.enum("influence.word_candidates", infl.word_candidates,
+                             WORD_CANDIDATES, "WordCandidates")
     v.raise_if_any()
     return ExplainQuery(
         text=text,
@@ -104,6 +118,10 @@ def explain_query(req: pb.ExplainRequest, limits: ExplainLimits) -> ExplainQuery
             solver=solver,
             use_index=use_index,  # type: ignore[arg-type]
             candidates=infl.candidates,
+            word_measurement=word_measurement,  # type: ignore[arg-type]
+            word_candidates=word_candidates,  # type: ignore[arg-type]
+            prediction_influence=(infl.prediction_influence
+                                  if infl.HasField("prediction_influence") else True),
         ),
         token_influence=token_infl,  # type: ignore[arg-type]
     )
@@ -121,35 +139,50 @@ def _example(rt: ModelRuntime, item: Influential) -> pb.InfluentialExample:
     )
 
 
+def _solver_diagnostics(d: dict[str, float | int | bool | str]) -> pb.SolverDiagnostics:
+    return pb.SolverDiagnostics(
+        solver=SOLVER_TO_PB.get(SolverChoice(d["method"]), pb.SOLVER_UNSPECIFIED),
+        curvature=CURVATURE_TO_PB.get(str(d["curvature"]), pb.CURVATURE_UNSPECIFIED),
+        iterations=int(d["iterations"]),
+        relative_change=float(d["rel_change"]),
+        norm=float(d["norm"]),
+        effective_damping=float(d["effective_damping"]),
+        converged=bool(d["converged"]),
+        seconds=float(d["seconds"]),
+        cached=bool(d["cached"]),
+    )
+
+
 def explain_response(rt: ModelRuntime, a: ExplainAnswer) -> pb.ExplainResponse:
     labels = rt.bundle.labels
     roles = {Role.TARGET: pb.EXPLANATION_ROLE_TARGET, Role.GOLD: pb.EXPLANATION_ROLE_GOLD}
     explanations = []
     for e in a.explanations:
-        words = []
-        for s in e.salient_words:
-            d = s.solver
-            words.append(pb.SalientWord(
+        words = [
+            pb.SalientWord(
                 word_index=s.word_index,
                 text=s.text,
                 saliency=s.saliency,
                 supporting=[_example(rt, x) for x in s.supporting],
                 opposing=[_example(rt, x) for x in s.opposing],
-                solver=pb.SolverDiagnostics(
-                    solver=SOLVER_TO_PB[SolverChoice(d["method"])],
-                    curvature=CURVATURE_TO_PB[str(d["curvature"])],
-                    iterations=int(d["iterations"]),
-                    relative_change=float(d["rel_change"]),
-                    norm=float(d["norm"]),
-                    effective_damping=float(d["effective_damping"]),
-                    converged=bool(d["converged"]),
-                    seconds=float(d["seconds"]),
-                    cached=bool(d["cached"]),
-                ),
-            ))
+                solver=_solver_diagnostics(s.solver),
+                contribution=s.contribution,
+                containing_examples=s.containing_examples,
+            )
+            for s in e.salient_words
+        ]
+        p = e.prediction
+        prediction = None if p is None else pb.PredictionInfluence(
+            margin=p.margin,
+            supporting=[_example(rt, x) for x in p.supporting],
+            opposing=[_example(rt, x) for x in p.opposing],
+            solver=_solver_diagnostics(p.solver),
+            candidates_scored=p.candidates_scored,
+        )
         explanations.append(pb.LabelExplanation(
             label=e.label, label_name=labels[e.label], role=roles[e.role],
             word_saliency=e.word_saliency, salient_words=words,
+            word_contribution=e.word_contribution, prediction=prediction,
         ))
     return pb.ExplainResponse(
         model=rt.name,
