@@ -61,6 +61,8 @@ from pairdots.options import (
     TargetFunction,
     TokenInfluenceMethod,
     TokenScoreMethod,
+    WordCandidates,
+    WordMeasurement,
 )
 from pairdots.results import (
     Diagnostics,
@@ -69,6 +71,7 @@ from pairdots.results import (
     LabelExplanation,
     ModelInfo,
     Prediction,
+    PredictionInfluence,
     SalientWord,
     SolverDiagnostics,
     StageTiming,
@@ -85,10 +88,12 @@ __all__ = [
     "FieldViolation", "InfluenceOptions", "InfluentialExample", "InternalError",
     "InvalidArgumentError", "JobProgress", "LabelExplanation", "LabeledText", "ModelInfo",
     "NotFoundError", "OperationHandle", "OperationOutcome", "OperationPage", "OutOfRangeError",
-    "PairdotsClient", "PairdotsError", "PermissionDeniedError", "Prediction", "ProgressCallback",
+    "PairdotsClient", "PairdotsError", "PermissionDeniedError", "Prediction",
+    "PredictionInfluence", "ProgressCallback",
     "RepairMode", "RepairOutcome", "ResourceExhaustedError", "RetrainMode", "RetrainOptions",
     "RpcCancelledError", "SaliencyOptions", "SalientWord", "Solver", "SolverDiagnostics",
     "SolverOptions", "StageTiming", "TargetFunction", "TokenInfluenceMethod", "TokenScoreMethod",
     "TrainingEdit", "UnauthenticatedError", "UnavailableError", "UnexpectedResponseError",
-    "UnimplementedError", "UnknownError", "Word", "WordInfluence", "__version__",
+    "UnimplementedError", "UnknownError", "Word", "WordCandidates", "WordInfluence",
+    "WordMeasurement", "__version__",
 ]

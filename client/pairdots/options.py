@@ -30,6 +30,8 @@ __all__ = [
     "TargetFunction",
     "TokenInfluenceMethod",
     "TokenScoreMethod",
+    "WordCandidates",
+    "WordMeasurement",
     "datetime_from_proto",
     "enum_from_proto",
 ]
@@ -73,6 +75,32 @@ class Solver(enum.IntEnum):
     CONJUGATE_GRADIENT = 2
     LOW_RANK = 3
     EXACT = 4
+    #: EK-FAC factors stored in the bundle (ModelInfo.has_ekfac).
+    EKFAC = 5
+    #: Diagonal empirical Fisher stored in the bundle (ModelInfo.has_diagonal).
+    DIAGONAL = 6
+    #: H = I: the plain gradient dot product (TracIn at one checkpoint).
+    IDENTITY = 7
+
+
+class WordMeasurement(enum.IntEnum):
+    """What a salient word's influence is measured on. OCCLUSION (server default):
+    c_w = m_y(x) − m_y(x with the word → [UNK]), the word's contribution to the logit margin
+    m_y = z_y − max_{c≠y} z_c (signed; words ranked by c_w). SALIENCY: the word's saliency
+    score (paper Eq. 5), words ranked by |saliency|."""
+
+    UNSPECIFIED = 0
+    OCCLUSION = 1
+    SALIENCY = 2
+
+
+class WordCandidates(enum.IntEnum):
+    """Which training examples a salient word is paired with. CONTAINING (server default):
+    those containing the word (same Porter stem; all when none does). ALL: every example."""
+
+    UNSPECIFIED = 0
+    CONTAINING = 1
+    ALL = 2
 
 
 class CandidateSearch(enum.IntEnum):
@@ -188,12 +216,17 @@ class SolverOptions:
 
 @dataclass(frozen=True)
 class InfluenceOptions:
-    """Influence settings. `candidates` 0 = server default."""
+    """Influence settings. `candidates` 0 = server default; UNSPECIFIED enums = server
+    default (WordMeasurement.OCCLUSION, WordCandidates.CONTAINING); `prediction_influence`
+    None = not sent (the server's default, true: LabelExplanation.prediction is filled)."""
 
     solver: SolverOptions = field(default_factory=SolverOptions)
     candidate_search: CandidateSearch = CandidateSearch.UNSPECIFIED
     candidates: int = 0
     token_influence: TokenInfluenceMethod = TokenInfluenceMethod.UNSPECIFIED
+    word_measurement: WordMeasurement = WordMeasurement.UNSPECIFIED
+    word_candidates: WordCandidates = WordCandidates.UNSPECIFIED
+    prediction_influence: bool | None = None
 
     def to_proto(self) -> pairdots_pb2.InfluenceOptions:
         return pairdots_pb2.InfluenceOptions(
@@ -201,6 +234,9 @@ class InfluenceOptions:
             candidate_search=pairdots_pb2.CandidateSearch.ValueType(int(self.candidate_search)),
             candidates=self.candidates,
             token_influence=pairdots_pb2.TokenInfluenceMethod.ValueType(int(self.token_influence)),
+            word_measurement=pairdots_pb2.WordMeasurement.ValueType(int(self.word_measurement)),
+            word_candidates=pairdots_pb2.WordCandidates.ValueType(int(self.word_candidates)),
+            prediction_influence=self.prediction_influence,
         )
 
 

@@ -3,15 +3,21 @@
 `render_html(expl)` returns one HTML document with inline CSS only (no scripts, fonts, images
 or external URLs), so it can be mailed or archived as is:
 
-* the input sentence as a token heatmap: background colour by signed saliency s(x_t) (blue
-  raises the explained label's score, red lowers it; alpha = |s| / max|s|), the exact value in
-  the tooltip, and a colour-free marker (▲ / ▼ and an underline whose weight grows with |s|);
-  explained (salient) words are boxed;
 * the prediction and its probabilities;
-* per explanation (target, and gold in error analysis), each salient word with its top
-  supporting (I(z, w) > 0) and opposing (I(z, w) < 0) training examples (paper Eq. 5), each
-  example's words coloured by token influence I(x_t, w) (Eq. 8) with the responsible word in
-  bold, marked ◆ and its value shown;
+* per explanation (target, and gold in error analysis), first the prediction-level pairing:
+  the training examples that support (I(z, m_y) > 0) and oppose (< 0) the prediction itself,
+  measured on the logit margin m_y = z_y − max_{c≠y} z_c (LabelExplanation.prediction);
+* then the input sentence as a token heatmap. When the answer carries the words' contributions
+  c_w to the margin (LabelExplanation.word_contribution), the colour is the sign of c_w: blue
+  raises the explained label, red lowers it (alpha = |c_w| / max|c_w|). Otherwise the old
+  saliency colouring s(x_t), and the legend says when that score is unsigned (≥ 0 everywhere).
+  The value is printed after every word (and in the tooltip), with a colour-free marker
+  (▲ / ▼ and an underline whose weight grows with the magnitude); explained (salient) words are
+  boxed;
+* each salient word with its c_w, the training examples containing it and its top supporting
+  (I(z, f) > 0) and opposing (I(z, f) < 0) training examples (paper Eq. 5); every example's
+  words are coloured by token influence I(x_t, ·) (Eq. 8) with the responsible word in bold,
+  marked ◆ and its value shown;
 * the diagnostics: solver convergence per word, candidates, stage timings, warnings, notes.
 
 Every piece of text from the Explanation is HTML-escaped (element text and attributes).
@@ -31,6 +37,7 @@ from pairdots.results import (
     Explanation,
     InfluentialExample,
     LabelExplanation,
+    PredictionInfluence,
     SalientWord,
     SolverDiagnostics,
     word_separators,
@@ -41,6 +48,8 @@ __all__ = ["render_html", "write_html"]
 #: Colours of positive and negative values (RGB); text stays dark on alpha <= 0.7.
 _POS = (33, 102, 172)
 _NEG = (178, 24, 43)
+#: Colour of an unsigned score (saliency ≥ 0 everywhere): intensity only, no direction.
+_UNSIGNED = (110, 110, 110)
 _MAX_ALPHA = 0.7
 #: Marker of the responsible word of a training example (paper Eq. 8).
 RESPONSIBLE_MARK = "◆"
@@ -59,6 +68,8 @@ border-bottom-color:#333}
 .tok.salient{outline:2px solid #111;outline-offset:1px}
 .mark{font-size:.7em;vertical-align:super;margin-left:.1em}
 .val{font-size:.75em;color:#333;font-variant-numeric:tabular-nums}
+.tok .val{margin-left:.15em}
+.prediction-influence{margin:.4em 0 1em 0}
 .ex{margin:.3em 0 .6em 0;padding:.3em .5em;border-left:4px solid #999}
 .ex.sup{border-left-color:rgb(33,102,172)}.ex.opp{border-left-color:rgb(178,24,43)}
 .ex .meta{font-size:.85em;color:#333}
@@ -93,11 +104,12 @@ def _scale(values: Sequence[float]) -> float:
     return max(finite, default=0.0)
 
 
-def _bg(value: float, scale: float) -> str:
-    """CSS background for a signed value: blue positive, red negative, alpha ∝ |value|."""
+def _bg(value: float, scale: float, *, unsigned: bool = False) -> str:
+    """CSS background for a signed value: blue positive, red negative, alpha ∝ |value|
+    (grey for an unsigned score)."""
     if not math.isfinite(value) or scale <= 0 or value == 0:
         return "transparent"
-    rgb = _POS if value > 0 else _NEG
+    rgb = _UNSIGNED if unsigned else _POS if value > 0 else _NEG
     alpha = _MAX_ALPHA * min(1.0, abs(value) / scale)
     return f"rgba({rgb[0]},{rgb[1]},{rgb[2]},{alpha:.3f})"
 
@@ -108,21 +120,62 @@ def _sign_mark(value: float) -> str:
     return "▲" if value > 0 else "▼"
 
 
+def _swatch(rgb: tuple[int, int, int], text: str) -> str:
+    return f'<span style="background:rgba({rgb[0]},{rgb[1]},{rgb[2]},.6)">{text}</span>'
+
+
+def _heatmap_legend(lab: LabelExplanation, by_contribution: bool, unsigned: bool) -> str:
+    name = _e(lab.label_name)
+    if by_contribution:
+        what = (f"Word colours: the word's contribution c_w to the logit margin of "
+                f"<b>{name}</b> (c_w = m_y(x) − m_y(x with the word → [UNK])): "
+                f"{_swatch(_POS, 'blue ▲')} raises the explained label {name}, "
+                f"{_swatch(_NEG, 'red ▼')} lowers it; the number after each word is c_w.")
+    elif unsigned:
+        what = (f"Word colours: saliency s(x_t) for <b>{name}</b>. The score is unsigned (≥ 0 "
+                f"for every word): {_swatch(_UNSIGNED, 'darker')} means the label's score is "
+                "more sensitive to the word, not whether the word raises or lowers the label; "
+                "the number after each word is s.")
+    else:
+        what = (f"Word colours: signed saliency s(x_t) for <b>{name}</b>: "
+                f"{_swatch(_POS, 'blue ▲')} raises the explained label's score, "
+                f"{_swatch(_NEG, 'red ▼')} lowers it (to first order); the number after each "
+                "word is s.")
+    return (f'<p class="legend">{what} Underline weight grows with the magnitude; boxed words '
+            "are explained with training examples; hover a word for details.</p>")
+
+
 def _heatmap(expl: Explanation, lab: LabelExplanation) -> str:
-    """The input as coloured tokens for one explained label."""
-    scale = _scale(lab.word_saliency)
+    """The input as coloured tokens for one explained label: by c_w when the answer has the
+    word contributions, else by saliency."""
+    by_contribution = bool(lab.word_contribution)
+    values = lab.word_contribution if by_contribution else lab.word_saliency
+    unsigned = not by_contribution and all(v >= 0 for v in values if math.isfinite(v))
+    scale = _scale(values)
     salient = {s.word_index for s in lab.salient_words}
     parts: list[str] = []
     for sep, word in zip(word_separators(expl.words), expl.words):
-        s = lab.word_saliency[word.index] if 0 <= word.index < len(lab.word_saliency) else math.nan
-        weight = 1 + round(3 * min(1.0, abs(s) / scale)) if scale > 0 and math.isfinite(s) else 1
-        classes = "tok salient" if word.index in salient else "tok"
-        tip = f"{word.text} — saliency s = {_num(s, 6)} (word #{word.index}, {word.pieces} pieces)"
+        i = word.index
+        v = values[i] if 0 <= i < len(values) else math.nan
+        s = lab.word_saliency[i] if 0 <= i < len(lab.word_saliency) else math.nan
+        weight = 1 + round(3 * min(1.0, abs(v) / scale)) if scale > 0 and math.isfinite(v) else 1
+        classes = "tok salient" if i in salient else "tok"
+        if by_contribution:
+            tip = (f"{word.text} — contribution c_w = {_num(v, 6)}, saliency s = {_num(s, 6)} "
+                   f"(word #{i}, {word.pieces} pieces)")
+            data = f'data-contribution="{_e(_num(v, 6))}" data-saliency="{_e(_num(s, 6))}"'
+        else:
+            tip = f"{word.text} — saliency s = {_num(s, 6)} (word #{i}, {word.pieces} pieces)"
+            data = f'data-saliency="{_e(_num(s, 6))}"'
+        mark = "" if unsigned else _sign_mark(v)
         parts.append(
-            f'{sep}<span class="{classes}" title="{_e(tip)}" data-saliency="{_e(_num(s, 6))}" '
-            f'style="background:{_bg(s, scale)};border-bottom-width:{weight}px">'
-            f'{_e(word.text)}<span class="mark" aria-hidden="true">{_sign_mark(s)}</span></span>')
-    return f'<p class="sentence">{"".join(parts)}</p>'
+            f'{sep}<span class="{classes}" title="{_e(tip)}" {data} '
+            f'style="background:{_bg(v, scale, unsigned=unsigned)};'
+            f'border-bottom-width:{weight}px">{_e(word.text)}'
+            f'<span class="mark" aria-hidden="true">{mark}</span>'
+            f'<span class="val">{_e(_num(v, 3))}</span></span>')
+    return (_heatmap_legend(lab, by_contribution, unsigned)
+            + f'\n<p class="sentence">{"".join(parts)}</p>')
 
 
 def _solver_cells(d: SolverDiagnostics | None) -> str:
@@ -136,13 +189,13 @@ def _solver_cells(d: SolverDiagnostics | None) -> str:
             f'<td class="num">{d.seconds:.3f}{" (cached)" if d.cached else ""}</td>')
 
 
-def _example(ex: InfluentialExample, css: str) -> str:
-    """One training example: its words coloured by I(x_t, w), responsible word marked."""
+def _example(ex: InfluentialExample, css: str, measured: str = "w") -> str:
+    """One training example: its words coloured by I(x_t, ·), responsible word marked."""
     if ex.words:
         scale = _scale([w.influence for w in ex.words])
         words: list[str] = []
         for i, w in enumerate(ex.words):
-            tip = f"{w.text} — token influence I(x_t, w) = {_num(w.influence, 6)}"
+            tip = f"{w.text} — token influence I(x_t, {measured}) = {_num(w.influence, 6)}"
             if i == ex.responsible_word:
                 tip += " (responsible word)"
                 words.append(
@@ -157,27 +210,62 @@ def _example(ex: InfluentialExample, css: str) -> str:
         body = _e(ex.text)
     resp = ex.responsible
     resp_txt = (f"; responsible word {RESPONSIBLE_MARK}<b>{_e(resp.text)}</b> "
-                f"(I(x_t, w) = {_e(_num(resp.influence))})" if resp is not None else "")
+                f"(I(x_t, {measured}) = {_e(_num(resp.influence))})" if resp is not None else "")
     return (f'<div class="ex {css}"><div class="meta">train #{ex.train_index} · label '
-            f"{_e(ex.label_name)} ({ex.label}) · influence I(z, w) = "
+            f"{_e(ex.label_name)} ({ex.label}) · influence I(z, {measured}) = "
             f"<b>{_e(_num(ex.influence))}</b>{resp_txt}</div><div>{body}</div></div>")
 
 
-def _salient_word(sw: SalientWord, n: int) -> str:
-    out = [(f'<h3>{n}. “{_e(sw.text)}” (word #{sw.word_index}) — saliency '
-            f"{_e(_num(sw.saliency))} {_sign_mark(sw.saliency)}</h3>")]
-    for title, css, examples in (("Supporting (raise this word's saliency)", "sup", sw.supporting),
-                                 ("Opposing (lower it)", "opp", sw.opposing)):
+def _salient_word(sw: SalientWord, n: int, lab: LabelExplanation) -> str:
+    if lab.word_contribution:
+        measured = "c_w"
+        head = (f"contribution c_w = {_e(_num(sw.contribution))} {_sign_mark(sw.contribution)}"
+                f" · saliency {_e(_num(sw.saliency))}")
+        titles = (f"Supporting (make the word push more towards {_e(lab.label_name)})",
+                  "Opposing (make it push less)")
+    else:
+        measured = "w"
+        head = f"saliency {_e(_num(sw.saliency))} {_sign_mark(sw.saliency)}"
+        titles = ("Supporting (raise this word's saliency)", "Opposing (lower it)")
+    out = [(f'<h3>{n}. “{_e(sw.text)}” (word #{sw.word_index}) — {head} · in '
+            f"{sw.containing_examples} training examples</h3>")]
+    for title, css, examples in ((titles[0], "sup", sw.supporting),
+                                 (titles[1], "opp", sw.opposing)):
         out.append(f"<p><b>{title}</b>: {len(examples)}</p>")
         if examples:
-            out.extend(_example(ex, css) for ex in examples)
+            out.extend(_example(ex, css, measured) for ex in examples)
+    return "\n".join(out)
+
+
+def _prediction_influence(lab: LabelExplanation, p: PredictionInfluence | None) -> str:
+    """The training examples that support / oppose the prediction itself (I(z, m_y))."""
+    name = _e(lab.label_name)
+    out = [(f'<section class="prediction-influence"><h3>Training examples that support / '
+            f"oppose the prediction {name}</h3>")]
+    if p is None:
+        out.append('<p class="none">Prediction-level influence not requested.</p></section>')
+        return "\n".join(out)
+    d = p.solver
+    solve = ("no solver diagnostics" if d is None else
+             f"{_e(d.solver.name)} / {_e(d.curvature.name)}, "
+             + ("converged" if d.converged else '<span class="bad">not converged</span>')
+             + f", {d.iterations} iterations, {d.seconds:.3f} s")
+    out.append(f"<p>Influence I(z, m_y) on the logit margin m_y = {_e(_num(p.margin))} of "
+               f"{name} · {p.candidates_scored} training examples scored · {solve}</p>")
+    for title, css, examples in (
+            (f"Supporting the prediction (training more on them raises the margin of {name})",
+             "sup", p.supporting),
+            ("Opposing the prediction (training more on them lowers it)", "opp", p.opposing)):
+        out.append(f"<p><b>{title}</b>: {len(examples)}</p>")
+        out.extend(_example(ex, css, "m_y") for ex in examples)
+    out.append("</section>")
     return "\n".join(out)
 
 
 def _explanation(expl: Explanation, lab: LabelExplanation) -> str:
     role = {ExplanationRole.TARGET: "Target", ExplanationRole.GOLD: "Gold"}.get(lab.role, "Label")
     out = [f"<h2>{role} label: {_e(lab.label_name)} ({lab.label})</h2>",
-           _heatmap(expl, lab)]
+           _prediction_influence(lab, lab.prediction), "<h3>Words</h3>", _heatmap(expl, lab)]
     if not lab.salient_words:
         out.append('<p class="none">No salient words explained (saliency only).</p>')
     else:
@@ -188,7 +276,7 @@ def _explanation(expl: Explanation, lab: LabelExplanation) -> str:
             "<th>solver / curvature</th><th>converged</th><th class=num>iterations</th>"
             "<th class=num>relative change</th><th class=num>‖s_test‖</th>"
             "<th class=num>damping</th><th class=num>seconds</th></tr>" + rows + "</table>")
-        out.extend(_salient_word(sw, i + 1) for i, sw in enumerate(lab.salient_words))
+        out.extend(_salient_word(sw, i + 1, lab) for i, sw in enumerate(lab.salient_words))
     return "\n".join(out)
 
 
@@ -227,11 +315,10 @@ def _diagnostics(expl: Explanation) -> str:
 
 
 _LEGEND = (
-    '<p class="legend">Token colours: <span style="background:rgba(33,102,172,.6)">blue ▲</span>'
-    ' raises the explained label\'s score, <span style="background:rgba(178,24,43,.6)">red ▼'
-    "</span> lowers it; underline weight grows with |saliency|; boxed words are explained with "
-    "training examples; hover a word for its value. Influence I(z, w) &gt; 0: training more "
-    "on z raises the word's saliency (supporting); &lt; 0: lowers it (opposing). "
+    '<p class="legend">Influence I(z, f) &gt; 0: training more on the training example z raises '
+    "f (supporting); &lt; 0: lowers it (opposing). f is the logit margin m_y for the "
+    "prediction-level examples, and the salient word's contribution c_w (or its saliency, "
+    "w in the paper's notation) for a word's examples. "
     f"{RESPONSIBLE_MARK}<b>bold</b> marks the responsible word of a training example "
     "(paper Eq. 8).</p>")
 

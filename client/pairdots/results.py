@@ -35,6 +35,7 @@ __all__ = [
     "LabelExplanation",
     "ModelInfo",
     "Prediction",
+    "PredictionInfluence",
     "SalientWord",
     "SolverDiagnostics",
     "StageTiming",
@@ -64,6 +65,8 @@ class ModelInfo:
     create_time: datetime | None
     format_version: int
     max_length: int
+    has_ekfac: bool
+    has_diagonal: bool
     raw: pairdots_pb2.Model = field(repr=False, compare=False)
 
     @classmethod
@@ -75,7 +78,8 @@ class ModelInfo:
             has_low_rank=msg.has_low_rank,
             default_solver=enum_from_proto(Solver, msg.default_solver),
             create_time=datetime_from_proto(msg.create_time) if msg.HasField("create_time") else None,
-            format_version=msg.format_version, max_length=msg.max_length, raw=msg,
+            format_version=msg.format_version, max_length=msg.max_length,
+            has_ekfac=msg.has_ekfac, has_diagonal=msg.has_diagonal, raw=msg,
         )
 
     @property
@@ -186,10 +190,36 @@ class SolverDiagnostics:
 
 
 @dataclass(frozen=True)
+class PredictionInfluence:
+    """Prediction-level influence: the training examples that support (I(z, m_y) > 0, largest
+    first) and oppose (most negative first) the prediction itself, measured on the logit
+    margin m_y = z_y − max_{c≠y} z_c of the explained label. `solver` is None when the server
+    sent no diagnostics."""
+
+    margin: float
+    supporting: tuple[InfluentialExample, ...]
+    opposing: tuple[InfluentialExample, ...]
+    solver: SolverDiagnostics | None
+    candidates_scored: int
+
+    @classmethod
+    def from_proto(cls, msg: pairdots_pb2.PredictionInfluence) -> PredictionInfluence:
+        return cls(
+            margin=msg.margin,
+            supporting=tuple(InfluentialExample.from_proto(e) for e in msg.supporting),
+            opposing=tuple(InfluentialExample.from_proto(e) for e in msg.opposing),
+            solver=SolverDiagnostics.from_proto(msg.solver) if msg.HasField("solver") else None,
+            candidates_scored=msg.candidates_scored,
+        )
+
+
+@dataclass(frozen=True)
 class SalientWord:
     """A salient input word with the training examples that raise (`supporting`, largest
-    first) and lower (`opposing`, most negative first) its saliency. `solver` is None when
-    the server sent no diagnostics for it."""
+    first) and lower (`opposing`, most negative first) its measurement (c_w under
+    WordMeasurement.OCCLUSION, else its saliency). `contribution` is c_w, the word's
+    contribution to the logit margin; `containing_examples` the number of training examples
+    containing the word (same stem). `solver` is None when the server sent no diagnostics."""
 
     word_index: int
     text: str
@@ -197,6 +227,8 @@ class SalientWord:
     supporting: tuple[InfluentialExample, ...]
     opposing: tuple[InfluentialExample, ...]
     solver: SolverDiagnostics | None
+    contribution: float = 0.0
+    containing_examples: int = 0
 
     @classmethod
     def from_proto(cls, msg: pairdots_pb2.SalientWord) -> SalientWord:
@@ -205,19 +237,24 @@ class SalientWord:
             supporting=tuple(InfluentialExample.from_proto(e) for e in msg.supporting),
             opposing=tuple(InfluentialExample.from_proto(e) for e in msg.opposing),
             solver=SolverDiagnostics.from_proto(msg.solver) if msg.HasField("solver") else None,
+            contribution=msg.contribution, containing_examples=msg.containing_examples,
         )
 
 
 @dataclass(frozen=True)
 class LabelExplanation:
     """The explanation of one label: saliency s(x_t) of every word (aligned with
-    Explanation.words) and the explained salient words, most salient first."""
+    Explanation.words), the explained salient words (most salient first), c_w of every word
+    (`word_contribution`, aligned with the words; empty unless the word measurement is
+    OCCLUSION) and the prediction-level influence (`prediction`; None when not requested)."""
 
     label: int
     label_name: str
     role: ExplanationRole
     word_saliency: tuple[float, ...]
     salient_words: tuple[SalientWord, ...]
+    word_contribution: tuple[float, ...] = ()
+    prediction: PredictionInfluence | None = None
 
     @classmethod
     def from_proto(cls, msg: pairdots_pb2.LabelExplanation) -> LabelExplanation:
@@ -226,6 +263,9 @@ class LabelExplanation:
             role=enum_from_proto(ExplanationRole, msg.role),
             word_saliency=tuple(msg.word_saliency),
             salient_words=tuple(SalientWord.from_proto(s) for s in msg.salient_words),
+            word_contribution=tuple(msg.word_contribution),
+            prediction=(PredictionInfluence.from_proto(msg.prediction)
+                        if msg.HasField("prediction") else None),
         )
 
 
