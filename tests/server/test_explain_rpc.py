@@ -17,6 +17,8 @@ from pairdots import (
     Solver,
     SolverOptions,
     TokenInfluenceMethod,
+    WordCandidates,
+    WordMeasurement,
 )
 from pairdots_server.core.grads import per_example_loss_grads
 from pairdots_server.core.saliency import Target, TokenScore, token_saliency, word_scores
@@ -34,16 +36,26 @@ def runtime(bundle_root: Path) -> ModelRuntime:
     return ModelRuntime(load_bundle(bundle_root / "tiny"))
 
 
-def exact_influences(rt: ModelRuntime, text: str, label: int, word: int) -> torch.Tensor:
-    """I(z_i, w) for every training example, straight from the core (Eq. 5)."""
+def exact_influences(
+    rt: ModelRuntime, text: str, label: int, word: int | None, measure: str = "saliency"
+) -> torch.Tensor:
+    """I(z_i, f) for every training example, straight from the core (Eq. 5): f = the word's
+    saliency score, its occlusion contribution c_w, or (word None) the margin m_y."""
+    from pairdots_server.core.measure import grad_theta_margin, grad_theta_occlusion
     from pairdots_server.core.saliency import grad_theta_word_score
 
     enc = rt.task.encode([text], max_length=rt.max_length)
     e = rt.task.embed(enc.input_ids).detach()
     pos = [t for t, w in enumerate(enc.word_ids[0]) if w == word]
-    g_w = grad_theta_word_score(rt.task.logits_fn, rt.params, e, enc.attention_mask, label,
-                                Target.LOG_PROB, TokenScore.L2_NORM, pos,
-                                baseline=rt.unk_embed)
+    if word is None:
+        g_w = grad_theta_margin(rt.task.logits_fn, rt.params, e, enc.attention_mask, label)
+    elif measure == "occlusion":
+        g_w = grad_theta_occlusion(rt.task.logits_fn, rt.params, e, enc.attention_mask, label,
+                                   pos, rt.unk_embed)
+    else:
+        g_w = grad_theta_word_score(rt.task.logits_fn, rt.params, e, enc.attention_mask, label,
+                                    Target.LOG_PROB, TokenScore.L2_NORM, pos,
+                                    baseline=rt.unk_embed)
     s_test, _ = solve_s_test(rt, g_w, CG_SETTINGS, lambda: None)
     tr = rt.encode_train(list(range(rt.n_train)))
     grads = per_example_loss_grads(rt.task.logits_fn, rt.params, tr.embeds, tr.mask, tr.labels)
@@ -80,8 +92,11 @@ def test_saliency_matches_core(client: PairdotsClient, runtime: ModelRuntime) ->
 
 def test_exhaustive_influence_equals_core(client: PairdotsClient, runtime: ModelRuntime) -> None:
     opts = InfluenceOptions(solver=CG, candidate_search=CandidateSearch.EXHAUSTIVE,
-                            token_influence=TokenInfluenceMethod.NONE)
+                            token_influence=TokenInfluenceMethod.NONE,
+                            word_measurement=WordMeasurement.SALIENCY,
+                            word_candidates=WordCandidates.ALL, prediction_influence=False)
     expl = client.explain(TEXT, model="tiny", top_words=1, examples_per_word=3, influence=opts)
+    assert expl.target.prediction is None
     sw = expl.target.salient_words[0]
     exact = exact_influences(runtime, TEXT, expl.target.label, sw.word_index)
     for ex in sw.supporting + sw.opposing:
@@ -95,8 +110,47 @@ def test_exhaustive_influence_equals_core(client: PairdotsClient, runtime: Model
     assert expl.diagnostics.candidates_scored == 64
 
 
+def test_default_measurements_equal_core(client: PairdotsClient, runtime: ModelRuntime) -> None:
+    """The defaults: words ranked by their occlusion contribution c_w, word-level influence on
+    c_w among the training examples that contain the word, prediction-level influence on the
+    margin over all of them — each equal to the core's exact, exhaustive computation."""
+    from pairdots_server.core.measure import word_occlusion
+    from pairdots_server.influence.wordmatch import WordIndex
+
+    opts = InfluenceOptions(solver=CG, candidate_search=CandidateSearch.EXHAUSTIVE,
+                            token_influence=TokenInfluenceMethod.NONE)
+    expl = client.explain(TEXT, model="tiny", top_words=2, examples_per_word=3, influence=opts)
+    rt, y = runtime, expl.target.label
+    enc = rt.task.encode([TEXT], max_length=rt.max_length)
+    e = rt.task.embed(enc.input_ids).detach()
+    c = word_occlusion(rt.task.logits_fn, rt.params, e, enc.attention_mask, y,
+                       enc.word_ids[0], len(enc.words[0]), rt.unk_embed)
+    assert list(expl.target.word_contribution) == pytest.approx(c.tolist(), rel=1e-5, abs=1e-7)
+    wordlike = [i for i, w in enumerate(enc.words[0]) if w.isalnum()]
+    order = sorted(wordlike, key=lambda i: -float(c[i]))[:2]
+    assert [w.word_index for w in expl.target.salient_words] == order
+    index = WordIndex([ex.text for ex in rt.bundle.train])
+    for sw in expl.target.salient_words:
+        exact = exact_influences(rt, TEXT, y, sw.word_index, "occlusion")
+        allowed = index.containing(sw.text) or list(range(rt.n_train))
+        assert sw.containing_examples == len(index.containing(sw.text))
+        ranked = sorted(allowed, key=lambda i: -float(exact[i]))
+        assert [x.train_index for x in sw.supporting] == [i for i in ranked if exact[i] > 0][:3]
+        for x in sw.supporting + sw.opposing:
+            assert x.influence == pytest.approx(float(exact[x.train_index]), rel=1e-4, abs=1e-10)
+    pred = expl.target.prediction
+    assert pred is not None and pred.candidates_scored == rt.n_train
+    exact = exact_influences(rt, TEXT, y, None)
+    top_pos = [i for i in torch.argsort(-exact).tolist() if exact[i] > 0][:3]
+    assert [x.train_index for x in pred.supporting] == top_pos
+    for x in pred.supporting + pred.opposing:
+        assert x.influence == pytest.approx(float(exact[x.train_index]), rel=1e-4, abs=1e-10)
+
+
 def test_index_prefilter_scores_exactly(client: PairdotsClient, runtime: ModelRuntime) -> None:
-    opts = InfluenceOptions(solver=CG, candidate_search=CandidateSearch.INDEX, candidates=16)
+    opts = InfluenceOptions(solver=CG, candidate_search=CandidateSearch.INDEX, candidates=16,
+                            word_measurement=WordMeasurement.SALIENCY,
+                            word_candidates=WordCandidates.ALL)
     expl = client.explain(TEXT, model="tiny", top_words=1, examples_per_word=2, influence=opts)
     sw = expl.target.salient_words[0]
     exact = exact_influences(runtime, TEXT, expl.target.label, sw.word_index)
@@ -117,8 +171,12 @@ def test_error_analysis_explains_gold_too(client: PairdotsClient) -> None:
     roles = [e.role for e in expl.explanations]
     assert roles == [ExplanationRole.TARGET, ExplanationRole.GOLD]
     assert [e.label for e in expl.explanations] == [wrong, 1 - wrong]
-    # each label gets its own saliency (not a copy of the target's)
-    assert expl.explanations[0].word_saliency != expl.explanations[1].word_saliency
+    first, second = expl.explanations
+    # each label gets its own words: in the binary case c_w of one label is −c_w of the other,
+    # so the word that pushes most towards the wrong label is not the gold label's
+    assert list(first.word_contribution) == pytest.approx(
+        [-x for x in second.word_contribution], abs=1e-6)
+    assert first.salient_words[0].word_index != second.salient_words[0].word_index
 
 
 def test_low_rank_default_and_cache(client: PairdotsClient) -> None:
