@@ -381,8 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plaintext port serving only grpc.health.v1 (for kubelet probes when "
                    "--tls-cert is set); same status as the main port")
     s.add_argument("--device", default=_env("DEVICE", "auto"))
-    s.add_argument("--max-workers", default=_env("MAX_WORKERS", 1))
-    s.add_argument("--max-queue", default=_env("MAX_QUEUE", 8))
+    s.add_argument("--max-workers", default=_env("MAX_WORKERS", 1),
+                   help="Explain requests handled at once; one model runs one computation at "
+                   "a time (Explain and Attack/Repair steps take turns), so more workers than "
+                   "served models only wait for their model's turn")
+    s.add_argument("--max-queue", default=_env("MAX_QUEUE", 8),
+                   help="requests waiting for a worker; beyond that RESOURCE_EXHAUSTED with "
+                   "RetryInfo")
     s.add_argument("--tls-cert", default=_env("TLS_CERT"))
     s.add_argument("--tls-key", default=_env("TLS_KEY"))
     s.add_argument("--tls-client-ca", default=_env("TLS_CLIENT_CA"))

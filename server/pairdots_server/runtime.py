@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from pairdots_server.bundle import Bundle
+from pairdots_server.compute import ComputeGate
 from pairdots_server.core.batches import Batch
 from pairdots_server.errors import BundleError
 
@@ -121,6 +122,8 @@ class ModelRuntime:
         self._projection: Any = None
         self._lowrank: Any = None
         self._lock = threading.Lock()
+        # every torch computation on this model (Explain, each job step) holds this gate
+        self.compute = ComputeGate(self.name)
         self._curvature_samples: dict[tuple[int, int, int], TrainingSample] = {}
         self.unk_embed = self.task.embed(
             torch.tensor([[self.task.unk_token_id]], device=self.task.device)

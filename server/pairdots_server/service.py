@@ -89,13 +89,15 @@ class PairdotsService:
         runtime = self.registry.get(model)
         limits = self.config.explain
         default_k = limits.default_candidates(runtime.n_train)
-        return await self.pool.run(
-            lambda tok: explain(
-                runtime, query, tok.check, default_candidates=default_k,
-                scoring_batch_size=limits.scoring_batch_size,
-            ),
-            token,
-        )
+
+        def work(tok: CancelToken) -> ExplainAnswer:
+            with runtime.compute.hold(tok):  # one computation per model at a time
+                return explain(
+                    runtime, query, tok.check, default_candidates=default_k,
+                    scoring_batch_size=limits.scoring_batch_size,
+                )
+
+        return await self.pool.run(work, token)
 
     def close(self) -> None:
         self.pool.shutdown()

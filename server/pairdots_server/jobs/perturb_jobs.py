@@ -8,8 +8,9 @@ create/update time) — stages "explaining"/"perturbing" (per test example or er
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,14 +93,29 @@ def _provenance(kind: str, edits: Sequence[Edit], seed: int) -> dict[str, object
     return {"operation_kind": kind, "edits": len(edits), "seed": seed}
 
 
+@contextlib.contextmanager
+def model_turns(rt: ModelRuntime, ctx: JobContext) -> Iterator[Callable[[], None]]:
+    """Hold the model's compute gate for the job (runtime.compute; the served model's torch
+    state is not thread-safe) and yield the job's `should_stop`: it checks for cancellation
+    and, when Explain calls wait for the model, lets them run first (every checkpoint:
+    between solver iterations, scoring batches, optimiser steps)."""
+    with rt.compute.hold(ctx.token, bounded=False) as gate:
+        def should_stop() -> None:
+            ctx.check()
+            gate.pause(ctx.token)
+
+        yield should_stop
+
+
 def _retrain_into(
     result: pb.AttackResult | pb.RepairResult, rt: ModelRuntime, train: Sequence[Example],
     retrain: RetrainSpec, examples: Sequence[Example], ctx: JobContext,
     report: ProgressReporter, env: JobEnv, provenance: dict[str, object],
+    should_stop: Callable[[], None],
 ) -> None:
     """Retrain on the edited training set, evaluate, and record it in `result`."""
     ev = retrain_and_evaluate(
-        rt, train, retrain, examples, ctx.check, report, output_root=env.output_root,
+        rt, train, retrain, examples, should_stop, report, output_root=env.output_root,
         provenance=provenance,
     )
     result.evaluation.CopyFrom(evaluation_proto(ev))
@@ -113,14 +129,15 @@ def attack_job(rt: ModelRuntime, q: AttackQuery, retrain: RetrainSpec | None, en
     def run(ctx: JobContext) -> JobResult:
         report = ProgressReporter(ctx, "attack", rt.name)
         report("explaining", 0, len(q.examples))
-        out = run_attack(
-            rt, q, ctx.check, report, default_candidates=env.default_candidates,
-            scoring_batch_size=env.scoring_batch_size,
-        )
-        result = pb.AttackResult(edits=[edit_proto(e) for e in out.edits], notes=out.notes)
-        if retrain is not None:
-            _retrain_into(result, rt, out.train, retrain, q.examples, ctx, report, env,
-                          _provenance("attack", out.edits, q.seed))
+        with model_turns(rt, ctx) as should_stop:
+            out = run_attack(
+                rt, q, should_stop, report, default_candidates=env.default_candidates,
+                scoring_batch_size=env.scoring_batch_size,
+            )
+            result = pb.AttackResult(edits=[edit_proto(e) for e in out.edits], notes=out.notes)
+            if retrain is not None:
+                _retrain_into(result, rt, out.train, retrain, q.examples, ctx, report, env,
+                              _provenance("attack", out.edits, q.seed), should_stop)
         report("done", 1, 1)
         return ATTACK_RESULT_TYPE, result.SerializeToString()
 
@@ -133,17 +150,18 @@ def repair_job(rt: ModelRuntime, q: RepairQuery, retrain: RetrainSpec | None, en
 
     def run(ctx: JobContext) -> JobResult:
         report = ProgressReporter(ctx, "repair", rt.name)
-        out = run_repair(
-            rt, q, ctx.check, report, default_candidates=env.default_candidates,
-            scoring_batch_size=env.scoring_batch_size,
-        )
-        result = pb.RepairResult(
-            errors_found=out.errors_found, edits=[edit_proto(e) for e in out.edits],
-            notes=out.notes,
-        )
-        if retrain is not None:
-            _retrain_into(result, rt, out.train, retrain, q.examples, ctx, report, env,
-                          _provenance("repair", out.edits, q.seed))
+        with model_turns(rt, ctx) as should_stop:
+            out = run_repair(
+                rt, q, should_stop, report, default_candidates=env.default_candidates,
+                scoring_batch_size=env.scoring_batch_size,
+            )
+            result = pb.RepairResult(
+                errors_found=out.errors_found, edits=[edit_proto(e) for e in out.edits],
+                notes=out.notes,
+            )
+            if retrain is not None:
+                _retrain_into(result, rt, out.train, retrain, q.examples, ctx, report, env,
+                              _provenance("repair", out.edits, q.seed), should_stop)
         report("done", 1, 1)
         return REPAIR_RESULT_TYPE, result.SerializeToString()
 
