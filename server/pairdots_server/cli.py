@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pairdots_server.errors import PairdotsError
+from pairdots_server.errors import InvalidArgument, PairdotsError
 
 DEFAULT_TEXT = "i loved it !"
 
@@ -94,11 +94,17 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     rt = _load_runtime(args.bundle, args.device)
     cfg = _artifact_config(args)
     if args.num_shards is not None or args.shard is not None:
-        from pairdots_server.index.build import shard_from_env
+        from pairdots_server.index.build import SHARD_ENV, shard_from_env
 
-        shard, num = shard_from_env(args.shard, args.num_shards)
+        # --shard wins over $JOB_COMPLETION_INDEX; --num-shards over $PAIRDOTS_NUM_SHARDS
+        environ = dict(os.environ)
+        if args.shard is not None:
+            environ[SHARD_ENV] = str(args.shard)
+        shard, num = shard_from_env(args.num_shards, environ)
         if not args.out:
-            raise SystemExit("--out PARTS_DIR is required for a sharded build")
+            raise InvalidArgument.for_field(
+                "--out", "a sharded build writes its part into a parts directory: pass "
+                "--out PARTS_DIR (the same for every shard, then `pairdots index merge`)")
         part = build_index_shard(rt, cfg, shard, num, Path(args.out), not args.quiet)
         print(f"wrote {part}")
         return 0
