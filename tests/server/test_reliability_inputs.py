@@ -84,3 +84,51 @@ def test_item2_huge_lissa_seed(stub: Any, seed: int) -> None:
     assert resp.explanations[0].salient_words
 
 
+# -- item 5: malformed bytes -----------------------------------------------------------------
+
+def test_item5_malformed_protobuf_is_invalid_argument(server: RunningServer) -> None:
+    with grpc.insecure_channel(server.address) as ch:
+        for method in ("/pairdots.v1.PairdotsService/Explain",
+                       "/pairdots.v1.PairdotsService/Attack",
+                       "/google.longrunning.Operations/GetOperation"):
+            raw = ch.unary_unary(method, request_serializer=None, response_deserializer=None)
+            err = _fail(raw, b"\x0a\xff\xff\xff\xff\x0f")
+            assert err.code() is INVALID, (method, err.code(), err.details())
+            assert _reason(err) == "MALFORMED_REQUEST"
+
+
+# -- items 6 and 8: auth errors carry ErrorInfo; two authorization headers are refused -------
+
+def test_items6_8_auth(bundle_root: Path, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("good-token\n")
+    running = start_server(ServerConfig(bundles=bundle_root, port=0, auth_tokens_file=tokens,
+                                        jobs_db=tmp_path / "jobs.sqlite3"))
+    try:
+        with grpc.insecure_channel(running.address) as ch:
+            s = pbg.PairdotsServiceStub(ch)
+            req = pb.ListModelsRequest()
+            assert s.ListModels(req, metadata=[("authorization", "Bearer good-token")])
+            err = _fail(s.ListModels, req)
+            assert err.code() is grpc.StatusCode.UNAUTHENTICATED and _reason(err)
+            err = _fail(s.ListModels, req, metadata=[("authorization", "Bearer bad")])
+            assert err.code() is grpc.StatusCode.PERMISSION_DENIED and _reason(err)
+            for pair in (("Bearer bad", "Bearer good-token"), ("Bearer good-token", "Bearer bad")):
+                err = _fail(s.ListModels, req, metadata=[("authorization", v) for v in pair])
+                assert err.code() is grpc.StatusCode.UNAUTHENTICATED, pair
+                assert _reason(err) == "AMBIGUOUS_CREDENTIALS"
+    finally:
+        running.stop()
+
+
+def test_item6_internal_carries_error_info(server: RunningServer, stub: Any,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_a: Any, **_k: Any) -> Any:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("pairdots_server.rpc.convert.model_proto", broken)
+    err = _fail(stub.ListModels, pb.ListModelsRequest())
+    assert err.code() is grpc.StatusCode.INTERNAL and _reason(err) == "INTERNAL"
+    assert "incident" in err.details()
+
+
