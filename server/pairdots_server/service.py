@@ -56,14 +56,16 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return sorted(self._models)
 
-    def get(self, name: str) -> ModelRuntime:
+    def get(self, name: str, field: str = "model") -> ModelRuntime:
+        """The served model `name`; `field` is the request field that named it (for the
+        BadRequest violation: `model` in Explain/Attack/Repair, `name` in GetModel)."""
         if not name:
-            raise InvalidArgument.for_field("model", "required: the name of a served model")
+            raise InvalidArgument.for_field(field, "required: the name of a served model")
         try:
             validate_bundle_name(name)
         except InvalidArgument:
             raise InvalidArgument.for_field(
-                "model", f"{name[:80]!r} is not a model name (lower-case letters, digits, '.', "
+                field, f"{name[:80]!r} is not a model name (lower-case letters, digits, '.', "
                 "'_', '-'; at most 63 characters; never a path)"
             ) from None
         with self._lock:

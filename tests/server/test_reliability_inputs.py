@@ -132,3 +132,10 @@ def test_item6_internal_carries_error_info(server: RunningServer, stub: Any,
     assert "incident" in err.details()
 
 
+# -- item 7 ----------------------------------------------------------------------------------
+
+def test_item7_get_model_empty_name_names_the_field(stub: Any) -> None:
+    err = _fail(stub.GetModel, pb.GetModelRequest(name=""))
+    assert err.code() is INVALID and _fields(err) == ["name"]
+
+

@@ -37,7 +37,7 @@ class PairdotsServicer(pb_grpc.PairdotsServiceServicer):
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
                        ) -> pb.GetModelResponse:
-        return pb.GetModelResponse(model=convert.model_proto(self.service.registry.get(request.name)))
+        return pb.GetModelResponse(model=convert.model_proto(self.service.registry.get(request.name, "name")))
 
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
                       ) -> pb.ExplainResponse:
