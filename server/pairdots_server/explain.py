@@ -169,11 +169,23 @@ def explain(
     for w in word_ids:
         if w is not None:
             pieces[w] += 1
-    if any(p == 0 for p in pieces):
-        warnings.append(
-            f"input truncated to {rt.max_length} word pieces: "
-            f"{sum(p == 0 for p in pieces)} trailing words were not seen by the model"
+    if not any(pieces):
+        raise InvalidArgument.for_field(
+            "text", "has no word the model's tokenizer can read (it drops control characters "
+            "and similar); send readable text"
         )
+    if any(p == 0 for p in pieces):
+        unseen = sum(p == 0 for p in pieces)
+        if int(enc.attention_mask.sum()) >= rt.max_length:
+            warnings.append(
+                f"input truncated to {rt.max_length} word pieces: "
+                f"{unseen} words were not seen by the model"
+            )
+        else:
+            warnings.append(
+                f"{unseen} words have no word pieces (characters the tokenizer drops) and "
+                "were not seen by the model"
+            )
     word_infos = [
         WordInfo(i, w, s, e, pieces[i]) for i, (w, (s, e)) in enumerate(zip(words, enc.word_spans[0]))
     ]

@@ -139,3 +139,10 @@ def test_item7_get_model_empty_name_names_the_field(stub: Any) -> None:
     assert err.code() is INVALID and _fields(err) == ["name"]
 
 
+# -- item 9 ----------------------------------------------------------------------------------
+
+def test_item9_text_without_word_pieces(stub: Any) -> None:
+    err = _fail(stub.Explain, pb.ExplainRequest(model="tiny", text="\x01\x02\x03\x1b"))
+    assert err.code() is INVALID and _fields(err) == ["text"]
+
+
