@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from pairdots_server.core.curvature import Curvature, CurvatureOperator, estimate_lambda_max
+from pairdots_server.core.exceptions import NonFiniteInput, SolverError
 from pairdots_server.core.exceptions import SolverDiverged as CoreDiverged
-from pairdots_server.core.exceptions import SolverError
 from pairdots_server.core.ihvp.base import InverseHVPSolver
 from pairdots_server.core.ihvp.cg import CGSolver
 from pairdots_server.core.ihvp.exact import ExactSolver
@@ -166,6 +166,11 @@ def solve_s_test(
     try:
         solver = build_solver(rt, settings)
         result = solver.solve(grad_w, should_stop=should_stop)
+    except NonFiniteInput as exc:
+        raise FailedPrecondition(
+            f"model {rt.name!r}: the gradient of the word score is not finite, so there is "
+            f"nothing to solve ({exc})", reason="NON_FINITE_GRADIENT",
+        ) from exc
     except CoreDiverged as exc:
         raise SolverDiverged(
             f"{exc}. Use CURVATURE_GAUSS_NEWTON, more damping or a larger scale"

@@ -60,6 +60,19 @@ def quiet_hf() -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 
+def _word_embedding_names(model: torch.nn.Module) -> set[str]:
+    """Names of the input (word) embedding matrix of an HF model (empty for other modules)."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        emb = None
+    weight = getattr(emb, "weight", None)
+    if weight is None:
+        return set()
+    return {nm for nm, p in model.named_parameters() if p is weight}
+
+
 @dataclass(frozen=True)
 class ScopeSpec:
     """Which parameters θ the influence functions differentiate (Eq. 4-8 take ∇θ over these).
@@ -68,8 +81,13 @@ class ScopeSpec:
       * ``"default"`` - the last encoder layer + pooler + classifier (= ``last_n`` with n=1)
       * ``"head"``    - pooler + classifier only
       * ``"last_n"``  - the ``n`` last encoder layers + pooler + classifier
-      * ``"all"``     - every parameter (embeddings included)
-      * ``"pattern"`` - every parameter whose name matches the regex ``pattern`` (re.search)
+      * ``"all"``     - every parameter except the word-embedding matrix (position and
+                          token-type embeddings included)
+      * ``"pattern"`` - every parameter whose name matches the regex ``pattern`` (re.search),
+                        except the word-embedding matrix
+
+    The word-embedding matrix is never in scope: ``logits_fn`` takes the word embeddings as
+    its input, so no gradient reaches the lookup table (it would be a silent block of zeros).
     """
 
     kind: str = "default"
@@ -107,11 +125,12 @@ class ScopeSpec:
         parameters or no classifier) for the layer-based kinds, or when nothing matches.
         """
         names = [name for name, _ in model.named_parameters()]
+        lookup = _word_embedding_names(model)
         if self.kind == "all":
-            chosen = names
+            chosen = [nm for nm in names if nm not in lookup]
         elif self.kind == "pattern":
             rx = re.compile(self.pattern)
-            chosen = [nm for nm in names if rx.search(nm)]
+            chosen = [nm for nm in names if rx.search(nm) and nm not in lookup]
         else:
             head = [nm for nm in names if _is_head(nm)]
             if not any(nm.startswith("classifier.") or ".classifier." in nm for nm in head):
@@ -158,7 +177,7 @@ class ScopeSpec:
         if self.kind == "last_n":
             return f"last_n={self.n} (last {self.n} encoder layers + pooler + classifier)"
         if self.kind == "all":
-            return "all parameters"
+            return "all parameters except the word-embedding matrix"
         return f"pattern {self.pattern!r}"
 
     def to_dict(self) -> dict[str, Any]:

@@ -146,3 +146,33 @@ def test_item9_text_without_word_pieces(stub: Any) -> None:
     assert err.code() is INVALID and _fields(err) == ["text"]
 
 
+# -- item 13 ---------------------------------------------------------------------------------
+
+def test_item13_non_finite_gradient_is_named(server: RunningServer, stub: Any,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import pairdots_server.explain as explain_mod
+
+    real = explain_mod.grad_theta_word_score
+
+    def nan_grad(*a: Any, **k: Any) -> torch.Tensor:
+        return torch.full_like(real(*a, **k), float("nan"))
+
+    monkeypatch.setattr(explain_mod, "grad_theta_word_score", nan_grad)
+    req = pb.ExplainRequest(model="tiny", text="a great film .", top_words=1)
+    req.influence.solver.solver = pb.SOLVER_CONJUGATE_GRADIENT
+    req.influence.solver.seed = 99  # not cached
+    err = _fail(stub.Explain, req)
+    assert err.code() is grpc.StatusCode.FAILED_PRECONDITION, err.details()
+    assert _reason(err) == "NON_FINITE_GRADIENT" and "ggn" not in err.details().lower()
+
+
+def test_item13_scope_all_has_no_zero_word_embedding_block() -> None:
+    from pairdots_server.task import ScopeSpec
+    from pairdots_server.testing import make_tiny_task
+
+    task = make_tiny_task()
+    names = ScopeSpec("all").select(task.model)
+    assert not any("word_embeddings" in n for n in names)
+    assert any("position_embeddings" in n for n in names)
+
+
