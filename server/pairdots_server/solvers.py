@@ -76,12 +76,22 @@ def _default(rt: ModelRuntime, key: str) -> Any:
 
 
 def resolve_method(rt: ModelRuntime, s: SolverSettings) -> SolverChoice:
+    # the low-rank default is skipped when the settings ask for what it cannot do: Hessian
+    # curvature or iterative-solver options (they would be ignored silently)
+    iterative = s.curvature is Curvature.HESSIAN or any(
+        x is not None for x in (s.scale, s.max_iterations, s.repeats, s.batch_size, s.tolerance,
+                                s.seed))
     if s.method is not None:
         method = s.method
-    elif rt.has_lowrank:
+    elif rt.has_lowrank and not iterative:
         method = SolverChoice.LOW_RANK
     else:
         method = SolverChoice(_default(rt, "solver"))
+    if method is SolverChoice.LOW_RANK and s.curvature is Curvature.HESSIAN:
+        raise InvalidArgument.for_field(
+            "influence.solver.curvature", "SOLVER_LOW_RANK uses the precomputed Gauss-Newton "
+            "factors; for CURVATURE_HESSIAN choose SOLVER_LISSA, SOLVER_CONJUGATE_GRADIENT or "
+            "SOLVER_EXACT")
     if method is SolverChoice.LOW_RANK and not rt.has_lowrank:
         raise FailedPrecondition(
             f"model {rt.name!r} has no precomputed low-rank curvature; choose SOLVER_LISSA or "

@@ -84,6 +84,33 @@ def test_item2_huge_lissa_seed(stub: Any, seed: int) -> None:
     assert resp.explanations[0].salient_words
 
 
+# -- item 4: options a solver cannot honour are not dropped silently -------------------------
+
+def test_item4_hessian_with_the_default_solver_is_honoured(stub: Any) -> None:
+    req = pb.ExplainRequest(model="tiny", text="i loved it !", top_words=1, examples_per_word=1)
+    req.influence.solver.curvature = pb.CURVATURE_HESSIAN
+    req.influence.solver.damping = 50.0  # the Hessian is indefinite: damp it well
+    req.influence.solver.max_iterations = 20
+    resp = stub.Explain(req, timeout=120)
+    diag = resp.explanations[0].salient_words[0].solver
+    assert diag.curvature == pb.CURVATURE_HESSIAN and diag.solver != pb.SOLVER_LOW_RANK
+
+
+def test_item4_low_rank_rejects_what_it_ignores(stub: Any) -> None:
+    req = pb.ExplainRequest(model="tiny", text="i loved it !", top_words=1)
+    req.influence.solver.solver = pb.SOLVER_LOW_RANK
+    req.influence.solver.curvature = pb.CURVATURE_HESSIAN
+    err = _fail(stub.Explain, req)
+    assert err.code() is INVALID and "influence.solver.curvature" in _fields(err)
+    req = pb.ExplainRequest(model="tiny", text="i loved it !", top_words=1)
+    req.influence.solver.solver = pb.SOLVER_LOW_RANK
+    req.influence.solver.repeats = 2
+    req.influence.solver.scale = 10.0
+    err = _fail(stub.Explain, req)
+    assert err.code() is INVALID
+    assert {"influence.solver.repeats", "influence.solver.scale"} <= set(_fields(err))
+
+
 # -- item 5: malformed bytes -----------------------------------------------------------------
 
 def test_item5_malformed_protobuf_is_invalid_argument(server: RunningServer) -> None:

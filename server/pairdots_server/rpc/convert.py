@@ -45,6 +45,8 @@ SOLVERS = {
     pb.SOLVER_LOW_RANK: SolverChoice.LOW_RANK,
     pb.SOLVER_EXACT: SolverChoice.EXACT,
 }
+# SolverOptions fields that only the iterative solvers use (LiSSA; CG uses the first two)
+ITERATIVE_ONLY = ("max_iterations", "tolerance", "scale", "repeats", "batch_size", "seed")
 SOLVER_TO_PB = {v: k for k, v in SOLVERS.items() if v is not None}
 CURVATURE_TO_PB = {Curvature.GGN.value: pb.CURVATURE_GAUSS_NEWTON,
                    Curvature.HESSIAN.value: pb.CURVATURE_HESSIAN}
@@ -101,6 +103,16 @@ def _solver_settings(v: _Violations, s: pb.SolverOptions, prefix: str) -> Solver
             return None
         return int(value)
 
+    if method is SolverChoice.LOW_RANK:
+        if curvature is Curvature.HESSIAN:
+            v.add(f"{prefix}.curvature", "SOLVER_LOW_RANK solves with the precomputed "
+                  "Gauss-Newton factors; for CURVATURE_HESSIAN choose SOLVER_LISSA, "
+                  "SOLVER_CONJUGATE_GRADIENT or SOLVER_EXACT")
+        for name in ITERATIVE_ONLY:
+            if s.HasField(name):
+                v.add(f"{prefix}.{name}", "is not used by SOLVER_LOW_RANK (a closed-form solve "
+                      "from the precomputed factors; only damping applies); remove it or "
+                      "choose SOLVER_LISSA / SOLVER_CONJUGATE_GRADIENT")
     return SolverSettings(
         method=method,  # type: ignore[arg-type]
         curvature=curvature,  # type: ignore[arg-type]
