@@ -84,6 +84,23 @@ def test_item2_huge_lissa_seed(stub: Any, seed: int) -> None:
     assert resp.explanations[0].salient_words
 
 
+# -- item 3: unbounded names are never echoed whole ------------------------------------------
+
+def test_item3_long_operation_names_are_not_found(ops: Any) -> None:
+    long = "operations/" + "a" * 8000
+    huge = "operations/" + "b" * 1_000_000
+    for call, req in ((ops.GetOperation, operations_pb2.GetOperationRequest(name=long)),
+                      (ops.CancelOperation, operations_pb2.CancelOperationRequest(name=huge)),
+                      (ops.DeleteOperation, operations_pb2.DeleteOperationRequest(name=huge)),
+                      (ops.WaitOperation, operations_pb2.WaitOperationRequest(name=huge))):
+        err = _fail(call, req)
+        assert err.code() is grpc.StatusCode.NOT_FOUND, (err.code(), err.details()[:200])
+        assert len(err.details()) < 500
+    err = _fail(ops.ListOperations, operations_pb2.ListOperationsRequest(filter="x" * 1_000_000))
+    assert err.code() is INVALID and len(err.details()) < 500
+    assert _fields(err) == ["filter"]
+
+
 # -- item 4: options a solver cannot honour are not dropped silently -------------------------
 
 def test_item4_hessian_with_the_default_solver_is_honoured(stub: Any) -> None:

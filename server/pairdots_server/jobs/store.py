@@ -246,8 +246,9 @@ class JobStore:
     def _get(conn: sqlite3.Connection, name: str) -> JobRecord:
         row = conn.execute(f"SELECT {_COLUMNS} FROM operations WHERE name = ?", (name,)).fetchone()
         if row is None:
+            shown = name if len(name) <= 100 else name[:100] + f"... ({len(name)} characters)"
             raise NotFound(
-                f"operation {name!r} does not exist (it was never created or was deleted); "
+                f"operation {shown!r} does not exist (it was never created or was deleted); "
                 "list the existing ones with ListOperations"
             )
         return _row_to_record(row)

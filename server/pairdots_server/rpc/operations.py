@@ -52,6 +52,27 @@ _CODE_BY_INT: dict[int, grpc.StatusCode] = {sc.value[0]: sc for sc in grpc.Statu
 _TERM_RE = re.compile(r'^\s*(\w+)\s*=\s*(?:"([^"]*)"|([A-Za-z0-9_]+))\s*$')
 _AND_RE = re.compile(r"\s+AND\s+")
 _PARENTS = ("", "operations", "operations/")
+MAX_NAME_CHARS = 256  # operation names are "operations/<kind>-<hex>", far shorter
+MAX_FILTER_CHARS = 1024
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """User input as echoed in an error message: never more than `limit` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def check_name(name: str) -> str:
+    """An operation name from a request: empty → INVALID_ARGUMENT; a name no operation can
+    have (too long, not under operations/) → NOT_FOUND without echoing it whole."""
+    if not name:
+        raise errors.InvalidArgument.for_field(
+            "name", "required: the operation's name ('operations/...') as Attack or Repair "
+            "returned it")
+    if len(name) > MAX_NAME_CHARS or not name.startswith("operations/"):
+        raise errors.NotFound(
+            f"operation {_clip(name)!r} does not exist: operation names look like "
+            "'operations/attack-<hex>'; list them with ListOperations")
+    return name
 
 
 def _error_info(reason: str, name: str | None = None) -> any_pb2.Any:
@@ -87,14 +108,19 @@ def parse_filter(text: str) -> tuple[str | None, set[JobState] | None]:
     seen: set[str] = set()
     if not text.strip():
         return kind, states
+    if len(text) > MAX_FILTER_CHARS:
+        raise errors.InvalidArgument.for_field(
+            "filter", f"is {len(text)} characters; at most {MAX_FILTER_CHARS} are accepted "
+            "(filter on kind, state or done)")
     allowed_states = ", ".join(s.value for s in JobState)
     for term in _AND_RE.split(text.strip()):
         m = _TERM_RE.match(term)
         if m is None:
             raise errors.InvalidArgument.for_field(
-                "filter", f"cannot parse {term!r}; write key=value terms joined by AND, e.g. "
+                "filter", f"cannot parse {_clip(term)!r}; write key=value terms joined by AND, e.g. "
                 "'kind=attack AND state=RUNNING' (keys: kind, state, done)")
         key, value = m.group(1), m.group(2) if m.group(2) is not None else m.group(3)
+        key = _clip(key)
         if key in seen:
             raise errors.InvalidArgument.for_field("filter", f"{key} given twice; use it once")
         seen.add(key)
@@ -105,12 +131,12 @@ def parse_filter(text: str) -> tuple[str | None, set[JobState] | None]:
                 wanted = {JobState(value.upper())}
             except ValueError:
                 raise errors.InvalidArgument.for_field(
-                    "filter", f"state {value!r} is unknown; use one of {allowed_states}") from None
+                    "filter", f"state {_clip(value)!r} is unknown; use one of {allowed_states}") from None
             states = wanted if states is None else states & wanted
         elif key == "done":
             if value.lower() not in ("true", "false"):
                 raise errors.InvalidArgument.for_field(
-                    "filter", f"done={value!r}; use done=true or done=false")
+                    "filter", f"done={_clip(value)!r}; use done=true or done=false")
             flag = value.lower() == "true"
             wanted = {s for s in JobState if s.done == flag}
             states = wanted if states is None else states & wanted
@@ -162,7 +188,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):  # type: ignor
     async def GetOperation(self, request: operations_pb2.GetOperationRequest,
                            context: grpc.aio.ServicerContext[Any, Any]) -> operations_pb2.Operation:
         try:
-            return record_to_operation(self._store.get(request.name))
+            return record_to_operation(self._store.get(check_name(request.name)))
         except errors.PairdotsError as exc:
             await abort_with_error(context, exc)
 
@@ -173,7 +199,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):  # type: ignor
         try:
             if request.name not in _PARENTS:
                 raise errors.InvalidArgument.for_field(
-                    "name", f"{request.name!r} is not a collection here; leave it empty or "
+                    "name", f"{_clip(request.name)!r} is not a collection here; leave it empty or "
                     "use 'operations'")
             kind, states = parse_filter(request.filter)
             if states is not None and not states:
@@ -189,7 +215,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):  # type: ignor
     async def DeleteOperation(self, request: operations_pb2.DeleteOperationRequest,
                               context: grpc.aio.ServicerContext[Any, Any]) -> empty_pb2.Empty:
         try:
-            self._store.delete(request.name)
+            self._store.delete(check_name(request.name))
         except errors.PairdotsError as exc:
             await abort_with_error(context, exc)
         return empty_pb2.Empty()
@@ -197,7 +223,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):  # type: ignor
     async def CancelOperation(self, request: operations_pb2.CancelOperationRequest,
                               context: grpc.aio.ServicerContext[Any, Any]) -> empty_pb2.Empty:
         try:
-            self._runner.cancel(request.name)
+            self._runner.cancel(check_name(request.name))
         except errors.PairdotsError as exc:
             await abort_with_error(context, exc)
         return empty_pb2.Empty()
@@ -224,7 +250,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):  # type: ignor
 
         loop = asyncio.get_running_loop()
         changed = asyncio.Event()
-        name = request.name
+        name = check_name(request.name)
 
         def on_change(changed_name: str) -> None:  # called from worker threads
             if changed_name == name:
