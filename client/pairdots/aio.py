@@ -149,13 +149,13 @@ class AsyncPairdotsClient:
         examples_per_test: int, model: str | None = None,
         random_candidates: int | None = None, saliency: SaliencyOptions | None = None,
         influence: InfluenceOptions | None = None, retrain: RetrainOptions | None = None,
-        seed: int = 0, timeout: float | None = None,
+        seed: int = 0, timeout: float | None = None, request_id: str | None = None,
     ) -> OperationHandle:
         """See PairdotsClient.attack."""
         req = attack_request(
             self.config, examples, model=model, mode=mode, examples_per_test=examples_per_test,
             random_candidates=random_candidates, saliency=saliency, influence=influence,
-            retrain=retrain, seed=seed)
+            retrain=retrain, seed=seed, request_id=request_id)
         return operation_from_proto(
             await self._invoke("Attack", self._stub.Attack, req, timeout))
 
@@ -164,11 +164,13 @@ class AsyncPairdotsClient:
         model: str | None = None, mode: RepairMode = RepairMode.UNSPECIFIED,
         saliency: SaliencyOptions | None = None, influence: InfluenceOptions | None = None,
         retrain: RetrainOptions | None = None, seed: int = 0, timeout: float | None = None,
+        request_id: str | None = None,
     ) -> OperationHandle:
         """See PairdotsClient.repair."""
         req = repair_request(
             self.config, examples, model=model, examples_per_error=examples_per_error,
-            mode=mode, saliency=saliency, influence=influence, retrain=retrain, seed=seed)
+            mode=mode, saliency=saliency, influence=influence, retrain=retrain, seed=seed,
+            request_id=request_id)
         return operation_from_proto(
             await self._invoke("Repair", self._stub.Repair, req, timeout))
 

@@ -13,6 +13,7 @@ exceptions of pairdots.errors.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -92,13 +93,15 @@ def attack_request(
     model: str | None, mode: AttackMode, examples_per_test: int,
     random_candidates: int | None, saliency: SaliencyOptions | None,
     influence: InfluenceOptions | None, retrain: RetrainOptions | None, seed: int,
+    request_id: str | None = None,
 ) -> pairdots_pb2.AttackRequest:
-    """Build an AttackRequest (paper §4.2)."""
+    """Build an AttackRequest (paper §4.2). `request_id` None: a fresh UUID4 (AIP-155)."""
     req = pairdots_pb2.AttackRequest(
         model=resolve_model(config, model),
         examples=[LabeledText.coerce(e).to_proto() for e in examples],
         mode=pairdots_pb2.AttackMode.ValueType(int(mode)),
         examples_per_test=examples_per_test, random_candidates=random_candidates, seed=seed,
+        request_id=request_id or str(uuid.uuid4()),
     )
     if saliency is not None:
         req.saliency.CopyFrom(saliency.to_proto())
@@ -113,14 +116,15 @@ def repair_request(
     config: ClientConfig, examples: Sequence[LabeledText | tuple[str, int]], *,
     model: str | None, examples_per_error: int, mode: RepairMode,
     saliency: SaliencyOptions | None, influence: InfluenceOptions | None,
-    retrain: RetrainOptions | None, seed: int,
+    retrain: RetrainOptions | None, seed: int, request_id: str | None = None,
 ) -> pairdots_pb2.RepairRequest:
-    """Build a RepairRequest (paper §4.3)."""
+    """Build a RepairRequest (paper §4.3). `request_id` None: a fresh UUID4 (AIP-155)."""
     req = pairdots_pb2.RepairRequest(
         model=resolve_model(config, model),
         examples=[LabeledText.coerce(e).to_proto() for e in examples],
         examples_per_error=examples_per_error,
         mode=pairdots_pb2.RepairMode.ValueType(int(mode)), seed=seed,
+        request_id=request_id or str(uuid.uuid4()),
     )
     if saliency is not None:
         req.saliency.CopyFrom(saliency.to_proto())
@@ -236,13 +240,16 @@ class PairdotsClient:
         examples_per_test: int, model: str | None = None,
         random_candidates: int | None = None, saliency: SaliencyOptions | None = None,
         influence: InfluenceOptions | None = None, retrain: RetrainOptions | None = None,
-        seed: int = 0, timeout: float | None = None,
+        seed: int = 0, timeout: float | None = None, request_id: str | None = None,
     ) -> OperationHandle:
-        """Start an Attack operation (paper §4.2); wait_operation() gives an AttackOutcome."""
+        """Start an Attack operation (paper §4.2); wait_operation() gives an AttackOutcome.
+
+        `request_id` (AIP-155; default a fresh UUID4) is sent with every retry of this call,
+        so a retried Attack returns the same operation and never starts the job twice."""
         req = attack_request(
             self.config, examples, model=model, mode=mode, examples_per_test=examples_per_test,
             random_candidates=random_candidates, saliency=saliency, influence=influence,
-            retrain=retrain, seed=seed)
+            retrain=retrain, seed=seed, request_id=request_id)
         return operation_from_proto(self._invoke("Attack", self._stub.Attack, req, timeout))
 
     def repair(
@@ -250,11 +257,14 @@ class PairdotsClient:
         model: str | None = None, mode: RepairMode = RepairMode.UNSPECIFIED,
         saliency: SaliencyOptions | None = None, influence: InfluenceOptions | None = None,
         retrain: RetrainOptions | None = None, seed: int = 0, timeout: float | None = None,
+        request_id: str | None = None,
     ) -> OperationHandle:
-        """Start a Repair operation (paper §4.3); wait_operation() gives a RepairOutcome."""
+        """Start a Repair operation (paper §4.3); wait_operation() gives a RepairOutcome.
+        `request_id`: as for attack()."""
         req = repair_request(
             self.config, examples, model=model, examples_per_error=examples_per_error,
-            mode=mode, saliency=saliency, influence=influence, retrain=retrain, seed=seed)
+            mode=mode, saliency=saliency, influence=influence, retrain=retrain, seed=seed,
+            request_id=request_id)
         return operation_from_proto(self._invoke("Repair", self._stub.Repair, req, timeout))
 
     # -- operations ------------------------------------------------------------------------

@@ -190,6 +190,58 @@ def test_item9_text_without_word_pieces(stub: Any) -> None:
     assert err.code() is INVALID and _fields(err) == ["text"]
 
 
+# -- item 10 ---------------------------------------------------------------------------------
+
+def test_item10_epochs_zero_and_empty_operation_name(stub: Any, ops: Any) -> None:
+    req = pb.AttackRequest(model="tiny", examples=TESTS, mode=pb.ATTACK_MODE_RANDOM,
+                           examples_per_test=1)
+    req.retrain.enabled = True
+    req.retrain.epochs = 0
+    err = _fail(stub.Attack, req)
+    assert err.code() is INVALID and "retrain.epochs" in _fields(err)
+    for call, r in ((ops.GetOperation, operations_pb2.GetOperationRequest()),
+                    (ops.CancelOperation, operations_pb2.CancelOperationRequest()),
+                    (ops.DeleteOperation, operations_pb2.DeleteOperationRequest()),
+                    (ops.WaitOperation, operations_pb2.WaitOperationRequest())):
+        err = _fail(call, r)
+        assert err.code() is INVALID and _fields(err) == ["name"]
+
+
+# -- item 11 ---------------------------------------------------------------------------------
+
+def test_item11_operation_metadata_from_the_start(stub: Any) -> None:
+    req = pb.AttackRequest(model="tiny", examples=TESTS, mode=pb.ATTACK_MODE_RANDOM,
+                           examples_per_test=1)
+    op = stub.Attack(req, timeout=60)
+    meta = pb.JobMetadata()
+    assert op.metadata.Unpack(meta)
+    assert meta.kind == "attack" and meta.model == "tiny" and meta.stage == "queued"
+    assert meta.create_time.seconds > 0
+
+
+def test_item11_interrupted_operation_metadata(bundle_root: Path, tmp_path: Path) -> None:
+    db = tmp_path / "jobs.sqlite3"
+    store = JobStore(db)
+    rec = store.create("attack", "pairdots.v1.AttackRequest", b"")
+    stale = pb.JobMetadata(kind="attack", model="tiny", stage="perturbing", done=1, total=4)
+    stale.update_time.FromSeconds(1_000)
+    store.set_running(rec.name)
+    store.update_metadata(rec.name, "type.googleapis.com/pairdots.v1.JobMetadata",
+                          stale.SerializeToString())
+    store.close()  # the process "crashed" here
+    running = start_server(ServerConfig(bundles=bundle_root, port=0, jobs_db=db))
+    try:
+        with grpc.insecure_channel(running.address) as ch:
+            op = operations_pb2_grpc.OperationsStub(ch).GetOperation(
+                operations_pb2.GetOperationRequest(name=rec.name), timeout=30)
+    finally:
+        running.stop()
+    assert op.done and op.error.code == grpc.StatusCode.ABORTED.value[0]
+    meta = pb.JobMetadata()
+    assert op.metadata.Unpack(meta)
+    assert meta.stage == "interrupted" and meta.update_time.seconds > 1_000
+
+
 # -- item 13 ---------------------------------------------------------------------------------
 
 def test_item13_non_finite_gradient_is_named(server: RunningServer, stub: Any,
@@ -220,3 +272,65 @@ def test_item13_scope_all_has_no_zero_word_embedding_block() -> None:
     assert any("position_embeddings" in n for n in names)
 
 
+# -- AIP-155 request_id ----------------------------------------------------------------------
+
+def test_request_id_makes_attack_and_repair_idempotent(server: RunningServer, stub: Any) -> None:
+    started = server.app.store.list(page_size=500)[0]
+    req = pb.AttackRequest(model="tiny", examples=TESTS, mode=pb.ATTACK_MODE_RANDOM,
+                           examples_per_test=1, request_id="3f1c2a4e-attack-retry")
+    first = stub.Attack(req, timeout=60)
+    again = stub.Attack(req, timeout=60)
+    assert again.name == first.name
+    rep = pb.RepairRequest(model="tiny", examples=TESTS, examples_per_error=1,
+                           request_id="3f1c2a4e-repair-retry")
+    assert stub.Repair(rep, timeout=60).name == stub.Repair(rep, timeout=60).name
+    after = server.app.store.list(page_size=500)[0]
+    assert len(after) == len(started) + 2  # one operation each, not two
+    other = pb.AttackRequest()
+    other.CopyFrom(req)
+    other.seed = 7
+    err = _fail(stub.Attack, other)
+    assert err.code() is grpc.StatusCode.ALREADY_EXISTS and "request_id" in err.details()
+    bad = pb.AttackRequest()
+    bad.CopyFrom(req)
+    bad.request_id = "x" * 500
+    assert _fail(stub.Attack, bad).code() is INVALID
+
+
+def test_typed_client_sets_request_id_and_reuses_it_on_retry(server: RunningServer) -> None:
+    from pairdots import AttackMode, ClientConfig, PairdotsClient
+
+    seen: list[str] = []
+
+    class Flaky(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+        """Lets the first Attack reach the server, then reports UNAVAILABLE (a lost reply)."""
+
+        def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+            out = continuation(details, request)
+            if details.method.endswith("/Attack"):
+                seen.append(request.request_id)
+                if len(seen) == 1:
+                    out.result()  # the server did create the operation
+                    raise _Unavailable()
+            return out
+
+    class _Unavailable(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self) -> str:
+            return "connection reset"
+
+        def trailing_metadata(self) -> Any:
+            return ()
+
+    before = len(server.app.store.list(page_size=500)[0])
+    channel = grpc.intercept_channel(grpc.insecure_channel(server.address), Flaky())
+    with PairdotsClient(ClientConfig(address=server.address, max_retries=2,
+                                     retry_initial_backoff_s=0.05), channel=channel) as c:
+        handle = c.attack([("the movie was bad .", 0)], model="tiny", mode=AttackMode.RANDOM,
+                          examples_per_test=1)
+    assert len(seen) == 2 and seen[0] == seen[1] and len(seen[0]) == 36  # one UUID4, twice
+    after = server.app.store.list(page_size=500)[0]
+    assert len(after) == before + 1 and after[0].name == handle.name
+    time.sleep(0)  # the job runs on; nothing else to check

@@ -41,7 +41,7 @@ class JobEnv:
     output_root: Path
 
 
-def _timestamp(t: float) -> timestamp_pb2.Timestamp:
+def timestamp(t: float) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.FromNanoseconds(int(t * 1e9))
     return ts
@@ -68,7 +68,7 @@ class ProgressReporter:
         self._last_stage, self._last_time = stage, now
         meta = pb.JobMetadata(
             kind=self.kind, model=self.model, stage=stage, done=done, total=total,
-            create_time=_timestamp(self.created), update_time=_timestamp(time.time()),
+            create_time=timestamp(self.created), update_time=timestamp(time.time()),
         )
         self.ctx.set_metadata(METADATA_TYPE, meta.SerializeToString())
 

@@ -2,7 +2,9 @@
 
 Conversion (JobRecord → google.longrunning.Operation):
   name     = record.name ("operations/<kind>-<hex>")
-  metadata = Any(type_url=record.metadata_type_url, value=record.metadata) when reported
+  metadata = Any(type_url=record.metadata_type_url, value=record.metadata): a JobMetadata
+             from creation on (stage "queued"); an interrupted operation's says stage
+             "interrupted" with update_time = when that was recorded
   done     = state in {SUCCEEDED, FAILED, CANCELLED}
   response = Any(type_url=record.result_type_url, value=record.result) when SUCCEEDED
   error    = google.rpc.Status(code, message,
@@ -38,9 +40,12 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import any_pb2, empty_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from pairdots.v1 import pairdots_pb2 as pb
 from pairdots_server import errors
 from pairdots_server.jobs.runner import Code, JobRunner, status_code_for
-from pairdots_server.jobs.store import JobRecord, JobState, JobStore
+from pairdots_server.jobs.store import INTERRUPTED_REASON, JobRecord, JobState, JobStore
+
+JOB_METADATA_TYPE = "type.googleapis.com/" + pb.JobMetadata.DESCRIPTOR.full_name
 
 DOMAIN = "pairdots.dev"
 DEFAULT_WAIT_S = 60.0
@@ -84,12 +89,28 @@ def _error_info(reason: str, name: str | None = None) -> any_pb2.Any:
     return packed
 
 
+def _interrupted_metadata(record: JobRecord) -> bytes | None:
+    """JobMetadata of an interrupted operation: stage "interrupted", update_time = when the
+    interruption was recorded (not the last progress report before the crash)."""
+    if record.metadata_type_url != JOB_METADATA_TYPE or record.metadata is None:
+        return record.metadata
+    meta = pb.JobMetadata()
+    try:
+        meta.ParseFromString(record.metadata)
+    except Exception:  # noqa: BLE001 (not ours to fix; show what was stored)
+        return record.metadata
+    meta.stage = "interrupted"
+    meta.update_time.FromNanoseconds(int(record.updated_at * 1e9))
+    return meta.SerializeToString()
+
+
 def record_to_operation(record: JobRecord) -> operations_pb2.Operation:
     """Convert a stored record to the wire Operation (see the module docstring)."""
     op = operations_pb2.Operation(name=record.name, done=record.done)
     if record.metadata_type_url is not None and record.metadata is not None:
         op.metadata.type_url = record.metadata_type_url
-        op.metadata.value = record.metadata
+        op.metadata.value = (_interrupted_metadata(record)
+                             if record.error_reason == INTERRUPTED_REASON else record.metadata)
     if record.state is JobState.SUCCEEDED:
         op.response.type_url = record.result_type_url or ""
         op.response.value = record.result or b""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import grpc
@@ -9,8 +10,14 @@ from google.longrunning import operations_pb2
 
 from pairdots.v1 import pairdots_pb2 as pb
 from pairdots.v1 import pairdots_pb2_grpc as pb_grpc
-from pairdots_server.errors import CancelToken, Unavailable
-from pairdots_server.jobs.perturb_jobs import JobEnv, attack_job, repair_job
+from pairdots_server.errors import CancelToken, InvalidArgument, Unavailable
+from pairdots_server.jobs.perturb_jobs import (
+    METADATA_TYPE,
+    JobEnv,
+    attack_job,
+    repair_job,
+    timestamp,
+)
 from pairdots_server.jobs.runner import JobRunner
 from pairdots_server.rpc import convert, convert_jobs
 from pairdots_server.rpc.operations import record_to_operation
@@ -23,6 +30,33 @@ def cancel_token(context: grpc.aio.ServicerContext) -> CancelToken:
     remaining = context.time_remaining()
     deadline = None if remaining is None else time.monotonic() + max(remaining, 0.0)
     return CancelToken(deadline=deadline)
+
+
+MAX_REQUEST_ID_CHARS = 128
+
+
+def idempotency(request: pb.AttackRequest | pb.RepairRequest) -> tuple[str, str]:
+    """(request_id, fingerprint) of an Attack/Repair request (AIP-155): the fingerprint is a
+    digest of the request without its id, so a retry matches and a different request does not."""
+    rid = request.request_id
+    if rid and (len(rid) > MAX_REQUEST_ID_CHARS
+                or not all(33 <= ord(c) < 127 for c in rid)):
+        raise InvalidArgument.for_field(
+            "request_id", f"must be at most {MAX_REQUEST_ID_CHARS} printable ASCII characters "
+            "without spaces (a UUID4 is recommended), got "
+            f"{len(rid)} characters")
+    bare = type(request)()
+    bare.CopyFrom(request)
+    bare.request_id = ""
+    return rid, hashlib.sha256(bare.SerializeToString(deterministic=True)).hexdigest()
+
+
+def queued_metadata(kind: str, model: str) -> tuple[str, bytes]:
+    """The JobMetadata of a just-created operation (stage "queued")."""
+    now = timestamp(time.time())
+    meta = pb.JobMetadata(kind=kind, model=model, stage="queued", create_time=now,
+                          update_time=now)
+    return METADATA_TYPE, meta.SerializeToString()
 
 
 class PairdotsServicer(pb_grpc.PairdotsServiceServicer):
@@ -68,9 +102,12 @@ class PairdotsServicer(pb_grpc.PairdotsServiceServicer):
         query, retrain = convert_jobs.attack_query(
             request, len(runtime.bundle.labels), cfg.jobs, cfg.explain, cfg.output_root
         )
+        rid, fingerprint = idempotency(request)
         fn = attack_job(runtime, query, retrain, self._job_env(runtime))
         record = self._jobs().submit(
-            "attack", pb.AttackRequest.DESCRIPTOR.full_name, request.SerializeToString(), fn
+            "attack", pb.AttackRequest.DESCRIPTOR.full_name, request.SerializeToString(), fn,
+            request_id=rid, fingerprint=fingerprint,
+            metadata=queued_metadata("attack", runtime.name),
         )
         return record_to_operation(record)
 
@@ -81,8 +118,11 @@ class PairdotsServicer(pb_grpc.PairdotsServiceServicer):
         query, retrain = convert_jobs.repair_query(
             request, len(runtime.bundle.labels), cfg.jobs, cfg.explain, cfg.output_root
         )
+        rid, fingerprint = idempotency(request)
         fn = repair_job(runtime, query, retrain, self._job_env(runtime))
         record = self._jobs().submit(
-            "repair", pb.RepairRequest.DESCRIPTOR.full_name, request.SerializeToString(), fn
+            "repair", pb.RepairRequest.DESCRIPTOR.full_name, request.SerializeToString(), fn,
+            request_id=rid, fingerprint=fingerprint,
+            metadata=queued_metadata("repair", runtime.name),
         )
         return record_to_operation(record)
