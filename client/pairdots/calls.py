@@ -11,6 +11,7 @@ An Rpc step's failure is thrown back into the plan as the grpc.RpcError it raise
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypedDict, TypeVar
@@ -133,6 +134,7 @@ class _JobArgs(TimeoutArg, total=False):
     influence: InfluenceOptions | None
     retrain: RetrainOptions | None
     seed: int
+    request_id: str | None
 
 
 class AttackArgs(_JobArgs, total=False):
@@ -190,13 +192,16 @@ def attack_request(
     mode: AttackMode, examples_per_test: int, model: str | None = None,
     random_candidates: int | None = None, saliency: SaliencyOptions | None = None,
     influence: InfluenceOptions | None = None, retrain: RetrainOptions | None = None,
-    seed: int = 0,
+    seed: int = 0, request_id: str | None = None,
 ) -> pairdots_pb2.AttackRequest:
-    """Build an AttackRequest (paper §4.2)."""
+    """Build an AttackRequest (paper §4.2). `request_id` None: a fresh UUID4 (AIP-155); the
+    request is built once, so every retry of the call carries the same id and a retried
+    Attack returns the same operation instead of starting the job twice."""
     req = pairdots_pb2.AttackRequest(
         model=resolve_model(config, model), examples=_examples(examples),
         mode=pairdots_pb2.AttackMode.ValueType(int(mode)),
         examples_per_test=examples_per_test, random_candidates=random_candidates, seed=seed,
+        request_id=request_id or str(uuid.uuid4()),
     )
     _options(req, saliency, influence, retrain)
     return req
@@ -207,13 +212,14 @@ def repair_request(
     examples_per_error: int, model: str | None = None,
     mode: RepairMode = RepairMode.UNSPECIFIED, saliency: SaliencyOptions | None = None,
     influence: InfluenceOptions | None = None, retrain: RetrainOptions | None = None,
-    seed: int = 0,
+    seed: int = 0, request_id: str | None = None,
 ) -> pairdots_pb2.RepairRequest:
-    """Build a RepairRequest (paper §4.3)."""
+    """Build a RepairRequest (paper §4.3). `request_id`: as for attack_request."""
     req = pairdots_pb2.RepairRequest(
         model=resolve_model(config, model), examples=_examples(examples),
         examples_per_error=examples_per_error,
         mode=pairdots_pb2.RepairMode.ValueType(int(mode)), seed=seed,
+        request_id=request_id or str(uuid.uuid4()),
     )
     _options(req, saliency, influence, retrain)
     return req

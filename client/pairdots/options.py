@@ -261,12 +261,13 @@ class LabeledText:
 
 @dataclass(frozen=True)
 class RetrainOptions:
-    """Retrain on the edited training set and evaluate. `epochs` 0 = the bundle's recipe;
-    empty `eval_examples` = the request's examples; `save_as` "" = do not save."""
+    """Retrain on the edited training set and evaluate. `epochs` None = the bundle's recipe
+    (otherwise 1..10); empty `eval_examples` = the request's examples; `save_as` "" = do not
+    save."""
 
     enabled: bool = True
     mode: RetrainMode = RetrainMode.UNSPECIFIED
-    epochs: int = 0
+    epochs: int | None = None
     eval_examples: Sequence[LabeledText | tuple[str, int]] = ()
     save_as: str = ""
 
@@ -274,7 +275,7 @@ class RetrainOptions:
         return pairdots_pb2.RetrainOptions(
             enabled=self.enabled,
             mode=pairdots_pb2.RetrainMode.ValueType(int(self.mode)),
-            epochs=self.epochs,
+            epochs=self.epochs,  # None leaves it unset
             eval_examples=[LabeledText.coerce(e).to_proto() for e in self.eval_examples],
             save_as=self.save_as,
         )

@@ -88,7 +88,10 @@ class ServerConfig:
     # kubelet gRPC probes cannot speak TLS. 0 picks a free port (tests).
     health_port: int | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    max_workers: int = 1  # concurrent model computations (per device)
+    # Explain requests handled at once (worker threads). Computations on one model still run
+    # one at a time (its compute gate, shared with Attack/Repair job steps, compute.py), so
+    # workers beyond the number of served models wait for their model's turn.
+    max_workers: int = 1
     max_queue: int = 8  # requests waiting for a worker; beyond → RESOURCE_EXHAUSTED
     max_message_bytes: int = 4 * 1024 * 1024
     tls_cert: Path | None = None

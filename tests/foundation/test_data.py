@@ -55,7 +55,9 @@ def test_default_sst2_dir_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
 
     monkeypatch.delenv("PAIRDOTS_SST2_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
-    fake = tmp_path / "a" / "b" / "data.py"
+    # a module path whose ancestors have no ../shared (tmp_path's may: a clone in /tmp/x
+    # with its data in /tmp/shared, as a clean-venv CI run lays it out)
+    fake = Path("/nonexistent-pairdots-test") / "a" / "b" / "data.py"
     monkeypatch.setattr(data_mod, "__file__", str(fake))
     with pytest.raises(NotFound, match="--train/--dev"):
         default_sst2_dir()

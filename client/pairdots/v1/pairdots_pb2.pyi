@@ -22,8 +22,10 @@ google.rpc.Status carrying google.rpc.ErrorInfo (domain "pairdots.dev", a stable
 for bad fields, google.rpc.BadRequest field violations naming the field:
   INVALID_ARGUMENT     a field is malformed or out of range (the violation says the valid range)
   NOT_FOUND            unknown model or operation name
+  ALREADY_EXISTS       a save_as bundle exists, or a request_id was used for another request
   FAILED_PRECONDITION  the model cannot do this (e.g. no candidate index, solver diverged)
-  RESOURCE_EXHAUSTED   queue or job limit reached; google.rpc.RetryInfo says when to retry
+  RESOURCE_EXHAUSTED   queue or job limit reached, or the model is too busy to start before
+                       the call's deadline; google.rpc.RetryInfo says when to retry
   DEADLINE_EXCEEDED    the call's deadline passed; the server stopped the work
   UNAUTHENTICATED / PERMISSION_DENIED  missing or wrong bearer token
   UNAVAILABLE          the server is starting or draining; retry with backoff
@@ -1433,7 +1435,7 @@ class RetrainOptions(_message.Message):
     mode: Global___RetrainMode.ValueType
     """Full or scope-only."""
     epochs: _builtins.int
-    """Epochs, 1..10. Default: the bundle's recipe."""
+    """Epochs, 1..10 (0 is INVALID_ARGUMENT). Unset: the bundle's recipe."""
     save_as: _builtins.str
     """Save the retrained model as a new bundle with this name (must not exist). Empty: don't."""
     @_builtins.property
@@ -1445,15 +1447,17 @@ class RetrainOptions(_message.Message):
         *,
         enabled: _builtins.bool = ...,
         mode: Global___RetrainMode.ValueType = ...,
-        epochs: _builtins.int = ...,
+        epochs: _builtins.int | None = ...,
         eval_examples: _abc.Iterable[Global___LabeledText] | None = ...,
         save_as: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_epochs", b"_epochs", "epochs", b"epochs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "epochs", b"epochs", "eval_examples", b"eval_examples", "mode", b"mode", "save_as", b"save_as"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epochs", b"_epochs", "enabled", b"enabled", "epochs", b"epochs", "eval_examples", b"eval_examples", "mode", b"mode", "save_as", b"save_as"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__epochs: _TypeAlias = _typing.Literal["epochs"]  # noqa: Y015
+    _WhichOneofArgType__epochs: _TypeAlias = _typing.Literal["_epochs", b"_epochs"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__epochs) -> _WhichOneofReturnType__epochs | None: ...
 
 Global___RetrainOptions: _TypeAlias = RetrainOptions  # noqa: Y015
 
@@ -1472,6 +1476,7 @@ class AttackRequest(_message.Message):
     INFLUENCE_FIELD_NUMBER: _builtins.int
     RETRAIN_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model's name."""
     mode: Global___AttackMode.ValueType
@@ -1482,6 +1487,12 @@ class AttackRequest(_message.Message):
     """Random token candidates T tried besides the greedy one (paper: 5), 0..20. Default 5."""
     seed: _builtins.int
     """Seed for every random choice."""
+    request_id: _builtins.str
+    """Idempotency key (AIP-155), e.g. a UUID4; at most 128 printable ASCII characters. A retry
+    with the same request_id returns the operation the first call created and never starts
+    the job twice; reusing it for a different request is ALREADY_EXISTS. Empty: no key.
+    The typed client sets it automatically and reuses it across its own retries.
+    """
     @_builtins.property
     def examples(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabeledText]:
         """Test examples to attack (1..500), with gold labels."""
@@ -1510,10 +1521,11 @@ class AttackRequest(_message.Message):
         influence: Global___InfluenceOptions | None = ...,
         retrain: Global___RetrainOptions | None = ...,
         seed: _builtins.int = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_random_candidates", b"_random_candidates", "influence", b"influence", "random_candidates", b"random_candidates", "retrain", b"retrain", "saliency", b"saliency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_random_candidates", b"_random_candidates", "examples", b"examples", "examples_per_test", b"examples_per_test", "influence", b"influence", "mode", b"mode", "model", b"model", "random_candidates", b"random_candidates", "retrain", b"retrain", "saliency", b"saliency", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_random_candidates", b"_random_candidates", "examples", b"examples", "examples_per_test", b"examples_per_test", "influence", b"influence", "mode", b"mode", "model", b"model", "random_candidates", b"random_candidates", "request_id", b"request_id", "retrain", b"retrain", "saliency", b"saliency", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__random_candidates: _TypeAlias = _typing.Literal["random_candidates"]  # noqa: Y015
     _WhichOneofArgType__random_candidates: _TypeAlias = _typing.Literal["_random_candidates", b"_random_candidates"]  # noqa: Y015
@@ -1672,6 +1684,7 @@ class RepairRequest(_message.Message):
     INFLUENCE_FIELD_NUMBER: _builtins.int
     RETRAIN_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model's name."""
     examples_per_error: _builtins.int
@@ -1680,6 +1693,12 @@ class RepairRequest(_message.Message):
     """Influence-guided or random."""
     seed: _builtins.int
     """Seed for every random choice."""
+    request_id: _builtins.str
+    """Idempotency key (AIP-155), e.g. a UUID4; at most 128 printable ASCII characters. A retry
+    with the same request_id returns the operation the first call created and never starts
+    the job twice; reusing it for a different request is ALREADY_EXISTS. Empty: no key.
+    The typed client sets it automatically and reuses it across its own retries.
+    """
     @_builtins.property
     def examples(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabeledText]:
         """Labelled examples (e.g. a dev set, 1..5000); the ones the model gets wrong are repaired."""
@@ -1707,10 +1726,11 @@ class RepairRequest(_message.Message):
         influence: Global___InfluenceOptions | None = ...,
         retrain: Global___RetrainOptions | None = ...,
         seed: _builtins.int = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["influence", b"influence", "retrain", b"retrain", "saliency", b"saliency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["examples", b"examples", "examples_per_error", b"examples_per_error", "influence", b"influence", "mode", b"mode", "model", b"model", "retrain", b"retrain", "saliency", b"saliency", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["examples", b"examples", "examples_per_error", b"examples_per_error", "influence", b"influence", "mode", b"mode", "model", b"model", "request_id", b"request_id", "retrain", b"retrain", "saliency", b"saliency", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1774,7 +1794,10 @@ class JobMetadata(_message.Message):
     model: _builtins.str
     """The model."""
     stage: _builtins.str
-    """Current stage, e.g. "explaining", "perturbing", "retraining", "evaluating", "done"."""
+    """Current stage: "queued" (in the Operation that Attack/Repair return), then e.g.
+    "explaining", "perturbing", "retraining", "evaluating", "done"; "interrupted" when the
+    server stopped while the job ran (update_time is then when that was recorded).
+    """
     done: _builtins.int
     """Units done and total in the current stage (total 0 when unknown)."""
     total: _builtins.int

@@ -22,8 +22,10 @@ google.rpc.Status carrying google.rpc.ErrorInfo (domain "pairdots.dev", a stable
 for bad fields, google.rpc.BadRequest field violations naming the field:
   INVALID_ARGUMENT     a field is malformed or out of range (the violation says the valid range)
   NOT_FOUND            unknown model or operation name
+  ALREADY_EXISTS       a save_as bundle exists, or a request_id was used for another request
   FAILED_PRECONDITION  the model cannot do this (e.g. no candidate index, solver diverged)
-  RESOURCE_EXHAUSTED   queue or job limit reached; google.rpc.RetryInfo says when to retry
+  RESOURCE_EXHAUSTED   queue or job limit reached, or the model is too busy to start before
+                       the call's deadline; google.rpc.RetryInfo says when to retry
   DEADLINE_EXCEEDED    the call's deadline passed; the server stopped the work
   UNAUTHENTICATED / PERMISSION_DENIED  missing or wrong bearer token
   UNAVAILABLE          the server is starting or draining; retry with backoff

@@ -25,7 +25,7 @@ from typing import Any
 from pairdots_server.cli.demo import cmd_demo
 from pairdots_server.cli.logs import setup_logging
 from pairdots_server.cli.render import print_explanation
-from pairdots_server.errors import PairdotsError
+from pairdots_server.errors import InvalidArgument, PairdotsError
 
 DEFAULT_TEXT = "i loved it !"
 
@@ -108,11 +108,17 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     rt = _load_runtime(args.bundle, args.device)
     cfg = _artifact_config(args)
     if args.num_shards is not None or args.shard is not None:
-        from pairdots_server.index.build import shard_from_env
+        from pairdots_server.index.build import SHARD_ENV, shard_from_env
 
-        shard, num = shard_from_env(args.shard, args.num_shards)
+        # --shard wins over $JOB_COMPLETION_INDEX; --num-shards over $PAIRDOTS_NUM_SHARDS
+        environ = dict(os.environ)
+        if args.shard is not None:
+            environ[SHARD_ENV] = str(args.shard)
+        shard, num = shard_from_env(args.num_shards, environ)
         if not args.out:
-            raise SystemExit("--out PARTS_DIR is required for a sharded build")
+            raise InvalidArgument.for_field(
+                "--out", "a sharded build writes its part into a parts directory: pass "
+                "--out PARTS_DIR (the same for every shard, then `pairdots index merge`)")
         part = build_index_shard(rt, cfg, shard, num, Path(args.out), not args.quiet)
         print(f"wrote {part}")
         return 0
@@ -300,8 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plaintext port serving only grpc.health.v1 (for kubelet probes when "
                    "--tls-cert is set); same status as the main port")
     s.add_argument("--device", default=_env("DEVICE", "auto"))
-    s.add_argument("--max-workers", default=_env("MAX_WORKERS", 1))
-    s.add_argument("--max-queue", default=_env("MAX_QUEUE", 8))
+    s.add_argument("--max-workers", default=_env("MAX_WORKERS", 1),
+                   help="Explain requests handled at once; one model runs one computation at "
+                   "a time (Explain and Attack/Repair steps take turns), so more workers than "
+                   "served models only wait for their model's turn")
+    s.add_argument("--max-queue", default=_env("MAX_QUEUE", 8),
+                   help="requests waiting for a worker; beyond that RESOURCE_EXHAUSTED with "
+                   "RetryInfo")
     s.add_argument("--tls-cert", default=_env("TLS_CERT"))
     s.add_argument("--tls-key", default=_env("TLS_KEY"))
     s.add_argument("--tls-client-ca", default=_env("TLS_CLIENT_CA"))

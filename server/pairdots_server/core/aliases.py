@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 
 from torch import Tensor
@@ -17,3 +18,7 @@ vmap (see ``VmapMask``)."""
 
 ShouldStop = Callable[[], None]
 """Called between solver iterations; raises (e.g. a cancellation error) to abort."""
+
+FORWARD_AD_LOCK = threading.RLock()
+"""Held around every ``torch.func.jvp``: torch.func's forward-mode nesting counter is a module
+global, so two threads (even on different models) must not run a jvp at the same moment."""

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pairdots_server.core.aliases import LogitsFn
+from pairdots_server.core.aliases import FORWARD_AD_LOCK, LogitsFn
 from pairdots_server.core.batches import Batch, BatchProvider
 from pairdots_server.core.params import flatten, num_params, unflatten
 
@@ -102,7 +102,8 @@ class CurvatureOperator:
         def f(p: Mapping[str, Tensor]) -> Tensor:
             return self.logits_fn(p, batch.embeds, batch.mask)  # [B,C]
 
-        fwd = torch.func.jvp(f, (self.params,), (dict(vd),))
+        with FORWARD_AD_LOCK:
+            fwd = torch.func.jvp(f, (self.params,), (dict(vd),))
         logits, jv = fwd[0], fwd[1]  # [B,C], [B,C]
         prob = torch.softmax(logits.detach(), dim=-1)
         hu = prob * jv - prob * (prob * jv).sum(-1, keepdim=True)  # H_logits J v, [B,C]
@@ -115,7 +116,8 @@ class CurvatureOperator:
             logits = self.logits_fn(p, batch.embeds, batch.mask)
             return F.cross_entropy(logits, batch.labels.long())
 
-        hv = torch.func.jvp(torch.func.grad(loss), (self.params,), (dict(vd),))[1]
+        with FORWARD_AD_LOCK:
+            hv = torch.func.jvp(torch.func.grad(loss), (self.params,), (dict(vd),))[1]
         return flatten(hv).detach()
 
 

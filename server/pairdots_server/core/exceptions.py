@@ -17,3 +17,8 @@ class SolverError(ValueError):
 class SolverDiverged(SolverError):
     """An iterative solver produced NaN/Inf or a norm that a convergent iteration cannot reach
     (typically: indefinite curvature, too little damping, or a LiSSA scale below λ_max)."""
+
+
+class NonFiniteInput(ValueError):
+    """The vector handed to a solver contains NaN or Inf (e.g. the gradient of the word score
+    overflowed); no solver setting can fix that."""

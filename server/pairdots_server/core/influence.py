@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pairdots_server.core.aliases import LogitsFn
+from pairdots_server.core.aliases import FORWARD_AD_LOCK, LogitsFn
 from pairdots_server.core.params import unflatten
 
 
@@ -58,7 +58,8 @@ def _neg_directional_loss(
         logits = logits_fn(p, embeds, mask)  # [B,C]
         return F.cross_entropy(logits, labels.long(), reduction="none")  # [B]
 
-    dl = torch.func.jvp(losses, (dict(params),), (dict(direction),))[1]  # [B]
+    with FORWARD_AD_LOCK:
+        dl = torch.func.jvp(losses, (dict(params),), (dict(direction),))[1]  # [B]
     return -dl
 
 

@@ -153,11 +153,23 @@ def explain(
     probs = steps.predict(rt, enc)  # [C]
     predicted = int(probs.argmax())
     words, pieces = enc.words, enc.pieces
-    if any(p == 0 for p in pieces):
-        warnings.append(
-            f"input truncated to {rt.max_length} word pieces: "
-            f"{sum(p == 0 for p in pieces)} trailing words were not seen by the model"
+    if not any(pieces):
+        raise InvalidArgument.for_field(
+            "text", "has no word the model's tokenizer can read (it drops control characters "
+            "and similar); send readable text"
         )
+    if any(p == 0 for p in pieces):
+        unseen = sum(p == 0 for p in pieces)
+        if int(enc.mask.sum()) >= rt.max_length:
+            warnings.append(
+                f"input truncated to {rt.max_length} word pieces: "
+                f"{unseen} words were not seen by the model"
+            )
+        else:
+            warnings.append(
+                f"{unseen} words have no word pieces (characters the tokenizer drops) and "
+                "were not seen by the model"
+            )
     word_infos = [
         WordInfo(i, w, s, e, pieces[i]) for i, (w, (s, e)) in enumerate(zip(words, enc.spans))
     ]

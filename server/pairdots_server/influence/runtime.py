@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from pairdots_server.compute import ComputeGate
 from pairdots_server.core.batches import Batch
 from pairdots_server.core.curvature import Curvature
 from pairdots_server.errors import BundleError
@@ -185,6 +186,8 @@ class ModelRuntime:
         self._ekfac: KFACFactors | None = None
         self._diagonal: DiagonalFactors | None = None
         self._lock = threading.Lock()
+        # every torch computation on this model (Explain, each job step) holds this gate
+        self.compute = ComputeGate(self.name)
         self._curvature_samples: dict[tuple[int, int, int], TrainingSample] = {}
         self.unk_embed = self.task.embed(
             torch.tensor([[self.task.unk_token_id]], device=self.task.device)

@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from pairdots_server.core.curvature import Curvature, CurvatureOperator, estimate_lambda_max
+from pairdots_server.core.exceptions import NonFiniteInput, SolverError
 from pairdots_server.core.exceptions import SolverDiverged as CoreDiverged
-from pairdots_server.core.exceptions import SolverError
 from pairdots_server.core.ihvp.base import InverseHVPSolver
 from pairdots_server.core.ihvp.cg import CGSolver
 from pairdots_server.core.ihvp.exact import ExactSolver
@@ -142,8 +142,28 @@ def resolve_solver(rt: ModelRuntime, s: SolverSettings) -> SolverSettings:
     """The request's settings with every unset field filled: the method (the request's, else
     default_method), then the method's own defaults (SOLVERS[method].resolve). Idempotent;
     never raises (build_solver does)."""
-    method = s.method if s.method is not None else default_method(rt)
+    if s.method is not None:
+        method = s.method
+    elif wants_iterative(s):  # a precomputed default would ignore what the request asks
+        method = SolverChoice.LISSA
+    else:
+        method = default_method(rt)
     return SOLVERS[method].resolve(rt, replace(s, method=method))
+
+
+# Solvers whose curvature is fixed at fit time (they take neither CURVATURE_HESSIAN nor the
+# iterative options).
+PRECOMPUTED = (SolverChoice.LOW_RANK, SolverChoice.EKFAC, SolverChoice.DIAGONAL,
+               SolverChoice.IDENTITY)
+
+
+def wants_iterative(s: SolverSettings) -> bool:
+    """Whether the settings ask for what only an iterative solver does: the Hessian curvature
+    or LiSSA/CG options (scale, iterations, repeats, batch size, tolerance, seed)."""
+    return s.curvature is Curvature.HESSIAN or any(
+        x is not None
+        for x in (s.scale, s.max_iterations, s.repeats, s.batch_size, s.tolerance, s.seed)
+    )
 
 
 def missing_artifact_message(rt: ModelRuntime, method: SolverChoice) -> str:
@@ -160,6 +180,12 @@ def resolve_method(rt: ModelRuntime, s: SolverSettings) -> SolverChoice:
     the bundle lacks what the method needs."""
     method = resolve_solver(rt, s).method
     assert method is not None
+    if method in PRECOMPUTED and s.curvature is Curvature.HESSIAN:
+        raise InvalidArgument.for_field(
+            "influence.solver.curvature",
+            f"SOLVER_{method.name} uses curvature fixed when the bundle was prepared; for "
+            "CURVATURE_HESSIAN choose SOLVER_LISSA, SOLVER_CONJUGATE_GRADIENT or SOLVER_EXACT",
+        )
     if not is_available(rt, method):
         raise FailedPrecondition(missing_artifact_message(rt, method))
     return method
@@ -390,6 +416,11 @@ def solve_s_test(
     try:
         solver = SOLVERS[method].build(rt, resolved)
         result = solver.solve(grad_w, should_stop=should_stop)
+    except NonFiniteInput as exc:
+        raise FailedPrecondition(
+            f"model {rt.name!r}: the gradient of the measurement is not finite, so there is "
+            f"nothing to solve ({exc})", reason="NON_FINITE_GRADIENT",
+        ) from exc
     except CoreDiverged as exc:
         raise SolverDiverged(
             f"{exc}. Use CURVATURE_GAUSS_NEWTON, more damping or a larger scale"

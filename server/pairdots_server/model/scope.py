@@ -24,7 +24,7 @@ class ScopeKind(str, enum.Enum):
     DEFAULT = "default"  # the last encoder layer + pooler + classifier (= last_n with n=1)
     HEAD = "head"  # pooler + classifier only
     LAST_N = "last_n"  # the n last encoder layers + pooler + classifier
-    ALL = "all"  # every parameter (embeddings included)
+    ALL = "all"  # every parameter except the word-embedding matrix
     PATTERN = "pattern"  # every parameter whose name matches the regex (re.search)
 
 
@@ -60,6 +60,22 @@ BERT_LAYOUT = ParameterLayout(
 
 
 
+def word_embedding_names(model: torch.nn.Module) -> set[str]:
+    """Names of the input (word) embedding matrix of an HF model (empty for other modules).
+
+    It is never in scope: `logits_fn` takes the word embeddings as its input, so no gradient
+    reaches the lookup table (it would be a silent block of zeros)."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        emb = None
+    weight = getattr(emb, "weight", None)
+    if weight is None:
+        return set()
+    return {nm for nm, p in model.named_parameters() if p is weight}
+
+
 @dataclass(frozen=True)
 class ScopeSpec:
     """Which parameters θ the influence functions differentiate (Eq. 4-8 take ∇θ over these).
@@ -68,7 +84,7 @@ class ScopeSpec:
       * ``"default"`` - the last encoder layer + pooler + classifier (= ``last_n`` with n=1)
       * ``"head"``    - pooler + classifier only
       * ``"last_n"``  - the ``n`` last encoder layers + pooler + classifier
-      * ``"all"``     - every parameter (embeddings included)
+      * ``"all"``     - every parameter except the word-embedding matrix (no gradient reaches it)
       * ``"pattern"`` - every parameter whose name matches the regex ``pattern`` (re.search)
     """
 
@@ -111,11 +127,12 @@ class ScopeSpec:
         """
         layout = layout or BERT_LAYOUT
         names = [name for name, _ in model.named_parameters()]
+        lookup = word_embedding_names(model)
         if self.kind is ScopeKind.ALL:
-            chosen = names
+            chosen = [nm for nm in names if nm not in lookup]
         elif self.kind is ScopeKind.PATTERN:
             rx = re.compile(self.pattern)
-            chosen = [nm for nm in names if rx.search(nm)]
+            chosen = [nm for nm in names if rx.search(nm) and nm not in lookup]
         else:
             head = [nm for nm in names if layout.is_head(nm)]
             if not any(layout.is_classifier(nm) for nm in head):
@@ -162,7 +179,7 @@ class ScopeSpec:
         if self.kind is ScopeKind.LAST_N:
             return f"last_n={self.n} (last {self.n} encoder layers + pooler + classifier)"
         if self.kind is ScopeKind.ALL:
-            return "all parameters"
+            return "all parameters except the word-embedding matrix"
         return f"pattern {self.pattern!r}"
 
     def to_dict(self) -> dict[str, Any]:

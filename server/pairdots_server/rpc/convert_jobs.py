@@ -99,10 +99,10 @@ def _retrain(
     )
     mode = v.enum("retrain.mode", r.mode, RETRAIN_MODES, "RetrainMode")
     epochs = None
-    if r.epochs:
+    if r.HasField("epochs"):
         if not 1 <= r.epochs <= MAX_EPOCHS:
-            v.add("retrain.epochs", f"must be 0 (the recipe's) or in 1..{MAX_EPOCHS}, got "
-                  f"{r.epochs}")
+            v.add("retrain.epochs", f"must be in 1..{MAX_EPOCHS}, got {r.epochs} (leave it "
+                  "unset for the bundle's recipe)")
         else:
             epochs = int(r.epochs)
     save_as = r.save_as or None
@@ -114,7 +114,7 @@ def _retrain(
                   "letters, digits, '.', '_', '-', starting with a letter or digit)")
             save_as = None
     if not r.enabled:
-        if r.save_as or r.eval_examples or r.epochs:
+        if r.save_as or r.eval_examples or r.HasField("epochs"):
             v.add("retrain.enabled", "is false but other retrain options are set; set "
                   "enabled = true to retrain")
         return None

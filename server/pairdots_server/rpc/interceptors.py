@@ -15,10 +15,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from pairdots_server import errors
-from pairdots_server.rpc.status import to_status
+from pairdots_server.rpc.status import DOMAIN, to_status
 
 log = logging.getLogger("pairdots.rpc")
 
@@ -46,6 +48,38 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: errors.PairdotsErro
     await context.abort_with_status(rpc_status.to_status(to_status(exc)))
 
 
+async def abort_with_info(context: grpc.aio.ServicerContext, code: grpc.StatusCode,
+                          message: str, reason: str, **metadata: str) -> None:
+    """Abort with `code` and a google.rpc.Status carrying ErrorInfo(reason, domain)."""
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
+    packed = any_pb2.Any()
+    packed.Pack(info)
+    status = status_pb2.Status(code=code.value[0], message=message, details=[packed])
+    await context.abort_with_status(rpc_status.to_status(status))
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes are not a valid message of the method's type."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A request deserializer that hands malformed bytes to the handler as _Undecodable
+    (grpc would answer UNKNOWN "Unexpected DecodeError"); the ErrorInterceptor answers it."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 (DecodeError and the like)
+            return _Undecodable(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+    return deserialize
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Maps domain errors to their status; anything unexpected becomes INTERNAL with an id
     to find the logged traceback (never a bare UNKNOWN)."""
@@ -57,6 +91,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         def wrap(inner: Behaviour) -> Behaviour:
             async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    await abort_with_info(
+                        context, grpc.StatusCode.INVALID_ARGUMENT,
+                        f"the request bytes are not a valid message for {method} "
+                        f"({request.why}); send a serialized message of the method's request "
+                        "type", "MALFORMED_REQUEST")
                 try:
                     return await inner(request, context)
                 except grpc.aio.AbortError:
@@ -68,15 +108,23 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 except Exception:
                     incident = uuid.uuid4().hex[:12]
                     log.exception("unexpected error in %s (incident %s)", method, incident)
-                    await context.abort(
-                        grpc.StatusCode.INTERNAL,
+                    await abort_with_info(
+                        context, grpc.StatusCode.INTERNAL,
                         f"internal error (incident {incident}); this is a server bug, "
-                        "please report it with the incident id",
+                        "please report it with the incident id", "INTERNAL",
+                        incident=incident,
                     )
 
             return behaviour
 
-        return _wrap(await continuation(details), wrap)
+        handler = await continuation(details)
+        if handler is not None and handler.unary_unary is not None:
+            handler = grpc.unary_unary_rpc_method_handler(
+                handler.unary_unary,
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        return _wrap(handler, wrap)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -96,29 +144,36 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if details.method.startswith(PUBLIC_PREFIXES):
             return handler
-        header = ""
-        for key, value in details.invocation_metadata or ():
-            if key == "authorization":
-                header = value if isinstance(value, str) else value.decode(errors="replace")
+        headers = [value if isinstance(value, str) else value.decode(errors="replace")
+                   for key, value in details.invocation_metadata or ()
+                   if key == "authorization"]
+        if len(headers) > 1:
+            return _deny(handler, grpc.StatusCode.UNAUTHENTICATED,
+                         f"{len(headers)} authorization headers: send exactly one "
+                         "'authorization: Bearer <token>'", "AMBIGUOUS_CREDENTIALS")
+        header = headers[0] if headers else ""
         scheme, _, token = header.partition(" ")
         if not header:
             return _deny(handler, grpc.StatusCode.UNAUTHENTICATED,
-                         "missing bearer token: send metadata 'authorization: Bearer <token>'")
+                         "missing bearer token: send metadata 'authorization: Bearer <token>'",
+                         "MISSING_CREDENTIALS")
         if scheme.lower() != "bearer" or not token.strip():
             return _deny(handler, grpc.StatusCode.UNAUTHENTICATED,
-                         "malformed authorization metadata: expected 'Bearer <token>'")
+                         "malformed authorization metadata: expected 'Bearer <token>'",
+                         "MALFORMED_CREDENTIALS")
         given = token.strip().encode()
         if not any(hmac.compare_digest(given, t) for t in self._tokens):
             return _deny(handler, grpc.StatusCode.PERMISSION_DENIED,
-                         "the bearer token is not accepted by this server")
+                         "the bearer token is not accepted by this server; use a token from "
+                         "the server's --auth-tokens-file", "TOKEN_NOT_ACCEPTED")
         return handler
 
 
-def _deny(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str
-          ) -> grpc.RpcMethodHandler | None:
+def _deny(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str,
+          reason: str) -> grpc.RpcMethodHandler | None:
     def wrap(_inner: Behaviour) -> Behaviour:
         async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await context.abort(code, message)
+            await abort_with_info(context, code, message, reason)
 
         return behaviour
 

@@ -2,7 +2,9 @@
 
 Conversion (JobRecord → google.longrunning.Operation):
   name     = record.name ("operations/<kind>-<hex>")
-  metadata = Any(type_url=record.metadata_type_url, value=record.metadata) when reported
+  metadata = Any(type_url=record.metadata_type_url, value=record.metadata): a JobMetadata
+             from creation on (stage "queued"); an interrupted operation's says stage
+             "interrupted" with update_time = when that was recorded
   done     = state in {SUCCEEDED, FAILED, CANCELLED}
   response = Any(type_url=record.result_type_url, value=record.result) when SUCCEEDED
   error    = google.rpc.Status(code, message,
@@ -38,9 +40,12 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import any_pb2, empty_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from pairdots.v1 import pairdots_pb2 as pb
 from pairdots_server import errors
 from pairdots_server.service.jobs.runner import Code, JobRunner, status_code_for
-from pairdots_server.service.jobs.store import JobRecord, JobState, JobStore
+from pairdots_server.service.jobs.store import INTERRUPTED_REASON, JobRecord, JobState, JobStore
+
+JOB_METADATA_TYPE = "type.googleapis.com/" + pb.JobMetadata.DESCRIPTOR.full_name
 
 DOMAIN = "pairdots.dev"
 DEFAULT_WAIT_S = 60.0
@@ -52,6 +57,27 @@ _CODE_BY_INT: dict[int, grpc.StatusCode] = {sc.value[0]: sc for sc in grpc.Statu
 _TERM_RE = re.compile(r'^\s*(\w+)\s*=\s*(?:"([^"]*)"|([A-Za-z0-9_]+))\s*$')
 _AND_RE = re.compile(r"\s+AND\s+")
 _PARENTS = ("", "operations", "operations/")
+MAX_NAME_CHARS = 256  # operation names are "operations/<kind>-<hex>", far shorter
+MAX_FILTER_CHARS = 1024
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """User input as echoed in an error message: never more than `limit` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def check_name(name: str) -> str:
+    """An operation name from a request: empty → INVALID_ARGUMENT; a name no operation can
+    have (too long, not under operations/) → NOT_FOUND without echoing it whole."""
+    if not name:
+        raise errors.InvalidArgument.for_field(
+            "name", "required: the operation's name ('operations/...') as Attack or Repair "
+            "returned it")
+    if len(name) > MAX_NAME_CHARS or not name.startswith("operations/"):
+        raise errors.NotFound(
+            f"operation {_clip(name)!r} does not exist: operation names look like "
+            "'operations/attack-<hex>'; list them with ListOperations")
+    return name
 
 
 def _error_info(reason: str, name: str | None = None) -> any_pb2.Any:
@@ -63,12 +89,28 @@ def _error_info(reason: str, name: str | None = None) -> any_pb2.Any:
     return packed
 
 
+def _interrupted_metadata(record: JobRecord) -> bytes | None:
+    """JobMetadata of an interrupted operation: stage "interrupted", update_time = when the
+    interruption was recorded (not the last progress report before the crash)."""
+    if record.metadata_type_url != JOB_METADATA_TYPE or record.metadata is None:
+        return record.metadata
+    meta = pb.JobMetadata()
+    try:
+        meta.ParseFromString(record.metadata)
+    except Exception:  # noqa: BLE001 (not ours to fix; show what was stored)
+        return record.metadata
+    meta.stage = "interrupted"
+    meta.update_time.FromNanoseconds(int(record.updated_at * 1e9))
+    return meta.SerializeToString()
+
+
 def record_to_operation(record: JobRecord) -> operations_pb2.Operation:
     """Convert a stored record to the wire Operation (see the module docstring)."""
     op = operations_pb2.Operation(name=record.name, done=record.done)
     if record.metadata_type_url is not None and record.metadata is not None:
         op.metadata.type_url = record.metadata_type_url
-        op.metadata.value = record.metadata
+        op.metadata.value = (_interrupted_metadata(record)
+                             if record.error_reason == INTERRUPTED_REASON else record.metadata)
     if record.state is JobState.SUCCEEDED:
         op.response.type_url = record.result_type_url or ""
         op.response.value = record.result or b""
@@ -87,14 +129,19 @@ def parse_filter(text: str) -> tuple[str | None, set[JobState] | None]:
     seen: set[str] = set()
     if not text.strip():
         return kind, states
+    if len(text) > MAX_FILTER_CHARS:
+        raise errors.InvalidArgument.for_field(
+            "filter", f"is {len(text)} characters; at most {MAX_FILTER_CHARS} are accepted "
+            "(filter on kind, state or done)")
     allowed_states = ", ".join(s.value for s in JobState)
     for term in _AND_RE.split(text.strip()):
         m = _TERM_RE.match(term)
         if m is None:
             raise errors.InvalidArgument.for_field(
-                "filter", f"cannot parse {term!r}; write key=value terms joined by AND, e.g. "
+                "filter", f"cannot parse {_clip(term)!r}; write key=value terms joined by AND, e.g. "
                 "'kind=attack AND state=RUNNING' (keys: kind, state, done)")
         key, value = m.group(1), m.group(2) if m.group(2) is not None else m.group(3)
+        key = _clip(key)
         if key in seen:
             raise errors.InvalidArgument.for_field("filter", f"{key} given twice; use it once")
         seen.add(key)
@@ -105,12 +152,12 @@ def parse_filter(text: str) -> tuple[str | None, set[JobState] | None]:
                 wanted = {JobState(value.upper())}
             except ValueError:
                 raise errors.InvalidArgument.for_field(
-                    "filter", f"state {value!r} is unknown; use one of {allowed_states}") from None
+                    "filter", f"state {_clip(value)!r} is unknown; use one of {allowed_states}") from None
             states = wanted if states is None else states & wanted
         elif key == "done":
             if value.lower() not in ("true", "false"):
                 raise errors.InvalidArgument.for_field(
-                    "filter", f"done={value!r}; use done=true or done=false")
+                    "filter", f"done={_clip(value)!r}; use done=true or done=false")
             flag = value.lower() == "true"
             wanted = {s for s in JobState if s.done == flag}
             states = wanted if states is None else states & wanted
@@ -162,7 +209,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):  # type: ignor
     async def GetOperation(self, request: operations_pb2.GetOperationRequest,
                            context: grpc.aio.ServicerContext[Any, Any]) -> operations_pb2.Operation:
         try:
-            return record_to_operation(self._store.get(request.name))
+            return record_to_operation(self._store.get(check_name(request.name)))
         except errors.PairdotsError as exc:
             await abort_with_error(context, exc)
 
@@ -173,7 +220,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):  # type: ignor
         try:
             if request.name not in _PARENTS:
                 raise errors.InvalidArgument.for_field(
-                    "name", f"{request.name!r} is not a collection here; leave it empty or "
+                    "name", f"{_clip(request.name)!r} is not a collection here; leave it empty or "
                     "use 'operations'")
             kind, states = parse_filter(request.filter)
             if states is not None and not states:
@@ -189,7 +236,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):  # type: ignor
     async def DeleteOperation(self, request: operations_pb2.DeleteOperationRequest,
                               context: grpc.aio.ServicerContext[Any, Any]) -> empty_pb2.Empty:
         try:
-            self._store.delete(request.name)
+            self._store.delete(check_name(request.name))
         except errors.PairdotsError as exc:
             await abort_with_error(context, exc)
         return empty_pb2.Empty()
@@ -197,7 +244,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):  # type: ignor
     async def CancelOperation(self, request: operations_pb2.CancelOperationRequest,
                               context: grpc.aio.ServicerContext[Any, Any]) -> empty_pb2.Empty:
         try:
-            self._runner.cancel(request.name)
+            self._runner.cancel(check_name(request.name))
         except errors.PairdotsError as exc:
             await abort_with_error(context, exc)
         return empty_pb2.Empty()
@@ -224,7 +271,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):  # type: ignor
 
         loop = asyncio.get_running_loop()
         changed = asyncio.Event()
-        name = request.name
+        name = check_name(request.name)
 
         def on_change(changed_name: str) -> None:  # called from worker threads
             if changed_name == name:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import grpc
@@ -9,7 +10,7 @@ from google.longrunning import operations_pb2
 
 from pairdots.v1 import pairdots_pb2 as pb
 from pairdots.v1 import pairdots_pb2_grpc as pb_grpc
-from pairdots_server.errors import CancelToken, Unavailable
+from pairdots_server.errors import CancelToken, InvalidArgument, Unavailable
 from pairdots_server.influence.runtime import ModelRuntime
 from pairdots_server.rpc import convert, convert_jobs, job_results
 from pairdots_server.rpc.operations import record_to_operation
@@ -25,6 +26,33 @@ def cancel_token(context: grpc.aio.ServicerContext) -> CancelToken:
     return CancelToken(deadline=deadline)
 
 
+MAX_REQUEST_ID_CHARS = 128
+
+
+def idempotency(request: pb.AttackRequest | pb.RepairRequest) -> tuple[str, str]:
+    """(request_id, fingerprint) of an Attack/Repair request (AIP-155): the fingerprint is a
+    digest of the request without its id, so a retry matches and a different request does not."""
+    rid = request.request_id
+    if rid and (len(rid) > MAX_REQUEST_ID_CHARS
+                or not all(33 <= ord(c) < 127 for c in rid)):
+        raise InvalidArgument.for_field(
+            "request_id", f"must be at most {MAX_REQUEST_ID_CHARS} printable ASCII characters "
+            "without spaces (a UUID4 is recommended), got "
+            f"{len(rid)} characters")
+    bare = type(request)()
+    bare.CopyFrom(request)
+    bare.request_id = ""
+    return rid, hashlib.sha256(bare.SerializeToString(deterministic=True)).hexdigest()
+
+
+def queued_metadata(kind: str, model: str) -> tuple[str, bytes]:
+    """The JobMetadata of a just-created operation (stage "queued")."""
+    now = job_results.timestamp(time.time())
+    meta = pb.JobMetadata(kind=kind, model=model, stage="queued", create_time=now,
+                          update_time=now)
+    return job_results.METADATA_TYPE, meta.SerializeToString()
+
+
 class PairdotsServicer(pb_grpc.PairdotsServiceServicer):
     def __init__(self, service: PairdotsService) -> None:
         self.service = service
@@ -37,7 +65,7 @@ class PairdotsServicer(pb_grpc.PairdotsServiceServicer):
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
                        ) -> pb.GetModelResponse:
-        return pb.GetModelResponse(model=convert.model_proto(self.service.registry.get(request.name)))
+        return pb.GetModelResponse(model=convert.model_proto(self.service.registry.get(request.name, "name")))
 
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
                       ) -> pb.ExplainResponse:
@@ -69,9 +97,12 @@ class PairdotsServicer(pb_grpc.PairdotsServiceServicer):
         query, retrain = convert_jobs.attack_query(
             request, len(runtime.bundle.labels), cfg.jobs, cfg.explain, cfg.output_root
         )
+        rid, fingerprint = idempotency(request)
         fn = attack_job(runtime, query, retrain, self._job_env(runtime))
         record = self._jobs().submit(
-            "attack", pb.AttackRequest.DESCRIPTOR.full_name, request.SerializeToString(), fn
+            "attack", pb.AttackRequest.DESCRIPTOR.full_name, request.SerializeToString(), fn,
+            request_id=rid, fingerprint=fingerprint,
+            metadata=queued_metadata("attack", runtime.name),
         )
         return record_to_operation(record)
 
@@ -82,8 +113,11 @@ class PairdotsServicer(pb_grpc.PairdotsServiceServicer):
         query, retrain = convert_jobs.repair_query(
             request, len(runtime.bundle.labels), cfg.jobs, cfg.explain, cfg.output_root
         )
+        rid, fingerprint = idempotency(request)
         fn = repair_job(runtime, query, retrain, self._job_env(runtime))
         record = self._jobs().submit(
-            "repair", pb.RepairRequest.DESCRIPTOR.full_name, request.SerializeToString(), fn
+            "repair", pb.RepairRequest.DESCRIPTOR.full_name, request.SerializeToString(), fn,
+            request_id=rid, fingerprint=fingerprint,
+            metadata=queued_metadata("repair", runtime.name),
         )
         return record_to_operation(record)

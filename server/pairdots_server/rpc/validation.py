@@ -9,7 +9,7 @@ import math
 from pairdots.v1 import pairdots_pb2 as pb
 from pairdots_server.core.curvature import Curvature
 from pairdots_server.errors import FieldViolation, InvalidArgument
-from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings
+from pairdots_server.influence.solver_policy import PRECOMPUTED, SolverChoice, SolverSettings
 
 CURVATURES = {
     pb.CURVATURE_UNSPECIFIED: None,
@@ -26,6 +26,10 @@ SOLVERS = {
     pb.SOLVER_DIAGONAL: SolverChoice.DIAGONAL,
     pb.SOLVER_IDENTITY: SolverChoice.IDENTITY,
 }
+
+
+# SolverOptions fields that only the iterative solvers use (LiSSA; CG uses the first two)
+ITERATIVE_ONLY = ("max_iterations", "tolerance", "scale", "repeats", "batch_size", "seed")
 
 
 class Violations:
@@ -68,6 +72,17 @@ def solver_settings(v: Violations, s: pb.SolverOptions, prefix: str) -> SolverSe
             return None
         return int(value)
 
+    if method in PRECOMPUTED:
+        name_ = f"SOLVER_{method.name}"  # type: ignore[union-attr]
+        if curvature is Curvature.HESSIAN:
+            v.add(f"{prefix}.curvature", f"{name_} solves with curvature fitted when the bundle "
+                  "was prepared; for CURVATURE_HESSIAN choose SOLVER_LISSA, "
+                  "SOLVER_CONJUGATE_GRADIENT or SOLVER_EXACT")
+        for name in ITERATIVE_ONLY:
+            if s.HasField(name):
+                v.add(f"{prefix}.{name}", f"is not used by {name_} (a closed-form solve from "
+                      "precomputed factors; only damping applies); remove it or choose "
+                      "SOLVER_LISSA / SOLVER_CONJUGATE_GRADIENT")
     return SolverSettings(
         method=method,  # type: ignore[arg-type]
         curvature=curvature,  # type: ignore[arg-type]

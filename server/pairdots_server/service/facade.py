@@ -56,14 +56,16 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return sorted(self._models)
 
-    def get(self, name: str) -> ModelRuntime:
+    def get(self, name: str, field: str = "model") -> ModelRuntime:
+        """The served model `name`; `field` is the request field that named it (for the
+        BadRequest violation: `model` in Explain/Attack/Repair, `name` in GetModel)."""
         if not name:
-            raise InvalidArgument.for_field("model", "required: the name of a served model")
+            raise InvalidArgument.for_field(field, "required: the name of a served model")
         try:
             validate_bundle_name(name)
         except InvalidArgument:
             raise InvalidArgument.for_field(
-                "model", f"{name[:80]!r} is not a model name (lower-case letters, digits, '.', "
+                field, f"{name[:80]!r} is not a model name (lower-case letters, digits, '.', "
                 "'_', '-'; at most 63 characters; never a path)"
             ) from None
         with self._lock:
@@ -89,13 +91,15 @@ class PairdotsService:
         runtime = self.registry.get(model)
         limits = self.config.explain
         default_k = limits.default_candidates(runtime.n_train)
-        return await self.pool.run(
-            lambda tok: explain(
-                runtime, query, tok.check, default_candidates=default_k,
-                scoring_batch_size=limits.scoring_batch_size,
-            ),
-            token,
-        )
+
+        def work(tok: CancelToken) -> ExplainAnswer:
+            with runtime.compute.hold(tok):  # one computation per model at a time
+                return explain(
+                    runtime, query, tok.check, default_candidates=default_k,
+                    scoring_batch_size=limits.scoring_batch_size,
+                )
+
+        return await self.pool.run(work, token)
 
     def close(self) -> None:
         self.pool.shutdown()

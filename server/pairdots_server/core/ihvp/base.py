@@ -9,9 +9,11 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from pairdots_server.core.aliases import ShouldStop
+from pairdots_server.core.exceptions import NonFiniteInput
 
 
 @dataclass(frozen=True)
@@ -53,3 +55,9 @@ def check_vector(v: Tensor, num_params: int) -> None:
     """Raise ValueError unless v is a finite [P] vector."""
     if v.shape != (num_params,):
         raise ValueError(f"v has shape {tuple(v.shape)}, the scope has {num_params} parameters")
+    if not bool(torch.isfinite(v).all()):
+        bad = int((~torch.isfinite(v)).sum())
+        raise NonFiniteInput(
+            f"the right-hand side has {bad} non-finite (NaN/Inf) entries of {num_params}: the "
+            "gradient itself overflowed, before any solver ran; solver settings cannot fix it "
+            "(check the model's dtype and the input)")

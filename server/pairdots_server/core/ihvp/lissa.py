@@ -124,7 +124,7 @@ class LissaSolver(InverseHVPSolver):
     def _repeat(
         self, v: Tensor, damping: float, scale: float, repeat: int, should_stop: ShouldStop | None
     ) -> tuple[Tensor, int, float, bool]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + repeat)
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + repeat) % 2**64)  # uint64 seeds
         rho = 1.0 - damping / scale
         w = self.check_every
         factor = abs(rho) ** w / max(1.0 - abs(rho) ** w, 1e-12)

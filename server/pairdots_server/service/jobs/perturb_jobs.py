@@ -10,8 +10,9 @@ gives rpc/job_results.ENCODING: JobMetadata, AttackResult, RepairResult).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,16 +89,30 @@ def _provenance(kind: str, edits: Sequence[Edit], seed: int) -> dict[str, object
 
 def _retrain(
     rt: ModelRuntime, train: Sequence[Example], retrain: RetrainSpec | None,
-    examples: Sequence[Example], ctx: JobContext, report: ProgressReporter, env: JobEnv,
-    provenance: dict[str, object],
+    examples: Sequence[Example], report: ProgressReporter, env: JobEnv,
+    provenance: dict[str, object], should_stop: Callable[[], None],
 ) -> Evaluation | None:
     """Retrain on the edited training set and evaluate (None when no retraining is asked)."""
     if retrain is None:
         return None
     return retrain_and_evaluate(
-        rt, train, retrain, examples, ctx.check, report, output_root=env.output_root,
+        rt, train, retrain, examples, should_stop, report, output_root=env.output_root,
         provenance=provenance,
     )
+
+
+@contextlib.contextmanager
+def model_turns(rt: ModelRuntime, ctx: JobContext) -> Iterator[Callable[[], None]]:
+    """Hold the model's compute gate for the job (runtime.compute; the served model's torch
+    state is not thread-safe) and yield the job's `should_stop`: it checks for cancellation
+    and, when Explain calls wait for the model, lets them run first (every checkpoint:
+    between solver iterations, scoring batches, optimiser steps)."""
+    with rt.compute.hold(ctx.token, bounded=False) as gate:
+        def should_stop() -> None:
+            ctx.check()
+            gate.pause(ctx.token)
+
+        yield should_stop
 
 
 def attack_job(rt: ModelRuntime, q: AttackQuery, retrain: RetrainSpec | None, env: JobEnv
@@ -107,12 +122,13 @@ def attack_job(rt: ModelRuntime, q: AttackQuery, retrain: RetrainSpec | None, en
     def run(ctx: JobContext) -> JobResult:
         report = ProgressReporter(ctx, "attack", rt.name, env.encoding)
         report("explaining", 0, len(q.examples))
-        out = run_attack(
-            rt, q, ctx.check, report, default_candidates=env.default_candidates,
-            scoring_batch_size=env.scoring_batch_size,
-        )
-        ev = _retrain(rt, out.train, retrain, q.examples, ctx, report, env,
-                      _provenance("attack", out.edits, q.seed))
+        with model_turns(rt, ctx) as should_stop:
+            out = run_attack(
+                rt, q, should_stop, report, default_candidates=env.default_candidates,
+                scoring_batch_size=env.scoring_batch_size,
+            )
+            ev = _retrain(rt, out.train, retrain, q.examples, report, env,
+                          _provenance("attack", out.edits, q.seed), should_stop)
         report("done", 1, 1)
         return env.encoding.attack(out, ev)
 
@@ -125,12 +141,13 @@ def repair_job(rt: ModelRuntime, q: RepairQuery, retrain: RetrainSpec | None, en
 
     def run(ctx: JobContext) -> JobResult:
         report = ProgressReporter(ctx, "repair", rt.name, env.encoding)
-        out = run_repair(
-            rt, q, ctx.check, report, default_candidates=env.default_candidates,
-            scoring_batch_size=env.scoring_batch_size,
-        )
-        ev = _retrain(rt, out.train, retrain, q.examples, ctx, report, env,
-                      _provenance("repair", out.edits, q.seed))
+        with model_turns(rt, ctx) as should_stop:
+            out = run_repair(
+                rt, q, should_stop, report, default_candidates=env.default_candidates,
+                scoring_batch_size=env.scoring_batch_size,
+            )
+            ev = _retrain(rt, out.train, retrain, q.examples, report, env,
+                          _provenance("repair", out.edits, q.seed), should_stop)
         report("done", 1, 1)
         return env.encoding.repair(out, ev)
 

@@ -172,13 +172,24 @@ class JobRunner:
 
     # -- public API ----------------------------------------------------------------------------
 
-    def submit(self, kind: str, request_type: str, request_bytes: bytes, fn: JobFn) -> JobRecord:
+    def submit(self, kind: str, request_type: str, request_bytes: bytes, fn: JobFn, *,
+               request_id: str = "", fingerprint: str = "",
+               metadata: tuple[str, bytes] | None = None) -> JobRecord:
         """Record a PENDING operation and queue `fn` to run; returns the new record at once.
+
+        `request_id` (AIP-155): when an operation was already created for it (with the same
+        `fingerprint`, a digest of the request without its id) that operation is returned and
+        nothing new runs; another fingerprint is AlreadyExists. `metadata` (type URL, bytes)
+        is the operation's initial progress metadata.
 
         Raises ResourceExhausted when `max_queued` jobs are already waiting or running, and
         Unavailable after shutdown() began.
         """
         with self._cond:
+            if request_id:
+                existing = self.store.find_request(request_id, fingerprint)
+                if existing is not None:
+                    return existing
             if self._closing:
                 raise errors.Unavailable(
                     "the server is shutting down and accepts no new jobs; retry on another "
@@ -191,6 +202,10 @@ class JobRunner:
                     retry_after_s=self._retry_after_locked(),
                 )
             record = self.store.create(kind, request_type, request_bytes)
+            if metadata is not None:
+                record = self.store.update_metadata(record.name, *metadata)
+            if request_id:
+                self.store.remember_request(request_id, fingerprint, record.name)
             job = _Job(name=record.name, kind=kind, fn=fn)
             self._jobs[record.name] = job
             if len(self._workers) < self.max_concurrent:

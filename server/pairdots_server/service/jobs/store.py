@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pairdots_server.errors import FailedPrecondition, InvalidArgument, NotFound
+from pairdots_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 SCHEMA_VERSION = 1
 
@@ -123,6 +123,15 @@ CREATE TABLE IF NOT EXISTS operations (
 );
 CREATE INDEX IF NOT EXISTS operations_kind_seq ON operations (kind, seq);
 CREATE INDEX IF NOT EXISTS operations_state_seq ON operations (state, seq);
+"""
+
+
+_REQUEST_IDS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS request_ids (
+    request_id  TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    fingerprint TEXT NOT NULL
+)
 """
 
 
@@ -218,6 +227,8 @@ class JobStore:
                 conn.execute(stmt)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
+        # AIP-155 idempotency keys (an additive table: older servers ignore it)
+        conn.execute(_REQUEST_IDS_SCHEMA)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -246,8 +257,9 @@ class JobStore:
     def _get(conn: sqlite3.Connection, name: str) -> JobRecord:
         row = conn.execute(f"SELECT {_COLUMNS} FROM operations WHERE name = ?", (name,)).fetchone()
         if row is None:
+            shown = name if len(name) <= 100 else name[:100] + f"... ({len(name)} characters)"
             raise NotFound(
-                f"operation {name!r} does not exist (it was never created or was deleted); "
+                f"operation {shown!r} does not exist (it was never created or was deleted); "
                 "list the existing ones with ListOperations"
             )
         return _row_to_record(row)
@@ -325,6 +337,34 @@ class JobStore:
                 (name, kind, JobState.PENDING.value, now, now, request_type, bytes(request_bytes)),
             )
             return self._get(conn, name)
+
+    def find_request(self, request_id: str, fingerprint: str) -> JobRecord | None:
+        """The operation created for `request_id` (AIP-155), or None when there is none (never
+        used, or its operation was deleted). AlreadyExists when the key was used for a
+        different request (another `fingerprint`)."""
+        with self._tx() as conn:
+            row = conn.execute("SELECT name, fingerprint FROM request_ids WHERE request_id = ?",
+                               (request_id,)).fetchone()
+            if row is None:
+                return None
+            name, seen = row
+            try:
+                record = self._get(conn, name)
+            except NotFound:
+                conn.execute("DELETE FROM request_ids WHERE request_id = ?", (request_id,))
+                return None
+        if seen != fingerprint:
+            raise AlreadyExists(
+                f"request_id {request_id[:128]!r} was already used for a different request "
+                f"(operation {name}); use a new request_id for a new request",
+                reason="REQUEST_ID_REUSED")
+        return record
+
+    def remember_request(self, request_id: str, fingerprint: str, name: str) -> None:
+        """Record that `request_id` created operation `name`."""
+        with self._tx() as conn:
+            conn.execute("INSERT OR REPLACE INTO request_ids (request_id, name, fingerprint) "
+                         "VALUES (?, ?, ?)", (request_id, name, fingerprint))
 
     def _transition(
         self, name: str, allowed_from: Collection[str], assignments: str, args: tuple[Any, ...]
