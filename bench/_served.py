@@ -31,14 +31,15 @@ def tiny_root(root: Path) -> Path:
     """<root>/tiny with an index and low-rank factors (built when missing)."""
     if (root / "tiny" / "manifest.json").is_file():
         return root
-    from pairdots_server.artifacts import (
+    from pairdots_server.influence.artifacts import (
         ArtifactConfig,
         build_index_dir,
         index_files,
         lowrank_bytes,
     )
-    from pairdots_server.bundle import load_bundle, update_bundle
-    from pairdots_server.runtime import LOWRANK_FILE, ModelRuntime
+    from pairdots_server.influence.runtime import LOWRANK_FILE, ModelRuntime
+    from pairdots_server.storage.bundle import load_bundle
+    from pairdots_server.storage.update import update_bundle
     from pairdots_server.testing import make_tiny_bundle
 
     path = make_tiny_bundle(root, "tiny", n_train=64)

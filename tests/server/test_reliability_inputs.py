@@ -20,7 +20,7 @@ from pdserver_util import RunningServer, start_server
 from pairdots.v1 import pairdots_pb2 as pb
 from pairdots.v1 import pairdots_pb2_grpc as pbg
 from pairdots_server.config import ServerConfig
-from pairdots_server.jobs.store import JobStore
+from pairdots_server.service.jobs.store import JobStore
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -246,14 +246,14 @@ def test_item11_interrupted_operation_metadata(bundle_root: Path, tmp_path: Path
 
 def test_item13_non_finite_gradient_is_named(server: RunningServer, stub: Any,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    import pairdots_server.explain as explain_mod
+    import pairdots_server.influence.pipeline as pipeline_mod
 
-    real = explain_mod.grad_theta_word_score
+    real = pipeline_mod.measurement_gradient
 
     def nan_grad(*a: Any, **k: Any) -> torch.Tensor:
         return torch.full_like(real(*a, **k), float("nan"))
 
-    monkeypatch.setattr(explain_mod, "grad_theta_word_score", nan_grad)
+    monkeypatch.setattr(pipeline_mod, "measurement_gradient", nan_grad)
     req = pb.ExplainRequest(model="tiny", text="a great film .", top_words=1)
     req.influence.solver.solver = pb.SOLVER_CONJUGATE_GRADIENT
     req.influence.solver.seed = 99  # not cached
@@ -263,7 +263,7 @@ def test_item13_non_finite_gradient_is_named(server: RunningServer, stub: Any,
 
 
 def test_item13_scope_all_has_no_zero_word_embedding_block() -> None:
-    from pairdots_server.task import ScopeSpec
+    from pairdots_server.model.scope import ScopeSpec
     from pairdots_server.testing import make_tiny_task
 
     task = make_tiny_task()

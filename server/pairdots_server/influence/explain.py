@@ -32,6 +32,7 @@ from pairdots_server.influence.settings import (
     WordCandidates,
     WordMeasurement,
 )
+from pairdots_server.influence.solver_policy import solver_warnings
 
 # -- query ---------------------------------------------------------------------------------
 
@@ -258,11 +259,15 @@ def _check_labels(rt: ModelRuntime, q: ExplainQuery) -> None:
 def _warn_unconverged(
     warnings: list[str], diag: dict[str, float | int | bool | str], what: str
 ) -> None:
+    """A warning when the solve did not converge, and the solver's own (e.g. the low-rank
+    tail: λ_{k+1}/δ > 1 or a Ritz residual > 0.1), each once per answer."""
+    texts = solver_warnings(diag)
     if not diag["converged"]:
-        warnings.append(
+        texts.insert(0,
             f"s_test for {what} did not converge (relative change {diag['rel_change']:.3g} "
             f"after {diag['iterations']} iterations); raise max_iterations or damping"
         )
+    warnings.extend(t for t in texts if t not in warnings)
 
 
 def _ranked_examples(
