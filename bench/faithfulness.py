@@ -15,8 +15,9 @@ computed once and cached; a retrain then costs one transformer layer per example
   supporters should lower f. Reported: fraction of queries where it did, and the mean changes.
 
 Measurements f: pred (margin of the predicted label) and occ (c_w of the top occlusion word,
-core/measure.py). Curvatures: identity, lowrank (bundle), diagonal (empirical Fisher diagonal +
-0.1 × mean).
+core/measure.py). Curvatures: the service's solvers with their default damping (identity,
+low_rank, diagonal, ekfac from the bundle's artifacts; `--curvatures`). LiSSA is left out by
+default: one solve costs about two minutes on this CPU.
 
   python3 bench/faithfulness.py --bundle bundles/minilm-sst2 --queries 20 --subsets 30
 """
@@ -37,7 +38,6 @@ from _results import write_result
 from torch import Tensor
 from torch.func import functional_call
 
-from pairdots_server.core.ihvp.lowrank import LowRankSolver
 from pairdots_server.core.measure import (
     grad_theta_margin,
     grad_theta_occlusion,
@@ -46,6 +46,7 @@ from pairdots_server.core.measure import (
     word_occlusion,
 )
 from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings, solve_s_test
 from pairdots_server.influence.wordmatch import words_of
 
 
@@ -122,6 +123,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="faithfulness")
+    ap.add_argument("--curvatures", default="identity,low_rank,diagonal,ekfac",
+                    help="solvers (SolverChoice values) whose influence is checked")
+    ap.add_argument("--removal-curvatures", default="ekfac,identity")
+    ap.add_argument("--prox", type=float, default=0.05,
+                    help="λ of the proximal term (λ/2)‖θ − θ*‖² of the retrain objective")
     args = ap.parse_args()
 
     rt, _ = load_runtime(args.bundle, args.threads)
@@ -129,8 +135,7 @@ def main() -> None:
     n = rt.n_train
     sm = ScopeModel(rt)
     theta0 = {k: v.detach().clone() for k, v in rt.params.items()}
-    lr_solver = LowRankSolver(rt.lowrank(), 0.01 * float(rt.lowrank().eigvals.max()))
-    prox = lr_solver.damping if hasattr(lr_solver, "damping") else 0.01
+    prox = args.prox
 
     # -- cache the hidden states entering the scope ----------------------------------------
     t0 = time.perf_counter()
@@ -176,15 +181,22 @@ def main() -> None:
         if len(queries) == args.queries:
             break
     G = torch.stack(grads, 1).float()  # [P, 2Q]: columns pred0, occ0, pred1, occ1, ...
-    blocks = [G, torch.stack([lr_solver.solve(G[:, j]).x.float() for j in range(G.shape[1])], 1)]
-    (s_id, s_lr), diag_sum = training_pass(rt, blocks, 32, True)
-    del blocks
-    assert diag_sum is not None
-    diag = diag_sum / n
-    G /= (diag + 0.1 * float(diag.mean()))[:, None]
-    (s_dg,), _ = training_pass(rt, [G], 32, False)
-    del G
-    scores = {"identity": s_id, "lowrank": s_lr, "diagonal": s_dg}  # [N, 2Q] each
+    # s_test per curvature with the service's own solver policy and default damping
+    blocks, damping = [], {}
+    for name in args.curvatures.split(","):
+        settings = SolverSettings(method=SolverChoice(name))
+        cols = []
+        for j in range(G.shape[1]):
+            x, diag = solve_s_test(rt, G[:, j].to(rt.task.dtype), settings, lambda: None)
+            cols.append(x.float())
+        damping[name] = {k: diag.get(k) for k in ("effective_damping", "damping_rule")}
+        blocks.append(torch.stack(cols, 1))
+    names = args.curvatures.split(",")
+    t_pass = time.perf_counter()
+    outs, _ = training_pass(rt, blocks, 32, False)
+    pass_s = time.perf_counter() - t_pass
+    del blocks, G
+    scores = dict(zip(names, outs))  # [N, 2Q] each
 
     def measure(params: Mapping[str, Tensor]) -> list[tuple[float, float]]:
         out = []
@@ -244,7 +256,7 @@ def main() -> None:
         drop = set(random.Random(100 + qi).sample(range(n), k_rm))
         after = retrain([i for i in range(n) if i not in drop], seed=0)
         rnd.append([after[qi][mi] - base[qi][mi] for mi in range(2)])
-    for curv in ("lowrank", "diagonal", "identity"):
+    for curv in args.removal_curvatures.split(","):
         for mi, meas in enumerate(("pred", "occ")):
             deltas = []
             for qi in range(rq):
@@ -267,8 +279,8 @@ def main() -> None:
         "retrain": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                     "proximal_lambda": prox, "optimizer": "adam"},
         "subsets": len(subsets), "removed_per_query": k_rm,
-        "lds": lds, "removal": removal,
-        "seconds": {"lds": lds_s, "removal": time.perf_counter() - t2},
+        "lds": lds, "removal": removal, "damping": damping,
+        "seconds": {"exact_pass": pass_s, "lds": lds_s, "removal": time.perf_counter() - t2},
     })
     log(f"wrote {path}")
 

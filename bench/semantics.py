@@ -16,10 +16,11 @@ Measurements (core/measure.py, core/saliency.py):
   pred_w   f = margin, candidates restricted to examples containing the top occlusion word
   l2logp   the first-wave default: w = ‖∇_e log p_y‖ summed over the word's pieces, words ranked
            by it (double backprop)
-Curvatures: identity (gradient dot product), lowrank (the bundle's rank-k GGN + 0.01 λ_max),
-diagonal (empirical Fisher diagonal over the whole training set + 0.1 × its mean), ekfac
-(EK-FAC of the sampled Fisher per Linear layer of the scope over the whole training set,
-kronfluence's heuristic damping 0.1 × mean eigenvalue per block; diagonal for LayerNorm).
+Curvatures: the service's solvers with their default damping (`--curvatures`): identity
+(gradient dot product), low_rank (the bundle's rank-k GGN + 0.01 λ_max), diagonal (empirical
+Fisher diagonal over the whole training set + 0.1 × its mean), ekfac (EK-FAC of the sampled
+Fisher per Linear layer of the scope over the whole training set, 0.1 × mean eigenvalue per
+block; diagonal for LayerNorm). ekfac/diagonal need `pairdots curvature fit` on the bundle.
 Candidate rules: all (every training example) and present (only examples containing the word).
 
 Scoring is exhaustive and exact: one pass of per-example gradients over the training set
@@ -41,9 +42,6 @@ from _influence import training_pass
 from _results import write_result
 from torch import Tensor
 
-from pairdots_server.core.ihvp.kfac import EKFACSolver
-from pairdots_server.core.ihvp.lowrank import LowRankSolver
-from pairdots_server.core.kfac_fit import fit_ekfac
 from pairdots_server.core.measure import grad_theta_margin, grad_theta_occlusion, word_occlusion
 from pairdots_server.core.saliency import (
     Target,
@@ -52,6 +50,7 @@ from pairdots_server.core.saliency import (
     token_saliency,
     word_scores,
 )
+from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings, solve_s_test
 from pairdots_server.influence.wordmatch import WordIndex, stem, words_of
 from pairdots_server.perturb.lexicon import default_lexicon
 
@@ -89,6 +88,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--top", type=int, default=5)
     ap.add_argument("--name", default="semantics")
+    ap.add_argument("--curvatures", default="identity,low_rank,diagonal,ekfac",
+                    help="solvers (SolverChoice values) to compare")
     args = ap.parse_args()
 
     rt, load_s = load_runtime(args.bundle, args.threads)
@@ -98,10 +99,6 @@ def main() -> None:
     widx = WordIndex([ex.text for ex in train])
     lex = default_lexicon()
     sentences = sample_sentences(args.n, args.seed, "test")
-    lowrank = LowRankSolver(
-        rt.lowrank(), float(rt.defaults.get("lowrank_damping", 0.0))
-        or 0.01 * float(rt.lowrank().eigvals.max()),
-    ) if rt.has_lowrank else None
     log(f"loaded {args.bundle} in {load_s:.1f} s; {len(sentences)} sentences")
 
     # -- per sentence: prediction, top words, measurement gradients -----------------------
@@ -161,36 +158,26 @@ def main() -> None:
     m = G.shape[1]
     log(f"{len(rows)} sentences, {m} measurement gradients in {grad_s:.0f} s")
 
-    # -- curvatures: pass 1 = identity + low-rank (and the Fisher diagonal) ------------------
-    blocks: list[Tensor] = [G]
-    names = ["identity"]
-    if lowrank is not None:
-        blocks.append(torch.stack([lowrank.solve(G[:, j]).x.float() for j in range(m)], 1))
-        names.append("lowrank")
+    # -- s_test per curvature (the service's solvers, default damping), one exact pass -------
+    names = args.curvatures.split(",")
+    blocks, damping = [], {}
+    t_solve = time.perf_counter()
+    for name in names:
+        settings = SolverSettings(method=SolverChoice(name))
+        cols = []
+        for j in range(m):
+            x, diag = solve_s_test(rt, G[:, j].to(task.dtype), settings, lambda: None)
+            cols.append(x.float())
+        damping[name] = {k: diag.get(k) for k in ("effective_damping", "damping_rule")}
+        blocks.append(torch.stack(cols, 1))
+    solve_s = time.perf_counter() - t_solve
+    del G
     t1 = time.perf_counter()
-    scores1, diag_sum = training_pass(rt, blocks, args.batch_size, True)
+    outs, _ = training_pass(rt, blocks, args.batch_size, False)
+    pass_s = time.perf_counter() - t1
     del blocks
-    pass1_s = time.perf_counter() - t1
-    assert diag_sum is not None
-    diag = diag_sum / rt.n_train
-    damp = 0.1 * float(diag.mean())
-    t_fit = time.perf_counter()
-    ekfac = EKFACSolver(fit_ekfac(
-        task.model, rt.params, task.logits_fn,
-        rt.curvature_sample(rt.n_train, args.batch_size, args.seed),
-    ))
-    fit_s = time.perf_counter() - t_fit
-    log(f"EK-FAC fitted on {rt.n_train} examples in {fit_s:.0f} s")
-    ek_block = torch.stack([ekfac.solve(G[:, j]).x.float() for j in range(m)], 1)
-    G /= (diag + damp)[:, None]  # in place: the identity block is no longer needed
-    t2 = time.perf_counter()
-    (scores2, scores3), _ = training_pass(rt, [G, ek_block], args.batch_size, False)
-    del ek_block
-    pass2_s = time.perf_counter() - t2
-    all_scores = dict(zip(names, scores1))
-    all_scores["diagonal"] = scores2
-    all_scores["ekfac"] = scores3
-    log(f"passes: {pass1_s:.0f} s + {pass2_s:.0f} s")
+    all_scores = dict(zip(names, outs))
+    log(f"solves {solve_s:.0f} s, exact pass {pass_s:.0f} s")
 
     # -- metrics ---------------------------------------------------------------------------
     def family(word: str) -> set[str]:
@@ -251,9 +238,8 @@ def main() -> None:
                     f"{k}={v:.3f}" for k, v in res.items() if isinstance(v, float)))
     path = write_result(args.name, {
         "bundle": args.bundle, "sentences": len(rows), "seed": args.seed,
-        "measurement_gradients": m, "diag_damping": damp,
-        "seconds": {"load": load_s, "gradients": grad_s, "pass1": pass1_s, "pass2": pass2_s,
-                    "ekfac_fit": fit_s},
+        "measurement_gradients": m, "damping": damping,
+        "seconds": {"load": load_s, "gradients": grad_s, "solves": solve_s, "exact_pass": pass_s},
         "results": results,
         "examples": [q for q in per_query if q["text"] == rows[0]["text"]],
     })
