@@ -1,7 +1,9 @@
 """Domain exceptions with actionable messages.
 
-No gRPC import here: the RPC layer maps each class to a status code in one place
-(rpc/interceptors.py). Every message must say what the caller or operator should change.
+No gRPC import here. The one error table, `CODES` (class → google.rpc.Code int, as the
+neutral `Code` names), and `code_for` live at the end of this module; rpc/status.py turns
+them into grpc status codes and rich statuses, the job runner stores them on failed
+operations. Every message must say what the caller or operator should change.
 """
 
 from __future__ import annotations
@@ -116,6 +118,59 @@ class Unavailable(PairdotsError):
     """The server is draining or not ready. Maps to UNAVAILABLE."""
 
     reason = "UNAVAILABLE"
+
+
+class Code:
+    """google.rpc.Code values (the same ints as google.rpc.code_pb2; no gRPC import)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    UNAUTHENTICATED = 16
+
+
+#: The error table: domain class → google.rpc.Code. Looked up along the exception's MRO, so
+#: a subclass (BundleError, DataError, SolverDiverged) takes its base's code.
+CODES: dict[type[PairdotsError], int] = {
+    InvalidArgument: Code.INVALID_ARGUMENT,
+    NotFound: Code.NOT_FOUND,
+    AlreadyExists: Code.ALREADY_EXISTS,
+    FailedPrecondition: Code.FAILED_PRECONDITION,
+    ResourceExhausted: Code.RESOURCE_EXHAUSTED,
+    Cancelled: Code.CANCELLED,
+    DeadlineExceeded: Code.DEADLINE_EXCEEDED,
+    Unavailable: Code.UNAVAILABLE,
+}
+
+#: The one fallback, for any exception the table does not name (a bare PairdotsError, or
+#: anything else): INTERNAL. The RPC layer answers it with an incident id and logs the
+#: traceback; a job records it as a failed operation.
+FALLBACK_CODE = Code.INTERNAL
+
+
+def mapped_code(exc: BaseException) -> int | None:
+    """The table's google.rpc.Code for `exc`, or None when no class on its MRO is listed."""
+    for klass in type(exc).__mro__:
+        code = CODES.get(klass)
+        if code is not None:
+            return int(code)
+    return None
+
+
+def code_for(exc: BaseException) -> int:
+    """The google.rpc.Code int for `exc`: its table entry, else FALLBACK_CODE (INTERNAL)."""
+    code = mapped_code(exc)
+    return int(FALLBACK_CODE) if code is None else code
 
 
 @dataclass

@@ -20,7 +20,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from pairdots_server import errors
-from pairdots_server.rpc.status import DOMAIN, to_status
+from pairdots_server.rpc.status import DOMAIN, is_mapped, to_status
 
 log = logging.getLogger("pairdots.rpc")
 
@@ -80,9 +80,23 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
+async def _abort_internal(context: grpc.aio.ServicerContext, method: str) -> None:
+    """The one fallback for an exception the error table does not name: INTERNAL with an
+    incident id that finds the traceback in the log (never a bare UNKNOWN)."""
+    incident = uuid.uuid4().hex[:12]
+    log.exception("unexpected error in %s (incident %s)", method, incident)
+    await abort_with_info(
+        context, grpc.StatusCode.INTERNAL,
+        f"internal error (incident {incident}); this is a server bug, "
+        "please report it with the incident id", "INTERNAL",
+        incident=incident,
+    )
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Maps domain errors to their status; anything unexpected becomes INTERNAL with an id
-    to find the logged traceback (never a bare UNKNOWN)."""
+    """Maps domain errors to their status (rpc/status.py, from the table errors.CODES);
+    anything the table does not name becomes INTERNAL with an id to find the logged
+    traceback (never a bare UNKNOWN)."""
 
     async def intercept_service(
         self, continuation: Continuation, details: grpc.HandlerCallDetails
@@ -102,18 +116,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 except grpc.aio.AbortError:
                     raise
                 except errors.PairdotsError as exc:
-                    await abort_with(context, exc)
+                    if is_mapped(exc):
+                        await abort_with(context, exc)
+                    else:  # a class the table does not name: the fallback below
+                        await _abort_internal(context, method)
                 except asyncio.CancelledError:
                     raise
-                except Exception:
-                    incident = uuid.uuid4().hex[:12]
-                    log.exception("unexpected error in %s (incident %s)", method, incident)
-                    await abort_with_info(
-                        context, grpc.StatusCode.INTERNAL,
-                        f"internal error (incident {incident}); this is a server bug, "
-                        "please report it with the incident id", "INTERNAL",
-                        incident=incident,
-                    )
+                except Exception:  # noqa: BLE001 (logged with its traceback by _abort_internal)
+                    await _abort_internal(context, method)
 
             return behaviour
 

@@ -38,22 +38,22 @@ from typing import Any, NoReturn
 import grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import any_pb2, empty_pb2
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from pairdots.v1 import pairdots_pb2 as pb
 from pairdots_server import errors
-from pairdots_server.service.jobs.runner import Code, JobRunner, status_code_for
+from pairdots_server.rpc.status import DOMAIN, to_status
+from pairdots_server.service.jobs.runner import Code, JobRunner
 from pairdots_server.service.jobs.store import INTERRUPTED_REASON, JobRecord, JobState, JobStore
 
 JOB_METADATA_TYPE = "type.googleapis.com/" + pb.JobMetadata.DESCRIPTOR.full_name
 
-DOMAIN = "pairdots.dev"
 DEFAULT_WAIT_S = 60.0
 MAX_WAIT_S = 60.0
 _DEADLINE_MARGIN_S = 0.2
 _POLL_S = 1.0
 
-_CODE_BY_INT: dict[int, grpc.StatusCode] = {sc.value[0]: sc for sc in grpc.StatusCode}
 _TERM_RE = re.compile(r'^\s*(\w+)\s*=\s*(?:"([^"]*)"|([A-Za-z0-9_]+))\s*$')
 _AND_RE = re.compile(r"\s+AND\s+")
 _PARENTS = ("", "operations", "operations/")
@@ -169,25 +169,10 @@ def parse_filter(text: str) -> tuple[str | None, set[JobState] | None]:
 
 async def abort_with_error(context: grpc.aio.ServicerContext[Any, Any],
                            exc: errors.PairdotsError) -> NoReturn:
-    """Abort the RPC with the status code of `exc`, its message, and a google.rpc.Status in the
-    `grpc-status-details-bin` trailer (ErrorInfo; BadRequest / RetryInfo when present)."""
-    code = status_code_for(exc)
-    status = status_pb2.Status(code=code, message=exc.message)
-    status.details.append(_error_info(exc.reason))
-    if isinstance(exc, errors.InvalidArgument) and exc.violations:
-        bad = error_details_pb2.BadRequest()
-        for v in exc.violations:
-            bad.field_violations.add(field=v.field, description=v.description)
-        status.details.add().Pack(bad)
-    if isinstance(exc, errors.ResourceExhausted) and exc.retry_after_s is not None:
-        retry = error_details_pb2.RetryInfo()
-        retry.retry_delay.FromNanoseconds(int(exc.retry_after_s * 1e9))
-        status.details.add().Pack(retry)
-    await context.abort(
-        _CODE_BY_INT.get(code, grpc.StatusCode.INTERNAL),
-        exc.message,
-        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
-    )
+    """Abort the RPC with the status code of `exc` (the one table, errors.CODES), its message,
+    and a google.rpc.Status in the `grpc-status-details-bin` trailer (ErrorInfo; BadRequest /
+    RetryInfo when present): the same status the ErrorInterceptor gives (rpc/status.py)."""
+    await context.abort_with_status(rpc_status.to_status(to_status(exc)))
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 

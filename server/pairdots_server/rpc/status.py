@@ -1,4 +1,4 @@
-"""Domain error → gRPC status with google.rpc details, in one table.
+"""Domain error → gRPC status with google.rpc details, from the one table (errors.CODES).
 
 ErrorInfo (domain "pairdots.dev", the exception's stable reason) is always attached;
 BadRequest field violations for InvalidArgument; RetryInfo for ResourceExhausted.
@@ -16,24 +16,24 @@ from pairdots_server import errors
 
 DOMAIN = "pairdots.dev"
 
-# Most specific class first: isinstance picks the first match.
-_CODES: tuple[tuple[type[errors.PairdotsError], grpc.StatusCode], ...] = (
-    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
-    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.Cancelled, grpc.StatusCode.CANCELLED),
-    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
-)
+#: google.rpc.Code int → grpc.StatusCode.
+_STATUS_BY_INT: dict[int, grpc.StatusCode] = {sc.value[0]: sc for sc in grpc.StatusCode}
+
+
+def grpc_code(code: int) -> grpc.StatusCode:
+    """The grpc.StatusCode of a google.rpc.Code int (INTERNAL for an unknown int)."""
+    return _STATUS_BY_INT.get(code, grpc.StatusCode.INTERNAL)
+
+
+def is_mapped(exc: BaseException) -> bool:
+    """Whether the error table (errors.CODES) names a class of `exc`; the interceptor treats
+    an unmapped one as unexpected (INTERNAL with an incident id)."""
+    return errors.mapped_code(exc) is not None
 
 
 def code_for(exc: errors.PairdotsError) -> grpc.StatusCode:
-    for cls, code in _CODES:
-        if isinstance(exc, cls):
-            return code
-    return grpc.StatusCode.FAILED_PRECONDITION
+    """The grpc status code of a domain error, from the one table (errors.code_for)."""
+    return grpc_code(errors.code_for(exc))
 
 
 def _pack(msg: object) -> any_pb2.Any:
@@ -63,7 +63,7 @@ def to_status(exc: errors.PairdotsError) -> status_pb2.Status:
 
 def code_int(exc: errors.PairdotsError) -> int:
     """google.rpc.Code value of a domain error (for the job store, which has no grpc import)."""
-    return int(code_for(exc).value[0])
+    return errors.code_for(exc)
 
 
 INTERNAL_CODE = code_pb2.INTERNAL

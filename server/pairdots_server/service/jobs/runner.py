@@ -9,7 +9,8 @@ Pass `ctx.check` as the `should_stop` callback of core code.
 Outcome mapping (google.rpc.Code values, ints, no gRPC import):
   * fn returns            → SUCCEEDED with the returned result
   * CancelOperation       → CANCELLED (code 1) at once; the thread stops at its next check
-  * fn raises PairdotsError → FAILED with the code of its class, its reason and message
+  * fn raises PairdotsError → FAILED with its code from the error table (errors.CODES; INTERNAL
+                            for a class the table does not name), its reason and message
   * any other exception   → FAILED with INTERNAL (13); the traceback goes to the log
   * shutdown()            → FAILED, code ABORTED (10), reason INTERRUPTED
 
@@ -42,44 +43,12 @@ JobResult = tuple[str, bytes]
 JobFn = Callable[["JobContext"], JobResult]
 Listener = Callable[[str], None]
 
-class Code:
-    """google.rpc.Code values used here (same ints as google.rpc.code_pb2; no import needed)."""
-
-    CANCELLED = 1
-    INVALID_ARGUMENT = 3
-    DEADLINE_EXCEEDED = 4
-    NOT_FOUND = 5
-    ALREADY_EXISTS = 6
-    RESOURCE_EXHAUSTED = 8
-    FAILED_PRECONDITION = 9
-    ABORTED = 10
-    INTERNAL = 13
-    UNAVAILABLE = 14
-
-
-#: Exception class → google.rpc.Code; looked up along the exception's MRO (most specific first).
-_CODES: dict[type, int] = {
-    errors.InvalidArgument: Code.INVALID_ARGUMENT,
-    errors.NotFound: Code.NOT_FOUND,
-    errors.AlreadyExists: Code.ALREADY_EXISTS,
-    errors.FailedPrecondition: Code.FAILED_PRECONDITION,
-    errors.ResourceExhausted: Code.RESOURCE_EXHAUSTED,
-    errors.Cancelled: Code.CANCELLED,
-    errors.DeadlineExceeded: Code.DEADLINE_EXCEEDED,
-    errors.Unavailable: Code.UNAVAILABLE,
-}
+#: google.rpc.Code names and the one error table (errors.CODES); re-exported here.
+Code = errors.Code
+status_code_for = errors.code_for
 
 _DEFAULT_RETRY_AFTER_S = 30.0
 _MAX_RETRY_AFTER_S = 3600.0
-
-
-def status_code_for(exc: BaseException) -> int:
-    """The google.rpc.Code int for a domain exception (INTERNAL for anything unmapped)."""
-    for klass in type(exc).__mro__:
-        code = _CODES.get(klass)
-        if code is not None:
-            return int(code)
-    return int(Code.INTERNAL)
 
 
 class JobContext:

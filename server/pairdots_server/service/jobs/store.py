@@ -35,13 +35,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pairdots_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from pairdots_server.errors import (
+    AlreadyExists,
+    Code,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
 
 SCHEMA_VERSION = 1
 
-#: google.rpc.Code values (kept as ints so this module needs no gRPC import).
-CODE_CANCELLED = 1
-CODE_ABORTED = 10
+#: google.rpc.Code values (errors.Code: ints, no gRPC import).
+CODE_CANCELLED = Code.CANCELLED
+CODE_ABORTED = Code.ABORTED
 
 INTERRUPTED_REASON = "INTERRUPTED"
 INTERRUPTED_MESSAGE = "the server stopped while this job ran; submit it again"
