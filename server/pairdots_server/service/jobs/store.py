@@ -16,176 +16,47 @@ before any runner submits). The store is meant for a single serving process per 
 readers (e.g. a CLI listing jobs) are fine thanks to WAL mode.
 
 Thread safety: one connection shared under a lock; every method is a short transaction.
+The schema and its migration, the row mapping and the page tokens are in rows.py.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import builtins
-import enum
-import re
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pairdots_server.errors import (
     AlreadyExists,
-    Code,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
 )
-
-SCHEMA_VERSION = 1
-
-#: google.rpc.Code values (errors.Code: ints, no gRPC import).
-CODE_CANCELLED = Code.CANCELLED
-CODE_ABORTED = Code.ABORTED
-
-INTERRUPTED_REASON = "INTERRUPTED"
-INTERRUPTED_MESSAGE = "the server stopped while this job ran; submit it again"
-CANCELLED_REASON = "CANCELLED"
-CANCELLED_MESSAGE = "cancelled by the caller (CancelOperation)"
-
-_KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-_TOKEN_PREFIX = "v1"
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
-
-
-class JobState(str, enum.Enum):
-    """Lifecycle state of one operation."""
-
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-
-    @property
-    def done(self) -> bool:
-        """True for the terminal states (Operation.done)."""
-        return self in _TERMINAL
-
-
-_TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-_ACTIVE = (JobState.PENDING.value, JobState.RUNNING.value)
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """A snapshot of one operation row. Timestamps are Unix seconds (time.time())."""
-
-    name: str
-    kind: str
-    state: JobState
-    created_at: float
-    updated_at: float
-    request_type: str
-    request: bytes
-    metadata_type_url: str | None = None
-    metadata: bytes | None = None
-    result_type_url: str | None = None
-    result: bytes | None = None
-    error_code: int | None = None
-    error_message: str | None = None
-    error_reason: str | None = None
-
-    @property
-    def done(self) -> bool:
-        """True once the operation reached SUCCEEDED, FAILED or CANCELLED."""
-        return self.state.done
-
-
-_COLUMNS = (
-    "name, kind, state, created_at, updated_at, request_type, request, metadata_type_url, "
-    "metadata, result_type_url, result, error_code, error_message, error_reason"
+from pairdots_server.service.jobs.rows import (  # noqa: F401 (re-exported)
+    ACTIVE,
+    CANCELLED_MESSAGE,
+    CANCELLED_REASON,
+    CODE_ABORTED,
+    CODE_CANCELLED,
+    COLUMNS,
+    DEFAULT_PAGE_SIZE,
+    INTERRUPTED_MESSAGE,
+    INTERRUPTED_REASON,
+    KIND_RE,
+    MAX_PAGE_SIZE,
+    SCHEMA_VERSION,
+    JobRecord,
+    JobState,
+    decode_token,
+    encode_token,
+    init_schema,
+    row_to_record,
 )
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS operations (
-    seq               INTEGER PRIMARY KEY AUTOINCREMENT,
-    name              TEXT NOT NULL UNIQUE,
-    kind              TEXT NOT NULL,
-    state             TEXT NOT NULL,
-    created_at        REAL NOT NULL,
-    updated_at        REAL NOT NULL,
-    request_type      TEXT NOT NULL,
-    request           BLOB NOT NULL,
-    metadata_type_url TEXT,
-    metadata          BLOB,
-    result_type_url   TEXT,
-    result            BLOB,
-    error_code        INTEGER,
-    error_message     TEXT,
-    error_reason      TEXT
-);
-CREATE INDEX IF NOT EXISTS operations_kind_seq ON operations (kind, seq);
-CREATE INDEX IF NOT EXISTS operations_state_seq ON operations (state, seq);
-"""
-
-
-_REQUEST_IDS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS request_ids (
-    request_id  TEXT PRIMARY KEY,
-    name        TEXT NOT NULL,
-    fingerprint TEXT NOT NULL
-)
-"""
-
-
-def _row_to_record(row: sqlite3.Row | tuple[Any, ...]) -> JobRecord:
-    (name, kind, state, created, updated, req_type, req, md_url, md, res_url, res, code, msg,
-     reason) = tuple(row)
-    return JobRecord(
-        name=name,
-        kind=kind,
-        state=JobState(state),
-        created_at=created,
-        updated_at=updated,
-        request_type=req_type,
-        request=bytes(req),
-        metadata_type_url=md_url,
-        metadata=None if md is None else bytes(md),
-        result_type_url=res_url,
-        result=None if res is None else bytes(res),
-        error_code=code,
-        error_message=msg,
-        error_reason=reason,
-    )
-
-
-def _encode_token(before_seq: int, kinds: str, states: str) -> str:
-    raw = f"{_TOKEN_PREFIX}|{before_seq}|{kinds}|{states}".encode()
-    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
-
-
-def _decode_token(token: str, kinds: str, states: str) -> int:
-    """Return the `seq` bound encoded in `token`; InvalidArgument if malformed or if it was
-    issued for a different filter (AIP-158)."""
-    bad = InvalidArgument.for_field(
-        "page_token",
-        "not a token this server issued for this filter; pass the next_page_token of the "
-        "previous ListOperations response unchanged, with the same filter, or leave it empty",
-    )
-    try:
-        padded = token + "=" * (-len(token) % 4)
-        prefix, seq_s, tok_kinds, tok_states = (
-            base64.urlsafe_b64decode(padded.encode("ascii")).decode("utf-8").split("|")
-        )
-        seq = int(seq_s)
-    except (ValueError, UnicodeError, binascii.Error):
-        raise bad from None
-    if prefix != _TOKEN_PREFIX or seq < 0 or tok_kinds != kinds or tok_states != states:
-        raise bad
-    return seq
 
 
 class JobStore:
@@ -206,7 +77,7 @@ class JobStore:
             self._conn = sqlite3.connect(
                 self.path, check_same_thread=False, isolation_level=None, timeout=10.0
             )
-            self._init_schema()
+            init_schema(self._conn, self.path)
         except sqlite3.DatabaseError as exc:
             raise FailedPrecondition(
                 f"job store {self.path!r} cannot be opened as SQLite ({exc}); point the jobs "
@@ -214,27 +85,6 @@ class JobStore:
             ) from exc
 
     # -- connection management -------------------------------------------------------------
-
-    def _init_schema(self) -> None:
-        conn = self._conn
-        conn.execute("PRAGMA busy_timeout = 10000")
-        if self.path != ":memory:":
-            conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise FailedPrecondition(
-                f"job store {self.path!r} has schema version {version}, newer than this server "
-                f"understands ({SCHEMA_VERSION}); run a newer pairdots or use another jobs path"
-            )
-        if version < SCHEMA_VERSION:
-            conn.execute("BEGIN IMMEDIATE")
-            for stmt in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
-                conn.execute(stmt)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        # AIP-155 idempotency keys (an additive table: older servers ignore it)
-        conn.execute(_REQUEST_IDS_SCHEMA)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -261,14 +111,14 @@ class JobStore:
 
     @staticmethod
     def _get(conn: sqlite3.Connection, name: str) -> JobRecord:
-        row = conn.execute(f"SELECT {_COLUMNS} FROM operations WHERE name = ?", (name,)).fetchone()
+        row = conn.execute(f"SELECT {COLUMNS} FROM operations WHERE name = ?", (name,)).fetchone()
         if row is None:
             shown = name if len(name) <= 100 else name[:100] + f"... ({len(name)} characters)"
             raise NotFound(
                 f"operation {shown!r} does not exist (it was never created or was deleted); "
                 "list the existing ones with ListOperations"
             )
-        return _row_to_record(row)
+        return row_to_record(row)
 
     def get(self, name: str) -> JobRecord:
         """The current record of `name`; NotFound if there is none."""
@@ -297,7 +147,7 @@ class JobStore:
             states = sorted(set(state_filter or ()), key=lambda s: s.value)
         kinds_key = kind_filter or ""
         states_key = ",".join(s.value for s in states)
-        before = _decode_token(page_token, kinds_key, states_key) if page_token else None
+        before = decode_token(page_token, kinds_key, states_key) if page_token else None
 
         where: builtins.list[str] = []
         args: builtins.list[object] = []
@@ -310,7 +160,7 @@ class JobStore:
         if before is not None:
             where.append("seq < ?")
             args.append(before)
-        sql = f"SELECT seq, {_COLUMNS} FROM operations"
+        sql = f"SELECT seq, {COLUMNS} FROM operations"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq DESC LIMIT ?"
@@ -318,8 +168,8 @@ class JobStore:
         with self._tx() as conn:
             rows = conn.execute(sql, args).fetchall()
         page = rows[:size]
-        records = [_row_to_record(r[1:]) for r in page]
-        next_token = _encode_token(page[-1][0], kinds_key, states_key) if len(rows) > size else ""
+        records = [row_to_record(r[1:]) for r in page]
+        next_token = encode_token(page[-1][0], kinds_key, states_key) if len(rows) > size else ""
         return records, next_token
 
     # -- writes -----------------------------------------------------------------------------
@@ -330,7 +180,7 @@ class JobStore:
         `kind` must be lowercase `[a-z][a-z0-9_]*` (at most 32 characters): it is used in
         names and in ListOperations filters.
         """
-        if not _KIND_RE.match(kind):
+        if not KIND_RE.match(kind):
             raise InvalidArgument.for_field(
                 "kind", f"{kind!r} is not a job kind; use lowercase letters, digits and '_'"
             )
@@ -395,13 +245,13 @@ class JobStore:
     def update_metadata(self, name: str, type_url: str, data: bytes) -> JobRecord:
         """Replace the progress metadata (Operation.metadata) of an unfinished operation;
         a finished one is left unchanged."""
-        return self._transition(name, _ACTIVE, "metadata_type_url = ?, metadata = ?",
+        return self._transition(name, ACTIVE, "metadata_type_url = ?, metadata = ?",
                                 (type_url, bytes(data)))
 
     def succeed(self, name: str, type_url: str, data: bytes) -> JobRecord:
         """→ SUCCEEDED with the result (Operation.response). No-op if already finished."""
         return self._transition(
-            name, _ACTIVE, "state = ?, result_type_url = ?, result = ?",
+            name, ACTIVE, "state = ?, result_type_url = ?, result = ?",
             (JobState.SUCCEEDED.value, type_url, bytes(data)),
         )
 
@@ -409,7 +259,7 @@ class JobStore:
         """→ FAILED with a google.rpc.Code value, message and ErrorInfo reason.
         No-op if already finished."""
         return self._transition(
-            name, _ACTIVE, "state = ?, error_code = ?, error_message = ?, error_reason = ?",
+            name, ACTIVE, "state = ?, error_code = ?, error_message = ?, error_reason = ?",
             (JobState.FAILED.value, int(code), message, reason),
         )
 
@@ -420,7 +270,7 @@ class JobStore:
     def cancel(self, name: str, message: str = CANCELLED_MESSAGE) -> JobRecord:
         """→ CANCELLED with code CANCELLED (AIP-151). No-op if already finished."""
         return self._transition(
-            name, _ACTIVE, "state = ?, error_code = ?, error_message = ?, error_reason = ?",
+            name, ACTIVE, "state = ?, error_code = ?, error_message = ?, error_reason = ?",
             (JobState.CANCELLED.value, CODE_CANCELLED, message, CANCELLED_REASON),
         )
 
@@ -444,7 +294,7 @@ class JobStore:
                 "UPDATE operations SET state = ?, error_code = ?, error_message = ?, "
                 "error_reason = ?, updated_at = ? WHERE state IN (?, ?)",
                 (JobState.FAILED.value, CODE_ABORTED, INTERRUPTED_MESSAGE, INTERRUPTED_REASON,
-                 time.time(), *_ACTIVE),
+                 time.time(), *ACTIVE),
             )
             return int(cur.rowcount)
 
@@ -453,6 +303,6 @@ class JobStore:
         with self._tx() as conn:
             return int(
                 conn.execute(
-                    "SELECT COUNT(*) FROM operations WHERE state IN (?, ?)", _ACTIVE
+                    "SELECT COUNT(*) FROM operations WHERE state IN (?, ?)", ACTIVE
                 ).fetchone()[0]
             )
