@@ -24,6 +24,7 @@ from torch import Tensor
 
 from pairdots_server.errors import InvalidArgument
 from pairdots_server.influence import pipeline as steps
+from pairdots_server.influence import words as words_
 from pairdots_server.influence.pipeline import TokenInfluence
 from pairdots_server.influence.runtime import ModelRuntime
 from pairdots_server.influence.settings import (
@@ -199,11 +200,11 @@ def explain(
         # [2] saliency and contributions, [3] the words to explain
         with timer.stage("saliency"):
             ws_list = steps.word_saliency(rt, enc, label, settings.target, settings.token_score)
-            contrib = steps.word_contribution(rt, enc, label)
+            contrib = words_.word_contribution(rt, enc, label)
         if q.word_positions:
             chosen = list(q.word_positions)
         elif settings.word_measurement is WordMeasurement.OCCLUSION:
-            chosen = steps.top_contributing_words(contrib, words, pieces, q.top_words)
+            chosen = words_.top_contributing_words(contrib, words, pieces, q.top_words)
         else:
             chosen = steps.top_words(ws_list, pieces, q.top_words)
         prediction = None
@@ -311,7 +312,7 @@ def _explain_word(
             else steps.MeasurementKind.WORD_SALIENCY)
     m = steps.Measurement(kind, label, wi, settings.target, settings.token_score)
     s_test, diag = steps.measurement_s_test(rt, enc, m, settings, should_stop, timer)
-    containing = steps.examples_containing(rt, enc.words[wi])
+    containing = words_.examples_containing(rt, enc.words[wi])
     allowed: list[int] | None = None
     if settings.word_candidates is WordCandidates.CONTAINING:
         if containing:

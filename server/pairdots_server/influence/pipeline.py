@@ -3,11 +3,10 @@
 
   encode_text            text -> EncodedText (tokens, words, embeddings; one encoder)
   word_saliency          s(x_t) of every word for a label (Eq. 1–2)
-  word_contribution      c_w = m_y(x) − m_y(x with w → [UNK]) of every word (occlusion)
+                         (word contributions and the examples containing a word: words.py)
   top_words              the m most salient words the model saw
   measurement_gradient   what f is (a Measurement) -> ∇θf, flat [P] (one backward)
   s_test                 s_test = (H + δI)⁻¹ ∇θf (the runtime's cache, else solver_policy)
-  examples_containing    training indices that contain a word (same stem)
   candidates             training indices to score (index prefilter, or all; optional subset)
   score_examples         I(z_i, f) = -⟨s_test, ∇θL(z_i)⟩ (Eq. 5) for training indices
   score_texts            the same for arbitrary labelled texts (perturbed examples)
@@ -21,9 +20,7 @@ from __future__ import annotations
 
 import enum
 import math
-import threading
 import time
-import weakref
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,7 +34,6 @@ from pairdots_server.core.measure import (
     grad_theta_margin,
     grad_theta_occlusion,
     margin,
-    word_occlusion,
 )
 from pairdots_server.core.saliency import (
     Target,
@@ -50,7 +46,6 @@ from pairdots_server.errors import FailedPrecondition
 from pairdots_server.influence.runtime import EncodedExamples, ModelRuntime
 from pairdots_server.influence.settings import PipelineSettings
 from pairdots_server.influence.solver_policy import solve_s_test
-from pairdots_server.influence.wordmatch import WordIndex, words_of
 
 StopFn = Callable[[], None]
 
@@ -140,28 +135,6 @@ def word_saliency(
         baseline=rt.unk_embed,
     )  # [T]
     return [float(v) for v in word_scores(tok, enc.word_ids, len(enc.words))]  # [W]
-
-
-def word_contribution(rt: ModelRuntime, enc: EncodedText, label: int) -> list[float]:
-    """c_w = m_y(x) − m_y(x with w → [UNK]) of every word (core/measure.py) -> [W]."""
-    c = word_occlusion(
-        rt.task.logits_fn, rt.params, enc.embeds, enc.mask, label, enc.word_ids,
-        len(enc.words), rt.unk_embed,
-    )  # [W]
-    return [float(v) for v in c]
-
-
-def top_contributing_words(
-    contribution: Sequence[float], words: Sequence[str], pieces: Sequence[int], m: int
-) -> list[int]:
-    """The m words with the largest signed contribution c_w to the label's margin, among the
-    words the model saw that have a letter or digit (punctuation is left out of the automatic
-    choice; name it in word_positions to explain it)."""
-    order = sorted(
-        (i for i in range(len(contribution)) if pieces[i] > 0 and words_of(words[i])),
-        key=lambda i: (-contribution[i], i),
-    )
-    return order[:m]
 
 
 def top_words(scores: Sequence[float], pieces: Sequence[int], m: int) -> list[int]:
@@ -279,22 +252,6 @@ def word_s_test(
 
 
 # -- candidates and exact scores -------------------------------------------------------------
-
-_WORD_INDEXES: weakref.WeakKeyDictionary[ModelRuntime, WordIndex] = weakref.WeakKeyDictionary()
-_WORD_INDEX_LOCK = threading.Lock()
-
-
-def examples_containing(rt: ModelRuntime, word: str) -> list[int]:
-    """Training indices whose text contains `word` or another form with its Porter stem
-    (influence/wordmatch.py); the index over the training texts is built once per model."""
-    with _WORD_INDEX_LOCK:
-        index = _WORD_INDEXES.get(rt)
-        if index is None:
-            index = WordIndex([ex.text for ex in rt.bundle.train])
-            _WORD_INDEXES[rt] = index
-    return index.containing(word)
-
-
 
 def check_index(rt: ModelRuntime, settings: PipelineSettings) -> None:
     """FailedPrecondition when the settings ask for an index the model does not have."""
