@@ -24,6 +24,13 @@ from torch import Tensor
 
 from pairdots_server.core.aliases import LogitsFn, ShouldStop
 from pairdots_server.core.exceptions import SolverError
+from pairdots_server.core.fisher_terms import (
+    BatchLike,
+    as_triple,
+    check_fisher,
+    fisher_label_terms,
+    squared_grad_sum,
+)
 from pairdots_server.core.grads import VmapMask
 from pairdots_server.core.ihvp.base import (
     InverseHVPSolver,
@@ -34,13 +41,6 @@ from pairdots_server.core.ihvp.kfac import (
     FISHER_KINDS,
     HEURISTIC_DAMPING_SCALE,
     KFACSolveDiagnostics,
-)
-from pairdots_server.core.kfac_fit import (
-    BatchLike,
-    as_triple,
-    check_fisher,
-    fisher_label_terms,
-    squared_grad_sum,
 )
 
 
