@@ -14,7 +14,7 @@ Guarantees: ``save_bundle`` builds the bundle in ``<root>/.tmp-<name>-<rand>`` a
 it into place, so a crash never leaves a half bundle under ``<root>/<name>``;
 ``update_bundle`` writes the manifest last, so it never lists a missing or mismatching file;
 ``load_bundle`` verifies the format version and every listed file's SHA-256. Everything is
-JSON or safetensors: no pickles.
+JSON or safetensors: no pickles. The manifest, names and verification are in manifest.py.
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import re
 import secrets
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pairdots_server.errors import (
@@ -39,69 +38,27 @@ from pairdots_server.errors import (
     PairdotsError,
 )
 from pairdots_server.storage import atomic
+from pairdots_server.storage.manifest import (  # noqa: F401 (re-exported)
+    FIX,
+    FORMAT_VERSION,
+    MANIFEST,
+    MODEL_DIR,
+    RESERVED,
+    TRAIN_FILE,
+    check_relpath,
+    check_reserved,
+    hash_tree,
+    read_manifest,
+    validate_bundle_name,
+    verify_bundle,
+    verify_files,
+)
 
 if TYPE_CHECKING:
     from pairdots_server.model.task import Task
     from pairdots_server.storage.data import Example
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-MODEL_DIR = "model"
-TRAIN_FILE = "train.jsonl"
 TMP_PREFIX = ".tmp-"
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-_RESERVED = ("format_version", "name", "files")
-FIX = "re-run `pairdots prepare` to rebuild it"
-
-
-# --------------------------------------------------------------------------------------------
-# names and paths
-# --------------------------------------------------------------------------------------------
-
-
-def validate_bundle_name(name: str) -> str:
-    """Return ``name`` if it matches ``^[a-z0-9][a-z0-9._-]{0,62}$`` and is not a path."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
-        raise InvalidArgument.for_field(
-            "name",
-            f"bad bundle name {name!r}: use 1-63 lowercase letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit, no '..' and no '/'",
-        )
-    return name
-
-
-def check_relpath(relpath: str) -> str:
-    p = PurePosixPath(relpath)
-    if (
-        not relpath
-        or p.is_absolute()
-        or "\\" in relpath
-        or any(part in ("", ".", "..") for part in relpath.split("/"))
-        or relpath == MANIFEST
-    ):
-        raise InvalidArgument.for_field(
-            "files",
-            f"bad artifact path {relpath!r}: use a relative path like 'index/x.bin' "
-            "inside the bundle (no '..', not manifest.json)",
-        )
-    return relpath
-
-
-def _hash_tree(root: Path) -> dict[str, str]:
-    """{relpath: sha256} for every regular file under root except manifest.json."""
-    out: dict[str, str] = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and not (p.parent == root and p.name == MANIFEST):
-            out[p.relative_to(root).as_posix()] = atomic.sha256_file(p)
-    return out
-
-
-def check_reserved(updates: Mapping[str, Any], what: str) -> None:
-    bad = [k for k in _RESERVED if k in updates]
-    if bad:
-        raise InvalidArgument.for_field(
-            what, f"keys {bad} are managed by pairdots and cannot be set here"
-        )
 
 
 def library_versions() -> dict[str, str]:
@@ -227,7 +184,7 @@ def save_bundle(
             "versions": library_versions(),
         }
         manifest = atomic.deep_merge(manifest, extra) if extra else manifest
-        manifest["files"] = _hash_tree(tmp)
+        manifest["files"] = hash_tree(tmp)
         atomic.write_json_atomic(tmp / MANIFEST, manifest)
         atomic.fsync_path(tmp)
         if final.exists():  # overwrite: swap by renames, then delete the old one
@@ -244,69 +201,6 @@ def save_bundle(
     return final
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
-    mpath = path / MANIFEST
-    if not path.is_dir():
-        raise NotFound(f"no bundle directory at {path}")
-    if not mpath.is_file():
-        raise BundleError(f"bundle at {path} has no {MANIFEST}; {FIX}")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(
-            f"bundle at {path}: {MANIFEST} is not valid JSON ({exc}); {FIX}"
-        ) from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"bundle at {path}: {MANIFEST} is not a JSON object; {FIX}")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(
-            f"bundle at {path} has format_version {version!r}; this server reads version "
-            f"{FORMAT_VERSION}; {FIX} with this version of pairdots"
-        )
-    for key, typ in (("name", str), ("labels", list), ("files", dict), ("scope", dict)):
-        if not isinstance(manifest.get(key), typ):
-            raise BundleError(
-                f"bundle at {path}: {MANIFEST} lacks a valid {key!r} ({typ.__name__}); {FIX}"
-            )
-    return manifest
-
-
-def verify_files(path: Path, manifest: Mapping[str, Any], *, check_hashes: bool = True) -> None:
-    """Every listed file exists (and matches its SHA-256); model/ and train.jsonl are listed."""
-    name = manifest.get("name", path.name)
-    files = manifest["files"]
-    for required in (TRAIN_FILE, f"{MODEL_DIR}/config.json"):
-        if required not in files:
-            raise BundleError(
-                f"bundle {name!r} ({path}): manifest does not list {required}; {FIX}"
-            )
-    for rel, digest in files.items():
-        try:
-            check_relpath(rel)
-        except InvalidArgument:
-            raise BundleError(
-                f"bundle {name!r} ({path}): manifest lists a bad path {rel!r}; {FIX}"
-            ) from None
-        fp = path / rel
-        if not fp.is_file():
-            raise BundleError(f"bundle {name!r} ({path}): file {rel} is missing; {FIX}")
-        if check_hashes and atomic.sha256_file(fp) != digest:
-            raise BundleError(
-                f"bundle {name!r} ({path}): file {rel} does not match its SHA-256 in the "
-                f"manifest (corrupted or modified); {FIX}"
-            )
-
-
-def verify_bundle(path: str | Path) -> dict[str, Any]:
-    """Check a bundle on disk without loading its model: a valid manifest and every listed
-    file present with its SHA-256. Returns the manifest; BundleError naming the file if not."""
-    path = Path(path)
-    manifest = _read_manifest(path)
-    verify_files(path, manifest, check_hashes=True)
-    return manifest
-
-
 def load_bundle(
     path: str | Path, *, device: str = "cpu", verify: bool = True, dtype: Any = None
 ) -> Bundle:
@@ -320,7 +214,7 @@ def load_bundle(
     from pairdots_server.storage.data import read_examples, sha256_of_examples
 
     path = Path(path)
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     name = manifest["name"]
     try:
         validate_bundle_name(name)
@@ -366,11 +260,6 @@ def load_bundle(
             f"bundle {name!r} ({path}): cannot load ({type(exc).__name__}: {exc}); {FIX}"
         ) from exc
     return Bundle(name=name, path=path, manifest=manifest, task=task, train=train)
-
-
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The validated manifest of a bundle dir, without loading the model."""
-    return _read_manifest(Path(path))
 
 
 def discover_bundles(
