@@ -28,9 +28,10 @@ from pairdots_server.metrics import Metrics
 from pairdots_server.rpc.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
 from pairdots_server.rpc.operations import add_operations_servicer
 from pairdots_server.rpc.servicer import PairdotsServicer
-from pairdots_server.service.facade import ModelRegistry, PairdotsService
+from pairdots_server.service.facade import PairdotsService
 from pairdots_server.service.jobs.runner import JobRunner
 from pairdots_server.service.jobs.store import JobStore
+from pairdots_server.service.registry import ModelRegistry
 
 log = logging.getLogger("pairdots.server")
 
