@@ -53,8 +53,9 @@ def write_json_atomic(path: Path, obj: Mapping[str, Any]) -> None:
     fsync_path(path.parent)
 
 
-def write_file(dest: Path, content: bytes | Path) -> None:
-    """Write bytes (or copy a file) to dest via a temp file + fsync + os.replace."""
+def _write_temp(dest: Path, content: bytes | Path) -> Path:
+    """Write bytes (or copy a file) to a fsync'ed temp file beside dest and return its path;
+    nothing is left on error."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
     try:
@@ -69,6 +70,17 @@ def write_file(dest: Path, content: bytes | Path) -> None:
                 raise NotFound(f"artifact source {src} is not a file")
             shutil.copyfile(src, tmp)
             fsync_path(tmp)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+    return tmp
+
+
+def write_file(dest: Path, content: bytes | Path) -> None:
+    """Write bytes (or copy a file) to dest via a temp file + fsync + os.replace."""
+    tmp = _write_temp(dest, content)
+    try:
         os.replace(tmp, dest)
     finally:
         if tmp.exists():
@@ -78,20 +90,8 @@ def write_file(dest: Path, content: bytes | Path) -> None:
 def stage_file(dest: Path, content: bytes | Path) -> Path:
     """Write content to a fsync'ed temp file beside dest (not yet in place) and return its
     path; ``os.replace(tmp, dest)`` then installs it atomically. Nothing is left on error."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
+    tmp = _write_temp(dest, content)
     try:
-        if isinstance(content, (bytes, bytearray, memoryview)):
-            with tmp.open("wb") as f:
-                f.write(content)
-                f.flush()
-                os.fsync(f.fileno())
-        else:
-            src = Path(content)
-            if not src.is_file():
-                raise NotFound(f"artifact source {src} is not a file")
-            shutil.copyfile(src, tmp)
-            fsync_path(tmp)
         tmp.chmod(0o644)
     except BaseException:
         if tmp.exists():
