@@ -7,7 +7,10 @@ field violations, so a caller fixes all of them in one round trip.
 from __future__ import annotations
 
 import datetime
+import enum
 import math
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 from google.protobuf import timestamp_pb2
 
@@ -21,6 +24,22 @@ from pairdots_server.influence.runtime import ModelRuntime
 from pairdots_server.influence.settings import InfluenceSettings, WordCandidates, WordMeasurement
 from pairdots_server.influence.solver_policy import SolverChoice
 from pairdots_server.rpc.validation import SOLVERS, Violations, solver_settings
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def enum_table(pb_enum: Any, prefix: str, members: Iterable[E], *,
+               unspecified: E | None = None) -> dict[int, E]:
+    """proto enum value → domain member, matched by name: `prefix + member.name` for every
+    member (in the domain enum's order), after `prefix + "UNSPECIFIED"` → `unspecified` when
+    one is given (without it UNSPECIFIED is not in the table: a required field)."""
+    table: dict[int, E] = {}
+    if unspecified is not None:
+        table[pb_enum.Value(prefix + "UNSPECIFIED")] = unspecified
+    for member in members:
+        table[pb_enum.Value(prefix + member.name)] = member
+    return table
+
 
 TARGETS = {
     pb.TARGET_FUNCTION_UNSPECIFIED: Target.LOG_PROB,
@@ -43,22 +62,12 @@ SEARCH = {
     pb.CANDIDATE_SEARCH_INDEX: True,
     pb.CANDIDATE_SEARCH_EXHAUSTIVE: False,
 }
-WORD_MEASUREMENTS = {
-    pb.WORD_MEASUREMENT_UNSPECIFIED: WordMeasurement.OCCLUSION,
-    pb.WORD_MEASUREMENT_OCCLUSION: WordMeasurement.OCCLUSION,
-    pb.WORD_MEASUREMENT_SALIENCY: WordMeasurement.SALIENCY,
-}
-WORD_CANDIDATES = {
-    pb.WORD_CANDIDATES_UNSPECIFIED: WordCandidates.CONTAINING,
-    pb.WORD_CANDIDATES_CONTAINING: WordCandidates.CONTAINING,
-    pb.WORD_CANDIDATES_ALL: WordCandidates.ALL,
-}
-TOKEN_INFLUENCE = {
-    pb.TOKEN_INFLUENCE_METHOD_UNSPECIFIED: TokenInfluence.EXACT,
-    pb.TOKEN_INFLUENCE_METHOD_EXACT: TokenInfluence.EXACT,
-    pb.TOKEN_INFLUENCE_METHOD_FIRST_ORDER: TokenInfluence.FIRST_ORDER,
-    pb.TOKEN_INFLUENCE_METHOD_NONE: TokenInfluence.NONE,
-}
+WORD_MEASUREMENTS = enum_table(pb.WordMeasurement, "WORD_MEASUREMENT_", WordMeasurement,
+                               unspecified=WordMeasurement.OCCLUSION)
+WORD_CANDIDATES = enum_table(pb.WordCandidates, "WORD_CANDIDATES_", WordCandidates,
+                             unspecified=WordCandidates.CONTAINING)
+TOKEN_INFLUENCE = enum_table(pb.TokenInfluenceMethod, "TOKEN_INFLUENCE_METHOD_", TokenInfluence,
+                             unspecified=TokenInfluence.EXACT)
 
 
 def explain_query(req: pb.ExplainRequest, limits: ExplainLimits) -> ExplainQuery:

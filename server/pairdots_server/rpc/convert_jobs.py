@@ -22,27 +22,17 @@ from pairdots_server.rpc.convert import (
     SEARCH,
     TARGETS,
     TOKEN_SCORES,
+    enum_table,
 )
 from pairdots_server.rpc.validation import Violations, solver_settings
 from pairdots_server.storage.bundle import validate_bundle_name
 from pairdots_server.storage.data import Example
 
-ATTACK_MODES = {
-    pb.ATTACK_MODE_DEMOTE_SALIENT: AttackMode.DEMOTE_SALIENT,
-    pb.ATTACK_MODE_PROMOTE_WRONG: AttackMode.PROMOTE_WRONG,
-    pb.ATTACK_MODE_COMBINED: AttackMode.COMBINED,
-    pb.ATTACK_MODE_RANDOM: AttackMode.RANDOM,
-}
-REPAIR_MODES = {
-    pb.REPAIR_MODE_UNSPECIFIED: RepairMode.INFLUENCE,
-    pb.REPAIR_MODE_INFLUENCE: RepairMode.INFLUENCE,
-    pb.REPAIR_MODE_RANDOM: RepairMode.RANDOM,
-}
-RETRAIN_MODES = {
-    pb.RETRAIN_MODE_UNSPECIFIED: RetrainMode.FULL,
-    pb.RETRAIN_MODE_FULL: RetrainMode.FULL,
-    pb.RETRAIN_MODE_SCOPE_ONLY: RetrainMode.SCOPE_ONLY,
-}
+ATTACK_MODES = enum_table(pb.AttackMode, "ATTACK_MODE_", AttackMode)
+REPAIR_MODES = enum_table(pb.RepairMode, "REPAIR_MODE_", RepairMode,
+                          unspecified=RepairMode.INFLUENCE)
+RETRAIN_MODES = enum_table(pb.RetrainMode, "RETRAIN_MODE_", RetrainMode,
+                           unspecified=RetrainMode.FULL)
 DEFAULT_RANDOM_CANDIDATES = 5
 MAX_RANDOM_CANDIDATES = 20
 

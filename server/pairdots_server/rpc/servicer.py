@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 from google.longrunning import operations_pb2
@@ -90,34 +92,28 @@ class PairdotsServicer(pb_grpc.PairdotsServiceServicer):
             encoding=job_results.ENCODING,
         )
 
-    async def Attack(self, request: pb.AttackRequest, context: grpc.aio.ServicerContext
-                     ) -> operations_pb2.Operation:
+    def _submit(self, kind: str, request: Any, to_query: Callable[..., Any],
+                to_job: Callable[..., Any]) -> operations_pb2.Operation:
+        """Attack / Repair: convert the request (to_query), build the job (to_job) and submit
+        it as an operation of `kind`."""
         runtime = self.service.registry.get(request.model)
         cfg = self.service.config
-        query, retrain = convert_jobs.attack_query(
+        query, retrain = to_query(
             request, len(runtime.bundle.labels), cfg.jobs, cfg.explain, cfg.output_root
         )
         rid, fingerprint = idempotency(request)
-        fn = attack_job(runtime, query, retrain, self._job_env(runtime))
+        fn = to_job(runtime, query, retrain, self._job_env(runtime))
         record = self._jobs().submit(
-            "attack", pb.AttackRequest.DESCRIPTOR.full_name, request.SerializeToString(), fn,
+            kind, request.DESCRIPTOR.full_name, request.SerializeToString(), fn,
             request_id=rid, fingerprint=fingerprint,
-            metadata=queued_metadata("attack", runtime.name),
+            metadata=queued_metadata(kind, runtime.name),
         )
         return record_to_operation(record)
 
+    async def Attack(self, request: pb.AttackRequest, context: grpc.aio.ServicerContext
+                     ) -> operations_pb2.Operation:
+        return self._submit("attack", request, convert_jobs.attack_query, attack_job)
+
     async def Repair(self, request: pb.RepairRequest, context: grpc.aio.ServicerContext
                      ) -> operations_pb2.Operation:
-        runtime = self.service.registry.get(request.model)
-        cfg = self.service.config
-        query, retrain = convert_jobs.repair_query(
-            request, len(runtime.bundle.labels), cfg.jobs, cfg.explain, cfg.output_root
-        )
-        rid, fingerprint = idempotency(request)
-        fn = repair_job(runtime, query, retrain, self._job_env(runtime))
-        record = self._jobs().submit(
-            "repair", pb.RepairRequest.DESCRIPTOR.full_name, request.SerializeToString(), fn,
-            request_id=rid, fingerprint=fingerprint,
-            metadata=queued_metadata("repair", runtime.name),
-        )
-        return record_to_operation(record)
+        return self._submit("repair", request, convert_jobs.repair_query, repair_job)
