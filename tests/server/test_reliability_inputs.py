@@ -176,6 +176,19 @@ def test_item6_internal_carries_error_info(server: RunningServer, stub: Any,
     assert "incident" in err.details()
 
 
+def test_a_domain_error_outside_the_table_is_internal_with_an_incident(
+        server: RunningServer, stub: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pairdots_server.errors import PairdotsError
+
+    def broken(*_a: Any, **_k: Any) -> Any:
+        raise PairdotsError("odd", reason="ODD")
+
+    monkeypatch.setattr("pairdots_server.rpc.convert.model_proto", broken)
+    err = _fail(stub.ListModels, pb.ListModelsRequest())
+    assert err.code() is grpc.StatusCode.INTERNAL and _reason(err) == "INTERNAL"
+    assert "incident" in err.details()
+
+
 # -- item 7 ----------------------------------------------------------------------------------
 
 def test_item7_get_model_empty_name_names_the_field(stub: Any) -> None:
