@@ -177,6 +177,7 @@ class SolverDiagnostics:
     converged: bool
     seconds: float
     cached: bool
+    damping_rule: str = ""
 
     @classmethod
     def from_proto(cls, msg: pairdots_pb2.SolverDiagnostics) -> SolverDiagnostics:
@@ -185,7 +186,7 @@ class SolverDiagnostics:
             curvature=enum_from_proto(Curvature, msg.curvature),
             iterations=msg.iterations, relative_change=msg.relative_change, norm=msg.norm,
             effective_damping=msg.effective_damping, converged=msg.converged,
-            seconds=msg.seconds, cached=msg.cached,
+            seconds=msg.seconds, cached=msg.cached, damping_rule=msg.damping_rule,
         )
 
 

@@ -183,6 +183,7 @@ def test_low_rank_default_and_cache(client: PairdotsClient) -> None:
     first = client.explain(TEXT, model="tiny", top_words=1, examples_per_word=1)
     d = first.target.salient_words[0].solver
     assert d.solver == Solver.LOW_RANK and d.converged
+    assert "λ" in d.damping_rule or "absolute" in d.damping_rule, d.damping_rule
     again = client.explain(TEXT, model="tiny", top_words=1, examples_per_word=1)
     assert again.target.salient_words[0].solver.cached
     assert [e.influence for e in again.target.salient_words[0].supporting] == \

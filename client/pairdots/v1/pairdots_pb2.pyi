@@ -1266,6 +1266,7 @@ class SolverDiagnostics(_message.Message):
     CONVERGED_FIELD_NUMBER: _builtins.int
     SECONDS_FIELD_NUMBER: _builtins.int
     CACHED_FIELD_NUMBER: _builtins.int
+    DAMPING_RULE_FIELD_NUMBER: _builtins.int
     solver: Global___Solver.ValueType
     """The solver that ran."""
     curvature: Global___Curvature.ValueType
@@ -1284,6 +1285,10 @@ class SolverDiagnostics(_message.Message):
     """Wall time of the solve in seconds."""
     cached: _builtins.bool
     """True when s_test came from the server's cache of identical queries."""
+    damping_rule: _builtins.str
+    """How the damping was chosen, e.g. "heuristic: 0.1 × mean eigenvalue per block" (EK-FAC),
+    "relative: 0.01 × λ_max", "absolute" (the request's value).
+    """
     def __init__(
         self,
         *,
@@ -1296,10 +1301,11 @@ class SolverDiagnostics(_message.Message):
         converged: _builtins.bool = ...,
         seconds: _builtins.float = ...,
         cached: _builtins.bool = ...,
+        damping_rule: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "converged", b"converged", "curvature", b"curvature", "effective_damping", b"effective_damping", "iterations", b"iterations", "norm", b"norm", "relative_change", b"relative_change", "seconds", b"seconds", "solver", b"solver"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "converged", b"converged", "curvature", b"curvature", "damping_rule", b"damping_rule", "effective_damping", b"effective_damping", "iterations", b"iterations", "norm", b"norm", "relative_change", b"relative_change", "seconds", b"seconds", "solver", b"solver"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -159,6 +159,7 @@ def _solver_diagnostics(d: dict[str, float | int | bool | str]) -> pb.SolverDiag
         converged=bool(d["converged"]),
         seconds=float(d["seconds"]),
         cached=bool(d["cached"]),
+        damping_rule=str(d.get("damping_rule") or ""),
     )
 
 
