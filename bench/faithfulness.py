@@ -207,12 +207,17 @@ def main() -> None:
         return out
 
     def retrain(keep: Sequence[int], seed: int) -> list[tuple[float, float]]:
+        """Adam from θ* on the examples `keep`. Every retrain of a seed visits the examples
+        in the order of ONE permutation of the whole training set, filtered to `keep`, so
+        two retrains differ by the examples left out, not by a reshuffle."""
         theta = {k: v.clone().requires_grad_(True) for k, v in theta0.items()}
         opt = torch.optim.Adam(theta.values(), lr=args.lr)
         rng = random.Random(seed)
+        kept = set(keep)
         for _ in range(args.epochs):
-            perm = list(keep)
-            rng.shuffle(perm)
+            full = list(range(n))
+            rng.shuffle(full)
+            perm = [i for i in full if i in kept]
             for b in range(0, len(perm), args.batch_size):
                 idx = perm[b : b + args.batch_size]
                 h, m = pad([hidden[i] for i in idx])
