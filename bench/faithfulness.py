@@ -249,10 +249,21 @@ def main() -> None:
             lds[f"{meas}/{curv}"] = {"lds": statistics.fmean(vals), "per_query": vals}
             log(f"LDS {meas}/{curv}: {statistics.fmean(vals):.3f}")
     lds_s = time.perf_counter() - t1
+    meta = {
+        "bundle": args.bundle, "queries": [{"text": q["text"], "word": q["word"]} for q in queries],
+        "retrain": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+                    "proximal_lambda": prox, "optimizer": "adam"},
+        "subsets": len(subsets), "lds": lds, "damping": damping,
+    }
+    write_result(args.name, {**meta, "seconds": {"exact_pass": pass_s, "lds": lds_s},
+                             "removal": "not run yet"})
 
     # -- removal test -----------------------------------------------------------------------
     t2 = time.perf_counter()
     k_rm = max(1, n // 100)
+    if args.removal_queries <= 0:
+        log("removal test skipped (--removal-queries 0)")
+        return
     base = retrain(range(n), seed=0)
     removal: dict[str, dict[str, float]] = {}
     rq = min(args.removal_queries, len(queries))
@@ -280,11 +291,7 @@ def main() -> None:
                 f"{statistics.fmean(deltas):+.4f} (random "
                 f"{removal[f'{meas}/{curv}']['random_mean_change']:+.4f})")
     path = write_result(args.name, {
-        "bundle": args.bundle, "queries": [{"text": q["text"], "word": q["word"]} for q in queries],
-        "retrain": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-                    "proximal_lambda": prox, "optimizer": "adam"},
-        "subsets": len(subsets), "removed_per_query": k_rm,
-        "lds": lds, "removal": removal, "damping": damping,
+        **meta, "removed_per_query": k_rm, "removal": removal,
         "seconds": {"exact_pass": pass_s, "lds": lds_s, "removal": time.perf_counter() - t2},
     })
     log(f"wrote {path}")
