@@ -8,10 +8,8 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 for sub in ("server", "client"):
@@ -31,26 +29,9 @@ def tiny_root(root: Path) -> Path:
     """<root>/tiny with an index and low-rank factors (built when missing)."""
     if (root / "tiny" / "manifest.json").is_file():
         return root
-    from pairdots_server.influence.artifacts import (
-        ArtifactConfig,
-        build_index_dir,
-        index_files,
-        lowrank_bytes,
-    )
-    from pairdots_server.influence.runtime import LOWRANK_FILE, ModelRuntime
-    from pairdots_server.storage.bundle import load_bundle
-    from pairdots_server.storage.update import update_bundle
-    from pairdots_server.testing import make_tiny_bundle
+    from pairdots_server.testing import make_tiny_root
 
-    path = make_tiny_bundle(root, "tiny", n_train=64)
-    rt = ModelRuntime(load_bundle(path))
-    cfg = ArtifactConfig(index_dim=64, low_rank=8)
-    with tempfile.TemporaryDirectory() as tmp:
-        index_dir = build_index_dir(rt, cfg, Path(tmp) / "index", progress=False)
-        files: dict[str, Any] = dict(index_files(index_dir))
-        files[LOWRANK_FILE] = lowrank_bytes(rt, cfg.low_rank)
-        update_bundle(path, files, {})
-    return root
+    return make_tiny_root(root)
 
 
 def free_port() -> int:

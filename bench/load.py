@@ -88,26 +88,9 @@ class RssSampler:
 
 def build_tiny_root(root: Path) -> Path:
     """<root>/tiny: the tiny test bundle with a candidate index and low-rank curvature."""
-    from pairdots_server.influence.artifacts import (
-        ArtifactConfig,
-        build_index_dir,
-        index_files,
-        lowrank_bytes,
-    )
-    from pairdots_server.influence.runtime import LOWRANK_FILE, ModelRuntime
-    from pairdots_server.storage.bundle import load_bundle
-    from pairdots_server.storage.update import update_bundle
-    from pairdots_server.testing import make_tiny_bundle
+    from pairdots_server.testing import make_tiny_root
 
-    path = make_tiny_bundle(root, "tiny", n_train=64)
-    rt = ModelRuntime(load_bundle(path))
-    cfg = ArtifactConfig(index_dim=64, low_rank=8)
-    with tempfile.TemporaryDirectory() as tmp:
-        index_dir = build_index_dir(rt, cfg, Path(tmp) / "index", progress=False)
-        files: dict[str, Any] = dict(index_files(index_dir))
-        files[LOWRANK_FILE] = lowrank_bytes(rt, cfg.low_rank)
-        update_bundle(path, files, {})
-    return root
+    return make_tiny_root(root)
 
 
 @contextmanager

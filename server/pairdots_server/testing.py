@@ -291,3 +291,35 @@ def planted_cue_examples(n_per_cue: int = 20, flipped: int = 2, seed: int = 0) -
 def planted_cue(text: str) -> str | None:
     """The planted cue word of a text, or None."""
     return next((w for w in text.split() if w in PLANTED_CUES), None)
+
+
+def add_index_and_lowrank(path: str | Path, index_dim: int = 64, low_rank: int = 8) -> Path:
+    """Add a candidate index (index_dim-dimensional projection) and low-rank GGN factors to the
+    bundle at `path`, as prepare would; returns the path."""
+    from typing import Any
+
+    from pairdots_server.influence.artifacts import (
+        ArtifactConfig,
+        build_index_dir,
+        index_files,
+        lowrank_bytes,
+    )
+    from pairdots_server.influence.runtime import LOWRANK_FILE, ModelRuntime
+    from pairdots_server.storage.bundle import load_bundle
+    from pairdots_server.storage.update import update_bundle
+
+    rt = ModelRuntime(load_bundle(path))
+    cfg = ArtifactConfig(index_dim=index_dim, low_rank=low_rank)
+    with tempfile.TemporaryDirectory() as tmp:
+        index_dir = build_index_dir(rt, cfg, Path(tmp) / "index", progress=False)
+        files: dict[str, Any] = dict(index_files(index_dir))
+        files[LOWRANK_FILE] = lowrank_bytes(rt, cfg.low_rank)
+        update_bundle(path, files, {})
+    return Path(path)
+
+
+def make_tiny_root(root: str | Path) -> Path:
+    """<root>/tiny: the tiny test bundle (64 SST-2 sentences) with a candidate index and
+    low-rank curvature; returns root."""
+    add_index_and_lowrank(make_tiny_bundle(root, "tiny", n_train=64))
+    return Path(root)

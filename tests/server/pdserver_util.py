@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,17 +10,8 @@ from typing import Any
 
 from pairdots import ClientConfig, PairdotsClient
 from pairdots_server.config import ServerConfig
-from pairdots_server.influence.artifacts import (
-    ArtifactConfig,
-    build_index_dir,
-    index_files,
-    lowrank_bytes,
-)
-from pairdots_server.influence.runtime import LOWRANK_FILE, ModelRuntime
 from pairdots_server.rpc.app import App, create_server
-from pairdots_server.storage.bundle import load_bundle
-from pairdots_server.storage.update import update_bundle
-from pairdots_server.testing import make_tiny_bundle
+from pairdots_server.testing import make_tiny_root
 
 
 @dataclass
@@ -56,14 +46,4 @@ def start_server(config: ServerConfig) -> RunningServer:
 
 def build_tiny_root(root: Path) -> Path:
     """<root>/tiny: a tiny bundle with a candidate index and low-rank curvature."""
-    path = make_tiny_bundle(root, "tiny", n_train=64)
-    rt = ModelRuntime(load_bundle(path))
-    cfg = ArtifactConfig(index_dim=64, low_rank=8)
-    with tempfile.TemporaryDirectory() as tmp:
-        index_dir = build_index_dir(rt, cfg, Path(tmp) / "index", progress=False)
-        files: dict[str, Any] = dict(index_files(index_dir))
-        files[LOWRANK_FILE] = lowrank_bytes(rt, cfg.low_rank)
-        update_bundle(path, files, {})
-    return root
-
-
+    return make_tiny_root(root)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -28,21 +27,14 @@ from pdserver_util import RunningServer, start_server
 
 from pairdots import PairdotsClient
 from pairdots_server.config import ServerConfig
-from pairdots_server.influence.artifacts import (
-    ArtifactConfig,
-    build_index_dir,
-    index_files,
-    lowrank_bytes,
-)
-from pairdots_server.influence.runtime import LOWRANK_FILE, ModelRuntime
 from pairdots_server.model.scope import ScopeSpec
 from pairdots_server.model.task import Task
 from pairdots_server.model.train import TrainConfig, fine_tune
-from pairdots_server.storage.bundle import load_bundle, save_bundle
-from pairdots_server.storage.update import update_bundle
+from pairdots_server.storage.bundle import save_bundle
 from pairdots_server.testing import (
     PLANTED_CUES,
     PLANTED_FILLER,
+    add_index_and_lowrank,
     build_tiny_model_dir,
     planted_cue,
     planted_cue_examples,
@@ -63,13 +55,7 @@ def build_planted_root(root: Path) -> Path:
         fine_tune(task, train, TrainConfig(epochs=100, batch_size=8, lr=3e-3, warmup_ratio=0.0,
                                            max_length=32, seed=0, max_steps=100))
         path = save_bundle(root, "planted", task, train, {"train": {"max_length": 32}})
-    rt = ModelRuntime(load_bundle(path))
-    cfg = ArtifactConfig(index_dim=64, low_rank=8)
-    with tempfile.TemporaryDirectory() as tmp:
-        files: dict[str, Any] = dict(index_files(build_index_dir(rt, cfg, Path(tmp) / "i",
-                                                                 progress=False)))
-        files[LOWRANK_FILE] = lowrank_bytes(rt, cfg.low_rank)
-        update_bundle(path, files, {})
+    add_index_and_lowrank(path)
     return root
 
 
