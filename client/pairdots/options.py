@@ -84,14 +84,16 @@ class Solver(enum.IntEnum):
 
 
 class WordMeasurement(enum.IntEnum):
-    """What a salient word's influence is measured on. OCCLUSION (server default):
-    c_w = m_y(x) − m_y(x with the word → [UNK]), the word's contribution to the logit margin
-    m_y = z_y − max_{c≠y} z_c (signed; words ranked by c_w). SALIENCY: the word's saliency
-    score (paper Eq. 5), words ranked by |saliency|."""
+    """What a salient word's influence is measured on. MARGIN (server default): the
+    prediction's margin m_y = z_y − max_{c≠y} z_c, among the training examples that contain the
+    word. OCCLUSION: c_w = m_y(x) − m_y(x with the word → [UNK]), the word's contribution to
+    the margin. Both rank words by c_w (signed). SALIENCY: the word's saliency score (paper
+    Eq. 5), words ranked by |saliency|."""
 
     UNSPECIFIED = 0
     OCCLUSION = 1
     SALIENCY = 2
+    MARGIN = 3
 
 
 class WordCandidates(enum.IntEnum):
@@ -217,7 +219,7 @@ class SolverOptions:
 @dataclass(frozen=True)
 class InfluenceOptions:
     """Influence settings. `candidates` 0 = server default; UNSPECIFIED enums = server
-    default (WordMeasurement.OCCLUSION, WordCandidates.CONTAINING); `prediction_influence`
+    default (WordMeasurement.MARGIN, WordCandidates.CONTAINING); `prediction_influence`
     None = not sent (the server's default, true: LabelExplanation.prediction is filled)."""
 
     solver: SolverOptions = field(default_factory=SolverOptions)

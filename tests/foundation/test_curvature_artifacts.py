@@ -201,7 +201,8 @@ def test_default_method_and_model_message(rt: ModelRuntime, fitted: Path, tmp_pa
     assert SOLVERS[pb.SOLVER_IDENTITY] is SolverChoice.IDENTITY
     m = model_proto(rt)
     assert m.has_ekfac and m.has_diagonal and m.has_low_rank
-    assert m.default_solver == pb.SOLVER_LOW_RANK and default_method(rt) is SolverChoice.LOW_RANK
+    # the measured default (solver_policy.DEFAULT_METHOD_ORDER): the diagonal Fisher first
+    assert m.default_solver == pb.SOLVER_DIAGONAL and default_method(rt) is SolverChoice.DIAGONAL
     bare = ModelRuntime(load_bundle(tiny_bundle_root / "tiny"))
     mb = model_proto(bare)
     assert not mb.has_ekfac and not mb.has_diagonal and mb.default_solver == pb.SOLVER_LISSA

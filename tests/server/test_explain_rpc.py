@@ -3,6 +3,7 @@ core computed directly on the same bundle."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -112,8 +113,9 @@ def test_exhaustive_influence_equals_core(client: PairdotsClient, runtime: Model
 
 def test_default_measurements_equal_core(client: PairdotsClient, runtime: ModelRuntime) -> None:
     """The defaults: words ranked by their occlusion contribution c_w, word-level influence on
-    c_w among the training examples that contain the word, prediction-level influence on the
-    margin over all of them — each equal to the core's exact, exhaustive computation."""
+    the margin among the training examples that contain the word (and, as an option, on c_w),
+    prediction-level influence on the margin over all of them — each equal to the core's
+    exact, exhaustive computation."""
     from pairdots_server.core.measure import word_occlusion
     from pairdots_server.influence.wordmatch import WordIndex
 
@@ -130,14 +132,22 @@ def test_default_measurements_equal_core(client: PairdotsClient, runtime: ModelR
     order = sorted(wordlike, key=lambda i: -float(c[i]))[:2]
     assert [w.word_index for w in expl.target.salient_words] == order
     index = WordIndex([ex.text for ex in rt.bundle.train])
-    for sw in expl.target.salient_words:
-        exact = exact_influences(rt, TEXT, y, sw.word_index, "occlusion")
-        allowed = index.containing(sw.text) or list(range(rt.n_train))
-        assert sw.containing_examples == len(index.containing(sw.text))
-        ranked = sorted(allowed, key=lambda i: -float(exact[i]))
-        assert [x.train_index for x in sw.supporting] == [i for i in ranked if exact[i] > 0][:3]
-        for x in sw.supporting + sw.opposing:
-            assert x.influence == pytest.approx(float(exact[x.train_index]), rel=1e-4, abs=1e-10)
+    occ = client.explain(TEXT, model="tiny", top_words=2, examples_per_word=3, influence=replace(
+        opts, word_measurement=WordMeasurement.OCCLUSION, prediction_influence=False))
+    # default word measurement: the margin among the examples with the word; OCCLUSION: c_w
+    for answer, measure in ((expl, None), (occ, "occlusion")):
+        assert [w.word_index for w in answer.target.salient_words] == order
+        for sw in answer.target.salient_words:
+            exact = exact_influences(rt, TEXT, y, None if measure is None else sw.word_index,
+                                     measure or "saliency")
+            allowed = index.containing(sw.text) or list(range(rt.n_train))
+            assert sw.containing_examples == len(index.containing(sw.text))
+            ranked = sorted(allowed, key=lambda i: -float(exact[i]))
+            assert [x.train_index for x in sw.supporting] == \
+                [i for i in ranked if exact[i] > 0][:3]
+            for x in sw.supporting + sw.opposing:
+                assert x.influence == pytest.approx(float(exact[x.train_index]), rel=1e-4,
+                                                    abs=1e-10)
     pred = expl.target.prediction
     assert pred is not None and pred.candidates_scored == rt.n_train
     exact = exact_influences(rt, TEXT, y, None)

@@ -233,18 +233,28 @@ class _WordMeasurement:
 class _WordMeasurementEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WordMeasurement.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     WORD_MEASUREMENT_UNSPECIFIED: _WordMeasurement.ValueType  # 0
-    """Server default: WORD_MEASUREMENT_OCCLUSION."""
+    """Server default: WORD_MEASUREMENT_MARGIN. Measured on minilm-sst2 (bench/semantics.py, 99
+    SST-2 test sentences, top word by c_w, the training examples that contain it, top 5
+    supporting, diagonal-Fisher solver): identical class MARGIN 0.963, OCCLUSION 0.406
+    (EK-FAC 0.677), SALIENCY 0.051; 95 % of them contain the word (32× its base rate); the
+    lists of a sentence's two top words overlap 1 % (Jaccard).
+    """
     WORD_MEASUREMENT_OCCLUSION: _WordMeasurement.ValueType  # 1
     """f = c_w = m_y(x) − m_y(x with the word's pieces replaced by [UNK]), the word's
     contribution to the logit margin m_y = z_y − max_{c≠y} z_c. Words are ranked by c_w
-    (signed: the words that push the input most towards y come first). Supporting examples
-    make the word push more towards y.
+    (signed: the words that push the input most towards y come first) under OCCLUSION and
+    MARGIN. Supporting examples make the word push more towards y.
     """
     WORD_MEASUREMENT_SALIENCY: _WordMeasurement.ValueType  # 2
     """f = the word's saliency score (paper Eq. 5, the token score of SaliencyOptions); words
     ranked by |saliency|. With the default unsigned score on log p this is ≈ the same
     direction for every word of a sentence (∇_e log p_y = (1 − p_y)∇_e m_y), so its
     "supporting" examples are those that lower the model's confidence.
+    """
+    WORD_MEASUREMENT_MARGIN: _WordMeasurement.ValueType  # 3
+    """f = m_y, the prediction's margin, among the training examples that contain the word
+    (words still ranked by c_w): the examples with this word that support the prediction
+    most. Default.
     """
 
 class WordMeasurement(_WordMeasurement, metaclass=_WordMeasurementEnumTypeWrapper):
@@ -253,18 +263,28 @@ class WordMeasurement(_WordMeasurement, metaclass=_WordMeasurementEnumTypeWrappe
     """
 
 WORD_MEASUREMENT_UNSPECIFIED: WordMeasurement.ValueType  # 0
-"""Server default: WORD_MEASUREMENT_OCCLUSION."""
+"""Server default: WORD_MEASUREMENT_MARGIN. Measured on minilm-sst2 (bench/semantics.py, 99
+SST-2 test sentences, top word by c_w, the training examples that contain it, top 5
+supporting, diagonal-Fisher solver): identical class MARGIN 0.963, OCCLUSION 0.406
+(EK-FAC 0.677), SALIENCY 0.051; 95 % of them contain the word (32× its base rate); the
+lists of a sentence's two top words overlap 1 % (Jaccard).
+"""
 WORD_MEASUREMENT_OCCLUSION: WordMeasurement.ValueType  # 1
 """f = c_w = m_y(x) − m_y(x with the word's pieces replaced by [UNK]), the word's
 contribution to the logit margin m_y = z_y − max_{c≠y} z_c. Words are ranked by c_w
-(signed: the words that push the input most towards y come first). Supporting examples
-make the word push more towards y.
+(signed: the words that push the input most towards y come first) under OCCLUSION and
+MARGIN. Supporting examples make the word push more towards y.
 """
 WORD_MEASUREMENT_SALIENCY: WordMeasurement.ValueType  # 2
 """f = the word's saliency score (paper Eq. 5, the token score of SaliencyOptions); words
 ranked by |saliency|. With the default unsigned score on log p this is ≈ the same
 direction for every word of a sentence (∇_e log p_y = (1 − p_y)∇_e m_y), so its
 "supporting" examples are those that lower the model's confidence.
+"""
+WORD_MEASUREMENT_MARGIN: WordMeasurement.ValueType  # 3
+"""f = m_y, the prediction's margin, among the training examples that contain the word
+(words still ranked by c_w): the examples with this word that support the prediction
+most. Default.
 """
 Global___WordMeasurement: _TypeAlias = WordMeasurement  # noqa: Y015
 

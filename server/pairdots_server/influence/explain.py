@@ -203,7 +203,7 @@ def explain(
             contrib = words_.word_contribution(rt, enc, label)
         if q.word_positions:
             chosen = list(q.word_positions)
-        elif settings.word_measurement is WordMeasurement.OCCLUSION:
+        elif settings.word_measurement is not WordMeasurement.SALIENCY:
             chosen = words_.top_contributing_words(contrib, words, pieces, q.top_words)
         else:
             chosen = steps.top_words(ws_list, pieces, q.top_words)
@@ -307,10 +307,13 @@ def _explain_word(
     notes: list[str],
 ) -> tuple[SalientWordAnswer, int]:
     """Steps 4–7 for one word: its answer and the number of candidates scored."""
-    kind = (steps.MeasurementKind.WORD_OCCLUSION
-            if settings.word_measurement is WordMeasurement.OCCLUSION
-            else steps.MeasurementKind.WORD_SALIENCY)
-    m = steps.Measurement(kind, label, wi, settings.target, settings.token_score)
+    if settings.word_measurement is WordMeasurement.MARGIN:  # the prediction's s_test (cached)
+        m = steps.Measurement(steps.MeasurementKind.PREDICTION_MARGIN, label)
+    else:
+        kind = (steps.MeasurementKind.WORD_OCCLUSION
+                if settings.word_measurement is WordMeasurement.OCCLUSION
+                else steps.MeasurementKind.WORD_SALIENCY)
+        m = steps.Measurement(kind, label, wi, settings.target, settings.token_score)
     s_test, diag = steps.measurement_s_test(rt, enc, m, settings, should_stop, timer)
     containing = words_.examples_containing(rt, enc.words[wi])
     allowed: list[int] | None = None

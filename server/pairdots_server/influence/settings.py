@@ -9,7 +9,7 @@ server's limits, and the pipeline steps take the resolved `PipelineSettings` who
   target, token_score LOG_PROB, L2_NORM                             here (the dataclass)
   solver              the bundle's default method and its options   solver_policy.resolve_solver
   use_index           the bundle's index when it has one            resolve() below
-  word_measurement    OCCLUSION (c_w on the margin)                 here (the dataclass)
+  word_measurement    MARGIN (m_y among examples with the word)     here (the dataclass)
   word_candidates     CONTAINING (examples with the word's stem)    here (the dataclass)
   prediction_influence True                                         here (the dataclass)
   candidates          clamp(2 % · N, 50, 2000) per direction        config.ExplainLimits
@@ -29,6 +29,7 @@ from pairdots_server.influence.solver_policy import SolverSettings, resolve_solv
 class WordMeasurement(enum.Enum):
     """What a salient word's influence is measured on (core/measure.py, core/saliency.py)."""
 
+    MARGIN = "margin"  # f = m_y among the examples containing w; words ranked by c_w
     OCCLUSION = "occlusion"  # f = c_w = m_y(x) − m_y(x with w → [UNK]); words ranked by c_w
     SALIENCY = "saliency"  # f = the word's saliency score (paper Eq. 5); ranked by |s|
 
@@ -51,7 +52,7 @@ class InfluenceSettings:
     use_index: bool | None = None  # None: the bundle's index when it has one
     candidates: int = 0  # 0: the server default
     scoring_batch_size: int | None = None  # None: the server default
-    word_measurement: WordMeasurement = WordMeasurement.OCCLUSION
+    word_measurement: WordMeasurement = WordMeasurement.MARGIN
     word_candidates: WordCandidates = WordCandidates.CONTAINING
     prediction_influence: bool = True
 
@@ -87,6 +88,6 @@ class PipelineSettings:
     use_index: bool
     candidates: int  # K per direction when the index prefilters
     scoring_batch_size: int
-    word_measurement: WordMeasurement = WordMeasurement.OCCLUSION
+    word_measurement: WordMeasurement = WordMeasurement.MARGIN
     word_candidates: WordCandidates = WordCandidates.CONTAINING
     prediction_influence: bool = True

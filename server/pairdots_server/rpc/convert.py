@@ -63,7 +63,7 @@ SEARCH = {
     pb.CANDIDATE_SEARCH_EXHAUSTIVE: False,
 }
 WORD_MEASUREMENTS = enum_table(pb.WordMeasurement, "WORD_MEASUREMENT_", WordMeasurement,
-                               unspecified=WordMeasurement.OCCLUSION)
+                               unspecified=WordMeasurement.MARGIN)
 WORD_CANDIDATES = enum_table(pb.WordCandidates, "WORD_CANDIDATES_", WordCandidates,
                              unspecified=WordCandidates.CONTAINING)
 TOKEN_INFLUENCE = enum_table(pb.TokenInfluenceMethod, "TOKEN_INFLUENCE_METHOD_", TokenInfluence,
