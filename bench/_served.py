@@ -17,14 +17,6 @@ for sub in ("server", "client"):
         sys.path.insert(0, str(REPO / sub))
 
 
-def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                         check=False)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                           capture_output=True, text=True, check=False).stdout.strip()
-    return out.stdout.strip() + ("-dirty" if dirty else "")
-
-
 def tiny_root(root: Path) -> Path:
     """<root>/tiny with an index and low-rank factors (built when missing)."""
     if (root / "tiny" / "manifest.json").is_file():

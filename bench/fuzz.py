@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from _served import REPO, Served, git_commit, tiny_root
+from _results import git_commit
+from _served import REPO, Served, tiny_root
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc

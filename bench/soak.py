@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from _served import REPO, Served, git_commit, tiny_root
+from _results import git_commit
+from _served import REPO, Served, tiny_root
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
