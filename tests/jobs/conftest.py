@@ -1,4 +1,6 @@
-"""Fixtures for the job store / runner / Operations tests (real SQLite files, real threads)."""
+"""Fixtures for the job store / runner / Operations tests: real SQLite files, a real
+PostgreSQL server started by the tests (pg_cluster.py), real threads. `store` runs every test
+that uses it against both backends."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pg_cluster import PgCluster, start_cluster
 
 from pairdots_server.service.jobs.runner import JobRunner
 from pairdots_server.service.jobs.store import JobStore
@@ -16,9 +19,30 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "jobs.sqlite"
 
 
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    cluster = start_cluster()
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
-def store(db_path: Path) -> Iterator[JobStore]:
-    s = JobStore(db_path)
+def pg_url(pg_cluster: PgCluster) -> str:
+    """A fresh, empty PostgreSQL database for one test."""
+    return pg_cluster.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_spec(request: pytest.FixtureRequest, db_path: Path) -> str | Path:
+    """Where `store` lives: an SQLite file, or a fresh database on the test PostgreSQL."""
+    if request.param == "sqlite":
+        return db_path
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def store(store_spec: str | Path) -> Iterator[JobStore]:
+    s = JobStore(store_spec)
     yield s
     s.close()
 

@@ -1,5 +1,5 @@
-"""The job store's SQLite schema and its migration, the row ↔ JobRecord mapping, the job
-states and the page tokens of ListOperations (store.py runs the queries)."""
+"""The row ↔ JobRecord mapping, the job states and the page tokens of ListOperations
+(store.py runs the queries; the schema and its migrations are in migrations.py)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,11 @@ import base64
 import binascii
 import enum
 import re
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-from pairdots_server.errors import Code, FailedPrecondition, InvalidArgument
-
-SCHEMA_VERSION = 1
+from pairdots_server.errors import Code, InvalidArgument
+from pairdots_server.service.jobs.migrations import SCHEMA_VERSION  # noqa: F401 (re-exported)
 
 #: google.rpc.Code values (errors.Code: ints, no gRPC import).
 CODE_CANCELLED = Code.CANCELLED
@@ -21,6 +19,12 @@ CODE_ABORTED = Code.ABORTED
 
 INTERRUPTED_REASON = "INTERRUPTED"
 INTERRUPTED_MESSAGE = "the server stopped while this job ran; submit it again"
+#: the message of a job whose lease passed: {owner} stopped renewing it at {expired}
+LEASE_EXPIRED_MESSAGE = (
+    "the process running this job ({owner}) stopped renewing its lease (expired {expired}, "
+    "{lease:.0f} s after its last heartbeat): it was killed or lost the job store; submit it "
+    "again"
+)
 CANCELLED_REASON = "CANCELLED"
 CANCELLED_MESSAGE = "cancelled by the caller (CancelOperation)"
 
@@ -67,6 +71,10 @@ class JobRecord:
     error_code: int | None = None
     error_message: str | None = None
     error_reason: str | None = None
+    #: who runs the job (a runner or worker id) or holds it queued; None: queued for any worker
+    owner: str | None = None
+    #: Unix seconds until which `owner` holds the job; None: no lease (queued or finished)
+    lease_until: float | None = None
 
     @property
     def done(self) -> bool:
@@ -76,44 +84,12 @@ class JobRecord:
 
 COLUMNS = (
     "name, kind, state, created_at, updated_at, request_type, request, metadata_type_url, "
-    "metadata, result_type_url, result, error_code, error_message, error_reason"
+    "metadata, result_type_url, result, error_code, error_message, error_reason, owner, lease_until"
 )
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS operations (
-    seq               INTEGER PRIMARY KEY AUTOINCREMENT,
-    name              TEXT NOT NULL UNIQUE,
-    kind              TEXT NOT NULL,
-    state             TEXT NOT NULL,
-    created_at        REAL NOT NULL,
-    updated_at        REAL NOT NULL,
-    request_type      TEXT NOT NULL,
-    request           BLOB NOT NULL,
-    metadata_type_url TEXT,
-    metadata          BLOB,
-    result_type_url   TEXT,
-    result            BLOB,
-    error_code        INTEGER,
-    error_message     TEXT,
-    error_reason      TEXT
-);
-CREATE INDEX IF NOT EXISTS operations_kind_seq ON operations (kind, seq);
-CREATE INDEX IF NOT EXISTS operations_state_seq ON operations (state, seq);
-"""
-
-
-REQUEST_IDS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS request_ids (
-    request_id  TEXT PRIMARY KEY,
-    name        TEXT NOT NULL,
-    fingerprint TEXT NOT NULL
-)
-"""
-
-
-def row_to_record(row: sqlite3.Row | tuple[Any, ...]) -> JobRecord:
+def row_to_record(row: tuple[Any, ...]) -> JobRecord:
     (name, kind, state, created, updated, req_type, req, md_url, md, res_url, res, code, msg,
-     reason) = tuple(row)
+     reason, owner, lease_until) = tuple(row)
     return JobRecord(
         name=name,
         kind=kind,
@@ -129,6 +105,8 @@ def row_to_record(row: sqlite3.Row | tuple[Any, ...]) -> JobRecord:
         error_code=code,
         error_message=msg,
         error_reason=reason,
+        owner=owner,
+        lease_until=lease_until,
     )
 
 
@@ -156,26 +134,3 @@ def decode_token(token: str, kinds: str, states: str) -> int:
     if prefix != _TOKEN_PREFIX or seq < 0 or tok_kinds != kinds or tok_states != states:
         raise bad
     return seq
-
-
-def init_schema(conn: sqlite3.Connection, path: str) -> None:
-    """Set the connection's pragmas and create or migrate the tables to SCHEMA_VERSION;
-    FailedPrecondition for a store written by a newer schema version."""
-    conn.execute("PRAGMA busy_timeout = 10000")
-    if path != ":memory:":
-        conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > SCHEMA_VERSION:
-        raise FailedPrecondition(
-            f"job store {path!r} has schema version {version}, newer than this server "
-            f"understands ({SCHEMA_VERSION}); run a newer pairdots or use another jobs path"
-        )
-    if version < SCHEMA_VERSION:
-        conn.execute("BEGIN IMMEDIATE")
-        for stmt in filter(None, (s.strip() for s in SCHEMA.split(";"))):
-            conn.execute(stmt)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    # AIP-155 idempotency keys (an additive table: older servers ignore it)
-    conn.execute(REQUEST_IDS_SCHEMA)
