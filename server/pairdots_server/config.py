@@ -70,10 +70,17 @@ class JobLimits:
     max_attack_examples: int = 500
     max_repair_examples: int = 5_000
     max_examples_per_test: int = 50
+    # A process running a job renews its lease every lease_s / 3; a job whose lease passed
+    # (its process was killed) is marked interrupted by any replica or worker (store.py).
+    lease_s: float = 30.0
+    poll_s: float = 1.0  # how often leases are checked and workers look for queued jobs
 
     def __post_init__(self) -> None:
         _require(self.max_concurrent >= 1, "max_concurrent_jobs", "must be >= 1")
         _require(self.max_queued >= 0, "max_queued_jobs", "must be >= 0")
+        _require(self.poll_s > 0, "jobs_poll_s", "must be > 0")
+        _require(self.lease_s > self.poll_s, "lease_s",
+                 "must be longer than the poll interval (jobs.poll_s, 1 s)")
 
 
 @dataclass(frozen=True)
@@ -100,8 +107,13 @@ class ServerConfig:
     auth_tokens_file: Path | None = None  # one token per line; set → bearer auth required
     auth_tokens: tuple[str, ...] = ()
     reflection: bool = False
-    jobs_db: Path | None = None  # default: <bundles>/.pairdots-jobs.sqlite3
+    # an SQLite file (default: <bundles>/.pairdots-jobs.sqlite3) or a postgresql:// URL shared
+    # by every replica and worker
+    jobs_db: Path | str | None = None
     output_bundles: Path | None = None  # where Attack/Repair save_as bundles go; default bundles
+    # run Attack/Repair in this process (the default); False (--no-worker): only accept,
+    # answer and read operations, `pairdots worker` processes run them (needs a shared store)
+    run_jobs: bool = True
     grace_s: float = 10.0
     log_format: str = "text"  # text | json
     explain: ExplainLimits = field(default_factory=ExplainLimits)
@@ -137,7 +149,16 @@ class ServerConfig:
 
     @property
     def jobs_db_path(self) -> Path:
-        return self.jobs_db or (self.bundles / ".pairdots-jobs.sqlite3")
+        """The SQLite file of the job store (meaningless for a PostgreSQL URL)."""
+        return Path(self.jobs_db) if self.jobs_db else (self.bundles / ".pairdots-jobs.sqlite3")
+
+    @property
+    def jobs_db_spec(self) -> Path | str:
+        """What JobStore opens: the postgresql:// URL as given, else the SQLite path."""
+        if isinstance(self.jobs_db, str) and self.jobs_db.startswith(
+                ("postgresql://", "postgres://")):
+            return self.jobs_db
+        return self.jobs_db_path
 
     @property
     def output_root(self) -> Path:

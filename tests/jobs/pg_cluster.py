@@ -72,6 +72,16 @@ class PgCluster:
         return self.url(name)
 
     def stop(self) -> None:
+        import psycopg
+
+        try:  # close every client connection first: stopping never waits on a client
+            with psycopg.connect(self.admin_url, autocommit=True, connect_timeout=5) as conn:
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'"
+                )
+        except psycopg.Error:
+            pass
         subprocess.run(
             [
                 *_as_owner(),
@@ -81,6 +91,8 @@ class PgCluster:
                 "-m",
                 "immediate",
                 "-w",
+                "-t",
+                "20",
                 "stop",
             ],
             check=False,

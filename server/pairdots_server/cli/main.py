@@ -5,7 +5,8 @@
     pairdots index merge --bundle DIR --parts PARTS
     pairdots curvature fit --bundle DIR [--kind ekfac,diagonal] [--device cpu|cuda]
     pairdots curvature show --bundle DIR
-    pairdots serve --bundles ROOT [--port 50051] [--metrics-port 9090] ...
+    pairdots serve --bundles ROOT [--port 50051] [--metrics-port 9090] [--no-worker] ...
+    pairdots worker --bundles ROOT --jobs-db postgresql://... [--output-bundles DIR]
     pairdots explain "text" [--address host:port] [--model NAME] [--html out.html] [--json]
     pairdots demo [--bundles ROOT] [--text "..."] [--html report.html]
 
@@ -144,7 +145,7 @@ def cmd_index_merge(args: argparse.Namespace) -> int:
 
 
 def server_config(args: argparse.Namespace) -> Any:
-    from pairdots_server.config import ServerConfig
+    from pairdots_server.config import JobLimits, ServerConfig
 
     def path(v: str | None) -> Path | None:
         return Path(v) if v else None
@@ -163,9 +164,12 @@ def server_config(args: argparse.Namespace) -> Any:
         tls_client_ca=path(args.tls_client_ca),
         auth_tokens_file=path(args.auth_tokens_file),
         reflection=bool(args.reflection),
-        jobs_db=path(args.jobs_db),
+        jobs_db=args.jobs_db or None,
+        output_bundles=path(args.output_bundles),
+        run_jobs=not args.no_worker,
         grace_s=float(args.grace_s),
         log_format=args.log_format,
+        jobs=JobLimits(lease_s=float(args.lease_s)),
     )
 
 
@@ -297,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_curvature_parser(sub, _env)
 
+    from pairdots_server.cli.worker import add_worker_parser
+
+    add_worker_parser(sub, _env)
+
     s = sub.add_parser("serve", help="run the gRPC server")
     s.add_argument("--bundles", default=_env("BUNDLES", "bundles"))
     s.add_argument("--host", default=_env("HOST", "127.0.0.1"))
@@ -319,7 +327,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--auth-tokens-file", default=_env("AUTH_TOKENS_FILE"))
     s.add_argument("--reflection", action="store_true",
                    default=_env("REFLECTION", "") in ("1", "true"))
-    s.add_argument("--jobs-db", default=_env("JOBS_DB"))
+    s.add_argument("--jobs-db", default=_env("JOBS_DB"),
+                   help="job store: an SQLite file (default <bundles>/.pairdots-jobs.sqlite3) "
+                   "or postgresql://user:password@host/db shared by replicas and workers")
+    s.add_argument("--output-bundles", default=_env("OUTPUT_BUNDLES"),
+                   help="writable directory for retrain.save_as bundles (default --bundles); "
+                   "checked when Attack/Repair is submitted")
+    s.add_argument("--no-worker", action="store_true",
+                   default=_env("NO_WORKER", "") in ("1", "true"),
+                   help="run no jobs here: Attack/Repair are queued in the (shared) job store "
+                   "for `pairdots worker` processes; this replica accepts, answers and reads")
+    s.add_argument("--lease-s", default=_env("LEASE_S", 30),
+                   help="lease of a job this process holds (renewed every lease/3)")
     s.add_argument("--grace-s", default=_env("GRACE_S", 10))
     s.add_argument("--log-format", default=_env("LOG_FORMAT", "text"), choices=["text", "json"])
     s.set_defaults(fn=cmd_serve)

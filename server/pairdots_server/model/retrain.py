@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import copy
 import enum
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pairdots_server.errors import AlreadyExists, InvalidArgument
+from pairdots_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from pairdots_server.influence.runtime import ModelRuntime
 from pairdots_server.model.scope import ScopeSpec
 from pairdots_server.model.task import Task
@@ -92,11 +94,30 @@ def recipe(rt: ModelRuntime, spec: RetrainSpec) -> TrainConfig:
 
 
 def check_save_as(output_root: Path, name: str | None) -> None:
-    """AlreadyExists when `name` is taken under output_root (checked at request time too)."""
-    if name is not None and (output_root / validate_bundle_name(name)).exists():
+    """AlreadyExists when `name` is taken under output_root, FailedPrecondition when
+    output_root is not a directory this process can write (probed with a temporary file: a
+    read-only mount fails here, at request time, not after the retrain)."""
+    if name is None:
+        return
+    if (output_root / validate_bundle_name(name)).exists():
         raise AlreadyExists(
             f"bundle {name!r} already exists in {output_root}; choose another retrain.save_as"
         )
+    fix = ("start the server (and the workers) with --output-bundles pointing at a writable "
+           "directory shared with them, or leave retrain.save_as empty")
+    if not output_root.is_dir():
+        raise FailedPrecondition(
+            f"retrain.save_as needs the output directory {output_root}, which "
+            f"{'is not a directory' if output_root.exists() else 'does not exist'}; {fix}",
+            reason="OUTPUT_NOT_WRITABLE")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".pairdots-write-check-", dir=output_root)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"retrain.save_as cannot be written: the output directory {output_root} is not "
+            f"writable ({exc.strerror}); {fix}", reason="OUTPUT_NOT_WRITABLE") from exc
 
 
 def base_task(

@@ -26,10 +26,12 @@ from pairdots.v1 import pairdots_pb2, pairdots_pb2_grpc
 from pairdots_server.config import ServerConfig
 from pairdots_server.metrics import Metrics
 from pairdots_server.rpc.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
+from pairdots_server.rpc.job_kinds import JOB_KINDS
 from pairdots_server.rpc.operations import add_operations_servicer
 from pairdots_server.rpc.servicer import PairdotsServicer
 from pairdots_server.service.facade import PairdotsService
-from pairdots_server.service.jobs.runner import JobRunner
+from pairdots_server.service.jobs.queue import JobQueue
+from pairdots_server.service.jobs.runner import JobRunner, JobService, process_owner
 from pairdots_server.service.jobs.store import JobStore
 from pairdots_server.service.registry import ModelRegistry
 
@@ -44,7 +46,7 @@ class App:
     service: PairdotsService
     health: health.aio.HealthServicer
     metrics: Metrics
-    jobs: JobRunner
+    jobs: JobService
     store: JobStore
     port: int
     config: ServerConfig
@@ -100,6 +102,23 @@ async def _start_health_server(config: ServerConfig, servicer: health.aio.Health
     return server, port
 
 
+def make_job_service(config: ServerConfig, store: JobStore) -> JobService:
+    """The in-process JobRunner (default) or, with run_jobs False (--no-worker), a JobQueue
+    whose jobs `pairdots worker` processes run. An embedded (SQLite) store with an in-process
+    runner first marks what a previous process left unfinished as interrupted; a shared store
+    (and --no-worker) relies on leases, since other processes may be running those jobs."""
+    limits = config.jobs
+    if not config.run_jobs:
+        return JobQueue(store, JOB_KINDS, max(1, limits.max_queued), limits.poll_s)
+    if not store.shared:
+        interrupted = store.mark_interrupted_on_startup()
+        if interrupted:
+            log.warning("%d job(s) from a previous run marked as interrupted", interrupted)
+    return JobRunner(store, limits.max_concurrent, limits.max_queued,
+                     owner=process_owner("serve"), lease_s=limits.lease_s,
+                     poll_s=limits.poll_s)
+
+
 async def create_server(config: ServerConfig, registry: ModelRegistry | None = None
                         ) -> tuple[App, int]:
     """Load bundles, build the server, bind and start it; health turns SERVING at the end."""
@@ -132,12 +151,8 @@ async def create_server(config: ServerConfig, registry: ModelRegistry | None = N
     service.pool.on_depth_change = metrics.set_queue_depth
     pairdots_pb2_grpc.add_PairdotsServiceServicer_to_server(PairdotsServicer(service), server)
 
-    config.jobs_db_path.parent.mkdir(parents=True, exist_ok=True)
-    store = JobStore(config.jobs_db_path)
-    interrupted = store.mark_interrupted_on_startup()
-    if interrupted:
-        log.warning("%d job(s) from a previous run marked as interrupted", interrupted)
-    jobs = JobRunner(store, config.jobs.max_concurrent, config.jobs.max_queued)
+    store = await asyncio.to_thread(JobStore, config.jobs_db_spec)
+    jobs = make_job_service(config, store)
     service.jobs = jobs
     add_operations_servicer(server, store, jobs)
 

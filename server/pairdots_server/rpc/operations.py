@@ -26,7 +26,9 @@ WaitOperation waits up to `timeout` (unset: 60 s; at most 60 s, and never past t
 deadline) without blocking the event loop, then returns the latest state, done or not.
 CancelOperation on a finished operation is a successful no-op (AIP-151). DeleteOperation only
 removes finished operations (FAILED_PRECONDITION otherwise: cancel first).
-Store reads are short SQLite transactions and run on the event loop thread.
+Store reads are short SQLite / PostgreSQL transactions and run on the event loop thread. With
+a shared store (PostgreSQL) every replica answers for every operation: the poll of
+WaitOperation sees changes written by the workers and the other replicas.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from grpc_status import rpc_status
 from pairdots.v1 import pairdots_pb2 as pb
 from pairdots_server import errors
 from pairdots_server.rpc.status import DOMAIN, to_status
-from pairdots_server.service.jobs.runner import Code, JobRunner
+from pairdots_server.service.jobs.runner import Code, JobService
 from pairdots_server.service.jobs.store import INTERRUPTED_REASON, JobRecord, JobState, JobStore
 
 JOB_METADATA_TYPE = "type.googleapis.com/" + pb.JobMetadata.DESCRIPTOR.full_name
@@ -179,7 +181,7 @@ async def abort_with_error(context: grpc.aio.ServicerContext[Any, Any],
 class OperationsServicer(operations_pb2_grpc.OperationsServicer):  # type: ignore[misc]
     """Async implementation of google.longrunning.Operations for grpc.aio servers."""
 
-    def __init__(self, store: JobStore, runner: JobRunner, *, default_wait_s: float = DEFAULT_WAIT_S,
+    def __init__(self, store: JobStore, runner: JobService, *, default_wait_s: float = DEFAULT_WAIT_S,
                  max_wait_s: float = MAX_WAIT_S, poll_s: float = _POLL_S) -> None:
         if not 0 < default_wait_s <= max_wait_s:
             raise errors.InvalidArgument.for_field(
@@ -280,7 +282,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):  # type: ignor
 
 
 def add_operations_servicer(server: grpc.aio.Server, store: JobStore,
-                            runner: JobRunner) -> OperationsServicer:
+                            runner: JobService) -> OperationsServicer:
     """Register the Operations service on `server`; returns the servicer."""
     servicer = OperationsServicer(store, runner)
     operations_pb2_grpc.add_OperationsServicer_to_server(servicer, server)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -13,12 +12,11 @@ from google.longrunning import operations_pb2
 from pairdots.v1 import pairdots_pb2 as pb
 from pairdots.v1 import pairdots_pb2_grpc as pb_grpc
 from pairdots_server.errors import CancelToken, InvalidArgument, Unavailable
-from pairdots_server.influence.runtime import ModelRuntime
-from pairdots_server.rpc import convert, convert_jobs, job_results
+from pairdots_server.rpc import convert, job_results
+from pairdots_server.rpc.job_kinds import build_job
 from pairdots_server.rpc.operations import record_to_operation
 from pairdots_server.service.facade import PairdotsService
-from pairdots_server.service.jobs.perturb_jobs import JobEnv, attack_job, repair_job
-from pairdots_server.service.jobs.runner import JobRunner
+from pairdots_server.service.jobs.runner import JobService
 
 
 def cancel_token(context: grpc.aio.ServicerContext) -> CancelToken:
@@ -78,32 +76,18 @@ class PairdotsServicer(pb_grpc.PairdotsServiceServicer):
 
     # -- long-running operations (paper §4.2–4.3) ---------------------------------------------
 
-    def _jobs(self) -> JobRunner:
+    def _jobs(self) -> JobService:
         if self.service.jobs is None:
             raise Unavailable("this server runs no job runner; Attack and Repair are off")
         return self.service.jobs
 
-    def _job_env(self, rt: ModelRuntime) -> JobEnv:
-        cfg = self.service.config
-        return JobEnv(
-            default_candidates=cfg.explain.default_candidates(rt.n_train),
-            scoring_batch_size=cfg.explain.scoring_batch_size,
-            output_root=cfg.output_root,
-            encoding=job_results.ENCODING,
-        )
-
-    def _submit(self, kind: str, request: Any, to_query: Callable[..., Any],
-                to_job: Callable[..., Any]) -> operations_pb2.Operation:
-        """Attack / Repair: convert the request (to_query), build the job (to_job) and submit
-        it as an operation of `kind`."""
-        runtime = self.service.registry.get(request.model)
-        cfg = self.service.config
-        query, retrain = to_query(
-            request, len(runtime.bundle.labels), cfg.jobs, cfg.explain, cfg.output_root
-        )
+    def _submit(self, kind: str, request: Any) -> operations_pb2.Operation:
+        """Attack / Repair: validate the request and build its job (rpc/job_kinds.py), then
+        submit it as an operation of `kind` (run here, or queued for the workers)."""
+        jobs = self._jobs()
+        runtime, fn = build_job(kind, request, self.service.config, self.service.registry)
         rid, fingerprint = idempotency(request)
-        fn = to_job(runtime, query, retrain, self._job_env(runtime))
-        record = self._jobs().submit(
+        record = jobs.submit(
             kind, request.DESCRIPTOR.full_name, request.SerializeToString(), fn,
             request_id=rid, fingerprint=fingerprint,
             metadata=queued_metadata(kind, runtime.name),
@@ -112,8 +96,8 @@ class PairdotsServicer(pb_grpc.PairdotsServiceServicer):
 
     async def Attack(self, request: pb.AttackRequest, context: grpc.aio.ServicerContext
                      ) -> operations_pb2.Operation:
-        return self._submit("attack", request, convert_jobs.attack_query, attack_job)
+        return self._submit("attack", request)
 
     async def Repair(self, request: pb.RepairRequest, context: grpc.aio.ServicerContext
                      ) -> operations_pb2.Operation:
-        return self._submit("repair", request, convert_jobs.repair_query, repair_job)
+        return self._submit("repair", request)

@@ -17,7 +17,7 @@ from pairdots_server.service.registry import ModelRegistry
 from pairdots_server.service.workers import WorkerPool
 
 if TYPE_CHECKING:
-    from pairdots_server.service.jobs.runner import JobRunner
+    from pairdots_server.service.jobs.runner import JobService
 
 log = logging.getLogger("pairdots.service")
 
@@ -27,7 +27,8 @@ class PairdotsService:
         self.config = config
         self.registry = registry
         self.pool = WorkerPool(config.max_workers, config.max_queue)
-        self.jobs: JobRunner | None = None  # set by rpc/app.py (Attack/Repair operations)
+        # set by rpc/app.py: the in-process JobRunner, or a JobQueue with --no-worker
+        self.jobs: JobService | None = None
 
     async def explain(self, model: str, query: ExplainQuery, token: CancelToken) -> ExplainAnswer:
         runtime = self.registry.get(model)

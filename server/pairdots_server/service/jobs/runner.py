@@ -16,17 +16,36 @@ Outcome mapping (google.rpc.Code values, ints, no gRPC import):
 
 Admission: at most `max_queued` jobs waiting plus running; beyond that `submit` raises
 ResourceExhausted with a retry hint. `max_concurrent` worker threads run jobs FIFO.
+
+Leases: every job this runner holds (waiting or running) has `owner` = the runner's id and a
+lease of `lease_s` seconds in the store. A keeper thread renews them every lease_s / 3 and, at
+each renewal, stops a job that another process cancelled (CancelOperation on another replica)
+or whose lease was taken away (marked interrupted because renewals were late); every
+`poll_s` it also calls `store.expire_leases()`, so a job of a process that died (kill -9) is
+marked FAILED / ABORTED / INTERRUPTED within a lease of its last renewal, by whichever
+process sharing the store notices first.
+
+Two ways jobs arrive:
+  * submit(kind, ..., fn): the in-process worker of `pairdots serve` (the default) runs `fn`;
+  * claim mode (`builder` given; `pairdots worker`): every `poll_s`, while a thread is free, the
+    runner claims the oldest queued operation of its `kinds` from the store (queued there by
+    serving replicas started with --no-worker, service/jobs/queue.py) and runs
+    `builder(record)`, the job function rebuilt from the stored request.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import queue
+import socket
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pairdots_server import errors
 from pairdots_server.service.jobs.store import (
@@ -42,6 +61,40 @@ log = logging.getLogger(__name__)
 JobResult = tuple[str, bytes]
 JobFn = Callable[["JobContext"], JobResult]
 Listener = Callable[[str], None]
+#: rebuilds the job function of a stored operation (claim mode); raises PairdotsError when it
+#: cannot (e.g. the model is not served by this worker): the operation then FAILS with it
+JobBuilder = Callable[[JobRecord], JobFn]
+
+DEFAULT_LEASE_S = 30.0
+DEFAULT_POLL_S = 1.0
+
+
+def process_owner(role: str) -> str:
+    """A lease owner id naming this process: <role>@<host>:<pid>/<random>."""
+    return f"{role}@{socket.gethostname()}:{os.getpid()}/{uuid.uuid4().hex[:6]}"
+
+
+class JobService(Protocol):
+    """What the RPC layer uses of a JobRunner (in-process worker) or a JobQueue (--no-worker):
+    submit, cancel and wait on operations, listeners for WaitOperation, shutdown."""
+
+    store: JobStore
+
+    def submit(self, kind: str, request_type: str, request_bytes: bytes, fn: JobFn | None, *,
+               request_id: str = "", fingerprint: str = "",
+               metadata: tuple[str, bytes] | None = None) -> JobRecord: ...
+
+    def cancel(self, name: str) -> JobRecord: ...
+
+    def wait(self, name: str, timeout: float | None) -> JobRecord: ...
+
+    def add_listener(self, fn: Listener) -> None: ...
+
+    def remove_listener(self, fn: Listener) -> None: ...
+
+    def active_count(self) -> int: ...
+
+    def shutdown(self, grace_s: float = 10.0) -> int: ...
 
 #: google.rpc.Code names and the one error table (errors.CODES); re-exported here.
 Code = errors.Code
@@ -85,7 +138,8 @@ class JobContext:
 class _Job:
     name: str
     kind: str
-    fn: JobFn
+    fn: JobFn | None  # None: claimed, built from `record` when it starts
+    record: JobRecord | None = None
     token: errors.CancelToken = field(default_factory=errors.CancelToken)
     interrupted: bool = False  # set by shutdown(): a Cancelled outcome becomes INTERRUPTED
     started_at: float | None = None
@@ -94,7 +148,10 @@ class _Job:
 class JobRunner:
     """Thread pool with admission control and cooperative cancellation over a JobStore."""
 
-    def __init__(self, store: JobStore, max_concurrent: int = 1, max_queued: int = 16) -> None:
+    def __init__(self, store: JobStore, max_concurrent: int = 1, max_queued: int = 16, *,
+                 owner: str | None = None, lease_s: float = DEFAULT_LEASE_S,
+                 poll_s: float = DEFAULT_POLL_S, builder: JobBuilder | None = None,
+                 kinds: Collection[str] | None = None) -> None:
         if max_concurrent < 1:
             raise errors.InvalidArgument.for_field(
                 "jobs.max_concurrent", f"is {max_concurrent}; set it to 1 or more")
@@ -103,7 +160,16 @@ class JobRunner:
                 "jobs.max_queued",
                 f"is {max_queued}, below max_concurrent={max_concurrent}; it counts waiting "
                 "plus running jobs, so set it to at least max_concurrent")
+        if not 0 < poll_s < lease_s:
+            raise errors.InvalidArgument.for_field(
+                "jobs.lease_s", f"lease {lease_s} s must be longer than the poll {poll_s} s "
+                "(renewals run every lease / 3); raise --lease-s")
         self.store = store
+        self.owner = owner or process_owner("serve")
+        self.lease_s = float(lease_s)
+        self.poll_s = float(poll_s)
+        self.builder = builder
+        self.kinds = None if kinds is None else frozenset(kinds)
         self.max_concurrent = max_concurrent
         self.max_queued = max_queued
         self._cond = threading.Condition()
@@ -114,6 +180,10 @@ class JobRunner:
         self._version = 0  # bumped on every change, guarded by _cond
         self._closing = False
         self._workers: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._keeper = threading.Thread(target=self._keep_leases, name="pairdots-leases",
+                                        daemon=True)
+        self._keeper.start()
 
     # -- listeners (used by the async WaitOperation to avoid blocking threads) -----------------
 
@@ -141,7 +211,7 @@ class JobRunner:
 
     # -- public API ----------------------------------------------------------------------------
 
-    def submit(self, kind: str, request_type: str, request_bytes: bytes, fn: JobFn, *,
+    def submit(self, kind: str, request_type: str, request_bytes: bytes, fn: JobFn | None, *,
                request_id: str = "", fingerprint: str = "",
                metadata: tuple[str, bytes] | None = None) -> JobRecord:
         """Record a PENDING operation and queue `fn` to run; returns the new record at once.
@@ -170,17 +240,22 @@ class JobRunner:
                     "longer need, or raise jobs.max_queued",
                     retry_after_s=self._retry_after_locked(),
                 )
-            record = self.store.create(kind, request_type, request_bytes)
-            if metadata is not None:
-                record = self.store.update_metadata(record.name, *metadata)
-            if request_id:
-                self.store.remember_request(request_id, fingerprint, record.name)
-            job = _Job(name=record.name, kind=kind, fn=fn)
-            self._jobs[record.name] = job
-            if len(self._workers) < self.max_concurrent:
-                self._start_worker_locked()
-            self._queue.put(job)  # under the lock: always ahead of shutdown()'s sentinels
+            if fn is None:
+                raise errors.FailedPrecondition(
+                    f"a {kind} job needs its job function to run in this process")
+            record, created = self.store.create_once(
+                kind, request_type, request_bytes, metadata=metadata, request_id=request_id,
+                fingerprint=fingerprint, owner=self.owner, lease_s=self.lease_s)
+            if not created:
+                return record
+            self._enqueue_locked(_Job(name=record.name, kind=kind, fn=fn))
         return record
+
+    def _enqueue_locked(self, job: _Job) -> None:
+        self._jobs[job.name] = job
+        if len(self._workers) < self.max_concurrent:
+            self._start_worker_locked()
+        self._queue.put(job)  # under the lock: always ahead of shutdown()'s sentinels
 
     def cancel(self, name: str) -> JobRecord:
         """Request cancellation; the record becomes CANCELLED at once (a finished one is
@@ -232,6 +307,7 @@ class JobRunner:
             if self._closing:
                 return 0
             self._closing = True
+            self._stop.set()
             jobs = list(self._jobs.values())
             for job in jobs:
                 job.interrupted = True
@@ -242,6 +318,7 @@ class JobRunner:
         deadline = time.monotonic() + max(0.0, grace_s)
         for t in workers:
             t.join(max(0.0, deadline - time.monotonic()))
+        self._keeper.join(max(0.0, deadline - time.monotonic()))
         stuck = [t.name for t in workers if t.is_alive()]
         if stuck:
             log.warning("job threads still running after %.1f s grace: %s (their results are "
@@ -295,14 +372,20 @@ class JobRunner:
         if job.token.cancelled:
             self._record_cancel(job, errors.Cancelled(job.token.why))
             return
-        if self.store.set_running(job.name).state is not JobState.RUNNING:
-            return  # cancelled while waiting
+        if job.fn is not None:  # submitted here; a claimed job is RUNNING already
+            rec = self.store.set_running(job.name, owner=self.owner, lease_s=self.lease_s)
+            if rec.state is not JobState.RUNNING or rec.owner != self.owner:
+                return  # cancelled while waiting
         with self._cond:
             job.started_at = time.monotonic()
         self._changed(job.name)
         ctx = JobContext(job.name, self.store, job.token, self._changed)
         try:
-            type_url, data = job.fn(ctx)
+            fn = job.fn
+            if fn is None:
+                assert self.builder is not None and job.record is not None
+                fn = self.builder(job.record)
+            type_url, data = fn(ctx)
         except errors.Cancelled as exc:
             self._record_cancel(job, exc)
         except errors.PairdotsError as exc:
@@ -318,6 +401,62 @@ class JobRunner:
             )
         else:  # a no-op if the operation was cancelled meanwhile (terminal states stick)
             self.store.succeed(job.name, type_url, data)
+
+    # -- leases and claims (the keeper thread) ----------------------------------------------------
+
+    def _keep_leases(self) -> None:
+        """Every poll_s: expire dead leases, claim queued jobs (claim mode); every lease_s / 3:
+        renew this runner's leases and stop the jobs cancelled or lost elsewhere."""
+        last_renewal = time.monotonic()
+        while not self._stop.wait(self.poll_s):
+            try:
+                for name in self.store.expire_leases():
+                    log.warning("operation %s: its holder's lease expired; marked interrupted",
+                                name)
+                    self._changed(name)
+                if time.monotonic() - last_renewal >= self.lease_s / 3:
+                    last_renewal = time.monotonic()
+                    self._renew()
+                if self.builder is not None:
+                    self._claim()
+            except errors.PairdotsError as exc:  # store unreachable or closed: next poll
+                log.warning("job store: %s", exc.message)
+            except Exception:
+                log.exception("lease keeper failed; retrying")
+
+    def _renew(self) -> None:
+        with self._cond:
+            names = list(self._jobs)
+        for name, rec in self.store.renew(names, self.owner, self.lease_s).items():
+            if rec is not None and not rec.done and rec.owner == self.owner:
+                continue
+            with self._cond:
+                job = self._jobs.get(name)
+            if job is None or job.token.cancelled:
+                continue
+            why = ("cancelled by the caller (CancelOperation)"
+                   if rec is not None and rec.state is JobState.CANCELLED
+                   else "this runner no longer holds the job (deleted, or its lease expired)")
+            log.info("operation %s: %s; stopping it", name, why)
+            job.token.cancel(why)
+            self._changed(name)
+
+    def _claim(self) -> None:
+        while True:
+            with self._cond:
+                if self._closing or len(self._jobs) >= self.max_concurrent:
+                    return
+            record = self.store.claim(self.owner, self.lease_s, self.kinds)
+            if record is None:
+                return
+            log.info("claimed %s (%s)", record.name, record.kind)
+            with self._cond:
+                if self._closing:  # shutting down meanwhile: the claim is interrupted
+                    self.store.interrupt(record.name)
+                    return
+                self._enqueue_locked(_Job(name=record.name, kind=record.kind, fn=None,
+                                          record=record))
+            self._changed(record.name)
 
     def _record_cancel(self, job: _Job, exc: errors.Cancelled) -> None:
         if job.interrupted:

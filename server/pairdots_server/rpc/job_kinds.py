@@ -1,0 +1,88 @@
+"""The job kinds that an operation can be, and how each is built from its request — once when a
+replica accepts it (validation: INVALID_ARGUMENT / ALREADY_EXISTS / FAILED_PRECONDITION at
+submit time) and again when a `pairdots worker` claims it from the shared store (the stored
+request bytes are all a worker gets).
+
+JOB_KINDS maps a kind ("attack", "repair") to its request message, its validation
+(rpc/convert_jobs: request → domain query and retrain spec) and its job function
+(service/jobs/perturb_jobs). A new job kind that workers can run is one JobKind entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.message import DecodeError, Message
+
+from pairdots.v1 import pairdots_pb2 as pb
+from pairdots_server.config import ServerConfig
+from pairdots_server.errors import InvalidArgument
+from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.rpc import convert_jobs, job_results
+from pairdots_server.service.jobs.perturb_jobs import JobEnv, attack_job, repair_job
+from pairdots_server.service.jobs.runner import JobBuilder, JobFn
+from pairdots_server.service.jobs.store import JobRecord
+from pairdots_server.service.registry import ModelRegistry
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """One kind of operation: `to_query(request, n_labels, job limits, explain limits,
+    output_root)` validates, `to_job(runtime, query, retrain, env)` builds the job function."""
+
+    name: str
+    request: type[Message]
+    to_query: Callable[..., Any]
+    to_job: Callable[..., JobFn]
+
+
+JOB_KINDS: dict[str, JobKind] = {
+    "attack": JobKind("attack", pb.AttackRequest, convert_jobs.attack_query, attack_job),
+    "repair": JobKind("repair", pb.RepairRequest, convert_jobs.repair_query, repair_job),
+}
+
+
+def job_env(config: ServerConfig, rt: ModelRuntime) -> JobEnv:
+    """What a job needs from the server configuration for model `rt`."""
+    return JobEnv(
+        default_candidates=config.explain.default_candidates(rt.n_train),
+        scoring_batch_size=config.explain.scoring_batch_size,
+        output_root=config.output_root,
+        encoding=job_results.ENCODING,
+    )
+
+
+def build_job(kind: str, request: Any, config: ServerConfig, registry: ModelRegistry
+              ) -> tuple[ModelRuntime, JobFn]:
+    """Validate `request` (a JOB_KINDS[kind].request message) against the served model and
+    the configuration, and build its job function. Raises the request's errors (NotFound for
+    an unknown model, InvalidArgument, AlreadyExists / FailedPrecondition for save_as)."""
+    spec = JOB_KINDS[kind]
+    runtime = registry.get(request.model)
+    query, retrain = spec.to_query(
+        request, len(runtime.bundle.labels), config.jobs, config.explain, config.output_root)
+    return runtime, spec.to_job(runtime, query, retrain, job_env(config, runtime))
+
+
+def record_builder(config: ServerConfig, registry: ModelRegistry) -> JobBuilder:
+    """The JobBuilder of a worker: rebuild a claimed operation's job from its stored request
+    (validated again here: this worker's models and --output-bundles are what counts)."""
+
+    def build(record: JobRecord) -> JobFn:
+        spec = JOB_KINDS.get(record.kind)
+        if spec is None or record.request_type != spec.request.DESCRIPTOR.full_name:
+            raise InvalidArgument(
+                f"operation {record.name} is a {record.kind!r} job with a "
+                f"{record.request_type} request, which this worker cannot run; run a worker "
+                "of the pairdots version that accepted it")
+        request = spec.request()
+        try:
+            request.ParseFromString(record.request)
+        except DecodeError as exc:
+            raise InvalidArgument(
+                f"operation {record.name}: the stored request cannot be parsed ({exc})") from exc
+        return build_job(record.kind, request, config, registry)[1]
+
+    return build
