@@ -39,8 +39,12 @@ def worker_config(args: argparse.Namespace) -> Any:
         output_bundles=Path(args.output_bundles) if args.output_bundles else None,
         grace_s=float(args.grace_s),
         log_format=args.log_format,
-        jobs=JobLimits(max_concurrent=concurrent, max_queued=concurrent,
-                       lease_s=float(args.lease_s), poll_s=float(args.poll_s)),
+        jobs=JobLimits(
+            max_concurrent=concurrent,
+            max_queued=concurrent,
+            lease_s=float(args.lease_s),
+            poll_s=float(args.poll_s),
+        ),
     )
 
 
@@ -57,22 +61,40 @@ def run_worker(config: Any, kinds: list[str] | None, stop: threading.Event) -> i
     unknown = sorted(set(chosen) - set(JOB_KINDS))
     if unknown:
         raise InvalidArgument.for_field(
-            "kinds", f"{','.join(unknown)} not a job kind workers run; use some of "
-            f"{','.join(sorted(JOB_KINDS))}")
-    registry = ModelRegistry(config.bundles, device=config.resolve_device(),
-                             cache_size=config.explain.s_test_cache_size)
+            "kinds",
+            f"{','.join(unknown)} not a job kind workers run; use some of "
+            f"{','.join(sorted(JOB_KINDS))}",
+        )
+    registry = ModelRegistry(
+        config.bundles, device=config.resolve_device(), cache_size=config.explain.s_test_cache_size
+    )
     registry.load_all()
     store = JobStore(config.jobs_db_spec)
     if not store.shared:
-        log.warning("job store %s is an SQLite file: only processes on this machine share it; "
-                    "use --jobs-db postgresql://... for replicas on other machines", store.path)
+        log.warning(
+            "job store %s is an SQLite file: only processes on this machine share it; "
+            "use --jobs-db postgresql://... for replicas on other machines",
+            store.path,
+        )
     owner = process_owner("worker")
-    runner = JobRunner(store, config.jobs.max_concurrent, config.jobs.max_queued, owner=owner,
-                       lease_s=config.jobs.lease_s, poll_s=config.jobs.poll_s,
-                       builder=record_builder(config, registry), kinds=chosen)
-    log.info("worker %s ready: models %s, kinds %s, store %s, lease %.0f s", owner,
-             ",".join(registry.names()) or "(none)", ",".join(chosen), store.path,
-             config.jobs.lease_s)
+    runner = JobRunner(
+        store,
+        config.jobs.max_concurrent,
+        config.jobs.max_queued,
+        owner=owner,
+        lease_s=config.jobs.lease_s,
+        poll_s=config.jobs.poll_s,
+        builder=record_builder(config, registry),
+        kinds=chosen,
+    )
+    log.info(
+        "worker %s ready: models %s, kinds %s, store %s, lease %.0f s",
+        owner,
+        ",".join(registry.names()) or "(none)",
+        ",".join(chosen),
+        store.path,
+        config.jobs.lease_s,
+    )
     try:
         stop.wait()
     finally:
@@ -98,22 +120,41 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def add_worker_parser(sub: Any, env: Callable[..., Any]) -> None:
     """Add `pairdots worker` to the subcommands (env: the PAIRDOTS_* lookup of main.py)."""
-    w = sub.add_parser("worker", help="run queued Attack/Repair operations from a shared "
-                       "job store (serving replicas started with --no-worker queue them)")
-    w.add_argument("--bundles", default=env("BUNDLES", "bundles"),
-                   help="bundle root: the models the jobs name")
-    w.add_argument("--jobs-db", default=env("JOBS_DB"),
-                   help="the job store the replicas use: postgresql://user:password@host/db "
-                   "(or an SQLite file on this machine)")
-    w.add_argument("--output-bundles", default=env("OUTPUT_BUNDLES"),
-                   help="writable directory for retrain.save_as bundles (default --bundles)")
-    w.add_argument("--kinds", default=env("WORKER_KINDS"),
-                   help="comma-separated job kinds to run (default: all)")
-    w.add_argument("--max-concurrent", default=env("MAX_CONCURRENT_JOBS", 1),
-                   help="jobs run at once by this worker")
-    w.add_argument("--lease-s", default=env("LEASE_S", 30),
-                   help="lease of a running job; renewed every lease/3; a job whose worker "
-                   "died is marked interrupted this long after its last renewal")
+    w = sub.add_parser(
+        "worker",
+        help="run queued Attack/Repair operations from a shared "
+        "job store (serving replicas started with --no-worker queue them)",
+    )
+    w.add_argument(
+        "--bundles", default=env("BUNDLES", "bundles"), help="bundle root: the models the jobs name"
+    )
+    w.add_argument(
+        "--jobs-db",
+        default=env("JOBS_DB"),
+        help="the job store the replicas use: postgresql://user:password@host/db "
+        "(or an SQLite file on this machine)",
+    )
+    w.add_argument(
+        "--output-bundles",
+        default=env("OUTPUT_BUNDLES"),
+        help="writable directory for retrain.save_as bundles (default --bundles)",
+    )
+    w.add_argument(
+        "--kinds",
+        default=env("WORKER_KINDS"),
+        help="comma-separated job kinds to run (default: all)",
+    )
+    w.add_argument(
+        "--max-concurrent",
+        default=env("MAX_CONCURRENT_JOBS", 1),
+        help="jobs run at once by this worker",
+    )
+    w.add_argument(
+        "--lease-s",
+        default=env("LEASE_S", 30),
+        help="lease of a running job; renewed every lease/3; a job whose worker "
+        "died is marked interrupted this long after its last renewal",
+    )
     w.add_argument("--poll-s", default=env("POLL_S", 1), help="how often to look for jobs")
     w.add_argument("--device", default=env("DEVICE", "auto"))
     w.add_argument("--grace-s", default=env("GRACE_S", 10))

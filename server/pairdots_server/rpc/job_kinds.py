@@ -54,15 +54,17 @@ def job_env(config: ServerConfig, rt: ModelRuntime) -> JobEnv:
     )
 
 
-def build_job(kind: str, request: Any, config: ServerConfig, registry: ModelRegistry
-              ) -> tuple[ModelRuntime, JobFn]:
+def build_job(
+    kind: str, request: Any, config: ServerConfig, registry: ModelRegistry
+) -> tuple[ModelRuntime, JobFn]:
     """Validate `request` (a JOB_KINDS[kind].request message) against the served model and
     the configuration, and build its job function. Raises the request's errors (NotFound for
     an unknown model, InvalidArgument, AlreadyExists / FailedPrecondition for save_as)."""
     spec = JOB_KINDS[kind]
     runtime = registry.get(request.model)
     query, retrain = spec.to_query(
-        request, len(runtime.bundle.labels), config.jobs, config.explain, config.output_root)
+        request, len(runtime.bundle.labels), config.jobs, config.explain, config.output_root
+    )
     return runtime, spec.to_job(runtime, query, retrain, job_env(config, runtime))
 
 
@@ -76,13 +78,15 @@ def record_builder(config: ServerConfig, registry: ModelRegistry) -> JobBuilder:
             raise InvalidArgument(
                 f"operation {record.name} is a {record.kind!r} job with a "
                 f"{record.request_type} request, which this worker cannot run; run a worker "
-                "of the pairdots version that accepted it")
+                "of the pairdots version that accepted it"
+            )
         request = spec.request()
         try:
             request.ParseFromString(record.request)
         except DecodeError as exc:
             raise InvalidArgument(
-                f"operation {record.name}: the stored request cannot be parsed ({exc})") from exc
+                f"operation {record.name}: the stored request cannot be parsed ({exc})"
+            ) from exc
         return build_job(record.kind, request, config, registry)[1]
 
     return build

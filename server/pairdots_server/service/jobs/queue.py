@@ -32,11 +32,17 @@ _RETRY_AFTER_S = 30.0
 class JobQueue:
     """Submit / cancel / wait over a shared JobStore; the work runs in `pairdots worker`s."""
 
-    def __init__(self, store: JobStore, kinds: Collection[str], max_queued: int = 16,
-                 poll_s: float = DEFAULT_POLL_S) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        kinds: Collection[str],
+        max_queued: int = 16,
+        poll_s: float = DEFAULT_POLL_S,
+    ) -> None:
         if max_queued < 1:
             raise errors.InvalidArgument.for_field(
-                "jobs.max_queued", f"is {max_queued}; set it to 1 or more")
+                "jobs.max_queued", f"is {max_queued}; set it to 1 or more"
+            )
         self.store = store
         self.kinds = frozenset(kinds)
         self.max_queued = max_queued
@@ -46,9 +52,17 @@ class JobQueue:
         self._reaper = threading.Thread(target=self._reap, name="pairdots-reaper", daemon=True)
         self._reaper.start()
 
-    def submit(self, kind: str, request_type: str, request_bytes: bytes, fn: JobFn | None, *,
-               request_id: str = "", fingerprint: str = "",
-               metadata: tuple[str, bytes] | None = None) -> JobRecord:
+    def submit(
+        self,
+        kind: str,
+        request_type: str,
+        request_bytes: bytes,
+        fn: JobFn | None,
+        *,
+        request_id: str = "",
+        fingerprint: str = "",
+        metadata: tuple[str, bytes] | None = None,
+    ) -> JobRecord:
         """Queue a PENDING operation for the workers (`fn` is not used: a worker rebuilds the
         job from the stored request). Same idempotency and errors as JobRunner.submit."""
         if request_id:
@@ -57,11 +71,13 @@ class JobQueue:
                 return existing
         if self._closing:
             raise errors.Unavailable(
-                "the server is shutting down and accepts no new jobs; retry on another replica")
+                "the server is shutting down and accepts no new jobs; retry on another replica"
+            )
         if kind not in self.kinds:
             raise errors.FailedPrecondition(
                 f"{kind} jobs run only in-process and this server was started with "
-                "--no-worker; start it without --no-worker to run them")
+                "--no-worker; start it without --no-worker to run them"
+            )
         active = self.store.count_active()
         if active >= self.max_queued:
             raise errors.ResourceExhausted(
@@ -71,8 +87,13 @@ class JobQueue:
                 retry_after_s=_RETRY_AFTER_S,
             )
         record, _ = self.store.create_once(
-            kind, request_type, request_bytes, metadata=metadata, request_id=request_id,
-            fingerprint=fingerprint)
+            kind,
+            request_type,
+            request_bytes,
+            metadata=metadata,
+            request_id=request_id,
+            fingerprint=fingerprint,
+        )
         return record
 
     def cancel(self, name: str) -> JobRecord:
@@ -114,8 +135,9 @@ class JobQueue:
         while not self._stop.wait(self.poll_s):
             try:
                 for name in self.store.expire_leases():
-                    log.warning("operation %s: its worker's lease expired; marked interrupted",
-                                name)
+                    log.warning(
+                        "operation %s: its worker's lease expired; marked interrupted", name
+                    )
             except errors.PairdotsError as exc:
                 log.warning("job store: %s", exc.message)
             except Exception:
