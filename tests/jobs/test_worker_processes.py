@@ -267,6 +267,8 @@ def test_kill_9_of_the_worker_is_noticed_within_the_lease(cluster: Cluster) -> N
         # recorded by a replica's reaper at most one poll (plus scheduling on this loaded
         # 2-core machine: 3 s) after the lease ran out, so within LEASE_S + 3.5 s of the kill
         recorded = op.progress.update_time.timestamp()
+        print(f"kill -9 -> marked interrupted after {recorded - killed_at:.2f} s "
+              f"(lease {LEASE_S} s, poll {POLL_S} s)")
         assert lease_until <= recorded <= lease_until + POLL_S + 3.0
         assert recorded - killed_at <= LEASE_S + POLL_S + 3.0
         rec = store.get(name)

@@ -1463,7 +1463,11 @@ class RetrainOptions(_message.Message):
     epochs: _builtins.int
     """Epochs, 1..10 (0 is INVALID_ARGUMENT). Unset: the bundle's recipe."""
     save_as: _builtins.str
-    """Save the retrained model as a new bundle with this name (must not exist). Empty: don't."""
+    """Save the retrained model as a new bundle with this name (must not exist). Empty: don't.
+    The bundle goes to the server's --output-bundles directory (default its bundle root),
+    which must be writable: checked when Attack/Repair is called (FAILED_PRECONDITION, reason
+    OUTPUT_NOT_WRITABLE), not after the retrain.
+    """
     @_builtins.property
     def eval_examples(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabeledText]:
         """Examples to evaluate accuracy on before and after. Default: the request's examples."""
@@ -1822,7 +1826,8 @@ class JobMetadata(_message.Message):
     stage: _builtins.str
     """Current stage: "queued" (in the Operation that Attack/Repair return), then e.g.
     "explaining", "perturbing", "retraining", "evaluating", "done"; "interrupted" when the
-    server stopped while the job ran (update_time is then when that was recorded).
+    server or worker running the job stopped, or was killed and its lease (30 s by default)
+    ran out (update_time is then when that was recorded; the error says which process).
     """
     done: _builtins.int
     """Units done and total in the current stage (total 0 when unknown)."""
