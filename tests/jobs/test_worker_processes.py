@@ -33,6 +33,10 @@ from pairdots.errors import RpcCancelledError
 from pairdots_server.service.jobs.store import JobState, JobStore
 from pairdots_server.testing import make_tiny_root, tiny_examples
 
+# building the tiny bundle and starting three processes took 440 s on the shared 2-core
+# machine at load 14 (the whole module: 8 min); the default 600 s per test is too tight
+pytestmark = pytest.mark.timeout(1500)
+
 LEASE_S = 4.0  # renewed every 1.3 s; the replicas check leases every POLL_S
 POLL_S = 0.5
 TESTS = [(x.text, x.label) for x in tiny_examples(2, split="dev")]
