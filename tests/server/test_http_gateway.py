@@ -162,8 +162,28 @@ def test_curl_explain_is_the_grpc_answer(base: str, channel: grpc.Channel) -> No
 def test_models_and_resource_names(base: str) -> None:
     status, body, _ = call(base, "GET", "/v1/models")
     assert status == 200 and [m["name"] for m in body["models"]] == ["tiny"]
-    status, body, _ = call(base, "GET", "/v1/models/tiny")
-    assert status == 200 and body["model"]["labels"] == ["negative", "positive"]
+    status, body, _ = call(base, "GET", "/v1/models/tiny")  # the Model itself (AIP-131)
+    assert status == 200 and body["name"] == "tiny"
+    assert body["labels"] == ["negative", "positive"]
+    status, body, _ = call(base, "GET", "/v1/models?pageSize=1")
+    assert status == 200 and len(body["models"]) == 1 and body["nextPageToken"] == ""
+    status, body, _ = call(base, "GET", "/v1/models?pageToken=bogus")
+    assert status == 400 and "page_token" in body["message"]
+
+
+def test_grpc_accepts_resource_names(channel: grpc.Channel) -> None:
+    stub = pb_grpc.PairdotsServiceStub(channel)
+    model = stub.GetModel(pb.GetModelRequest(name="models/tiny"), metadata=GRPC_AUTH, timeout=30)
+    assert isinstance(model, pb.Model) and model.name == "tiny"
+    expl = stub.Explain(
+        pb.ExplainRequest(model="models/tiny", text="good", top_words=0),
+        metadata=GRPC_AUTH,
+        timeout=120,
+    )
+    assert expl.model == "tiny"
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetModel(pb.GetModelRequest(name="models/"), metadata=GRPC_AUTH, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def _violations(body: dict[str, Any]) -> list[dict[str, str]]:

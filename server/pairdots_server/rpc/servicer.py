@@ -14,7 +14,7 @@ from pairdots.v1 import pairdots_pb2 as pb
 from pairdots.v1 import pairdots_pb2_grpc as pb_grpc
 from pairdots_server.errors import CancelToken, InvalidArgument, Unavailable
 from pairdots_server.influence.runtime import ModelRuntime
-from pairdots_server.rpc import convert, convert_jobs, job_results
+from pairdots_server.rpc import convert, convert_jobs, job_results, paging
 from pairdots_server.rpc.operations import record_to_operation
 from pairdots_server.service.facade import PairdotsService
 from pairdots_server.service.jobs.perturb_jobs import JobEnv, attack_job, repair_job
@@ -61,13 +61,16 @@ class PairdotsServicer(pb_grpc.PairdotsServiceServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ListModelsResponse:
+        runtimes = {rt.name: rt for rt in self.service.registry.all()}
+        names, next_token = paging.paginate(list(runtimes), request.page_size, request.page_token)
         return pb.ListModelsResponse(
-            models=[convert.model_proto(rt) for rt in self.service.registry.all()]
+            models=[convert.model_proto(runtimes[n]) for n in names], next_page_token=next_token
         )
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
-                       ) -> pb.GetModelResponse:
-        return pb.GetModelResponse(model=convert.model_proto(self.service.registry.get(request.name, "name")))
+                       ) -> pb.Model:
+        """AIP-131: the Model resource itself."""
+        return convert.model_proto(self.service.registry.get(request.name, "name"))
 
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
                       ) -> pb.ExplainResponse:
