@@ -72,9 +72,16 @@ async function main() {
   const metadata = new grpc.Metadata();
   if (process.env.PAIRDOTS_TOKEN) metadata.set("authorization", `Bearer ${process.env.PAIRDOTS_TOKEN}`);
 
-  const models = (await unary(client, "listModels", {}, metadata)).models;
+  const models = [];
+  let pageToken = "";
+  do {
+    const page = await unary(client, "listModels", { pageToken }, metadata);
+    models.push(...page.models);
+    pageToken = page.nextPageToken;
+  } while (pageToken);
   const model = args.model || models[0].name;
-  const got = (await unary(client, "getModel", { name: `models/${model}` }, metadata)).model;
+  // GetModel returns the Model resource itself; "models/<id>" and "<id>" both name it.
+  const got = await unary(client, "getModel", { name: `models/${model}` }, metadata);
   const explain = await unary(
     client, "explain", { model, text: args.text, topWords: args.topWords }, metadata,
   );
