@@ -16,7 +16,7 @@ import grpc
 import pytest
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import json_format
-from pdserver_util import RunningServer, start_server
+from pdserver_util import RunningServer, self_signed, start_server
 
 from pairdots.v1 import pairdots_pb2 as pb
 from pairdots.v1 import pairdots_pb2_grpc as pb_grpc
@@ -302,3 +302,33 @@ def test_http_status_table_covers_every_code() -> None:
     assert errors.http_status(errors.Code.RESOURCE_EXHAUSTED) == 429
     assert errors.http_status(errors.Code.FAILED_PRECONDITION) == 400
     assert errors.http_status(999) == 500
+
+
+def test_https_under_tls(bundle_root: Path, tmp_path: Path) -> None:
+    """With --tls-cert the HTTP port speaks HTTPS with the same certificate (plaintext HTTP
+    is refused) and answers as before."""
+    import ssl
+
+    cert, key = self_signed(tmp_path)
+    running = start_server(
+        ServerConfig(
+            bundles=bundle_root,
+            port=0,
+            http_port=0,
+            tls_cert=cert,
+            tls_key=key,
+            jobs_db=tmp_path / "jobs.sqlite3",
+        )
+    )
+    try:
+        assert running.app.http is not None
+        port = running.app.http.port
+        ctx = ssl.create_default_context(cafile=str(cert))
+        with urllib.request.urlopen(
+            f"https://localhost:{port}/v1/models/tiny", context=ctx, timeout=60
+        ) as resp:
+            assert resp.status == 200 and json.loads(resp.read())["name"] == "tiny"
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10)
+    finally:
+        running.stop()
