@@ -1,18 +1,25 @@
 """Generate the Python messages, gRPC stubs and typed stubs (.pyi) from protos/.
 
-    python protos/generate.py           # (re)write client/pairdots/v1/
+    python protos/generate.py           # (re)write client/pairdots/v1/ and protos/third_party/
     python protos/generate.py --check   # exit 1 when the committed code is stale
 
 Output goes to client/pairdots/v1/ (the proto package is pairdots.v1, so the generated imports
 resolve without rewriting). Google's protos come from the installed googleapis-common-protos
 and grpcio-tools packages, so this works offline. Pinned generator versions live in
 pyproject.toml's dev extra; a different grpcio-tools/mypy-protobuf changes the output.
+
+protos/third_party/ is the committed include tree for everyone else (buf, protoc for other
+languages, Node's @grpc/proto-loader): the transitive imports of the pairdots protos (plus
+google/rpc/error_details.proto, whose messages the errors carry, and google/api/resource.proto)
+copied from the same installed packages, so `-I protos -I protos/third_party` resolves every
+import offline.
 """
 
 from __future__ import annotations
 
 import argparse
 import filecmp
+import re
 import shutil
 import sys
 import tempfile
@@ -23,6 +30,11 @@ PROTO_ROOT = ROOT / "protos"
 OUT_ROOT = ROOT / "client"
 GENERATED_DIR = OUT_ROOT / "pairdots" / "v1"
 HAND_WRITTEN = {"__init__.py"}
+THIRD_PARTY_DIR = PROTO_ROOT / "third_party"
+#: Imported by no pairdots proto but needed by clients: the error details every error carries,
+#: and the resource annotations (AIP-123).
+THIRD_PARTY_EXTRA = ("google/rpc/error_details.proto", "google/api/resource.proto")
+_IMPORT_RE = re.compile(r'^import\s+(?:public\s+|weak\s+)?"([^"]+)"\s*;', re.MULTILINE)
 
 
 def _google_include_dir(tmp: Path) -> Path:
@@ -48,6 +60,57 @@ def _google_include_dir(tmp: Path) -> Path:
     lr_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(Path(ops.__file__).with_name("operations_proto.proto"), lr_dir / "operations.proto")
     return include
+
+
+def third_party_sources(include: Path) -> dict[str, Path]:
+    """{path under third_party/: source file} for the closure of the pairdots protos' imports
+    (and THIRD_PARTY_EXTRA), resolved in `include` (see _google_include_dir) and grpc_tools'
+    well-known types."""
+    import grpc_tools
+
+    well_known = Path(grpc_tools.__path__[0]) / "_proto"
+    todo: list[str] = list(THIRD_PARTY_EXTRA)
+    for proto in PROTO_ROOT.glob("pairdots/**/*.proto"):
+        todo += _IMPORT_RE.findall(proto.read_text(encoding="utf-8"))
+    found: dict[str, Path] = {}
+    while todo:
+        name = todo.pop()
+        if name in found or name.startswith("pairdots/"):
+            continue
+        src = next((d / name for d in (include, well_known) if (d / name).is_file()), None)
+        if src is None:
+            raise SystemExit(f"cannot find {name} in the installed packages")
+        found[name] = src
+        todo += _IMPORT_RE.findall(src.read_text(encoding="utf-8"))
+    return dict(sorted(found.items()))
+
+
+def third_party_problems() -> list[str]:
+    """Files of protos/third_party/ that are missing, extra or differ from the packages."""
+    with tempfile.TemporaryDirectory() as tmp_name:
+        wanted = third_party_sources(_google_include_dir(Path(tmp_name)))
+        have = {str(p.relative_to(THIRD_PARTY_DIR)) for p in THIRD_PARTY_DIR.rglob("*.proto")}
+        problems = sorted(f"third_party/{n}" for n in set(wanted) ^ have)
+        for name, src in wanted.items():
+            dst = THIRD_PARTY_DIR / name
+            if dst.exists() and not filecmp.cmp(src, dst, shallow=False):
+                problems.append(f"third_party/{name}")
+        return problems
+
+
+def write_third_party() -> list[Path]:
+    """(Re)write protos/third_party/ from the installed packages."""
+    if THIRD_PARTY_DIR.exists():
+        for old in THIRD_PARTY_DIR.rglob("*.proto"):
+            old.unlink()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        written = []
+        for name, src in third_party_sources(_google_include_dir(Path(tmp_name))).items():
+            dst = THIRD_PARTY_DIR / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst)
+            written.append(dst)
+        return written
 
 
 def generate(out_root: Path) -> list[Path]:
@@ -95,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only check for staleness")
     args = parser.parse_args(argv)
     if args.check:
-        stale = stale_files()
+        stale = stale_files() + third_party_problems()
         if stale:
             print("stale generated code: " + ", ".join(stale), file=sys.stderr)
             print("run: python protos/generate.py", file=sys.stderr)
@@ -106,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in GENERATED_DIR.iterdir():
         if p.is_file() and p.name not in HAND_WRITTEN:
             p.unlink()
-    written = generate(OUT_ROOT)
+    written = generate(OUT_ROOT) + write_third_party()
     print("wrote " + ", ".join(str(p.relative_to(ROOT)) for p in written))
     return 0
 

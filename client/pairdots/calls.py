@@ -265,16 +265,22 @@ class ClientCore:
     # -- models ----------------------------------------------------------------------------
 
     def list_models(self, timeout: float | None = None) -> Plan[list[ModelInfo]]:
-        """The served model bundles, sorted by name."""
-        resp = yield from self.invoke(SERVICE, "ListModels", pairdots_pb2.ListModelsRequest(),
-                                      timeout)
-        return [ModelInfo.from_proto(m) for m in resp.models]
+        """The served model bundles, sorted by name (every page of ListModels)."""
+        models: list[ModelInfo] = []
+        token = ""
+        while True:
+            resp = yield from self.invoke(
+                SERVICE, "ListModels", pairdots_pb2.ListModelsRequest(page_token=token), timeout)
+            models += [ModelInfo.from_proto(m) for m in resp.models]
+            token = resp.next_page_token
+            if not token:
+                return models
 
     def get_model(self, name: str, timeout: float | None = None) -> Plan[ModelInfo]:
         """One served model; NotFoundError when unknown."""
         resp = yield from self.invoke(SERVICE, "GetModel", pairdots_pb2.GetModelRequest(name=name),
                                       timeout)
-        return ModelInfo.from_proto(resp.model)
+        return ModelInfo.from_proto(resp)  # GetModel returns the Model resource (AIP-131)
 
     # -- explain, attack, repair -----------------------------------------------------------
 

@@ -94,6 +94,9 @@ class ServerConfig:
     # Plaintext gRPC port serving only grpc.health.v1 (same status as the main port) when set:
     # kubelet gRPC probes cannot speak TLS. 0 picks a free port (tests).
     health_port: int | None = None
+    # HTTP/JSON endpoint (rpc/http_gateway.py, the google.api.http routes) when set; off by
+    # default. 0 picks a free port (tests).
+    http_port: int | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # Explain requests handled at once (worker threads). Computations on one model still run
     # one at a time (its compute gate, shared with Attack/Repair job steps, compute.py), so
@@ -128,6 +131,13 @@ class ServerConfig:
             _require(
                 self.health_port == 0 or self.health_port != self.port, "health_port",
                 "must differ from --port (the health-only port is a second listener)",
+            )
+        if self.http_port is not None:
+            _require(0 <= self.http_port < 65536, "http_port", "must be in 0..65535")
+            _require(
+                self.http_port == 0 or self.http_port not in (self.port, self.health_port,
+                                                              self.metrics_port),
+                "http_port", "must differ from --port, --health-port and --metrics-port",
             )
         _require(self.max_workers >= 1, "max_workers", "must be >= 1")
         _require(self.max_queue >= 0, "max_queue", "must be >= 0")

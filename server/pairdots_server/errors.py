@@ -134,8 +134,11 @@ class Code:
     RESOURCE_EXHAUSTED = 8
     FAILED_PRECONDITION = 9
     ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
     INTERNAL = 13
     UNAVAILABLE = 14
+    DATA_LOSS = 15
     UNAUTHENTICATED = 16
 
 
@@ -156,6 +159,34 @@ CODES: dict[type[PairdotsError], int] = {
 #: anything else): INTERNAL. The RPC layer answers it with an incident id and logs the
 #: traceback; a job records it as a failed operation.
 FALLBACK_CODE = Code.INTERNAL
+
+
+#: google.rpc.Code → HTTP status of the HTTP/JSON endpoint (google/rpc/code.proto's mapping,
+#: as grpc-gateway and Google's APIs use it). Documented in README "HTTP/JSON".
+HTTP_STATUS: dict[int, int] = {
+    Code.OK: 200,
+    Code.CANCELLED: 499,
+    Code.UNKNOWN: 500,
+    Code.INVALID_ARGUMENT: 400,
+    Code.DEADLINE_EXCEEDED: 504,
+    Code.NOT_FOUND: 404,
+    Code.ALREADY_EXISTS: 409,
+    Code.PERMISSION_DENIED: 403,
+    Code.RESOURCE_EXHAUSTED: 429,
+    Code.FAILED_PRECONDITION: 400,
+    Code.ABORTED: 409,
+    Code.OUT_OF_RANGE: 400,
+    Code.UNIMPLEMENTED: 501,
+    Code.INTERNAL: 500,
+    Code.UNAVAILABLE: 503,
+    Code.DATA_LOSS: 500,
+    Code.UNAUTHENTICATED: 401,
+}
+
+
+def http_status(code: int) -> int:
+    """The HTTP status of a google.rpc.Code int (500 for a code the table does not name)."""
+    return HTTP_STATUS.get(code, 500)
 
 
 def mapped_code(exc: BaseException) -> int | None:

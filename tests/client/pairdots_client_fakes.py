@@ -168,13 +168,13 @@ class FakePairdots(pairdots_pb2_grpc.PairdotsServiceServicer):
         self._step("ListModels", request, context)
         return pairdots_pb2.ListModelsResponse(models=[model_proto("a-model"), model_proto()])
 
-    def GetModel(self, request: Any, context: Any) -> pairdots_pb2.GetModelResponse:
+    def GetModel(self, request: Any, context: Any) -> pairdots_pb2.Model:
         self._step("GetModel", request, context)
         if request.name != "tiny-sst2":
             context.abort_with_status(rpc_status.to_status(rich_status(
                 code_pb2.NOT_FOUND, f"model {request.name!r} is not served",
                 reason="MODEL_NOT_FOUND")))
-        return pairdots_pb2.GetModelResponse(model=model_proto())
+        return model_proto()
 
     def Explain(self, request: Any, context: Any) -> pairdots_pb2.ExplainResponse:
         self._step("Explain", request, context)

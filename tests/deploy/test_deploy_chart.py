@@ -201,7 +201,29 @@ def test_hpa_pdb_and_network_policy(rendered: dict[str, Objects]) -> None:
     netpol = one(objects, "NetworkPolicy")
     assert netpol["spec"]["policyTypes"] == ["Ingress", "Egress"]
     ingress_ports = [p["port"] for rule in netpol["spec"]["ingress"] for p in rule["ports"]]
-    assert ingress_ports == ["grpc", "metrics", "health"]
+    assert ingress_ports == ["grpc", "http", "metrics", "health"]
+
+
+def test_http_port_is_off_by_default_and_wired_when_set(rendered: dict[str, Objects]) -> None:
+    """server.httpPort: no HTTP/JSON listener by default; when set, the flag reaches
+    `pairdots serve`, the container names the port and the Service exposes it."""
+    default = server_container(rendered["default"])
+    assert not any(a.startswith("--http-port") for a in default["args"])
+    assert "http" not in [p["name"] for p in default["ports"]]
+    assert "http" not in [p["name"] for p in one(rendered["default"], "Service")["spec"]["ports"]]
+    objects = rendered["all-on"]
+    server = server_container(objects)
+    assert "--http-port=8080" in server["args"]
+    assert {"name": "http", "containerPort": 8080, "protocol": "TCP"} in server["ports"]
+    services = [s for s in by_kind(objects, "Service") if not s["metadata"]["name"].endswith(
+        "-headless")]
+    (http,) = [p for s in services for p in s["spec"]["ports"] if p["name"] == "http"]
+    assert http["port"] == 8080 and http["targetPort"] == "http"
+    assert http["appProtocol"] == ("https" if objects_tls(objects) else "http")
+
+
+def objects_tls(objects: Objects) -> bool:
+    return any(a.startswith("--tls-cert") for a in server_container(objects)["args"])
 
 
 def test_service_account_token_not_mounted(rendered: dict[str, Objects]) -> None:

@@ -71,6 +71,19 @@ def test_health_port_reaches_the_server_config(parser: Any,
     assert config.tls_cert is not None and config.health_port == probe_port != config.port
 
 
+def test_http_port_reaches_the_server_config(parser: Any,
+                                            rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The chart's --http-port (server.httpPort, named container port `http`) becomes
+    ServerConfig.http_port, where create_server starts the HTTP/JSON gateway; off by default."""
+    from pairdots_server.cli.main import server_config
+
+    (server,) = [c for c in containers(rendered["all-on"]) if c["name"] == "server"]
+    (http,) = [p["containerPort"] for p in server["ports"] if p["name"] == "http"]
+    assert server_config(parser.parse_args(server["args"])).http_port == http
+    (default,) = [c for c in containers(rendered["default"]) if c["name"] == "server"]
+    assert server_config(parser.parse_args(default["args"])).http_port is None
+
+
 def test_index_job_commands_parse(parser: Any, rendered: dict[str, list[dict[str, Any]]]) -> None:
     seen = []
     for case in ("all-on", "index-only-plain"):

@@ -28,7 +28,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from pdserver_util import RunningServer, start_server
+from pdserver_util import RunningServer, self_signed, start_server
 
 from pairdots.v1 import pairdots_pb2 as pb
 from pairdots.v1 import pairdots_pb2_grpc as pbg
@@ -187,33 +187,10 @@ def test_health_port_serves_only_health_with_the_same_status(limited: RunningSer
     assert health_status(health_addr) == SERVING == health_status(limited.address)
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp / "tls.crt", tmp / "tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 def test_tls_server_is_probed_on_the_plaintext_health_port(bundle_root: Path,
                                                            tmp_path: Path) -> None:
     """The Kubernetes case: gRPC over TLS, kubelet probes (plaintext) on --health-port."""
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     running = start_server(ServerConfig(bundles=bundle_root, port=0, tls_cert=cert, tls_key=key,
                                         health_port=0, jobs_db=tmp_path / "jobs.sqlite3"))
     try:

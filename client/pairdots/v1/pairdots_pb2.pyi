@@ -29,6 +29,11 @@ for bad fields, google.rpc.BadRequest field violations naming the field:
   DEADLINE_EXCEEDED    the call's deadline passed; the server stopped the work
   UNAUTHENTICATED / PERMISSION_DENIED  missing or wrong bearer token
   UNAVAILABLE          the server is starting or draining; retry with backoff
+Over HTTP/JSON (`pairdots serve --http-port`, the google.api.http routes below) the body of
+an error is this google.rpc.Status as JSON and the HTTP status follows the code: 400
+INVALID_ARGUMENT / FAILED_PRECONDITION, 401, 403, 404, 409 ALREADY_EXISTS, 429
+RESOURCE_EXHAUSTED (with Retry-After), 499 CANCELLED, 503 UNAVAILABLE, 504
+DEADLINE_EXCEEDED, 500 INTERNAL.
 """
 
 from collections import abc as _abc
@@ -497,17 +502,28 @@ class ListModelsRequest(_message.Message):
     """---------------------------------------------------------------------------------------------
     Models
 
-    Request for ListModels. All served models are returned in one page.
+    Request for ListModels (AIP-132, paginated as AIP-158).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Models per page, 0..1000; 0 means 50, larger values are treated as 1000."""
+    page_token: _builtins.str
+    """The next_page_token of the previous ListModels response; empty for the first page.
+    Any other value is INVALID_ARGUMENT.
+    """
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -520,6 +536,9 @@ class ListModelsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODELS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___Model]:
         """The served models, sorted by name."""
@@ -528,10 +547,11 @@ class ListModelsResponse(_message.Message):
         self,
         *,
         models: _abc.Iterable[Global___Model] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -545,7 +565,7 @@ class GetModelRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The model's name as listed by ListModels, e.g. "minilm-sst2"."""
+    """The model: its resource name "models/{model}" or its bare name, e.g. "minilm-sst2"."""
     def __init__(
         self,
         *,
@@ -560,32 +580,11 @@ class GetModelRequest(_message.Message):
 Global___GetModelRequest: _TypeAlias = GetModelRequest  # noqa: Y015
 
 @_typing.final
-class GetModelResponse(_message.Message):
-    """Response for GetModel."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    MODEL_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def model(self) -> Global___Model:
-        """The model."""
-
-    def __init__(
-        self,
-        *,
-        model: Global___Model | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___GetModelResponse: _TypeAlias = GetModelResponse  # noqa: Y015
-
-@_typing.final
 class Model(_message.Message):
-    """A served model bundle."""
+    """A served model bundle. Its resource name is "models/{model}"; every request field that
+    names a model (GetModelRequest.name, ExplainRequest.model, ...) takes the resource name or
+    the bare name. Every field is set by the server (OUTPUT_ONLY).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -605,7 +604,10 @@ class Model(_message.Message):
     HAS_EKFAC_FIELD_NUMBER: _builtins.int
     HAS_DIAGONAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Unique name, from the bundle's manifest. Lower-case letters, digits, '.', '_', '-'."""
+    """Unique name, from the bundle's manifest. Lower-case letters, digits, '.', '_', '-'.
+    This is the bare id, not the resource name ("models/" + name): AIP-122 would put the
+    resource name here; that change is left for later (clients compare it today).
+    """
     base_model: _builtins.str
     """Where the model was fine-tuned from (a path or hub id, informational)."""
     training_examples: _builtins.int
@@ -848,7 +850,7 @@ class ExplainRequest(_message.Message):
     SALIENCY_FIELD_NUMBER: _builtins.int
     INFLUENCE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """The model's name as listed by ListModels."""
+    """The model: "models/{model}" or the bare name as listed by ListModels."""
     text: _builtins.str
     """The input text. Non-empty after trimming; at most 10000 characters."""
     target_label: _builtins.int
@@ -1508,7 +1510,7 @@ class AttackRequest(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """The model's name."""
+    """The model: "models/{model}" or the bare name."""
     mode: Global___AttackMode.ValueType
     """What to optimise."""
     examples_per_test: _builtins.int
@@ -1716,7 +1718,7 @@ class RepairRequest(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """The model's name."""
+    """The model: "models/{model}" or the bare name."""
     examples_per_error: _builtins.int
     """New training examples per error, 1..50 (paper: 4 gives +1 point)."""
     mode: Global___RepairMode.ValueType

@@ -46,7 +46,7 @@ class PairdotsServiceStub:
         self.GetModel = channel.unary_unary(
                 '/pairdots.v1.PairdotsService/GetModel',
                 request_serializer=pairdots_dot_v1_dot_pairdots__pb2.GetModelRequest.SerializeToString,
-                response_deserializer=pairdots_dot_v1_dot_pairdots__pb2.GetModelResponse.FromString,
+                response_deserializer=pairdots_dot_v1_dot_pairdots__pb2.Model.FromString,
                 _registered_method=True)
         self.Explain = channel.unary_unary(
                 '/pairdots.v1.PairdotsService/Explain',
@@ -79,7 +79,7 @@ class PairdotsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModel(self, request, context):
-        """Describes one served model bundle.
+        """Describes one served model bundle: returns the Model resource itself (AIP-131).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -122,7 +122,7 @@ def add_PairdotsServiceServicer_to_server(servicer, server):
             'GetModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModel,
                     request_deserializer=pairdots_dot_v1_dot_pairdots__pb2.GetModelRequest.FromString,
-                    response_serializer=pairdots_dot_v1_dot_pairdots__pb2.GetModelResponse.SerializeToString,
+                    response_serializer=pairdots_dot_v1_dot_pairdots__pb2.Model.SerializeToString,
             ),
             'Explain': grpc.unary_unary_rpc_method_handler(
                     servicer.Explain,
@@ -196,7 +196,7 @@ class PairdotsService:
             target,
             '/pairdots.v1.PairdotsService/GetModel',
             pairdots_dot_v1_dot_pairdots__pb2.GetModelRequest.SerializeToString,
-            pairdots_dot_v1_dot_pairdots__pb2.GetModelResponse.FromString,
+            pairdots_dot_v1_dot_pairdots__pb2.Model.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,6 +29,11 @@ for bad fields, google.rpc.BadRequest field violations naming the field:
   DEADLINE_EXCEEDED    the call's deadline passed; the server stopped the work
   UNAUTHENTICATED / PERMISSION_DENIED  missing or wrong bearer token
   UNAVAILABLE          the server is starting or draining; retry with backoff
+Over HTTP/JSON (`pairdots serve --http-port`, the google.api.http routes below) the body of
+an error is this google.rpc.Status as JSON and the HTTP status follows the code: 400
+INVALID_ARGUMENT / FAILED_PRECONDITION, 401, 403, 404, 409 ALREADY_EXISTS, 429
+RESOURCE_EXHAUSTED (with Retry-After), 499 CANCELLED, 503 UNAVAILABLE, 504
+DEADLINE_EXCEEDED, 500 INTERNAL.
 """
 
 from collections import abc as _abc
@@ -67,8 +72,8 @@ class PairdotsServiceStub:
     def __new__(cls, channel: _aio.Channel) -> PairdotsServiceAsyncStub: ...
     ListModels: _grpc.UnaryUnaryMultiCallable[_pairdots_pb2.ListModelsRequest, _pairdots_pb2.ListModelsResponse]
     """Lists the model bundles this server serves."""
-    GetModel: _grpc.UnaryUnaryMultiCallable[_pairdots_pb2.GetModelRequest, _pairdots_pb2.GetModelResponse]
-    """Describes one served model bundle."""
+    GetModel: _grpc.UnaryUnaryMultiCallable[_pairdots_pb2.GetModelRequest, _pairdots_pb2.Model]
+    """Describes one served model bundle: returns the Model resource itself (AIP-131)."""
     Explain: _grpc.UnaryUnaryMultiCallable[_pairdots_pb2.ExplainRequest, _pairdots_pb2.ExplainResponse]
     """Explains one prediction: saliency of every word, and for the most salient words the
     training examples (and the word inside each) that made the model attend there.
@@ -94,8 +99,8 @@ class PairdotsServiceAsyncStub(PairdotsServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListModels: _aio.UnaryUnaryMultiCallable[_pairdots_pb2.ListModelsRequest, _pairdots_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Lists the model bundles this server serves."""
-    GetModel: _aio.UnaryUnaryMultiCallable[_pairdots_pb2.GetModelRequest, _pairdots_pb2.GetModelResponse]  # type: ignore[assignment]
-    """Describes one served model bundle."""
+    GetModel: _aio.UnaryUnaryMultiCallable[_pairdots_pb2.GetModelRequest, _pairdots_pb2.Model]  # type: ignore[assignment]
+    """Describes one served model bundle: returns the Model resource itself (AIP-131)."""
     Explain: _aio.UnaryUnaryMultiCallable[_pairdots_pb2.ExplainRequest, _pairdots_pb2.ExplainResponse]  # type: ignore[assignment]
     """Explains one prediction: saliency of every word, and for the most salient words the
     training examples (and the word inside each) that made the model attend there.
@@ -130,8 +135,8 @@ class PairdotsServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _pairdots_pb2.GetModelRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_pairdots_pb2.GetModelResponse, _abc.Awaitable[_pairdots_pb2.GetModelResponse]]:
-        """Describes one served model bundle."""
+    ) -> _typing.Union[_pairdots_pb2.Model, _abc.Awaitable[_pairdots_pb2.Model]]:
+        """Describes one served model bundle: returns the Model resource itself (AIP-131)."""
 
     @_abc_1.abstractmethod
     def Explain(

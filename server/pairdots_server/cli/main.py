@@ -156,6 +156,7 @@ def server_config(args: argparse.Namespace) -> Any:
         port=int(args.port),
         metrics_port=int(args.metrics_port) if args.metrics_port not in (None, "") else None,
         health_port=int(args.health_port) if args.health_port not in (None, "") else None,
+        http_port=int(args.http_port) if args.http_port not in (None, "") else None,
         device=args.device,
         max_workers=int(args.max_workers),
         max_queue=int(args.max_queue),
@@ -313,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--health-port", default=_env("HEALTH_PORT"),
                    help="plaintext port serving only grpc.health.v1 (for kubelet probes when "
                    "--tls-cert is set); same status as the main port")
+    s.add_argument("--http-port", default=_env("HTTP_PORT"),
+                   help="also serve the API as HTTP/JSON on this port (the google.api.http "
+                   "routes, e.g. POST /v1/models/NAME:explain; HTTPS under --tls-cert); off "
+                   "by default")
     s.add_argument("--device", default=_env("DEVICE", "auto"))
     s.add_argument("--max-workers", default=_env("MAX_WORKERS", 1),
                    help="Explain requests handled at once; one model runs one computation at "

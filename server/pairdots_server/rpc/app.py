@@ -10,6 +10,10 @@ With `config.health_port` set, a second plaintext grpc.aio server serves only gr
 from the same HealthServicer (so both ports always report the same status): kubelet gRPC
 probes cannot speak TLS. It stays up while the main server drains, so probes see NOT_SERVING,
 and stops last.
+
+With `config.http_port` set, the HTTP/JSON gateway (rpc/http_gateway.py) listens there and
+calls this same server over a private Unix socket that the server also binds; it stops after
+the gRPC server drained (new HTTP calls meanwhile get 503 UNAVAILABLE).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pairdots.v1 import pairdots_pb2, pairdots_pb2_grpc
 from pairdots_server.config import ServerConfig
 from pairdots_server.metrics import Metrics
+from pairdots_server.rpc.http_gateway import RunningGateway, private_socket, start_gateway
 from pairdots_server.rpc.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
 from pairdots_server.rpc.job_kinds import JOB_KINDS
 from pairdots_server.rpc.operations import add_operations_servicer
@@ -52,6 +57,7 @@ class App:
     config: ServerConfig
     health_server: grpc.aio.Server | None = None  # plaintext health-only listener
     health_port: int | None = None
+    http: RunningGateway | None = None  # the HTTP/JSON listener
     _stopped: bool = field(default=False)
 
     async def set_serving(self, serving: bool) -> None:
@@ -71,6 +77,8 @@ class App:
         interrupted = await asyncio.to_thread(self.jobs.shutdown, grace)
         if interrupted:
             log.warning("%d running job(s) recorded as interrupted", interrupted)
+        if self.http is not None:
+            await self.http.stop()
         if self.health_server is not None:
             await self.health_server.stop(0)
         self.service.close()
@@ -171,6 +179,9 @@ async def create_server(config: ServerConfig, registry: ModelRegistry | None = N
             else server.add_insecure_port(address))
     if port == 0:
         raise OSError(f"cannot bind {address}; is the port in use?")
+    http_socket = private_socket() if config.http_port is not None else None
+    if http_socket is not None and server.add_insecure_port(http_socket[1]) == 0:
+        raise OSError(f"cannot bind the gateway's socket {http_socket[1]}")
     await server.start()
     health_server, health_port = None, None
     if config.health_port is not None:
@@ -180,8 +191,17 @@ async def create_server(config: ServerConfig, registry: ModelRegistry | None = N
             await server.stop(0)
             raise
         log.info("grpc.health.v1 (plaintext) on %s:%d", config.host, health_port)
+    http = None
+    if http_socket is not None:
+        try:
+            http = await start_gateway(config, *http_socket)
+        except BaseException:
+            await server.stop(0)
+            if health_server is not None:
+                await health_server.stop(0)
+            raise
     app = App(server, service, health_servicer, metrics, jobs, store, port, config,
-              health_server, health_port)
+              health_server, health_port, http)
     await app.set_serving(True)
     log.info("pairdots listening on %s:%d (%s)", config.host, port, "TLS" if creds else "plaintext")
     return app, port

@@ -12,7 +12,7 @@ from google.longrunning import operations_pb2
 from pairdots.v1 import pairdots_pb2 as pb
 from pairdots.v1 import pairdots_pb2_grpc as pb_grpc
 from pairdots_server.errors import CancelToken, InvalidArgument, Unavailable
-from pairdots_server.rpc import convert, job_results
+from pairdots_server.rpc import convert, job_results, paging
 from pairdots_server.rpc.job_kinds import build_job
 from pairdots_server.rpc.operations import record_to_operation
 from pairdots_server.service.facade import PairdotsService
@@ -59,13 +59,16 @@ class PairdotsServicer(pb_grpc.PairdotsServiceServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ListModelsResponse:
+        runtimes = {rt.name: rt for rt in self.service.registry.all()}
+        names, next_token = paging.paginate(list(runtimes), request.page_size, request.page_token)
         return pb.ListModelsResponse(
-            models=[convert.model_proto(rt) for rt in self.service.registry.all()]
+            models=[convert.model_proto(runtimes[n]) for n in names], next_page_token=next_token
         )
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
-                       ) -> pb.GetModelResponse:
-        return pb.GetModelResponse(model=convert.model_proto(self.service.registry.get(request.name, "name")))
+                       ) -> pb.Model:
+        """AIP-131: the Model resource itself."""
+        return convert.model_proto(self.service.registry.get(request.name, "name"))
 
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
                       ) -> pb.ExplainResponse:

@@ -12,6 +12,15 @@ from pairdots_server.storage.bundle import discover_bundles, validate_bundle_nam
 
 log = logging.getLogger("pairdots.service")
 
+#: The resource-name prefix of a model (AIP-122): "models/{model}". Requests may name a model
+#: either way; the HTTP/JSON paths (/v1/models/{model}:explain) always carry the prefix.
+MODEL_PREFIX = "models/"
+
+
+def model_id(name: str) -> str:
+    """The bare model id of `name`: "models/minilm-sst2" and "minilm-sst2" → "minilm-sst2"."""
+    return name.removeprefix(MODEL_PREFIX)
+
 
 class ModelRegistry:
     """The served models, loaded from every bundle directory under a root.
@@ -46,8 +55,10 @@ class ModelRegistry:
         return sorted(self._models)
 
     def get(self, name: str, field: str = "model") -> ModelRuntime:
-        """The served model `name`; `field` is the request field that named it (for the
-        BadRequest violation: `model` in Explain/Attack/Repair, `name` in GetModel)."""
+        """The served model `name` (bare, or the resource name "models/{name}"); `field` is the
+        request field that named it (for the BadRequest violation: `model` in
+        Explain/Attack/Repair, `name` in GetModel)."""
+        name = model_id(name)
         if not name:
             raise InvalidArgument.for_field(field, "required: the name of a served model")
         try:
