@@ -53,7 +53,8 @@ def test_yamllint_can_fail(tmp_path: Path) -> None:
     assert "key-duplicates" in result.stdout and "trailing-spaces" in result.stdout
 
 
-PASSTHROUGH = {"resources", "podSecurityContext", "securityContext", "strategy", "behavior"}
+PASSTHROUGH = {"resources", "podSecurityContext", "securityContext", "strategy", "behavior",
+               "tolerations"}
 
 
 def undocumented_keys(text: str) -> list[str]:
