@@ -109,6 +109,8 @@ def check_non_root(c: Container) -> list[str]:
 def check_probes(c: Container) -> list[str]:
     if c.init or c.kind not in LONG_RUNNING_KINDS:
         return []
+    if c.kind == "Pod" and c.pod.get("restartPolicy", "Always") != "Always":
+        return []  # a run-to-completion Pod (e.g. a `helm test` hook) is not long-running
     missing = [p for p in ("livenessProbe", "readinessProbe", "startupProbe")
                if not c.spec.get(p)]
     return [f"add {', '.join(missing)}"] if missing else []

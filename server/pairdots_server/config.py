@@ -84,6 +84,24 @@ class JobLimits:
 
 
 @dataclass(frozen=True)
+class TelemetrySettings:
+    """Tracing (telemetry.py): off unless an OTLP endpoint is given (`--otlp-endpoint`)."""
+
+    otlp_endpoint: str | None = None  # e.g. http://otel-collector:4317 (OTLP over gRPC)
+    otlp_insecure: bool = True  # plaintext OTLP (a collector inside the cluster)
+    service_name: str = "pairdots"
+    sample_ratio: float = 1.0  # parent-based trace-id ratio sampler
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.sample_ratio <= 1.0, "trace_sample_ratio", "must be in 0..1")
+        _require(bool(self.service_name), "otel_service_name", "must not be empty")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.otlp_endpoint)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """How `pairdots serve` runs. Built from CLI flags with environment fallbacks."""
 
@@ -121,9 +139,15 @@ class ServerConfig:
     log_format: str = "text"  # text | json
     explain: ExplainLimits = field(default_factory=ExplainLimits)
     jobs: JobLimits = field(default_factory=JobLimits)
+    # Hot reload (service/registry.py): seconds between scans of the bundle root for new,
+    # changed and removed bundles; 0 turns the watcher off (bundles load at start only).
+    watch_interval_s: float = 10.0
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
 
     def __post_init__(self) -> None:
         _require(0 <= self.port < 65536, "port", "must be in 0..65535")
+        _require(self.watch_interval_s >= 0, "watch_interval_s",
+                 "must be >= 0 (seconds between bundle root scans; 0 = off)")
         if self.metrics_port is not None:
             _require(0 <= self.metrics_port < 65536, "metrics_port", "must be in 0..65535")
         if self.health_port is not None:

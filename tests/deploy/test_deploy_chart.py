@@ -28,8 +28,16 @@ def one(objects: Objects, kind: str) -> dict[str, Any]:
     return found[0]
 
 
+def server_deployment(objects: Objects) -> dict[str, Any]:
+    """The serving Deployment (the worker Deployment is component "worker")."""
+    found = [o for o in by_kind(objects, "Deployment")
+             if o["metadata"]["labels"].get("app.kubernetes.io/component") == "server"]
+    assert len(found) == 1, [o["metadata"]["name"] for o in by_kind(objects, "Deployment")]
+    return found[0]
+
+
 def server_container(objects: Objects) -> dict[str, Any]:
-    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    pod = server_deployment(objects)["spec"]["template"]["spec"]
     (server,) = [c for c in pod["containers"] if c["name"] == "server"]
     return server
 
@@ -72,7 +80,7 @@ def test_every_rendered_object_validates_strictly(rendered: dict[str, Objects],
 
 def test_strict_validation_can_fail(rendered: dict[str, Objects]) -> None:
     """The validator rejects an unknown field and a wrong type (so the test above can fail)."""
-    deployment = one(rendered["default"], "Deployment")
+    deployment = server_deployment(rendered["default"])
     bad_field = {**deployment, "spec": {**deployment["spec"], "replica": 2}}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad_field, KUBE_VERSIONS[0], strict=True)
@@ -83,7 +91,8 @@ def test_strict_validation_can_fail(rendered: dict[str, Objects]) -> None:
 
 def test_default_release_objects(rendered: dict[str, Objects]) -> None:
     kinds = sorted(o["kind"] for o in rendered["default"])
-    assert kinds == ["Deployment", "PodDisruptionBudget", "Service", "ServiceAccount"]
+    # the Pod is the `helm test` hook (health + one Explain)
+    assert kinds == ["Deployment", "Pod", "PodDisruptionBudget", "Service", "ServiceAccount"]
 
 
 def test_all_on_renders_every_kind(rendered: dict[str, Objects]) -> None:
@@ -93,6 +102,7 @@ def test_all_on_renders_every_kind(rendered: dict[str, Objects]) -> None:
                      "PersistentVolumeClaim", "Job"}
     assert len(by_kind(rendered["all-on"], "Service")) == 2  # + headless
     assert len(by_kind(rendered["all-on"], "Job")) == 2  # build + merge
+    assert len(by_kind(rendered["all-on"], "Deployment")) == 2  # server + worker
 
 
 def test_server_probes_are_native_grpc_with_a_startup_budget(rendered: dict[str, Objects]
@@ -125,7 +135,7 @@ def test_server_args_follow_the_cli_contract(rendered: dict[str, Objects]) -> No
 
 
 def test_volumes_bundles_read_only_and_writable_scratch(rendered: dict[str, Objects]) -> None:
-    pod = one(rendered["default"], "Deployment")["spec"]["template"]["spec"]
+    pod = server_deployment(rendered["default"])["spec"]["template"]["spec"]
     mounts = {m["mountPath"]: m for m in server_container(rendered["default"])["volumeMounts"]}
     assert mounts["/bundles"].get("readOnly") is True
     for writable in ("/tmp", "/var/cache/pairdots", "/var/lib/pairdots"):
@@ -140,7 +150,7 @@ def test_volumes_bundles_read_only_and_writable_scratch(rendered: dict[str, Obje
 
 
 def test_fetch_init_container_fills_an_empty_dir(rendered: dict[str, Objects]) -> None:
-    pod = one(rendered["all-on"], "Deployment")["spec"]["template"]["spec"]
+    pod = server_deployment(rendered["all-on"])["spec"]["template"]["spec"]
     (fetch,) = pod["initContainers"]
     assert fetch["image"] == "amazon/aws-cli:2.27.49"
     assert "aws s3 sync" in fetch["args"][0]
@@ -156,7 +166,7 @@ def test_gpu_request_and_scheduling(rendered: dict[str, Objects]) -> None:
     assert "nvidia.com/gpu" not in server_container(rendered["default"])["resources"]["limits"]
     server = server_container(rendered["all-on"])
     assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
-    pod = one(rendered["all-on"], "Deployment")["spec"]["template"]["spec"]
+    pod = server_deployment(rendered["all-on"])["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
 
@@ -166,7 +176,7 @@ def test_service_ports_and_app_protocol(rendered: dict[str, Objects]) -> None:
     ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert ports["grpc"]["port"] == 50051 and ports["grpc"]["appProtocol"] == "grpc"
     assert ports["metrics"]["port"] == 9090
-    deployment = one(rendered["default"], "Deployment")
+    deployment = server_deployment(rendered["default"])
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
     headless = [s for s in by_kind(rendered["all-on"], "Service")
@@ -192,8 +202,8 @@ def test_hpa_pdb_and_network_policy(rendered: dict[str, Objects]) -> None:
     objects = rendered["all-on"]
     hpa = one(objects, "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
-    assert hpa["spec"]["scaleTargetRef"]["name"] == one(objects, "Deployment")["metadata"]["name"]
-    assert "replicas" not in one(objects, "Deployment")["spec"]  # the HPA owns it
+    assert hpa["spec"]["scaleTargetRef"]["name"] == server_deployment(objects)["metadata"]["name"]
+    assert "replicas" not in server_deployment(objects)["spec"]  # the HPA owns it
     assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Resource", "Pods"]
     assert one(objects, "PodDisruptionBudget")["spec"] == {
         "maxUnavailable": 1, "selector": one(objects, "PodDisruptionBudget")["spec"]["selector"]}
@@ -235,7 +245,7 @@ def test_service_account_token_not_mounted(rendered: dict[str, Objects]) -> None
 
 
 def test_tls_and_token_secrets_are_mounted(rendered: dict[str, Objects]) -> None:
-    pod = one(rendered["all-on"], "Deployment")["spec"]["template"]["spec"]
+    pod = server_deployment(rendered["all-on"])["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["tls"]["secret"]["secretName"] == "pairdots-tls"
     assert volumes["auth"]["secret"]["secretName"] == "pairdots-tokens"
@@ -295,7 +305,7 @@ def test_persistent_state_uses_a_kept_claim(rendered: dict[str, Objects]) -> Non
     assert len(state) == 1
     assert state[0]["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     volumes = {v["name"]: v for v in
-               one(objects, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+               server_deployment(objects)["spec"]["template"]["spec"]["volumes"]}
     assert volumes["state"]["persistentVolumeClaim"]["claimName"] == state[0]["metadata"]["name"]
 
 

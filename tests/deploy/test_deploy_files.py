@@ -53,7 +53,8 @@ def test_yamllint_can_fail(tmp_path: Path) -> None:
     assert "key-duplicates" in result.stdout and "trailing-spaces" in result.stdout
 
 
-PASSTHROUGH = {"resources", "podSecurityContext", "securityContext", "strategy", "behavior"}
+PASSTHROUGH = {"resources", "podSecurityContext", "securityContext", "strategy", "behavior",
+               "tolerations"}
 
 
 def undocumented_keys(text: str) -> list[str]:
@@ -186,8 +187,8 @@ def test_gpu_image_is_cuda_and_cpu_image_is_slim() -> None:
     cpu_base = stages(DOCKERFILES[1].read_text())[-1][0][1]
     assert re.match(r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu", gpu_base), gpu_base
     assert re.match(r"python:3\.11\.\d+-slim", cpu_base), cpu_base
-    assert '".[server,gpu]"' in DOCKERFILES[0].read_text()
-    assert '".[server,cpu]"' in DOCKERFILES[1].read_text()
+    assert '".[server,gpu,telemetry]"' in DOCKERFILES[0].read_text()
+    assert '".[server,cpu,telemetry]"' in DOCKERFILES[1].read_text()
 
 
 def test_dockerfile_check_can_fail() -> None:

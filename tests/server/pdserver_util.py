@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pairdots import ClientConfig, PairdotsClient
 from pairdots_server.config import ServerConfig
@@ -73,3 +79,24 @@ def self_signed(tmp: Path) -> tuple[Path, Path]:
                                            serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return cert_path, key_path
+def wait_until(pred: Callable[[], bool], timeout_s: float, interval_s: float = 0.02) -> bool:
+    """Poll `pred` until it is true or `timeout_s` passed; its last value."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(interval_s)
+    return pred()
+
+
+def health_status(address: str, timeout_s: float = 5.0, service: str = "") -> int:
+    """grpc.health.v1 Check of `service` on a plaintext address (NOT_FOUND raises)."""
+    with grpc.insecure_channel(address) as ch:
+        req = health_pb2.HealthCheckRequest(service=service)
+        return int(health_pb2_grpc.HealthStub(ch).Check(req, timeout=timeout_s).status)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -13,12 +13,11 @@ import asyncio
 import datetime
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,16 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
-from pdserver_util import RunningServer, self_signed, start_server
+from pdserver_util import (
+    RunningServer,
+    free_port,
+    health_status,
+    self_signed,
+    start_server,
+    wait_until,
+)
 
 from pairdots.v1 import pairdots_pb2 as pb
 from pairdots.v1 import pairdots_pb2_grpc as pbg
@@ -57,27 +63,6 @@ def lissa(max_iterations: int, repeats: int = 1) -> pb.ExplainRequest:
 
 SLOW = lissa(100_000, repeats=16)
 CHEAP = pb.ExplainRequest(model="tiny", text=TEXT, top_words=0)
-
-
-def wait_until(pred: Callable[[], bool], timeout_s: float, interval_s: float = 0.02) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(interval_s)
-    return pred()
-
-
-def health_status(address: str, timeout_s: float = 5.0) -> int:
-    with grpc.insecure_channel(address) as ch:
-        req = health_pb2.HealthCheckRequest(service="")
-        return int(health_pb2_grpc.HealthStub(ch).Check(req, timeout=timeout_s).status)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,13 @@ import sys
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record, with the request fields the interceptors attach."""
+    """One JSON object per record, with the request fields the interceptors attach
+    (request_id, method, code, seconds, model, trace_id)."""
 
     def format(self, record: logging.LogRecord) -> str:
         out = {"ts": round(record.created, 3), "level": record.levelname,
                "logger": record.name, "msg": record.getMessage()}
-        for key in ("request_id", "method", "code", "seconds"):
+        for key in ("request_id", "method", "code", "seconds", "model", "trace_id"):
             if hasattr(record, key):
                 out[key] = getattr(record, key)
         if record.exc_info:

@@ -145,7 +145,7 @@ def cmd_index_merge(args: argparse.Namespace) -> int:
 
 
 def server_config(args: argparse.Namespace) -> Any:
-    from pairdots_server.config import JobLimits, ServerConfig
+    from pairdots_server.config import JobLimits, ServerConfig, TelemetrySettings
 
     def path(v: str | None) -> Path | None:
         return Path(v) if v else None
@@ -171,6 +171,13 @@ def server_config(args: argparse.Namespace) -> Any:
         grace_s=float(args.grace_s),
         log_format=args.log_format,
         jobs=JobLimits(lease_s=float(args.lease_s)),
+        watch_interval_s=float(args.watch_interval_s),
+        telemetry=TelemetrySettings(
+            otlp_endpoint=args.otlp_endpoint or None,
+            otlp_insecure=not args.otlp_tls,
+            service_name=args.otel_service_name,
+            sample_ratio=float(args.trace_sample_ratio),
+        ),
     )
 
 
@@ -346,6 +353,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lease of a job this process holds (renewed every lease/3)")
     s.add_argument("--grace-s", default=_env("GRACE_S", 10))
     s.add_argument("--log-format", default=_env("LOG_FORMAT", "text"), choices=["text", "json"])
+    # hot reload and telemetry (rpc/app.py, telemetry.py)
+    s.add_argument("--watch-interval-s", default=_env("WATCH_INTERVAL_S", 10),
+                   help="seconds between scans of --bundles for new, changed and removed "
+                   "bundles (loaded verified, without a restart); 0 = load at start only")
+    s.add_argument("--otlp-endpoint", default=_env("OTLP_ENDPOINT", ""),
+                   help="OTLP/gRPC collector for OpenTelemetry traces, e.g. "
+                   "http://otel-collector:4317 (needs the telemetry extra); empty = off")
+    s.add_argument("--otlp-tls", action="store_true",
+                   default=_env("OTLP_TLS", "") in ("1", "true"),
+                   help="use TLS to the OTLP collector (default plaintext)")
+    s.add_argument("--otel-service-name", default=_env("OTEL_SERVICE_NAME", "pairdots"))
+    s.add_argument("--trace-sample-ratio", default=_env("TRACE_SAMPLE_RATIO", 1.0),
+                   help="fraction of traces sampled (parent-based), 0..1")
     s.set_defaults(fn=cmd_serve)
 
     e = sub.add_parser("explain", help="explain a sentence through a running server")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pairdots_server import telemetry
 from pairdots_server.core import influence as infl
 from pairdots_server.core.grads import per_example_loss_grads
 from pairdots_server.core.measure import (
@@ -55,21 +56,25 @@ def no_stop() -> None:
 
 
 class Timer:
-    """Wall time per pipeline stage, summed over explained words."""
+    """Wall time per pipeline stage, summed over explained words; each stage is also a
+    tracing span (telemetry.py; a no-op unless tracing is on)."""
 
     def __init__(self) -> None:
         self.t: dict[str, float] = {}
 
-    def add(self, stage: str, seconds: float) -> None:
+    def add(self, stage: str, seconds: float, *, span: bool = True) -> None:
         self.t[stage] = self.t.get(stage, 0.0) + seconds
+        if span:
+            telemetry.record_stage(stage, seconds)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(name, time.perf_counter() - start)
+        with telemetry.stage_span(name):
+            try:
+                yield
+            finally:
+                self.add(name, time.perf_counter() - start, span=False)
 
 
 # -- encode ----------------------------------------------------------------------------------

@@ -14,6 +14,16 @@ and stops last.
 With `config.http_port` set, the HTTP/JSON gateway (rpc/http_gateway.py) listens there and
 calls this same server over a private Unix socket that the server also binds; it stops after
 the gRPC server drained (new HTTP calls meanwhile get 503 UNAVAILABLE).
+
+Hot reload: with `config.watch_interval_s` > 0 a task rescans the bundle root every interval
+(service/registry.ModelRegistry.refresh, in a thread) and republishes health and the model
+gauges after each change. Health names (rpc/health.py): "" (up, not draining),
+"pairdots.v1.PairdotsService" (ready: a model is served and no bundle is refused) and
+"pairdots.v1.PairdotsService/<model>" per model.
+
+Tracing (telemetry.py): with `config.telemetry.otlp_endpoint`, or a `tracer_provider` passed
+in (tests), opentelemetry-instrumentation-grpc's server interceptor runs first and opens a
+server span per RPC.
 """
 
 from __future__ import annotations
@@ -22,27 +32,31 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pairdots.v1 import pairdots_pb2, pairdots_pb2_grpc
+from pairdots_server import telemetry
 from pairdots_server.config import ServerConfig
 from pairdots_server.metrics import Metrics
+from pairdots_server.rpc.health import SERVICE_NAME, health_statuses
 from pairdots_server.rpc.http_gateway import RunningGateway, private_socket, start_gateway
 from pairdots_server.rpc.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
 from pairdots_server.rpc.job_kinds import JOB_KINDS
+from pairdots_server.rpc.job_metrics import JobMetricsListener
 from pairdots_server.rpc.operations import add_operations_servicer
 from pairdots_server.rpc.servicer import PairdotsServicer
 from pairdots_server.service.facade import PairdotsService
 from pairdots_server.service.jobs.queue import JobQueue
 from pairdots_server.service.jobs.runner import JobRunner, JobService, process_owner
 from pairdots_server.service.jobs.store import JobStore
-from pairdots_server.service.registry import ModelRegistry
+from pairdots_server.service.registry import ModelRegistry, model_id
 
 log = logging.getLogger("pairdots.server")
 
-SERVICE_NAME = pairdots_pb2.DESCRIPTOR.services_by_name["PairdotsService"].full_name
+__all__ = ["SERVICE_NAME", "App", "create_server", "serve"]
 
 
 @dataclass
@@ -59,12 +73,53 @@ class App:
     health_port: int | None = None
     http: RunningGateway | None = None  # the HTTP/JSON listener
     _stopped: bool = field(default=False)
+    _serving: bool = field(default=False)
+    _reported: set[str] = field(default_factory=set)  # per-model health names ever set
+    _watch_task: asyncio.Task[None] | None = field(default=None)
+
+    @property
+    def registry(self) -> ModelRegistry:
+        return self.service.registry
 
     async def set_serving(self, serving: bool) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if serving
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
-        for name in ("", SERVICE_NAME):
+        """SERVING (up) or NOT_SERVING (starting, draining); the readiness and per-model
+        names follow the registry (rpc/health.py)."""
+        self._serving = serving
+        await self.publish_health()
+
+    async def publish_health(self) -> None:
+        """Set every health name from the registry's current state, and the model gauges."""
+        statuses = health_statuses(self._serving, self.registry.names(),
+                                   self.registry.refused_names(), self._reported)
+        for name, status in statuses.items():
             await self.health.set(name, status)
+        self._reported |= {n for n in statuses if n.startswith(SERVICE_NAME + "/")}
+        self.metrics.set_models(len(self.registry.names()), len(self.registry.errors))
+
+    async def reload(self) -> bool:
+        """One rescan of the bundle root (ModelRegistry.refresh); True when it changed
+        anything (health and metrics are then republished)."""
+        result = await asyncio.to_thread(self.registry.refresh)
+        if result.changed:
+            self.metrics.observe_reload(len(result.added), len(result.replaced),
+                                        len(result.removed), len(result.refused))
+            await self.publish_health()
+        return result.changed
+
+    async def _watch(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("bundle root scan failed; retrying in %.1f s", interval_s)
+
+    def start_watching(self, interval_s: float) -> None:
+        """Rescan the bundle root every `interval_s` seconds until stop()."""
+        if self._watch_task is None and interval_s > 0:
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch(interval_s))
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: NOT_SERVING, finish in-flight calls within the grace period, stop jobs."""
@@ -72,6 +127,8 @@ class App:
             return
         self._stopped = True
         grace = self.config.grace_s if grace_s is None else grace_s
+        if self._watch_task is not None:
+            self._watch_task.cancel()
         await self.set_serving(False)
         await self.server.stop(grace)
         interrupted = await asyncio.to_thread(self.jobs.shutdown, grace)
@@ -127,15 +184,42 @@ def make_job_service(config: ServerConfig, store: JobStore) -> JobService:
                      poll_s=limits.poll_s)
 
 
-async def create_server(config: ServerConfig, registry: ModelRegistry | None = None
-                        ) -> tuple[App, int]:
-    """Load bundles, build the server, bind and start it; health turns SERVING at the end."""
+async def create_server(config: ServerConfig, registry: ModelRegistry | None = None, *,
+                        tracer_provider: Any = None) -> tuple[App, int]:
+    """Load bundles, build the server, bind and start it; health turns SERVING at the end.
+
+    tracer_provider: an opentelemetry TracerProvider to trace with (installed for the
+    process, telemetry.install); else one from config.telemetry when an endpoint is set."""
+    if tracer_provider is not None:
+        telemetry.install(tracer_provider)
+    else:
+        tracer_provider = telemetry.configure(config.telemetry)
+    if registry is None:
+        registry = ModelRegistry(
+            config.bundles, device=config.resolve_device(),
+            cache_size=config.explain.s_test_cache_size,
+        )
+        await asyncio.to_thread(registry.load_all)
+    served = registry  # bound for the label lambda below
+
+    def model_label(request: Any) -> str:
+        name = getattr(request, "model", None)
+        if name is None and type(request) is pairdots_pb2.GetModelRequest:
+            name = request.name
+        if not isinstance(name, str):
+            return ""
+        name = model_id(name)
+        return name if name in served.names() else ""
+
     metrics = Metrics(config.metrics_port)
-    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics.observe_rpc)]
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        MetricsInterceptor(metrics.observe_rpc, model_label)]
     tokens = config.load_tokens()
     if tokens:
         interceptors.insert(0, AuthInterceptor(tokens))
     interceptors.append(ErrorInterceptor())
+    if tracer_provider is not None:  # outermost: the server span covers the whole call
+        interceptors.insert(0, telemetry.server_interceptor())
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -148,19 +232,14 @@ async def create_server(config: ServerConfig, registry: ModelRegistry | None = N
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    if registry is None:
-        registry = ModelRegistry(
-            config.bundles, device=config.resolve_device(),
-            cache_size=config.explain.s_test_cache_size,
-        )
-        await asyncio.to_thread(registry.load_all)
     metrics.set_models(len(registry.names()), len(registry.errors))
-    service = PairdotsService(config, registry)
+    service = PairdotsService(config, registry, metrics)
     service.pool.on_depth_change = metrics.set_queue_depth
     pairdots_pb2_grpc.add_PairdotsServiceServicer_to_server(PairdotsServicer(service), server)
 
     store = await asyncio.to_thread(JobStore, config.jobs_db_spec)
     jobs = make_job_service(config, store)
+    jobs.add_listener(JobMetricsListener(store, metrics))
     service.jobs = jobs
     add_operations_servicer(server, store, jobs)
 
@@ -203,6 +282,7 @@ async def create_server(config: ServerConfig, registry: ModelRegistry | None = N
     app = App(server, service, health_servicer, metrics, jobs, store, port, config,
               health_server, health_port, http)
     await app.set_serving(True)
+    app.start_watching(config.watch_interval_s)
     log.info("pairdots listening on %s:%d (%s)", config.host, port, "TLS" if creds else "plaintext")
     return app, port
 

@@ -19,7 +19,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from pairdots_server import errors
+from pairdots_server import errors, telemetry
 from pairdots_server.rpc.status import DOMAIN, is_mapped, to_status
 
 log = logging.getLogger("pairdots.rpc")
@@ -191,11 +191,16 @@ def _deny(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message:
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Counts requests by method and code, observes latency, logs one line per call with a
-    request id (taken from `x-request-id` metadata or generated, echoed as trailing metadata)."""
+    """Counts requests by method, code and model, observes latency, and logs one structured
+    line per call: method, status code, duration, request id (taken from `x-request-id`
+    metadata or generated, echoed as trailing metadata), the model and the trace id when
+    tracing is on. `model_of(request)` names the call's model for the label; it must map
+    anything that is not a served model to "" (label values stay bounded)."""
 
-    def __init__(self, observe: Callable[[str, str, float], None]) -> None:
+    def __init__(self, observe: Callable[[str, str, float, str], None],
+                 model_of: Callable[[Any], str] = lambda _request: "") -> None:
         self._observe = observe
+        self._model_of = model_of
 
     async def intercept_service(
         self, continuation: Continuation, details: grpc.HandlerCallDetails
@@ -222,13 +227,27 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 finally:
                     seconds = time.perf_counter() - start
                     context.set_trailing_metadata((("x-request-id", request_id),))
-                    self._observe(method, code, seconds)
-                    log.info(
-                        "rpc done",
-                        extra={"request_id": request_id, "method": method, "code": code,
-                               "seconds": round(seconds, 4)},
-                    )
+                    model = _safe_model(self._model_of, request)
+                    self._observe(method, code, seconds, model)
+                    extra: dict[str, Any] = {"request_id": request_id, "method": method,
+                                             "code": code, "seconds": round(seconds, 4),
+                                             "model": model}
+                    trace_id = telemetry.current_trace_id()
+                    if trace_id:
+                        extra["trace_id"] = trace_id
+                    log.info("rpc %s %s %.4fs request_id=%s%s", method, code, seconds,
+                             request_id, f" model={model}" if model else "", extra=extra)
 
             return behaviour
 
         return _wrap(await continuation(details), wrap)
+
+
+def _safe_model(model_of: Callable[[Any], str], request: Any) -> str:
+    """The model label of a request; "" for undecodable requests or any lookup failure."""
+    if isinstance(request, _Undecodable):
+        return ""
+    try:
+        return model_of(request)
+    except Exception:  # noqa: BLE001 (a label must never fail the call)
+        return ""

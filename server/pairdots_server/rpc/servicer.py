@@ -74,7 +74,7 @@ class PairdotsServicer(pb_grpc.PairdotsServiceServicer):
                       ) -> pb.ExplainResponse:
         query = convert.explain_query(request, self.service.config.explain)
         runtime = self.service.registry.get(request.model)
-        answer = await self.service.explain(request.model, query, cancel_token(context))
+        answer = await self.service.explain_on(runtime, query, cancel_token(context))
         return convert.explain_response(runtime, answer)
 
     # -- long-running operations (paper §4.2–4.3) ---------------------------------------------

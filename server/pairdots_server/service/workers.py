@@ -5,11 +5,14 @@ responsive. A caller that finds the pool full gets ResourceExhausted with a retr
 once instead of queueing without bound. Work is cooperative-cancellable through the
 CancelToken it receives: cancelling the awaiting coroutine (client went away) or passing the
 deadline makes the work raise at its next check (between solver iterations and batches).
+The work runs in a copy of the caller's contextvars, so a tracing span current in the RPC
+handler (telemetry.py) is the parent of the spans the work opens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -68,7 +71,7 @@ class WorkerPool:
             return fn(token)
 
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, job)
+        future = loop.run_in_executor(self._executor, contextvars.copy_context().run, job)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:

@@ -62,6 +62,39 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s/%s" (trimSuffix "/" .Values.state.mountPath) .Values.state.jobsDbFile }}
 {{- end }}
 
+{{/* The shared job store's Secret ("" = SQLite in the state volume). */}}
+{{- define "pairdots.jobsSecret" -}}
+{{- if .Values.jobs.existingSecret }}{{ .Values.jobs.existingSecret }}{{ else if .Values.jobs.db }}{{ printf "%s-jobs-db" (include "pairdots.fullname" .) }}{{ end }}
+{{- end }}
+
+{{/* --jobs-db argument: the PostgreSQL URL from the Secret (env PAIRDOTS_JOBS_DB_URL,
+     expanded by the kubelet) or the SQLite file in the state volume. */}}
+{{- define "pairdots.jobsDbArg" -}}
+{{- if include "pairdots.jobsSecret" . }}--jobs-db=$(PAIRDOTS_JOBS_DB_URL){{ else }}--jobs-db={{ include "pairdots.jobsDb" . }}{{ end }}
+{{- end }}
+
+{{/* Env var carrying the PostgreSQL URL (nothing with SQLite). */}}
+{{- define "pairdots.jobsDbEnv" -}}
+{{- with include "pairdots.jobsSecret" . }}
+- name: PAIRDOTS_JOBS_DB_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.jobs.secretKey }}
+{{- end }}
+{{- end }}
+
+{{/* Tracing flags shared by serve and worker. */}}
+{{- define "pairdots.telemetryArgs" -}}
+{{- if .Values.telemetry.otlpEndpoint }}
+- --otlp-endpoint={{ .Values.telemetry.otlpEndpoint }}
+- --trace-sample-ratio={{ .Values.telemetry.sampleRatio }}
+{{- if .Values.telemetry.otlpTls }}
+- --otlp-tls
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Name of the claim holding the state (jobs DB); only with state.persistence. */}}
 {{- define "pairdots.stateClaim" -}}
 {{- default (printf "%s-state" (include "pairdots.fullname" .)) .Values.state.persistence.existingClaim }}
@@ -147,7 +180,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if and .Values.auth.enabled (not .Values.auth.existingSecret) }}
 {{- fail "auth.enabled needs auth.existingSecret (a Secret whose key auth.key holds the tokens file)" }}
 {{- end }}
-{{- if and .Values.state.persistence.enabled (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}
+{{- if and .Values.worker.enabled (not (include "pairdots.jobsSecret" .)) }}
+{{- fail "worker.enabled needs a shared job store: set jobs.db (a postgresql:// URL) or jobs.existingSecret; workers cannot share the per-pod SQLite file" }}
+{{- end }}
+{{- if and .Values.jobs.db (not (hasPrefix "postgresql://" .Values.jobs.db)) (not (hasPrefix "postgres://" .Values.jobs.db)) }}
+{{- fail "jobs.db must be a postgresql:// URL (leave it empty for the per-pod SQLite store)" }}
+{{- end }}
+{{- if and .Values.state.persistence.enabled (not (include "pairdots.jobsSecret" .)) (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}
 {{- fail "state.persistence.enabled needs replicaCount=1 and autoscaling.enabled=false: the jobs DB is SQLite (a single writer). Keep persistence off (emptyDir) for several replicas" }}
 {{- end }}
 {{- if and .Values.indexBuild.enabled (lt (int .Values.indexBuild.shards) 1) }}
@@ -158,5 +197,43 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- if and .Values.indexBuild.enabled (not (has .Values.indexBuild.device (list "cpu" "cuda"))) }}
 {{- fail (printf "indexBuild.device must be cpu or cuda, got %q" .Values.indexBuild.device) }}
+{{- end }}
+{{- end }}
+
+{{/* The bundle fetch initContainer (bundles.source=fetch) of the server and worker pods. */}}
+{{- define "pairdots.fetchInit" -}}
+{{- if eq .Values.bundles.source "fetch" }}
+initContainers:
+  - name: fetch-bundles
+    image: {{ printf "%s:%s" .Values.bundles.fetch.image.repository (toString .Values.bundles.fetch.image.tag) }}
+    imagePullPolicy: {{ .Values.bundles.fetch.image.pullPolicy }}
+    command:
+      {{- toYaml .Values.bundles.fetch.command | nindent 6 }}
+    args:
+      {{- toYaml .Values.bundles.fetch.args | nindent 6 }}
+    env:
+      - name: BUNDLES_URI
+        value: {{ .Values.bundles.fetch.uri | quote }}
+      - name: BUNDLES_DIR
+        value: {{ .Values.bundles.mountPath | quote }}
+      - name: HOME
+        value: /tmp
+      {{- with .Values.bundles.fetch.env }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
+    {{- with .Values.bundles.fetch.envFromSecret }}
+    envFrom:
+      - secretRef:
+          name: {{ . }}
+    {{- end }}
+    securityContext:
+      {{- toYaml .Values.securityContext | nindent 6 }}
+    resources:
+      {{- toYaml .Values.bundles.fetch.resources | nindent 6 }}
+    volumeMounts:
+      - name: bundles
+        mountPath: {{ .Values.bundles.mountPath }}
+      - name: tmp
+        mountPath: /tmp
 {{- end }}
 {{- end }}
