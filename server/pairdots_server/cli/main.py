@@ -1,6 +1,7 @@
 """`pairdots` command line: prepare / index / serve / explain / demo.
 
     pairdots prepare [--model DIR] [--train F] [--dev F] [--name N] [--out ROOT]
+                     [--text-column C --label-column C] [--labels a,b,c | --classes-file F]
     pairdots index build --bundle DIR [--shard I --num-shards N --out PARTS]
     pairdots index merge --bundle DIR --parts PARTS
     pairdots curvature fit --bundle DIR [--kind ekfac,diagonal] [--device cpu|cuda]
@@ -52,6 +53,15 @@ def _artifact_config(args: argparse.Namespace) -> Any:
     )
 
 
+def _data_options(args: argparse.Namespace) -> dict[str, Any]:
+    """PrepareConfig/ImportConfig fields from the data flags (--text-column ... --label-base)."""
+    from pairdots_server.storage.data import LabelSpec
+
+    spec = LabelSpec.from_options(args.labels, args.classes_file, args.label_base)
+    return {"text_column": args.text_column, "label_column": args.label_column,
+            "labels": spec.names, "label_base": spec.base}
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from pairdots_server.influence.artifacts import build_bundle_artifacts
     from pairdots_server.influence.runtime import ModelRuntime
@@ -67,7 +77,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         out_root=args.out, scope=ScopeSpec.from_dict({"kind": args.scope, "n": args.scope_n,
                                                       "pattern": args.scope_pattern}),
         train=train, limit_train=args.limit_train, limit_dev=args.limit_dev,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, **_data_options(args),
     )
     art = _artifact_config(args)
     extra: dict[str, Any] = {}
@@ -227,6 +237,21 @@ def _add_artifact_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-column", default="text",
+                   help="column / key holding the text (CSV or TSV header, JSONL, Parquet)")
+    p.add_argument("--label-column", default="label", help="column / key holding the label")
+    p.add_argument("--labels", default=None,
+                   help="class names in index order, comma-separated (a,b,c); labels in the data "
+                        "may be these names or integers 0..C-1 (1..C: --label-base 1); "
+                        "default: read the classes from the training data")
+    p.add_argument("--classes-file", default=None,
+                   help="file with one class name a line (e.g. AG News classes.txt; "
+                        "integer labels 1..C are then read as 1-based)")
+    p.add_argument("--label-base", type=int, choices=[0, 1], default=None,
+                   help="integer labels start at 0 or 1 (default: from the data)")
+
+
 def _add_explain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-label", type=int, default=None, help="label to explain "
                    "(default: the prediction)")
@@ -247,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local HF model dir (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--train", default=None, help="training file (default: SST-2 train.tsv)")
     p.add_argument("--dev", default=None, help="dev file (default: SST-2 dev.tsv)")
+    _add_data_flags(p)
     p.add_argument("--name", default="minilm-sst2", help="bundle name")
     p.add_argument("--out", default=_env("BUNDLES", "bundles"), help="bundle root directory")
     p.add_argument("--epochs", type=int, default=1)
