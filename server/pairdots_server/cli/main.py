@@ -1,7 +1,8 @@
-"""`pairdots` command line: prepare / index / serve / explain / demo.
+"""`pairdots` command line: prepare / import / index / serve / explain / demo.
 
     pairdots prepare [--model DIR] [--train F] [--dev F] [--name N] [--out ROOT]
                      [--text-column C --label-column C] [--labels a,b,c | --classes-file F]
+    pairdots import --model DIR|models:/NAME/VERSION|runs:/ID/PATH --train F [--dev F] --name N
     pairdots index build --bundle DIR [--shard I --num-shards N --out PARTS]
     pairdots index merge --bundle DIR --parts PARTS
     pairdots curvature fit --bundle DIR [--kind ekfac,diagonal] [--device cpu|cuda]
@@ -97,6 +98,35 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     path = prepare_bundle(cfg, progress=not args.quiet, after_train=after_train,
                           manifest_extra=extra)
     print(f"bundle written: {path} ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """A bundle from an already fine-tuned model (dir or MLflow URI) without re-training."""
+    from pairdots_server.influence.artifacts import build_bundle_artifacts
+    from pairdots_server.influence.runtime import ModelRuntime
+    from pairdots_server.model.importing import ImportConfig, import_bundle
+    from pairdots_server.model.scope import ScopeSpec
+    from pairdots_server.storage.bundle import Bundle
+
+    cfg = ImportConfig(
+        model=args.model, train_path=args.train, dev_path=args.dev or None, name=args.name,
+        out_root=args.out, scope=ScopeSpec.from_dict({"kind": args.scope, "n": args.scope_n,
+                                                      "pattern": args.scope_pattern}),
+        max_length=args.max_length, limit_train=args.limit_train, limit_dev=args.limit_dev,
+        tracking_uri=args.mlflow_tracking_uri, overwrite=args.overwrite, **_data_options(args),
+    )
+    art = _artifact_config(args)
+    started = time.perf_counter()
+
+    def after_train(task: Any, examples: Any, scratch: Path) -> Any:
+        rt = ModelRuntime(Bundle.unsaved(cfg.name, scratch, task, examples,
+                                         {"max_length": cfg.max_length}))
+        return build_bundle_artifacts(rt, art, scratch, progress=not args.quiet)
+
+    path = import_bundle(cfg, after_train=after_train)
+    print(f"bundle written: {path} (imported, not re-trained; "
+          f"{time.perf_counter() - started:.0f} s)")
     return 0
 
 
@@ -303,6 +333,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     _add_artifact_flags(p)
     p.set_defaults(fn=cmd_prepare)
+
+    im = sub.add_parser("import", help="a bundle from an already fine-tuned classifier "
+                        "(HF dir or MLflow models:/ runs:/ URI), without re-training")
+    im.add_argument("--model", required=True,
+                    help="HF sequence-classification dir, or models:/NAME/VERSION, "
+                         "models:/NAME@ALIAS, runs:/RUN_ID/PATH (needs pairdots[mlflow])")
+    im.add_argument("--mlflow-tracking-uri", default=_env("MLFLOW_TRACKING_URI"),
+                    help="MLflow tracking/registry server (default $MLFLOW_TRACKING_URI)")
+    im.add_argument("--train", required=True, help="the data the model was fine-tuned on")
+    im.add_argument("--dev", default=None, help="dev file to evaluate the model on")
+    _add_data_flags(im)
+    im.add_argument("--name", required=True, help="bundle name")
+    im.add_argument("--out", default=_env("BUNDLES", "bundles"), help="bundle root directory")
+    im.add_argument("--max-length", type=int, default=128, help="tokens per example")
+    im.add_argument("--limit-train", type=int, default=None)
+    im.add_argument("--limit-dev", type=int, default=None)
+    im.add_argument("--scope", default="default",
+                    choices=["default", "head", "last_n", "all", "pattern"])
+    im.add_argument("--scope-n", type=int, default=1)
+    im.add_argument("--scope-pattern", default=None)
+    im.add_argument("--no-index", action="store_true", help="skip the candidate index")
+    im.add_argument("--low-rank", type=int, default=24,
+                    help="rank of the precomputed GGN eigendecomposition (0: none)")
+    im.add_argument("--no-ekfac", action="store_true", help="skip the EK-FAC factors")
+    im.add_argument("--no-diagonal", action="store_true", help="skip the diagonal Fisher")
+    im.add_argument("--curvature-batch-size", type=int, default=32)
+    im.add_argument("--overwrite", action="store_true")
+    _add_artifact_flags(im)
+    im.set_defaults(fn=cmd_import)
 
     idx = sub.add_parser("index", help="build or merge a bundle's candidate index")
     isub = idx.add_subparsers(dest="index_command", required=True)
