@@ -70,9 +70,11 @@ class JobLimits:
     max_attack_examples: int = 500
     max_repair_examples: int = 5_000
     max_examples_per_test: int = 50
+    max_batch_inputs: int = 10_000  # inputs of one ExplainBatch operation
 
     def __post_init__(self) -> None:
         _require(self.max_concurrent >= 1, "max_concurrent_jobs", "must be >= 1")
+        _require(self.max_batch_inputs >= 1, "max_batch_inputs", "must be >= 1")
         _require(self.max_queued >= 0, "max_queued_jobs", "must be >= 0")
 
 
@@ -102,6 +104,10 @@ class ServerConfig:
     reflection: bool = False
     jobs_db: Path | None = None  # default: <bundles>/.pairdots-jobs.sqlite3
     output_bundles: Path | None = None  # where Attack/Repair save_as bundles go; default bundles
+    # ExplainBatch: files under this directory may be named as input_path (None: inline
+    # inputs only); results go to batch_results_dir (default: beside the job store)
+    batch_input_root: Path | None = None
+    batch_results_dir: Path | None = None
     grace_s: float = 10.0
     log_format: str = "text"  # text | json
     explain: ExplainLimits = field(default_factory=ExplainLimits)
@@ -138,6 +144,11 @@ class ServerConfig:
     @property
     def jobs_db_path(self) -> Path:
         return self.jobs_db or (self.bundles / ".pairdots-jobs.sqlite3")
+
+    @property
+    def batch_results_path(self) -> Path:
+        """Where ExplainBatch writes its JSON-lines results: <job store dir>/batch-results."""
+        return self.batch_results_dir or (self.jobs_db_path.parent / "batch-results")
 
     @property
     def output_root(self) -> Path:

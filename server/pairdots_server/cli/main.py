@@ -9,6 +9,7 @@
     pairdots curvature show --bundle DIR
     pairdots serve --bundles ROOT [--port 50051] [--metrics-port 9090] ...
     pairdots explain "text" [--address host:port] [--model NAME] [--html out.html] [--json]
+    pairdots explain --input F --output results.jsonl [--text-column C] (ExplainBatch)
     pairdots demo [--bundles ROOT] [--text "..."] [--html report.html]
 
 Every flag of `serve` has a PAIRDOTS_* environment fallback (deploy/ uses them).
@@ -204,6 +205,8 @@ def server_config(args: argparse.Namespace) -> Any:
         auth_tokens_file=path(args.auth_tokens_file),
         reflection=bool(args.reflection),
         jobs_db=path(args.jobs_db),
+        batch_input_root=path(args.batch_input_root),
+        batch_results_dir=path(args.batch_results_dir),
         grace_s=float(args.grace_s),
         log_format=args.log_format,
     )
@@ -236,8 +239,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"address": args.address} if args.address else {}
     if args.timeout:
         overrides["default_timeout_s"] = args.timeout
+    if (args.text is None) == (args.input is None and args.server_input is None):
+        raise InvalidArgument.for_field(
+            "text", "pass a text to explain, or --input FILE (or --server-input PATH) with "
+            "--output results.jsonl for a batch")
     with PairdotsClient(ClientConfig.from_env(**overrides)) as client:
         model = args.model or client.list_models()[0].name
+        if args.text is None:
+            from pairdots_server.cli.batch import run_batch
+
+            return run_batch(client, args, model)
         expl = explain_call(client, args, model)
     if args.json:
         from google.protobuf.json_format import MessageToJson
@@ -405,12 +416,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reflection", action="store_true",
                    default=_env("REFLECTION", "") in ("1", "true"))
     s.add_argument("--jobs-db", default=_env("JOBS_DB"))
+    s.add_argument("--batch-input-root", default=_env("BATCH_INPUT_ROOT"),
+                   help="ExplainBatch may read input files under this directory (default: "
+                        "inline inputs only)")
+    s.add_argument("--batch-results-dir", default=_env("BATCH_RESULTS_DIR"),
+                   help="where ExplainBatch writes its JSON-lines results (default: "
+                        "batch-results/ beside the job store)")
     s.add_argument("--grace-s", default=_env("GRACE_S", 10))
     s.add_argument("--log-format", default=_env("LOG_FORMAT", "text"), choices=["text", "json"])
     s.set_defaults(fn=cmd_serve)
 
     e = sub.add_parser("explain", help="explain a sentence through a running server")
-    e.add_argument("text")
+    e.add_argument("text", nargs="?", default=None,
+                   help="the text (or --input FILE --output results.jsonl for a batch)")
+    e.add_argument("--input", default=None,
+                   help="batch: a local file of inputs (.txt one a line, or CSV/TSV/JSONL/"
+                        "Parquet with --text-column), sent inline as one ExplainBatch")
+    e.add_argument("--server-input", default=None,
+                   help="batch: a file under the server's --batch-input-root instead")
+    e.add_argument("--output", default=None, help="batch: JSON-lines results file to write")
+    e.add_argument("--text-column", default="text", help="batch: the text column")
+    e.add_argument("--label-column", default="", help="batch: a gold-label column (optional)")
+    e.add_argument("--id-column", default="", help="batch: an id column (optional)")
+    e.add_argument("--no-progress", action="store_true", help="batch: no progress bar")
     e.add_argument("--address", default=None, help="host:port (default $PAIRDOTS_ADDRESS or "
                    "localhost:50051)")
     e.add_argument("--model", default=None, help="model name (default: the first served)")

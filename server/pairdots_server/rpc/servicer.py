@@ -14,9 +14,11 @@ from pairdots.v1 import pairdots_pb2 as pb
 from pairdots.v1 import pairdots_pb2_grpc as pb_grpc
 from pairdots_server.errors import CancelToken, InvalidArgument, Unavailable
 from pairdots_server.influence.runtime import ModelRuntime
-from pairdots_server.rpc import convert, convert_jobs, job_results
+from pairdots_server.rpc import batch, convert, convert_jobs, job_results
 from pairdots_server.rpc.operations import record_to_operation
 from pairdots_server.service.facade import PairdotsService
+from pairdots_server.service.jobs.batch_jobs import KIND as BATCH_KIND
+from pairdots_server.service.jobs.batch_jobs import explain_batch_job
 from pairdots_server.service.jobs.perturb_jobs import JobEnv, attack_job, repair_job
 from pairdots_server.service.jobs.runner import JobRunner
 
@@ -31,7 +33,9 @@ def cancel_token(context: grpc.aio.ServicerContext) -> CancelToken:
 MAX_REQUEST_ID_CHARS = 128
 
 
-def idempotency(request: pb.AttackRequest | pb.RepairRequest) -> tuple[str, str]:
+def idempotency(
+    request: pb.AttackRequest | pb.RepairRequest | pb.ExplainBatchRequest,
+) -> tuple[str, str]:
     """(request_id, fingerprint) of an Attack/Repair request (AIP-155): the fingerprint is a
     digest of the request without its id, so a retry matches and a different request does not."""
     rid = request.request_id
@@ -41,7 +45,7 @@ def idempotency(request: pb.AttackRequest | pb.RepairRequest) -> tuple[str, str]
             "request_id", f"must be at most {MAX_REQUEST_ID_CHARS} printable ASCII characters "
             "without spaces (a UUID4 is recommended), got "
             f"{len(rid)} characters")
-    bare = type(request)()
+    bare: Any = type(request)()
     bare.CopyFrom(request)
     bare.request_id = ""
     return rid, hashlib.sha256(bare.SerializeToString(deterministic=True)).hexdigest()
@@ -117,3 +121,24 @@ class PairdotsServicer(pb_grpc.PairdotsServiceServicer):
     async def Repair(self, request: pb.RepairRequest, context: grpc.aio.ServicerContext
                      ) -> operations_pb2.Operation:
         return self._submit("repair", request, convert_jobs.repair_query, repair_job)
+
+    async def ExplainBatch(self, request: pb.ExplainBatchRequest,
+                           context: grpc.aio.ServicerContext) -> operations_pb2.Operation:
+        runtime = self.service.registry.get(request.model)
+        cfg = self.service.config
+        rid, fingerprint = idempotency(request)
+        items = batch.batch_items(request, runtime, cfg)
+        fn = explain_batch_job(runtime, items, cfg.batch_results_path,
+                               self._job_env(runtime), batch.ENCODING)
+        record = self._jobs().submit(
+            BATCH_KIND, request.DESCRIPTOR.full_name, request.SerializeToString(), fn,
+            request_id=rid, fingerprint=fingerprint,
+            metadata=queued_metadata(BATCH_KIND, runtime.name),
+        )
+        return record_to_operation(record)
+
+    async def ListExplainBatchResults(
+        self, request: pb.ListExplainBatchResultsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListExplainBatchResultsResponse:
+        return batch.list_results(request, self._jobs().store,
+                                  self.service.config.batch_results_path)
