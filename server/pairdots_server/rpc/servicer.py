@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Callable
@@ -127,7 +128,8 @@ class PairdotsServicer(pb_grpc.PairdotsServiceServicer):
         runtime = self.service.registry.get(request.model)
         cfg = self.service.config
         rid, fingerprint = idempotency(request)
-        items = batch.batch_items(request, runtime, cfg)
+        # reading an input file and validating 10k inputs is blocking work: off the event loop
+        items = await asyncio.to_thread(batch.batch_items, request, runtime, cfg)
         fn = explain_batch_job(runtime, items, cfg.batch_results_path,
                                self._job_env(runtime), batch.ENCODING)
         record = self._jobs().submit(
