@@ -149,3 +149,18 @@ def test_tsv_with_header_jsonl_and_parquet_read_alike(tmp_path: Path) -> None:
     bad.write_bytes(b"not parquet")
     with pytest.raises(DataError, match="not a readable Parquet file"):
         read_labelled(bad, spec, **COLS)
+
+
+def test_hub_sources_parse_and_need_datasets() -> None:
+    import importlib.util
+
+    from pairdots_server.errors import FailedPrecondition
+    from pairdots_server.storage.data import parse_hf_source
+
+    assert parse_hf_source("hf:glue:sst2:train") == ("glue", "sst2", "train")
+    assert parse_hf_source("hf:ag_news:test") == ("ag_news", None, "test")
+    with pytest.raises(InvalidArgument, match="hf:NAME:SPLIT"):
+        parse_hf_source("hf:ag_news")
+    if importlib.util.find_spec("datasets") is None:
+        with pytest.raises(FailedPrecondition, match=r"pairdots\[hub\]"):
+            read_labelled("hf:ag_news:train", text_column="text")
