@@ -10,13 +10,8 @@ import pytest
 from news4 import NEWS_CLASSES, news_rows, write_news_csv
 
 from pairdots_server.errors import DataError, InvalidArgument
-from pairdots_server.storage.data import (
-    Example,
-    LabelSpec,
-    RawRow,
-    read_labelled,
-    resolve_label_names,
-)
+from pairdots_server.storage.data import Example, RawRow, read_labelled
+from pairdots_server.storage.labels import LabelSpec, resolve_label_names
 
 COLS = {"text_column": "content", "label_column": "label"}
 

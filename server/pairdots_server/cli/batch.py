@@ -14,7 +14,7 @@ from pairdots_server.errors import InvalidArgument
 
 
 def _inputs(client: Any, args: argparse.Namespace, model: str) -> list[tuple[str, int | None, str]]:
-    from pairdots_server.storage.data import read_text_inputs
+    from pairdots_server.storage.inputs import read_text_inputs
 
     labels = list(client.get_model(model).labels) if args.label_column else None
     rows = read_text_inputs(

@@ -57,7 +57,7 @@ def _artifact_config(args: argparse.Namespace) -> Any:
 
 def _data_options(args: argparse.Namespace) -> dict[str, Any]:
     """PrepareConfig/ImportConfig fields from the data flags (--text-column ... --label-base)."""
-    from pairdots_server.storage.data import LabelSpec
+    from pairdots_server.storage.labels import LabelSpec
 
     spec = LabelSpec.from_options(args.labels, args.classes_file, args.label_base)
     return {"text_column": args.text_column, "label_column": args.label_column,

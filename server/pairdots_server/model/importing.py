@@ -63,7 +63,7 @@ class ImportConfig:
 
     def __post_init__(self) -> None:
         from pairdots_server.storage.bundle import validate_bundle_name
-        from pairdots_server.storage.data import LabelSpec
+        from pairdots_server.storage.labels import LabelSpec
 
         validate_bundle_name(self.name)
         LabelSpec(self.labels, self.label_base)
@@ -139,7 +139,7 @@ def import_bundle(
     """Load the fine-tuned model as is, read its data (labels in the model's output order),
     evaluate, build the artifacts and save the bundle. Returns the bundle path."""
     from pairdots_server.model.task import Task
-    from pairdots_server.storage.data import LabelSpec
+    from pairdots_server.storage.labels import LabelSpec
 
     out_root = Path(cfg.out_root)
     check_free(out_root, cfg.name, cfg.overwrite)

@@ -20,7 +20,8 @@ from pairdots_server.model.train import TrainConfig
 
 if TYPE_CHECKING:
     from pairdots_server.model.task import Task
-    from pairdots_server.storage.data import Example, LabelSpec
+    from pairdots_server.storage.data import Example
+    from pairdots_server.storage.labels import LabelSpec
 
 # after_train returns {relpath: content}, or (files, manifest additions), or an object with
 # .files and .manifest (influence.artifacts.BuiltArtifacts)
@@ -83,7 +84,7 @@ class PrepareConfig:
 
     def label_spec(self) -> LabelSpec:
         """The label names given, SST-2's for the default SST-2 data, else None (the data's)."""
-        from pairdots_server.storage.data import LabelSpec
+        from pairdots_server.storage.labels import LabelSpec
 
         names = self.labels
         if names is None and not self.train_path:
@@ -135,7 +136,8 @@ def read_training_data(
 ) -> TrainingData:
     """Read the training data (its labels decide the class names unless spec names them), then
     the dev data with the same names and integer base."""
-    from pairdots_server.storage.data import LabelSpec, read_labelled
+    from pairdots_server.storage.data import read_labelled
+    from pairdots_server.storage.labels import LabelSpec
 
     cols = {"text_column": text_column, "label_column": label_column}
     train = read_labelled(train_source, spec, limit=limit_train, **cols)

@@ -32,7 +32,7 @@ from pairdots_server.service.jobs.batch_jobs import (
     results_path,
 )
 from pairdots_server.service.jobs.store import JobStore
-from pairdots_server.storage.data import TextInput, read_text_inputs
+from pairdots_server.storage.inputs import TextInput, read_text_inputs
 
 RESULT_TYPE = TYPE_PREFIX + pb.ExplainBatchResult.DESCRIPTOR.full_name
 DEFAULT_PAGE_SIZE = 50

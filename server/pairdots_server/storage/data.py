@@ -8,8 +8,8 @@ Formats:
   * ``.jsonl``   one JSON object per line with those keys
   * ``.parquet`` those columns (needs the optional ``pyarrow``: ``pip install pairdots[parquet]``)
 Labels are integers in [0, C) or names mapped through ``label_names``; `read_labelled` also
-reads the label set from the data itself (`LabelSpec`: integers 0..C-1, names, or 1-based
-integers with a classes file). Any malformed row raises DataError("file:line: what is wrong;
+reads the label set from the data itself (storage/labels.py: integers 0..C-1, names, or
+1-based integers with a classes file); storage/inputs.py reads texts to explain. Any malformed row raises DataError("file:line: what is wrong;
 what is expected").
 """
 
@@ -19,12 +19,13 @@ import csv
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pairdots_server.errors import DataError, FailedPrecondition, InvalidArgument, NotFound
+from pairdots_server.storage.labels import LabelParser, LabelSpec, resolve_label_names
 
 FORMATS = ("tsv", "csv", "jsonl", "parquet")
 SST2_ENV = "PAIRDOTS_SST2_DIR"
@@ -57,41 +58,8 @@ def infer_format(path: str | Path) -> str:
     )
 
 
-class _LabelParser:
-    """Maps a raw label (int, digit string or name) to a class index.
-
-    A name in ``label_names`` wins over reading the label as an integer; an integer k is
-    class k - base (base 1: labels 1..C)."""
-
-    def __init__(self, label_names: Sequence[str] | None, base: int = 0) -> None:
-        self.names = [str(n) for n in label_names] if label_names is not None else None
-        self.index = {n: i for i, n in enumerate(self.names)} if self.names else {}
-        self.base = base
-
-    def expected(self) -> str:
-        if self.names:
-            lo, hi = self.base, len(self.names) - 1 + self.base
-            return (
-                f"an integer in [{lo}, {hi}] or one of {self.names} (pass --labels / "
-                "--classes-file naming every class, or --label-base 1 for labels 1..C)"
-            )
-        return "a non-negative integer class index"
-
-    def __call__(self, raw: Any, where: str) -> int:
-        if isinstance(raw, bool):
-            raise DataError(f"{where}: label {raw!r} is a boolean; expected {self.expected()}")
-        if isinstance(raw, str) and raw.strip() in self.index:
-            return self.index[raw.strip()]
-        value = _as_int(raw)
-        if value is None:
-            raise DataError(f"{where}: bad label {raw!r}; expected {self.expected()}")
-        index = value - self.base
-        if index < 0 or (self.names is not None and index >= len(self.names)):
-            raise DataError(f"{where}: label {value} out of range; expected {self.expected()}")
-        return index
-
-
-def _check_text(text: Any, where: str, column: str) -> str:
+def check_text(text: Any, where: str, column: str) -> str:
+    """The text of a row, or a DataError naming file:line when it is not a non-empty string."""
     if not isinstance(text, str):
         raise DataError(f"{where}: {column!r} must be a string, got {type(text).__name__}")
     if not text.strip():
@@ -144,7 +112,7 @@ def _rows_from_header(
         where = f"{path}:{line_of()}"
         if len(row) != len(header):
             raise DataError(f"{where}: {len(row)} columns; expected {len(header)} like the header")
-        out.append(RawRow(_check_text(row[ti], where, text_col), row[li], where))
+        out.append(RawRow(check_text(row[ti], where, text_col), row[li], where))
     return out
 
 
@@ -172,7 +140,7 @@ def _read_tsv(path: Path, text_col: str, label_col: str, limit: int | None) -> l
                     f"{where}: {len(cols)} tab-separated columns; expected 2 ('text<TAB>label', "
                     f"no header) or a header row naming {text_col!r} and {label_col!r}"
                 )
-            out.append(RawRow(_check_text(cols[0], where, "text"), cols[1], where))
+            out.append(RawRow(check_text(cols[0], where, "text"), cols[1], where))
     return out
 
 
@@ -205,7 +173,7 @@ def _read_jsonl(path: Path, text_col: str, label_col: str, limit: int | None) ->
                         f"{where}: missing key {col!r} (keys: {sorted(obj)}); "
                         + _columns_hint(text_col, label_col)
                     )
-            out.append(RawRow(_check_text(obj[text_col], where, text_col), obj[label_col], where))
+            out.append(RawRow(check_text(obj[text_col], where, text_col), obj[label_col], where))
     return out
 
 
@@ -233,7 +201,7 @@ def _read_parquet(path: Path, text_col: str, label_col: str, limit: int | None) 
     out = []
     for i in range(n):
         where = f"{path}:row {i}"
-        out.append(RawRow(_check_text(texts[i], where, text_col), labels[i], where))
+        out.append(RawRow(check_text(texts[i], where, text_col), labels[i], where))
     return out
 
 
@@ -287,134 +255,8 @@ def read_examples(
     Raises NotFound for a missing file, DataError naming file:line for a malformed row.
     """
     rows = read_rows(path, fmt, text_column=text_column, label_column=label_column, limit=limit)
-    parse = _LabelParser(label_names, label_base)
+    parse = LabelParser(label_names, label_base)
     return [Example(r.text, parse(r.label, r.where)) for r in rows]
-
-
-# --------------------------------------------------------------------------------------------
-# the label set: given, or read from the data
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LabelSpec:
-    """How raw labels become class indices 0..C-1.
-
-    names: the class names in index order (``--labels a,b,c`` or a classes file, one name a
-    line); None reads them from the data. base: 0 or 1 for integer labels (1: label k is
-    class k-1, as in AG News with its classes.txt); None decides from the data (1 when the
-    integers lack 0 and reach C with names given, or start at 1 without names, else 0).
-    """
-
-    names: tuple[str, ...] | None = None
-    base: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.base not in (None, 0, 1):
-            raise InvalidArgument.for_field("label_base", f"must be 0 or 1, got {self.base}")
-        if self.names is not None:
-            if len(self.names) < 2:
-                raise InvalidArgument.for_field(
-                    "labels", f"a classifier needs at least 2 label names, got {list(self.names)}"
-                )
-            if len(set(self.names)) != len(self.names) or not all(n.strip() for n in self.names):
-                raise InvalidArgument.for_field(
-                    "labels", f"label names repeat or are empty: {list(self.names)}"
-                )
-
-    @classmethod
-    def from_options(
-        cls, labels: str | Sequence[str] | None, classes_file: str | None, base: int | None
-    ) -> LabelSpec:
-        """From the CLI's ``--labels a,b,c`` / ``--classes-file F`` / ``--label-base``."""
-        if labels is not None and classes_file:
-            raise InvalidArgument.for_field(
-                "labels", "pass either --labels or --classes-file, not both"
-            )
-        names: tuple[str, ...] | None = None
-        if isinstance(labels, str):
-            names = tuple(n.strip() for n in labels.split(","))
-        elif labels is not None:
-            names = tuple(str(n) for n in labels)
-        if classes_file:
-            p = Path(classes_file)
-            if not p.is_file():
-                raise NotFound(f"classes file {p} does not exist; one class name a line")
-            names = tuple(ln.strip() for ln in p.read_text(encoding="utf-8").splitlines())
-            names = tuple(n for n in names if n)
-        return cls(names, base)
-
-
-def _as_int(raw: Any) -> int | None:
-    if isinstance(raw, bool):
-        return None
-    if isinstance(raw, int):
-        return raw
-    if isinstance(raw, float) and raw.is_integer():
-        return int(raw)
-    if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
-        return int(raw.strip())
-    return None
-
-
-def resolve_label_names(rows: Sequence[RawRow], spec: LabelSpec) -> tuple[list[str], int]:
-    """(class names, integer base) for these rows: the spec's names, else the data's.
-
-    From the data: integer labels 0..C-1 name their classes "0".."C-1" (1-based labels
-    "1".."C"); string labels name them in sorted order. Mixed or gapped sets are DataErrors
-    that say what to pass.
-    """
-    bad = [r for r in rows if not isinstance(r.label, str) and _as_int(r.label) is None]
-    if bad:
-        raise DataError(
-            f"{bad[0].where}: label {bad[0].label!r} is neither an integer nor a name; "
-            "expected integer class indices or class names"
-        )
-    as_int = {r.label: _as_int(r.label) for r in rows}
-    if spec.names is not None:
-        names = list(spec.names)
-        base = spec.base
-        if base is None:  # 1-based when the integers (not the names) lack 0 and reach C
-            name_set = set(names)
-            numeric = [
-                v for k, v in as_int.items() if v is not None and str(k).strip() not in name_set
-            ]
-            base = 1 if numeric and min(numeric) >= 1 and max(numeric) >= len(names) else 0
-        return names, base
-    first = rows[0].where if rows else "data"
-    int_values = sorted({v for v in as_int.values() if v is not None})
-    strings = sorted({str(k).strip() for k, v in as_int.items() if v is None})
-    if strings and int_values:
-        raise DataError(
-            f"{first}: the labels mix integers {int_values[:5]} and names {strings[:5]}; use one "
-            "kind, or pass --labels a,b,c (index i = name i) so both can be read"
-        )
-    if strings:
-        if len(strings) < 2:
-            raise DataError(
-                f"{first}: every label is {strings[0]!r}; a classifier needs at least 2 classes "
-                "(pass --labels to name them all)"
-            )
-        return strings, 0
-    lo, hi = int_values[0], int_values[-1]
-    base = spec.base if spec.base is not None else (1 if lo == 1 else 0)
-    if lo < base:
-        raise DataError(
-            f"{first}: label {lo} below {base} with --label-base {base}; expected integers "
-            f"{base}..C{'-1' if base == 0 else ''}"
-        )
-    if lo > base:
-        raise DataError(
-            f"{first}: the integer labels start at {lo}, not 0 or 1; expected 0..C-1, or pass "
-            "--labels / --classes-file naming every class"
-        )
-    count = hi - base + 1
-    if count < 2:
-        raise DataError(
-            f"{first}: every label is {hi}; a classifier needs at least 2 classes "
-            "(pass --labels to name them all)"
-        )
-    return [str(v) for v in range(base, hi + 1)], base
 
 
 @dataclass(frozen=True)
@@ -428,7 +270,7 @@ class Labelled:
 
 def read_labelled(
     path: str | Path,
-    spec: LabelSpec = LabelSpec(),
+    spec: LabelSpec | None = None,
     fmt: str | None = None,
     *,
     text_column: str = "text",
@@ -438,6 +280,7 @@ def read_labelled(
     """Examples and their class names: the spec's names, or those the data's labels imply
     (`resolve_label_names`); every label is checked against them. ``path`` may be a hub
     source ``hf:NAME[:CONFIG]:SPLIT`` (needs `datasets` and the network)."""
+    spec = spec if spec is not None else LabelSpec()
     if fmt is None:
         rows = read_source_rows(
             path, text_column=text_column, label_column=label_column, limit=limit
@@ -450,116 +293,8 @@ def read_labelled(
 def labelled_from_rows(rows: Sequence[RawRow], spec: LabelSpec) -> Labelled:
     """`Labelled` for rows already read (a file's or a hub split's)."""
     names, base = resolve_label_names(rows, spec)
-    parse = _LabelParser(names, base)
+    parse = LabelParser(names, base)
     return Labelled([Example(r.text, parse(r.label, r.where)) for r in rows], names, base)
-
-
-# --------------------------------------------------------------------------------------------
-# inputs to explain (ExplainBatch): texts with an optional gold label and id
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TextInput:
-    """One input to explain: its text, optional gold label (class index) and the caller's id."""
-
-    text: str
-    gold_label: int | None = None
-    id: str = ""
-
-
-def _records(path: Path, fmt: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, record) for each row of a headed CSV/TSV, a JSONL or a Parquet file."""
-    if fmt in ("csv", "tsv"):
-        with path.open("r", encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
-            for row in reader:
-                yield f"{path}:{reader.line_num}", dict(row)
-    elif fmt == "jsonl":
-        with path.open("r", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(
-                        f"{where}: invalid JSON ({exc.msg}); expected one object a line"
-                    ) from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{where}: a JSON {type(obj).__name__}; expected an object")
-                yield where, obj
-    else:
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise FailedPrecondition(
-                f"{path}: reading Parquet needs the optional 'pyarrow' package; "
-                "`pip install pairdots[parquet]`"
-            ) from None
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-        for i, row in enumerate(rows):
-            yield f"{path}:row {i}", row
-
-
-def read_text_inputs(
-    path: str | Path,
-    *,
-    text_column: str = "text",
-    label_column: str = "",
-    id_column: str = "",
-    label_names: Sequence[str] | None = None,
-    limit: int | None = None,
-) -> list[TextInput]:
-    """Inputs to explain from a file: ``.txt`` (one text a line, blank lines skipped) or a
-    headed CSV/TSV, JSONL or Parquet file with ``text_column`` and, when named, a gold label
-    (an integer or a name in label_names) and an id (default: the row number). More than
-    ``limit`` inputs is an InvalidArgument; a bad row a DataError naming file:line."""
-    p = Path(path)
-    if not p.is_file():
-        raise NotFound(f"input file {p} does not exist; check the path")
-    fmt = "txt" if p.suffix.lower() == ".txt" else infer_format(p)
-    parse = _LabelParser(label_names)
-    out: list[TextInput] = []
-
-    def add(item: TextInput) -> None:
-        if limit is not None and len(out) >= limit:
-            raise InvalidArgument.for_field(
-                "input_path", f"{p} has more than {limit} inputs; split it into several batches"
-            )
-        out.append(item)
-
-    try:
-        if fmt == "txt":
-            with p.open("r", encoding="utf-8") as f:
-                for lineno, line in enumerate(f, start=1):
-                    if line.strip():
-                        add(TextInput(line.rstrip("\r\n"), None, str(lineno)))
-        else:
-            for where, rec in _records(p, fmt):
-                if text_column not in rec:
-                    raise DataError(
-                        f"{where}: no column {text_column!r} (columns: {sorted(rec)}); pass "
-                        "the text column's name (--text-column / text_column)"
-                    )
-                for col in (label_column, id_column):
-                    if col and col not in rec:
-                        raise DataError(f"{where}: no column {col!r} (columns: {sorted(rec)})")
-                text = _check_text(rec[text_column], where, text_column)
-                gold = parse(rec[label_column], where) if label_column else None
-                rid = str(rec[id_column]) if id_column else str(len(out))
-                add(TextInput(text, gold, rid))
-    except UnicodeDecodeError as exc:
-        raise DataError(
-            f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8"
-        ) from None
-    if not out:
-        raise DataError(f"{p}: no inputs; expected at least one text")
-    return out
 
 
 def write_jsonl(path: str | Path, examples: Iterable[Example]) -> None:
@@ -620,7 +355,7 @@ def load_hf_rows(
                     + _columns_hint(text_column, label_column)
                 )
         out.append(
-            RawRow(_check_text(row[text_column], where, text_column), row[label_column], where)
+            RawRow(check_text(row[text_column], where, text_column), row[label_column], where)
         )
     return out
 
@@ -643,7 +378,7 @@ def load_hf_dataset(
         label_column=label_column,
         limit=limit,
     )
-    parse = _LabelParser(None)
+    parse = LabelParser(None)
     return [Example(r.text, parse(r.label, r.where)) for r in rows]
 
 
