@@ -22,6 +22,7 @@ from pairdots import operations as ops
 from pairdots.config import ClientConfig
 from pairdots.errors import DeadlineExceededError, PairdotsError, UnimplementedError, error_from_rpc
 from pairdots.operations import (
+    BatchResultsPage,
     JobProgress,
     OperationHandle,
     OperationOutcome,
@@ -42,7 +43,7 @@ from pairdots.retry import CallDeadline, RetryPolicy
 from pairdots.v1 import pairdots_pb2
 
 __all__ = [
-    "AttackArgs", "ClientCore", "ExplainArgs", "Plan", "ProgressCallback", "RepairArgs", "Rpc",
+    "AttackArgs", "BatchInputArg", "ClientCore", "ExplainArgs", "ExplainBatchArgs", "Plan", "ProgressCallback", "RepairArgs", "Rpc",
     "Sleep", "Stepper", "TimeoutArg", "open_channel",
 ]
 
@@ -145,6 +146,15 @@ class RepairArgs(_JobArgs, total=False):
     mode: RepairMode
 
 
+class ExplainBatchArgs(TimeoutArg, total=False):
+    model: str | None
+    top_words: int | None
+    examples_per_word: int
+    saliency: SaliencyOptions | None
+    influence: InfluenceOptions | None
+    request_id: str | None
+
+
 # -- request builders -----------------------------------------------------------------------
 
 
@@ -222,6 +232,35 @@ def repair_request(
         request_id=request_id or str(uuid.uuid4()),
     )
     _options(req, saliency, influence, retrain)
+    return req
+
+
+#: One ExplainBatch input: a text, (text, gold label) or (text, gold label or None, id).
+BatchInputArg = str | tuple[str, int | None] | tuple[str, int | None, str]
+
+
+def explain_batch_request(
+    config: ClientConfig, inputs: Sequence[BatchInputArg] = (), *, input_path: str = "",
+    text_column: str = "", label_column: str = "", id_column: str = "",
+    model: str | None = None, top_words: int | None = None, examples_per_word: int = 0,
+    saliency: SaliencyOptions | None = None, influence: InfluenceOptions | None = None,
+    request_id: str | None = None,
+) -> pairdots_pb2.ExplainBatchRequest:
+    """Build an ExplainBatchRequest: inline `inputs`, or `input_path` on the server.
+    `request_id`: as for attack_request (a fresh UUID4 when None)."""
+    req = pairdots_pb2.ExplainBatchRequest(
+        model=resolve_model(config, model), input_path=input_path, text_column=text_column,
+        label_column=label_column, id_column=id_column, top_words=top_words,
+        examples_per_word=examples_per_word, request_id=request_id or str(uuid.uuid4()),
+    )
+    for item in inputs:
+        if isinstance(item, str):
+            req.inputs.add(text=item)
+        else:
+            one = req.inputs.add(text=item[0], id=item[2] if len(item) > 2 else "")
+            if item[1] is not None:
+                one.gold_label = int(item[1])
+    _options(req, saliency, influence)
     return req
 
 
@@ -306,6 +345,26 @@ class ClientCore:
         """Start a Repair operation (paper §4.3); wait_operation() gives a RepairOutcome."""
         req = repair_request(self.config, examples, examples_per_error=examples_per_error, **kw)
         return operation_from_proto((yield from self.invoke(SERVICE, "Repair", req, timeout)))
+
+    def explain_batch(self, inputs: Sequence[BatchInputArg] = (), *, input_path: str = "",
+                      text_column: str = "", label_column: str = "", id_column: str = "",
+                      timeout: float | None = None, **kw: Any) -> Plan[OperationHandle]:
+        """Start an ExplainBatch operation over `inputs` (or a file under the server's batch
+        input root); wait_operation() gives an ExplainBatchOutcome, batch_results() the
+        answers page by page (also while it runs)."""
+        req = explain_batch_request(self.config, inputs, input_path=input_path,
+                                    text_column=text_column, label_column=label_column,
+                                    id_column=id_column, **kw)
+        return operation_from_proto((yield from self.invoke(SERVICE, "ExplainBatch", req,
+                                                            timeout)))
+
+    def batch_results(self, operation: str, page_size: int = 0, page_token: str = "",
+                      timeout: float | None = None) -> Plan[BatchResultsPage]:
+        """One page of an ExplainBatch operation's results, in input order."""
+        req = pairdots_pb2.ListExplainBatchResultsRequest(
+            operation=operation, page_size=page_size, page_token=page_token)
+        resp = yield from self.invoke(SERVICE, "ListExplainBatchResults", req, timeout)
+        return BatchResultsPage.from_proto(resp)
 
     # -- operations ------------------------------------------------------------------------
 

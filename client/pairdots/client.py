@@ -23,8 +23,10 @@ import grpc
 from pairdots import operations as ops
 from pairdots.calls import (
     AttackArgs,
+    BatchInputArg,
     ClientCore,
     ExplainArgs,
+    ExplainBatchArgs,
     Plan,
     ProgressCallback,
     RepairArgs,
@@ -33,7 +35,12 @@ from pairdots.calls import (
     open_channel,
 )
 from pairdots.config import ClientConfig
-from pairdots.operations import OperationHandle, OperationOutcome, OperationPage
+from pairdots.operations import (
+    BatchResultsPage,
+    OperationHandle,
+    OperationOutcome,
+    OperationPage,
+)
 from pairdots.options import AttackMode, LabeledText
 from pairdots.results import Explanation, ModelInfo
 from pairdots.v1 import pairdots_pb2_grpc
@@ -117,6 +124,21 @@ class PairdotsClient:
         """Start a Repair operation (paper §4.3); wait_operation() gives a RepairOutcome."""
         return self._run(self._core.repair(
             examples, examples_per_error=examples_per_error, **options))
+
+    def explain_batch(self, inputs: Sequence[BatchInputArg] = (), *, input_path: str = "",
+                      text_column: str = "", label_column: str = "", id_column: str = "",
+                      **options: Unpack[ExplainBatchArgs]) -> OperationHandle:
+        """Start an ExplainBatch operation over `inputs` (texts, (text, gold) or
+        (text, gold, id)) or `input_path` on the server; wait_operation() gives an
+        ExplainBatchOutcome, batch_results() the answers page by page."""
+        return self._run(self._core.explain_batch(
+            inputs, input_path=input_path, text_column=text_column, label_column=label_column,
+            id_column=id_column, **options))
+
+    def batch_results(self, operation: str, page_size: int = 0, page_token: str = "", *,
+                      timeout: float | None = None) -> BatchResultsPage:
+        """One page of an ExplainBatch operation's results (see BatchResultsPage)."""
+        return self._run(self._core.batch_results(operation, page_size, page_token, timeout))
 
     # -- operations ------------------------------------------------------------------------
 

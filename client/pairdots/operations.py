@@ -1,4 +1,5 @@
-"""Long-running operation types (Attack, Repair) read from google.longrunning.Operation.
+"""Long-running operation types (Attack, Repair, ExplainBatch) read from
+google.longrunning.Operation.
 
 An operation's ``metadata`` is a pairdots.v1.JobMetadata (`JobProgress` here), its
 ``response`` an AttackResult or RepairResult (`AttackOutcome` / `RepairOutcome`), its
@@ -16,11 +17,13 @@ from typing import Any, TypeAlias
 
 from pairdots.errors import PairdotsError, UnexpectedResponseError, error_from_status
 from pairdots.options import datetime_from_proto
+from pairdots.results import Explanation
 from pairdots.v1 import pairdots_pb2
 
 __all__ = [
-    "AttackOutcome", "Evaluation", "JobProgress", "OperationHandle", "OperationOutcome",
-    "OperationPage", "RepairOutcome", "TrainingEdit", "operation_from_proto",
+    "AttackOutcome", "BatchItem", "BatchResultsPage", "Evaluation", "ExplainBatchOutcome",
+    "JobProgress", "OperationHandle", "OperationOutcome", "OperationPage", "RepairOutcome",
+    "TrainingEdit", "operation_from_proto",
 ]
 
 _TYPE_PREFIX = "type.googleapis.com/"
@@ -125,7 +128,60 @@ class RepairOutcome:
                    tuple(msg.notes), msg)
 
 
-OperationOutcome: TypeAlias = AttackOutcome | RepairOutcome
+@dataclass(frozen=True)
+class ExplainBatchOutcome:
+    """The result of a finished ExplainBatch operation; read the answers with
+    batch_results() / iter_batch_results()."""
+
+    operation: str
+    input_count: int
+    succeeded_count: int
+    failed_count: int
+    results_path: str
+    seconds: float
+    inputs_per_second: float
+    raw: pairdots_pb2.ExplainBatchResult = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, operation: str, msg: pairdots_pb2.ExplainBatchResult
+                   ) -> ExplainBatchOutcome:
+        return cls(operation, msg.input_count, msg.succeeded_count, msg.failed_count,
+                   msg.results_path, msg.seconds, msg.inputs_per_second, msg)
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One input's result: its index and id, and the Explanation or the error."""
+
+    index: int
+    id: str
+    explanation: Explanation | None
+    error_code: str
+    error_message: str
+
+    @classmethod
+    def from_proto(cls, msg: pairdots_pb2.ExplainBatchItem) -> BatchItem:
+        expl = Explanation.from_proto(msg.response) if msg.HasField("response") else None
+        return cls(int(msg.index), msg.id, expl, msg.error_code, msg.error_message)
+
+
+@dataclass(frozen=True)
+class BatchResultsPage:
+    """One page of ListExplainBatchResults; next_page_token "" once all are read and done."""
+
+    items: tuple[BatchItem, ...]
+    next_page_token: str
+    total_size: int
+    done: bool
+    raw: pairdots_pb2.ListExplainBatchResultsResponse = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, msg: pairdots_pb2.ListExplainBatchResultsResponse) -> BatchResultsPage:
+        return cls(tuple(BatchItem.from_proto(i) for i in msg.items), msg.next_page_token,
+                   int(msg.total_size), bool(msg.done), msg)
+
+
+OperationOutcome: TypeAlias = AttackOutcome | RepairOutcome | ExplainBatchOutcome
 
 
 @dataclass(frozen=True)
@@ -181,6 +237,9 @@ def operation_from_proto(op: Any) -> OperationHandle:
             outcome = AttackOutcome.from_proto(name, pairdots_pb2.AttackResult.FromString(data))
         elif kind == "pairdots.v1.RepairResult":
             outcome = RepairOutcome.from_proto(name, pairdots_pb2.RepairResult.FromString(data))
+        elif kind == "pairdots.v1.ExplainBatchResult":
+            outcome = ExplainBatchOutcome.from_proto(
+                name, pairdots_pb2.ExplainBatchResult.FromString(data))
         else:
             error = UnexpectedResponseError(
                 f"operation {name} finished with a {kind or 'typeless'} response; this client "

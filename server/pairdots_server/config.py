@@ -74,9 +74,11 @@ class JobLimits:
     # (its process was killed) is marked interrupted by any replica or worker (store.py).
     lease_s: float = 30.0
     poll_s: float = 1.0  # how often leases are checked and workers look for queued jobs
+    max_batch_inputs: int = 10_000  # inputs of one ExplainBatch operation
 
     def __post_init__(self) -> None:
         _require(self.max_concurrent >= 1, "max_concurrent_jobs", "must be >= 1")
+        _require(self.max_batch_inputs >= 1, "max_batch_inputs", "must be >= 1")
         _require(self.max_queued >= 0, "max_queued_jobs", "must be >= 0")
         _require(self.poll_s > 0, "jobs_poll_s", "must be > 0")
         _require(self.lease_s > self.poll_s, "lease_s",
@@ -135,6 +137,10 @@ class ServerConfig:
     # run Attack/Repair in this process (the default); False (--no-worker): only accept,
     # answer and read operations, `pairdots worker` processes run them (needs a shared store)
     run_jobs: bool = True
+    # ExplainBatch: files under this directory may be named as input_path (None: inline
+    # inputs only); results go to batch_results_dir (default: beside the job store)
+    batch_input_root: Path | None = None
+    batch_results_dir: Path | None = None
     grace_s: float = 10.0
     log_format: str = "text"  # text | json
     explain: ExplainLimits = field(default_factory=ExplainLimits)
@@ -193,6 +199,11 @@ class ServerConfig:
                 ("postgresql://", "postgres://")):
             return self.jobs_db
         return self.jobs_db_path
+
+    @property
+    def batch_results_path(self) -> Path:
+        """Where ExplainBatch writes its JSON-lines results: <job store dir>/batch-results."""
+        return self.batch_results_dir or (self.jobs_db_path.parent / "batch-results")
 
     @property
     def output_root(self) -> Path:

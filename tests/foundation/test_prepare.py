@@ -32,6 +32,7 @@ def cfg(tiny_dir: Path, tmp_path: Path) -> PrepareConfig:
         dev_path=str(_tsv(tmp_path / "dev.tsv", synthetic_examples(8, seed=2))),
         name="tiny-prep",
         out_root=str(tmp_path / "bundles"),
+        labels=("negative", "positive"),
         scope=ScopeSpec("head"),
         train=TrainConfig(batch_size=8, lr=1e-3, max_length=32),
     )
@@ -111,6 +112,9 @@ def test_prepare_config_validation(tmp_path: Path) -> None:
     # custom train data without dev data → no evaluation; "" disables dev explicitly
     assert PrepareConfig(train_path=str(tmp_path / "t.tsv")).resolved_dev_path() is None
     assert PrepareConfig(dev_path="").resolved_dev_path() is None
+    # label names: SST-2's for the default SST-2 data, else the data's (None here)
+    assert PrepareConfig().label_spec().names == ("negative", "positive")
+    assert PrepareConfig(train_path=str(tmp_path / "t.tsv")).label_spec().names is None
 
 
 def test_make_tiny_bundle_deterministic(tmp_path: Path) -> None:

@@ -1858,3 +1858,264 @@ class JobMetadata(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobMetadata: _TypeAlias = JobMetadata  # noqa: Y015
+
+@_typing.final
+class BatchInput(_message.Message):
+    """---------------------------------------------------------------------------------------------
+    ExplainBatch
+
+    One input of an ExplainBatch request.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    GOLD_LABEL_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The text, as ExplainRequest.text (non-empty, at most 10000 characters)."""
+    gold_label: _builtins.int
+    """Gold label (index into Model.labels), as ExplainRequest.gold_label: when it differs from
+    the prediction the answer also explains it.
+    """
+    id: _builtins.str
+    """The caller's id for the input, echoed in its result (e.g. a row id). Optional."""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        gold_label: _builtins.int | None = ...,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_gold_label", b"_gold_label", "gold_label", b"gold_label"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gold_label", b"_gold_label", "gold_label", b"gold_label", "id", b"id", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__gold_label: _TypeAlias = _typing.Literal["gold_label"]  # noqa: Y015
+    _WhichOneofArgType__gold_label: _TypeAlias = _typing.Literal["_gold_label", b"_gold_label"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gold_label) -> _WhichOneofReturnType__gold_label | None: ...
+
+Global___BatchInput: _TypeAlias = BatchInput  # noqa: Y015
+
+@_typing.final
+class ExplainBatchRequest(_message.Message):
+    """Request for ExplainBatch. Exactly one of `inputs` and `input_path` is set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    INPUT_PATH_FIELD_NUMBER: _builtins.int
+    TEXT_COLUMN_FIELD_NUMBER: _builtins.int
+    LABEL_COLUMN_FIELD_NUMBER: _builtins.int
+    ID_COLUMN_FIELD_NUMBER: _builtins.int
+    TOP_WORDS_FIELD_NUMBER: _builtins.int
+    EXAMPLES_PER_WORD_FIELD_NUMBER: _builtins.int
+    SALIENCY_FIELD_NUMBER: _builtins.int
+    INFLUENCE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model's name as listed by ListModels ("models/{model}" or the bare id)."""
+    input_path: _builtins.str
+    """Or: a file on the server (TSV/CSV/JSONL/Parquet, or .txt with one text a line) under the
+    directory the server was started with (`--batch-input-root`); a relative path is taken
+    relative to that root. Servers without a root refuse it (FAILED_PRECONDITION).
+    """
+    text_column: _builtins.str
+    """Column / key of the text in input_path. Default "text"."""
+    label_column: _builtins.str
+    """Column / key of an optional gold label in input_path (integers or label names). Empty:
+    none.
+    """
+    id_column: _builtins.str
+    """Column / key of an optional id in input_path. Empty: the row number."""
+    top_words: _builtins.int
+    """Settings applied to every input, as the ExplainRequest fields of the same names."""
+    examples_per_word: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key (AIP-155), as AttackRequest.request_id."""
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchInput]:
+        """The inputs, 1..10000 (the typed client and `pairdots explain --input` send a local
+        file's rows here).
+        """
+
+    @_builtins.property
+    def saliency(self) -> Global___SaliencyOptions: ...
+    @_builtins.property
+    def influence(self) -> Global___InfluenceOptions: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        inputs: _abc.Iterable[Global___BatchInput] | None = ...,
+        input_path: _builtins.str = ...,
+        text_column: _builtins.str = ...,
+        label_column: _builtins.str = ...,
+        id_column: _builtins.str = ...,
+        top_words: _builtins.int | None = ...,
+        examples_per_word: _builtins.int = ...,
+        saliency: Global___SaliencyOptions | None = ...,
+        influence: Global___InfluenceOptions | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_top_words", b"_top_words", "influence", b"influence", "saliency", b"saliency", "top_words", b"top_words"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_top_words", b"_top_words", "examples_per_word", b"examples_per_word", "id_column", b"id_column", "influence", b"influence", "input_path", b"input_path", "inputs", b"inputs", "label_column", b"label_column", "model", b"model", "request_id", b"request_id", "saliency", b"saliency", "text_column", b"text_column", "top_words", b"top_words"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__top_words: _TypeAlias = _typing.Literal["top_words"]  # noqa: Y015
+    _WhichOneofArgType__top_words: _TypeAlias = _typing.Literal["_top_words", b"_top_words"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_words) -> _WhichOneofReturnType__top_words | None: ...
+
+Global___ExplainBatchRequest: _TypeAlias = ExplainBatchRequest  # noqa: Y015
+
+@_typing.final
+class ExplainBatchResult(_message.Message):
+    """The response of a finished ExplainBatch operation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_COUNT_FIELD_NUMBER: _builtins.int
+    SUCCEEDED_COUNT_FIELD_NUMBER: _builtins.int
+    FAILED_COUNT_FIELD_NUMBER: _builtins.int
+    RESULTS_PATH_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    INPUTS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    input_count: _builtins.int
+    """Inputs in the request."""
+    succeeded_count: _builtins.int
+    """Inputs explained, and inputs whose explanation failed (their results carry the error)."""
+    failed_count: _builtins.int
+    results_path: _builtins.str
+    """The JSON-lines results file on the server: one line per input, in input order,
+    {"index", "id", "response": <ExplainResponse in protobuf's JSON mapping>} or
+    {"index", "id", "error": {"code": "<google.rpc.Code name>", "message"}}.
+    """
+    seconds: _builtins.float
+    """Wall time of the whole batch, seconds, and inputs explained per second."""
+    inputs_per_second: _builtins.float
+    def __init__(
+        self,
+        *,
+        input_count: _builtins.int = ...,
+        succeeded_count: _builtins.int = ...,
+        failed_count: _builtins.int = ...,
+        results_path: _builtins.str = ...,
+        seconds: _builtins.float = ...,
+        inputs_per_second: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_count", b"failed_count", "input_count", b"input_count", "inputs_per_second", b"inputs_per_second", "results_path", b"results_path", "seconds", b"seconds", "succeeded_count", b"succeeded_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainBatchResult: _TypeAlias = ExplainBatchResult  # noqa: Y015
+
+@_typing.final
+class ListExplainBatchResultsRequest(_message.Message):
+    """Request for ListExplainBatchResults."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    operation: _builtins.str
+    """The ExplainBatch operation's name ("operations/...")."""
+    page_size: _builtins.int
+    """Results per page, 1..500; default 50 when 0."""
+    page_token: _builtins.str
+    """From the previous page's next_page_token; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        operation: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListExplainBatchResultsRequest: _TypeAlias = ListExplainBatchResultsRequest  # noqa: Y015
+
+@_typing.final
+class ExplainBatchItem(_message.Message):
+    """One input's result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Position of the input in the request (0-based) and the caller's id."""
+    id: _builtins.str
+    error_code: _builtins.str
+    """The error of a failed input: its google.rpc.Code name (e.g. "INVALID_ARGUMENT") and a
+    message saying what to fix. Empty on success.
+    """
+    error_message: _builtins.str
+    @_builtins.property
+    def response(self) -> Global___ExplainResponse:
+        """The answer, as Explain returns it; absent when the input failed."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        id: _builtins.str = ...,
+        response: Global___ExplainResponse | None = ...,
+        error_code: _builtins.str = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "id", b"id", "index", b"index", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainBatchItem: _TypeAlias = ExplainBatchItem  # noqa: Y015
+
+@_typing.final
+class ListExplainBatchResultsResponse(_message.Message):
+    """Response for ListExplainBatchResults."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page: empty once every result is read and the operation is done.
+    While it runs, the token continues after the results written so far (a page may then
+    come back empty: ask again later).
+    """
+    total_size: _builtins.int
+    """Results written so far, and whether the operation has finished writing them."""
+    done: _builtins.bool
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExplainBatchItem]:
+        """Results in input order."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___ExplainBatchItem] | None = ...,
+        next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
+        done: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "items", b"items", "next_page_token", b"next_page_token", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListExplainBatchResultsResponse: _TypeAlias = ListExplainBatchResultsResponse  # noqa: Y015

@@ -63,6 +63,16 @@ class PairdotsServiceStub:
                 request_serializer=pairdots_dot_v1_dot_pairdots__pb2.RepairRequest.SerializeToString,
                 response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
                 _registered_method=True)
+        self.ExplainBatch = channel.unary_unary(
+                '/pairdots.v1.PairdotsService/ExplainBatch',
+                request_serializer=pairdots_dot_v1_dot_pairdots__pb2.ExplainBatchRequest.SerializeToString,
+                response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+                _registered_method=True)
+        self.ListExplainBatchResults = channel.unary_unary(
+                '/pairdots.v1.PairdotsService/ListExplainBatchResults',
+                request_serializer=pairdots_dot_v1_dot_pairdots__pb2.ListExplainBatchResultsRequest.SerializeToString,
+                response_deserializer=pairdots_dot_v1_dot_pairdots__pb2.ListExplainBatchResultsResponse.FromString,
+                _registered_method=True)
 
 
 class PairdotsServiceServicer:
@@ -111,6 +121,26 @@ class PairdotsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainBatch(self, request, context):
+        """Explains many inputs as one long-running operation: each input is explained as Explain
+        would, one after the other, and its answer (or its error) is appended to a JSON-lines
+        results file next to the server's job store. Progress (JobMetadata, stage "explaining",
+        done/total inputs) while it runs; CancelOperation stops it between inputs (and inside an
+        input between solver iterations); the answers so far stay readable. Returns at once; the
+        operation's response is an ExplainBatchResult. Read the answers with
+        ListExplainBatchResults, page by page, while it runs or after.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListExplainBatchResults(self, request, context):
+        """One page of an ExplainBatch operation's answers, in input order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PairdotsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +168,16 @@ def add_PairdotsServiceServicer_to_server(servicer, server):
                     servicer.Repair,
                     request_deserializer=pairdots_dot_v1_dot_pairdots__pb2.RepairRequest.FromString,
                     response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
+            ),
+            'ExplainBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainBatch,
+                    request_deserializer=pairdots_dot_v1_dot_pairdots__pb2.ExplainBatchRequest.FromString,
+                    response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
+            ),
+            'ListExplainBatchResults': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExplainBatchResults,
+                    request_deserializer=pairdots_dot_v1_dot_pairdots__pb2.ListExplainBatchResultsRequest.FromString,
+                    response_serializer=pairdots_dot_v1_dot_pairdots__pb2.ListExplainBatchResultsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -278,6 +318,60 @@ class PairdotsService:
             '/pairdots.v1.PairdotsService/Repair',
             pairdots_dot_v1_dot_pairdots__pb2.RepairRequest.SerializeToString,
             google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pairdots.v1.PairdotsService/ExplainBatch',
+            pairdots_dot_v1_dot_pairdots__pb2.ExplainBatchRequest.SerializeToString,
+            google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExplainBatchResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pairdots.v1.PairdotsService/ListExplainBatchResults',
+            pairdots_dot_v1_dot_pairdots__pb2.ListExplainBatchResultsRequest.SerializeToString,
+            pairdots_dot_v1_dot_pairdots__pb2.ListExplainBatchResultsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -88,6 +88,17 @@ class PairdotsServiceStub:
     wrong (paper §4.3) and adds them to the training set, optionally retrains and
     evaluates. Returns at once; the operation's response is a RepairResult.
     """
+    ExplainBatch: _grpc.UnaryUnaryMultiCallable[_pairdots_pb2.ExplainBatchRequest, _operations_pb2.Operation]
+    """Explains many inputs as one long-running operation: each input is explained as Explain
+    would, one after the other, and its answer (or its error) is appended to a JSON-lines
+    results file next to the server's job store. Progress (JobMetadata, stage "explaining",
+    done/total inputs) while it runs; CancelOperation stops it between inputs (and inside an
+    input between solver iterations); the answers so far stay readable. Returns at once; the
+    operation's response is an ExplainBatchResult. Read the answers with
+    ListExplainBatchResults, page by page, while it runs or after.
+    """
+    ListExplainBatchResults: _grpc.UnaryUnaryMultiCallable[_pairdots_pb2.ListExplainBatchResultsRequest, _pairdots_pb2.ListExplainBatchResultsResponse]
+    """One page of an ExplainBatch operation's answers, in input order."""
 
 @_typing.type_check_only
 class PairdotsServiceAsyncStub(PairdotsServiceStub):
@@ -115,6 +126,17 @@ class PairdotsServiceAsyncStub(PairdotsServiceStub):
     wrong (paper §4.3) and adds them to the training set, optionally retrains and
     evaluates. Returns at once; the operation's response is a RepairResult.
     """
+    ExplainBatch: _aio.UnaryUnaryMultiCallable[_pairdots_pb2.ExplainBatchRequest, _operations_pb2.Operation]  # type: ignore[assignment]
+    """Explains many inputs as one long-running operation: each input is explained as Explain
+    would, one after the other, and its answer (or its error) is appended to a JSON-lines
+    results file next to the server's job store. Progress (JobMetadata, stage "explaining",
+    done/total inputs) while it runs; CancelOperation stops it between inputs (and inside an
+    input between solver iterations); the answers so far stay readable. Returns at once; the
+    operation's response is an ExplainBatchResult. Read the answers with
+    ListExplainBatchResults, page by page, while it runs or after.
+    """
+    ListExplainBatchResults: _aio.UnaryUnaryMultiCallable[_pairdots_pb2.ListExplainBatchResultsRequest, _pairdots_pb2.ListExplainBatchResultsResponse]  # type: ignore[assignment]
+    """One page of an ExplainBatch operation's answers, in input order."""
 
 class PairdotsServiceServicer(metaclass=_abc_1.ABCMeta):
     """The explanation service. Long-running methods return google.longrunning.Operation; poll,
@@ -169,5 +191,28 @@ class PairdotsServiceServicer(metaclass=_abc_1.ABCMeta):
         wrong (paper §4.3) and adds them to the training set, optionally retrains and
         evaluates. Returns at once; the operation's response is a RepairResult.
         """
+
+    @_abc_1.abstractmethod
+    def ExplainBatch(
+        self,
+        request: _pairdots_pb2.ExplainBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operations_pb2.Operation, _abc.Awaitable[_operations_pb2.Operation]]:
+        """Explains many inputs as one long-running operation: each input is explained as Explain
+        would, one after the other, and its answer (or its error) is appended to a JSON-lines
+        results file next to the server's job store. Progress (JobMetadata, stage "explaining",
+        done/total inputs) while it runs; CancelOperation stops it between inputs (and inside an
+        input between solver iterations); the answers so far stay readable. Returns at once; the
+        operation's response is an ExplainBatchResult. Read the answers with
+        ListExplainBatchResults, page by page, while it runs or after.
+        """
+
+    @_abc_1.abstractmethod
+    def ListExplainBatchResults(
+        self,
+        request: _pairdots_pb2.ListExplainBatchResultsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pairdots_pb2.ListExplainBatchResultsResponse, _abc.Awaitable[_pairdots_pb2.ListExplainBatchResultsResponse]]:
+        """One page of an ExplainBatch operation's answers, in input order."""
 
 def add_PairdotsServiceServicer_to_server(servicer: PairdotsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

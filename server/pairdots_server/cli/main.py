@@ -1,6 +1,8 @@
-"""`pairdots` command line: prepare / index / serve / explain / demo.
+"""`pairdots` command line: prepare / import / index / serve / explain / demo.
 
     pairdots prepare [--model DIR] [--train F] [--dev F] [--name N] [--out ROOT]
+                     [--text-column C --label-column C] [--labels a,b,c | --classes-file F]
+    pairdots import --model DIR|models:/NAME/VERSION|runs:/ID/PATH --train F [--dev F] --name N
     pairdots index build --bundle DIR [--shard I --num-shards N --out PARTS]
     pairdots index merge --bundle DIR --parts PARTS
     pairdots curvature fit --bundle DIR [--kind ekfac,diagonal] [--device cpu|cuda]
@@ -8,6 +10,7 @@
     pairdots serve --bundles ROOT [--port 50051] [--metrics-port 9090] [--no-worker] ...
     pairdots worker --bundles ROOT --jobs-db postgresql://... [--output-bundles DIR]
     pairdots explain "text" [--address host:port] [--model NAME] [--html out.html] [--json]
+    pairdots explain --input F --output results.jsonl [--text-column C] (ExplainBatch)
     pairdots demo [--bundles ROOT] [--text "..."] [--html report.html]
 
 Every flag of `serve` has a PAIRDOTS_* environment fallback (deploy/ uses them).
@@ -53,6 +56,15 @@ def _artifact_config(args: argparse.Namespace) -> Any:
     )
 
 
+def _data_options(args: argparse.Namespace) -> dict[str, Any]:
+    """PrepareConfig/ImportConfig fields from the data flags (--text-column ... --label-base)."""
+    from pairdots_server.storage.labels import LabelSpec
+
+    spec = LabelSpec.from_options(args.labels, args.classes_file, args.label_base)
+    return {"text_column": args.text_column, "label_column": args.label_column,
+            "labels": spec.names, "label_base": spec.base}
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from pairdots_server.influence.artifacts import build_bundle_artifacts
     from pairdots_server.influence.runtime import ModelRuntime
@@ -68,7 +80,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         out_root=args.out, scope=ScopeSpec.from_dict({"kind": args.scope, "n": args.scope_n,
                                                       "pattern": args.scope_pattern}),
         train=train, limit_train=args.limit_train, limit_dev=args.limit_dev,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, **_data_options(args),
     )
     art = _artifact_config(args)
     extra: dict[str, Any] = {}
@@ -88,6 +100,35 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     path = prepare_bundle(cfg, progress=not args.quiet, after_train=after_train,
                           manifest_extra=extra)
     print(f"bundle written: {path} ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """A bundle from an already fine-tuned model (dir or MLflow URI) without re-training."""
+    from pairdots_server.influence.artifacts import build_bundle_artifacts
+    from pairdots_server.influence.runtime import ModelRuntime
+    from pairdots_server.model.importing import ImportConfig, import_bundle
+    from pairdots_server.model.scope import ScopeSpec
+    from pairdots_server.storage.bundle import Bundle
+
+    cfg = ImportConfig(
+        model=args.model, train_path=args.train, dev_path=args.dev or None, name=args.name,
+        out_root=args.out, scope=ScopeSpec.from_dict({"kind": args.scope, "n": args.scope_n,
+                                                      "pattern": args.scope_pattern}),
+        max_length=args.max_length, limit_train=args.limit_train, limit_dev=args.limit_dev,
+        tracking_uri=args.mlflow_tracking_uri, overwrite=args.overwrite, **_data_options(args),
+    )
+    art = _artifact_config(args)
+    started = time.perf_counter()
+
+    def after_train(task: Any, examples: Any, scratch: Path) -> Any:
+        rt = ModelRuntime(Bundle.unsaved(cfg.name, scratch, task, examples,
+                                         {"max_length": cfg.max_length}))
+        return build_bundle_artifacts(rt, art, scratch, progress=not args.quiet)
+
+    path = import_bundle(cfg, after_train=after_train)
+    print(f"bundle written: {path} (imported, not re-trained; "
+          f"{time.perf_counter() - started:.0f} s)")
     return 0
 
 
@@ -168,6 +209,8 @@ def server_config(args: argparse.Namespace) -> Any:
         jobs_db=args.jobs_db or None,
         output_bundles=path(args.output_bundles),
         run_jobs=not args.no_worker,
+        batch_input_root=path(args.batch_input_root),
+        batch_results_dir=path(args.batch_results_dir),
         grace_s=float(args.grace_s),
         log_format=args.log_format,
         jobs=JobLimits(lease_s=float(args.lease_s)),
@@ -208,8 +251,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"address": args.address} if args.address else {}
     if args.timeout:
         overrides["default_timeout_s"] = args.timeout
+    if (args.text is None) == (args.input is None and args.server_input is None):
+        raise InvalidArgument.for_field(
+            "text", "pass a text to explain, or --input FILE (or --server-input PATH) with "
+            "--output results.jsonl for a batch")
     with PairdotsClient(ClientConfig.from_env(**overrides)) as client:
         model = args.model or client.list_models()[0].name
+        if args.text is None:
+            from pairdots_server.cli.batch import run_batch
+
+            return run_batch(client, args, model)
         expl = explain_call(client, args, model)
     if args.json:
         from google.protobuf.json_format import MessageToJson
@@ -239,6 +290,21 @@ def _add_artifact_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-column", default="text",
+                   help="column / key holding the text (CSV or TSV header, JSONL, Parquet)")
+    p.add_argument("--label-column", default="label", help="column / key holding the label")
+    p.add_argument("--labels", default=None,
+                   help="class names in index order, comma-separated (a,b,c); labels in the data "
+                        "may be these names or integers 0..C-1 (1..C: --label-base 1); "
+                        "default: read the classes from the training data")
+    p.add_argument("--classes-file", default=None,
+                   help="file with one class name a line (e.g. AG News classes.txt; "
+                        "integer labels 1..C are then read as 1-based)")
+    p.add_argument("--label-base", type=int, choices=[0, 1], default=None,
+                   help="integer labels start at 0 or 1 (default: from the data)")
+
+
 def _add_explain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-label", type=int, default=None, help="label to explain "
                    "(default: the prediction)")
@@ -259,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local HF model dir (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--train", default=None, help="training file (default: SST-2 train.tsv)")
     p.add_argument("--dev", default=None, help="dev file (default: SST-2 dev.tsv)")
+    _add_data_flags(p)
     p.add_argument("--name", default="minilm-sst2", help="bundle name")
     p.add_argument("--out", default=_env("BUNDLES", "bundles"), help="bundle root directory")
     p.add_argument("--epochs", type=int, default=1)
@@ -289,6 +356,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     _add_artifact_flags(p)
     p.set_defaults(fn=cmd_prepare)
+
+    im = sub.add_parser("import", help="a bundle from an already fine-tuned classifier "
+                        "(HF dir or MLflow models:/ runs:/ URI), without re-training")
+    im.add_argument("--model", required=True,
+                    help="HF sequence-classification dir, or models:/NAME/VERSION, "
+                         "models:/NAME@ALIAS, runs:/RUN_ID/PATH (needs pairdots[mlflow])")
+    im.add_argument("--mlflow-tracking-uri", default=_env("MLFLOW_TRACKING_URI"),
+                    help="MLflow tracking/registry server (default $MLFLOW_TRACKING_URI)")
+    im.add_argument("--train", required=True, help="the data the model was fine-tuned on")
+    im.add_argument("--dev", default=None, help="dev file to evaluate the model on")
+    _add_data_flags(im)
+    im.add_argument("--name", required=True, help="bundle name")
+    im.add_argument("--out", default=_env("BUNDLES", "bundles"), help="bundle root directory")
+    im.add_argument("--max-length", type=int, default=128, help="tokens per example")
+    im.add_argument("--limit-train", type=int, default=None)
+    im.add_argument("--limit-dev", type=int, default=None)
+    im.add_argument("--scope", default="default",
+                    choices=["default", "head", "last_n", "all", "pattern"])
+    im.add_argument("--scope-n", type=int, default=1)
+    im.add_argument("--scope-pattern", default=None)
+    im.add_argument("--no-index", action="store_true", help="skip the candidate index")
+    im.add_argument("--low-rank", type=int, default=24,
+                    help="rank of the precomputed GGN eigendecomposition (0: none)")
+    im.add_argument("--no-ekfac", action="store_true", help="skip the EK-FAC factors")
+    im.add_argument("--no-diagonal", action="store_true", help="skip the diagonal Fisher")
+    im.add_argument("--curvature-batch-size", type=int, default=32)
+    im.add_argument("--overwrite", action="store_true")
+    _add_artifact_flags(im)
+    im.set_defaults(fn=cmd_import)
 
     idx = sub.add_parser("index", help="build or merge a bundle's candidate index")
     isub = idx.add_subparsers(dest="index_command", required=True)
@@ -351,6 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "for `pairdots worker` processes; this replica accepts, answers and reads")
     s.add_argument("--lease-s", default=_env("LEASE_S", 30),
                    help="lease of a job this process holds (renewed every lease/3)")
+    s.add_argument("--batch-input-root", default=_env("BATCH_INPUT_ROOT"),
+                   help="ExplainBatch may read input files under this directory (default: "
+                        "inline inputs only)")
+    s.add_argument("--batch-results-dir", default=_env("BATCH_RESULTS_DIR"),
+                   help="where ExplainBatch writes its JSON-lines results (default: "
+                        "batch-results/ beside the job store)")
     s.add_argument("--grace-s", default=_env("GRACE_S", 10))
     s.add_argument("--log-format", default=_env("LOG_FORMAT", "text"), choices=["text", "json"])
     # hot reload and telemetry (rpc/app.py, telemetry.py)
@@ -369,7 +471,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_serve)
 
     e = sub.add_parser("explain", help="explain a sentence through a running server")
-    e.add_argument("text")
+    e.add_argument("text", nargs="?", default=None,
+                   help="the text (or --input FILE --output results.jsonl for a batch)")
+    e.add_argument("--input", default=None,
+                   help="batch: a local file of inputs (.txt one a line, or CSV/TSV/JSONL/"
+                        "Parquet with --text-column), sent inline as one ExplainBatch")
+    e.add_argument("--server-input", default=None,
+                   help="batch: a file under the server's --batch-input-root instead")
+    e.add_argument("--output", default=None, help="batch: JSON-lines results file to write")
+    e.add_argument("--text-column", default="text", help="batch: the text column")
+    e.add_argument("--label-column", default="", help="batch: a gold-label column (optional)")
+    e.add_argument("--id-column", default="", help="batch: an id column (optional)")
+    e.add_argument("--no-progress", action="store_true", help="batch: no progress bar")
     e.add_argument("--address", default=None, help="host:port (default $PAIRDOTS_ADDRESS or "
                    "localhost:50051)")
     e.add_argument("--model", default=None, help="model name (default: the first served)")

@@ -21,6 +21,7 @@ from pairdots_server.model.train import TrainConfig
 if TYPE_CHECKING:
     from pairdots_server.model.task import Task
     from pairdots_server.storage.data import Example
+    from pairdots_server.storage.labels import LabelSpec
 
 # after_train returns {relpath: content}, or (files, manifest additions), or an object with
 # .files and .manifest (influence.artifacts.BuiltArtifacts)
@@ -49,7 +50,11 @@ class PrepareConfig:
     to skip evaluation; name: bundle name; out_root: directory holding bundles; labels: class
     names (index i = label i); scope: influence scope stored in the bundle; train: fine-tuning
     settings; limit_train / limit_dev: use only the first N examples; text_column /
-    label_column: CSV/JSONL column names; overwrite: replace an existing bundle of that name.
+    label_column: the data's column names (CSV/TSV header, JSONL keys, Parquet columns);
+    labels: class names (index i = name i), None = SST-2's two for the default SST-2 data,
+    else read from the training data (storage.data.resolve_label_names); label_base: 0 or 1
+    for integer labels (None: from the data); overwrite: replace an existing bundle of that
+    name. train_path / dev_path may be hub sources ``hf:NAME[:CONFIG]:SPLIT``.
     """
 
     model_path: str | None = None
@@ -57,7 +62,8 @@ class PrepareConfig:
     dev_path: str | None = None
     name: str = "minilm-sst2"
     out_root: str = "bundles"
-    labels: tuple[str, ...] = SST2_LABELS
+    labels: tuple[str, ...] | None = None
+    label_base: int | None = None
     scope: ScopeSpec = field(default_factory=ScopeSpec)
     train: TrainConfig = field(default_factory=TrainConfig)
     limit_train: int | None = None
@@ -70,35 +76,82 @@ class PrepareConfig:
         from pairdots_server.storage.bundle import validate_bundle_name
 
         validate_bundle_name(self.name)
-        if len(self.labels) < 2:
-            raise InvalidArgument.for_field("labels", "a classifier needs at least 2 label names")
-        if len(set(self.labels)) != len(self.labels):
-            raise InvalidArgument.for_field("labels", f"label names repeat: {list(self.labels)}")
+        self.label_spec()  # validates the names and the base
         for fname in ("limit_train", "limit_dev"):
             v = getattr(self, fname)
             if v is not None and v < 1:
                 raise InvalidArgument.for_field(fname, f"must be >= 1 or None, got {v}")
 
+    def label_spec(self) -> LabelSpec:
+        """The label names given, SST-2's for the default SST-2 data, else None (the data's)."""
+        from pairdots_server.storage.labels import LabelSpec
+
+        names = self.labels
+        if names is None and not self.train_path:
+            names = SST2_LABELS
+        return LabelSpec(tuple(names) if names is not None else None, self.label_base)
+
     def resolved_model_path(self) -> Path:
         return Path(self.model_path) if self.model_path else packaged_minilm_dir()
 
-    def resolved_train_path(self) -> Path:
+    def resolved_train_path(self) -> str | Path:
         if self.train_path:
-            return Path(self.train_path)
+            return self.train_path
         from pairdots_server.storage.data import default_sst2_dir
 
         return default_sst2_dir() / "train.tsv"
 
-    def resolved_dev_path(self) -> Path | None:
+    def resolved_dev_path(self) -> str | Path | None:
         if self.dev_path == "":
             return None
         if self.dev_path:
-            return Path(self.dev_path)
+            return self.dev_path
         if self.train_path:  # custom training data without dev data: skip evaluation
             return None
         from pairdots_server.storage.data import default_sst2_dir
 
         return default_sst2_dir() / "dev.tsv"
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What a bundle is built from: the class names, the training and dev examples."""
+
+    labels: list[str]
+    train: list[Example]
+    dev: list[Example]
+    train_source: str
+    dev_source: str | None
+
+
+def read_training_data(
+    train_source: str | Path,
+    dev_source: str | Path | None,
+    spec: LabelSpec,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    limit_train: int | None = None,
+    limit_dev: int | None = None,
+) -> TrainingData:
+    """Read the training data (its labels decide the class names unless spec names them), then
+    the dev data with the same names and integer base."""
+    from pairdots_server.storage.data import read_labelled
+    from pairdots_server.storage.labels import LabelSpec
+
+    cols = {"text_column": text_column, "label_column": label_column}
+    train = read_labelled(train_source, spec, limit=limit_train, **cols)
+    dev = []
+    if dev_source:
+        dev_spec = LabelSpec(tuple(train.labels), train.base)
+        dev = read_labelled(dev_source, dev_spec, limit=limit_dev, **cols).examples
+    return TrainingData(
+        train.labels,
+        train.examples,
+        dev,
+        str(train_source),
+        str(dev_source) if dev_source else None,
+    )
 
 
 def prepare_bundle(
@@ -116,70 +169,101 @@ def prepare_bundle(
     an object with .files and .manifest whose manifest is deep-merged into the bundle's
     (e.g. {"curvature": {"ekfac": {"seconds": ..., "bytes": ...}}}). Returns the bundle path.
     """
-    import tempfile
-
     from pairdots_server.model.task import Task
-    from pairdots_server.model.train import evaluate, fine_tune
-    from pairdots_server.storage.bundle import save_bundle
-    from pairdots_server.storage.data import read_examples
+    from pairdots_server.model.train import fine_tune
 
-    out_root = Path(cfg.out_root)
-    if (out_root / cfg.name).exists() and not cfg.overwrite:
-        from pairdots_server.errors import AlreadyExists
-
-        raise AlreadyExists(
-            f"bundle {cfg.name!r} already exists in {out_root}; pick another --name or overwrite"
-        )
-    read_kw = {
-        "text_column": cfg.text_column,
-        "label_column": cfg.label_column,
-        "label_names": list(cfg.labels),
-    }
-    train_path = cfg.resolved_train_path()
-    train = read_examples(train_path, limit=cfg.limit_train, **read_kw)  # type: ignore[arg-type]
-    dev_path = cfg.resolved_dev_path()
-    dev = read_examples(dev_path, limit=cfg.limit_dev, **read_kw) if dev_path else []  # type: ignore[arg-type]
+    check_free(Path(cfg.out_root), cfg.name, cfg.overwrite)
+    data = read_training_data(
+        cfg.resolved_train_path(),
+        cfg.resolved_dev_path(),
+        cfg.label_spec(),
+        text_column=cfg.text_column,
+        label_column=cfg.label_column,
+        limit_train=cfg.limit_train,
+        limit_dev=cfg.limit_dev,
+    )
     model_path = cfg.resolved_model_path()
 
     t0 = time.perf_counter()
-    task = Task.from_pretrained(model_path, labels=list(cfg.labels), scope=cfg.scope)
-    result = fine_tune(task, train, cfg.train, progress=progress, should_stop=should_stop)
+    task = Task.from_pretrained(model_path, labels=data.labels, scope=cfg.scope)
+    result = fine_tune(task, data.train, cfg.train, progress=progress, should_stop=should_stop)
+    train_info = {
+        **cfg.train.to_dict(),
+        "steps": result.steps,
+        "final_loss": result.final_loss,
+        "seconds": round(result.seconds, 2),
+        "trained_by_pairdots": True,
+    }
+    return finish_bundle(
+        task,
+        data,
+        name=cfg.name,
+        out_root=Path(cfg.out_root),
+        overwrite=cfg.overwrite,
+        max_length=cfg.train.max_length,
+        extra={"model": {"source": str(model_path)}, "train": train_info},
+        manifest_extra=manifest_extra,
+        after_train=after_train,
+        started=t0,
+    )
+
+
+def check_free(out_root: Path, name: str, overwrite: bool) -> None:
+    """AlreadyExists when ``out_root/name`` exists and overwrite is off."""
+    if (out_root / name).exists() and not overwrite:
+        from pairdots_server.errors import AlreadyExists
+
+        raise AlreadyExists(
+            f"bundle {name!r} already exists in {out_root}; pick another --name or overwrite"
+        )
+
+
+def finish_bundle(
+    task: Task,
+    data: TrainingData,
+    *,
+    name: str,
+    out_root: Path,
+    overwrite: bool,
+    max_length: int,
+    extra: Mapping[str, Any],
+    manifest_extra: Mapping[str, Any] | None = None,
+    after_train: AfterTrain | None = None,
+    started: float | None = None,
+) -> Path:
+    """Evaluate a trained ``task`` on the dev data, build the artifacts and save the bundle
+    (prepare after fine-tuning; import with θ as given)."""
+    import tempfile
+
+    from pairdots_server.model.train import evaluate
+    from pairdots_server.storage.atomic import deep_merge
+    from pairdots_server.storage.bundle import save_bundle
+
+    t0 = started if started is not None else time.perf_counter()
     dev_info: dict[str, Any] | None = None
-    if dev:
-        ev = evaluate(task, dev, max_length=cfg.train.max_length)
+    if data.dev:
+        ev = evaluate(task, data.dev, max_length=max_length)
         dev_info = {
-            "path": str(dev_path),
-            "count": len(dev),
+            "path": data.dev_source,
+            "count": len(data.dev),
             "accuracy": ev.accuracy,
             "loss": ev.loss,
         }
-    extra: dict[str, Any] = {
-        "model": {"source": str(model_path)},
-        "dataset": {"path": str(train_path)},
-        "train": {
-            **cfg.train.to_dict(),
-            "steps": result.steps,
-            "final_loss": result.final_loss,
-            "seconds": round(result.seconds, 2),
-        },
-        "dev": dev_info,
-    }
+    merged: dict[str, Any] = deep_merge(
+        {"dataset": {"path": data.train_source}, "dev": dev_info}, dict(extra)
+    )
     if manifest_extra:
-        from pairdots_server.storage.atomic import deep_merge
-
-        extra = deep_merge(extra, manifest_extra)
+        merged = deep_merge(merged, manifest_extra)
     out_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".scratch-{cfg.name}-", dir=out_root) as scratch:
+    with tempfile.TemporaryDirectory(prefix=f".scratch-{name}-", dir=out_root) as scratch:
         files: Mapping[str, bytes | Path] = {}
         if after_train is not None:
-            files, more = split_artifacts(after_train(task, train, Path(scratch)))
+            files, more = split_artifacts(after_train(task, data.train, Path(scratch)))
             if more:
-                from pairdots_server.storage.atomic import deep_merge
-
-                extra = deep_merge(extra, more)
-        extra["prepare_seconds"] = round(time.perf_counter() - t0, 2)
+                merged = deep_merge(merged, more)
+        merged["prepare_seconds"] = round(time.perf_counter() - t0, 2)
         return save_bundle(
-            out_root, cfg.name, task, train, extra, files=files, overwrite=cfg.overwrite
+            out_root, name, task, data.train, merged, files=files, overwrite=overwrite
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from typing import Any
@@ -12,10 +13,11 @@ from google.longrunning import operations_pb2
 from pairdots.v1 import pairdots_pb2 as pb
 from pairdots.v1 import pairdots_pb2_grpc as pb_grpc
 from pairdots_server.errors import CancelToken, InvalidArgument, Unavailable
-from pairdots_server.rpc import convert, job_results, paging
+from pairdots_server.rpc import batch, convert, job_results, paging
 from pairdots_server.rpc.job_kinds import build_job
 from pairdots_server.rpc.operations import record_to_operation
 from pairdots_server.service.facade import PairdotsService
+from pairdots_server.service.jobs.batch_jobs import KIND as BATCH_KIND
 from pairdots_server.service.jobs.runner import JobService
 
 
@@ -29,7 +31,9 @@ def cancel_token(context: grpc.aio.ServicerContext) -> CancelToken:
 MAX_REQUEST_ID_CHARS = 128
 
 
-def idempotency(request: pb.AttackRequest | pb.RepairRequest) -> tuple[str, str]:
+def idempotency(
+    request: pb.AttackRequest | pb.RepairRequest | pb.ExplainBatchRequest,
+) -> tuple[str, str]:
     """(request_id, fingerprint) of an Attack/Repair request (AIP-155): the fingerprint is a
     digest of the request without its id, so a retry matches and a different request does not."""
     rid = request.request_id
@@ -39,7 +43,7 @@ def idempotency(request: pb.AttackRequest | pb.RepairRequest) -> tuple[str, str]
             "request_id", f"must be at most {MAX_REQUEST_ID_CHARS} printable ASCII characters "
             "without spaces (a UUID4 is recommended), got "
             f"{len(rid)} characters")
-    bare = type(request)()
+    bare: Any = type(request)()
     bare.CopyFrom(request)
     bare.request_id = ""
     return rid, hashlib.sha256(bare.SerializeToString(deterministic=True)).hexdigest()
@@ -104,3 +108,14 @@ class PairdotsServicer(pb_grpc.PairdotsServiceServicer):
     async def Repair(self, request: pb.RepairRequest, context: grpc.aio.ServicerContext
                      ) -> operations_pb2.Operation:
         return self._submit("repair", request)
+
+    async def ExplainBatch(self, request: pb.ExplainBatchRequest,
+                           context: grpc.aio.ServicerContext) -> operations_pb2.Operation:
+        # reading an input file and validating 10k inputs is blocking work: off the event loop
+        return await asyncio.to_thread(self._submit, BATCH_KIND, request)
+
+    async def ListExplainBatchResults(
+        self, request: pb.ListExplainBatchResultsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListExplainBatchResultsResponse:
+        return batch.list_results(request, self._jobs().store,
+                                  self.service.config.batch_results_path)

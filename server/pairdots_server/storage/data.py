@@ -1,12 +1,16 @@
-"""Dataset readers: labelled text examples z_i = (x_i, y_i) from TSV / CSV / JSONL files or
-the HuggingFace hub.
+"""Dataset readers: labelled text examples z_i = (x_i, y_i) from TSV / CSV / JSONL / Parquet
+files or the HuggingFace hub.
 
 Formats:
-  * ``.tsv``   ``text<TAB>label``, no header (the SST-2 files in shared/data/sst2)
-  * ``.csv``   header row with named ``text_column`` / ``label_column``
-  * ``.jsonl`` one JSON object per line with those keys
-Labels are integers in [0, C) or names mapped through ``label_names``. Any malformed row
-raises DataError("file:line: what is wrong; what is expected").
+  * ``.tsv``     ``text<TAB>label`` with no header (the SST-2 files in shared/data/sst2), or a
+                 header row naming ``text_column`` and ``label_column`` (then any columns)
+  * ``.csv``     header row with named ``text_column`` / ``label_column``
+  * ``.jsonl``   one JSON object per line with those keys
+  * ``.parquet`` those columns (needs the optional ``pyarrow``: ``pip install pairdots[parquet]``)
+Labels are integers in [0, C) or names mapped through ``label_names``; `read_labelled` also
+reads the label set from the data itself (storage/labels.py: integers 0..C-1, names, or
+1-based integers with a classes file); storage/inputs.py reads texts to explain. Any malformed row raises DataError("file:line: what is wrong;
+what is expected").
 """
 
 from __future__ import annotations
@@ -15,14 +19,15 @@ import csv
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pairdots_server.errors import DataError, FailedPrecondition, InvalidArgument, NotFound
+from pairdots_server.storage.labels import LabelParser, LabelSpec, resolve_label_names
 
-FORMATS = ("tsv", "csv", "jsonl")
+FORMATS = ("tsv", "csv", "jsonl", "parquet")
 SST2_ENV = "PAIRDOTS_SST2_DIR"
 
 
@@ -38,50 +43,23 @@ class Example:
 
 
 def infer_format(path: str | Path) -> str:
-    """'tsv' | 'csv' | 'jsonl' from the file suffix (.json is read as JSON lines)."""
+    """'tsv' | 'csv' | 'jsonl' | 'parquet' from the file suffix (.json is read as JSON lines)."""
     suffix = Path(path).suffix.lower().lstrip(".")
-    if suffix in ("tsv", "csv", "jsonl"):
+    if suffix in FORMATS:
         return suffix
     if suffix in ("json", "ndjson"):
         return "jsonl"
+    if suffix == "pq":
+        return "parquet"
     raise InvalidArgument.for_field(
         "format",
-        f"cannot infer the format of {path} from its suffix; use .tsv, .csv or .jsonl "
+        f"cannot infer the format of {path} from its suffix; use .tsv, .csv, .jsonl or .parquet "
         "or pass the format explicitly",
     )
 
 
-class _LabelParser:
-    """Maps a raw label (int, digit string or name) to a class index."""
-
-    def __init__(self, label_names: Sequence[str] | None) -> None:
-        self.names = [str(n) for n in label_names] if label_names is not None else None
-        self.index = {n: i for i, n in enumerate(self.names)} if self.names else {}
-
-    def expected(self) -> str:
-        if self.names:
-            return f"an integer in [0, {len(self.names)}) or one of {self.names}"
-        return "a non-negative integer class index"
-
-    def __call__(self, raw: Any, where: str) -> int:
-        if isinstance(raw, bool):
-            raise DataError(f"{where}: label {raw!r} is a boolean; expected {self.expected()}")
-        if isinstance(raw, int):
-            value = raw
-        elif isinstance(raw, float) and raw.is_integer():
-            value = int(raw)
-        elif isinstance(raw, str) and raw.strip() in self.index:
-            return self.index[raw.strip()]
-        elif isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
-            value = int(raw.strip())
-        else:
-            raise DataError(f"{where}: bad label {raw!r}; expected {self.expected()}")
-        if value < 0 or (self.names is not None and value >= len(self.names)):
-            raise DataError(f"{where}: label {value} out of range; expected {self.expected()}")
-        return value
-
-
-def _check_text(text: Any, where: str, column: str) -> str:
+def check_text(text: Any, where: str, column: str) -> str:
+    """The text of a row, or a DataError naming file:line when it is not a non-empty string."""
     if not isinstance(text, str):
         raise DataError(f"{where}: {column!r} must be a string, got {type(text).__name__}")
     if not text.strip():
@@ -89,8 +67,65 @@ def _check_text(text: Any, where: str, column: str) -> str:
     return text
 
 
-def _read_tsv(path: Path, parse: _LabelParser, limit: int | None) -> list[Example]:
-    out: list[Example] = []
+@dataclass(frozen=True)
+class RawRow:
+    """One row as read from a file, before its label is mapped: text, raw label, "file:line"."""
+
+    text: str
+    label: Any
+    where: str
+
+
+def _columns_hint(text_col: str, label_col: str) -> str:
+    return (
+        f"expected {text_col!r} and {label_col!r}; pass --text-column/--label-column "
+        "(text_column/label_column) naming your columns"
+    )
+
+
+def _rows_from_header(
+    path: Path,
+    reader: Iterable[list[str]],
+    line_of: Callable[[], int],
+    text_col: str,
+    label_col: str,
+    limit: int | None,
+) -> list[RawRow]:
+    it = iter(reader)
+    try:
+        header = next(it)
+    except StopIteration:
+        raise DataError(
+            f"{path}:1: empty file; expected a header row with {text_col!r} and {label_col!r}"
+        ) from None
+    missing = [c for c in (text_col, label_col) if c not in header]
+    if missing:
+        raise DataError(
+            f"{path}:1: header {header} lacks column(s) {missing}; "
+            + _columns_hint(text_col, label_col)
+        )
+    ti, li = header.index(text_col), header.index(label_col)
+    out: list[RawRow] = []
+    for row in it:
+        if limit is not None and len(out) >= limit:
+            break
+        where = f"{path}:{line_of()}"
+        if len(row) != len(header):
+            raise DataError(f"{where}: {len(row)} columns; expected {len(header)} like the header")
+        out.append(RawRow(check_text(row[ti], where, text_col), row[li], where))
+    return out
+
+
+def _read_tsv(path: Path, text_col: str, label_col: str, limit: int | None) -> list[RawRow]:
+    with path.open("r", encoding="utf-8", newline="") as f:
+        first = f.readline().rstrip("\r\n").split("\t")
+    if text_col in first and label_col in first:  # a header row names the columns
+        with path.open("r", encoding="utf-8", newline="") as f:
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            return _rows_from_header(
+                path, reader, lambda: reader.line_num, text_col, label_col, limit
+            )
+    out: list[RawRow] = []
     with path.open("r", encoding="utf-8", newline="") as f:
         for lineno, line in enumerate(f, start=1):
             if limit is not None and len(out) >= limit:
@@ -103,49 +138,20 @@ def _read_tsv(path: Path, parse: _LabelParser, limit: int | None) -> list[Exampl
             if len(cols) != 2:
                 raise DataError(
                     f"{where}: {len(cols)} tab-separated columns; expected 2 ('text<TAB>label', "
-                    "no header)"
+                    f"no header) or a header row naming {text_col!r} and {label_col!r}"
                 )
-            text = _check_text(cols[0], where, "text")
-            out.append(Example(text, parse(cols[1], where)))
+            out.append(RawRow(check_text(cols[0], where, "text"), cols[1], where))
     return out
 
 
-def _read_csv(
-    path: Path, parse: _LabelParser, text_col: str, label_col: str, limit: int | None
-) -> list[Example]:
-    out: list[Example] = []
+def _read_csv(path: Path, text_col: str, label_col: str, limit: int | None) -> list[RawRow]:
     with path.open("r", encoding="utf-8", newline="") as f:
         reader = csv.reader(f)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise DataError(
-                f"{path}:1: empty file; expected a header row with {text_col!r} and {label_col!r}"
-            ) from None
-        missing = [c for c in (text_col, label_col) if c not in header]
-        if missing:
-            raise DataError(
-                f"{path}:1: header {header} lacks column(s) {missing}; expected {text_col!r} and "
-                f"{label_col!r} (or pass text_column/label_column)"
-            )
-        ti, li = header.index(text_col), header.index(label_col)
-        for row in reader:
-            if limit is not None and len(out) >= limit:
-                break
-            where = f"{path}:{reader.line_num}"
-            if len(row) != len(header):
-                raise DataError(
-                    f"{where}: {len(row)} columns; expected {len(header)} like the header"
-                )
-            text = _check_text(row[ti], where, text_col)
-            out.append(Example(text, parse(row[li], where)))
-    return out
+        return _rows_from_header(path, reader, lambda: reader.line_num, text_col, label_col, limit)
 
 
-def _read_jsonl(
-    path: Path, parse: _LabelParser, text_col: str, label_col: str, limit: int | None
-) -> list[Example]:
-    out: list[Example] = []
+def _read_jsonl(path: Path, text_col: str, label_col: str, limit: int | None) -> list[RawRow]:
+    out: list[RawRow] = []
     with path.open("r", encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if limit is not None and len(out) >= limit:
@@ -164,11 +170,72 @@ def _read_jsonl(
             for col in (text_col, label_col):
                 if col not in obj:
                     raise DataError(
-                        f"{where}: missing key {col!r}; expected keys "
-                        f"{text_col!r} and {label_col!r}"
+                        f"{where}: missing key {col!r} (keys: {sorted(obj)}); "
+                        + _columns_hint(text_col, label_col)
                     )
-            text = _check_text(obj[text_col], where, text_col)
-            out.append(Example(text, parse(obj[label_col], where)))
+            out.append(RawRow(check_text(obj[text_col], where, text_col), obj[label_col], where))
+    return out
+
+
+def _read_parquet(path: Path, text_col: str, label_col: str, limit: int | None) -> list[RawRow]:
+    try:
+        import pyarrow.parquet as pq  # type: ignore[import-untyped]
+    except ImportError:
+        raise FailedPrecondition(
+            f"{path}: reading Parquet needs the optional 'pyarrow' package; "
+            "`pip install pairdots[parquet]` or convert the file to CSV/JSONL"
+        ) from None
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    missing = [c for c in (text_col, label_col) if c not in schema.names]
+    if missing:
+        raise DataError(
+            f"{path}: columns {schema.names} lack {missing}; " + _columns_hint(text_col, label_col)
+        )
+    table = pq.read_table(path, columns=[text_col, label_col])
+    texts = table.column(text_col).to_pylist()
+    labels = table.column(label_col).to_pylist()
+    n = len(texts) if limit is None else min(limit, len(texts))
+    out = []
+    for i in range(n):
+        where = f"{path}:row {i}"
+        out.append(RawRow(check_text(texts[i], where, text_col), labels[i], where))
+    return out
+
+
+_READERS = {"tsv": _read_tsv, "csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}
+
+
+def read_rows(
+    path: str | Path,
+    fmt: str | None = None,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    limit: int | None = None,
+) -> list[RawRow]:
+    """The rows of a TSV/CSV/JSONL/Parquet file with their raw labels (format from the suffix
+    unless given). NotFound for a missing file, DataError naming file:line for a bad row."""
+    p = Path(path)
+    fmt = (fmt or infer_format(p)).lower()
+    if fmt not in FORMATS:
+        raise InvalidArgument.for_field(
+            "format", f"unknown format {fmt!r}; use tsv, csv, jsonl or parquet"
+        )
+    if limit is not None and limit < 0:
+        raise InvalidArgument.for_field("limit", f"must be >= 0, got {limit}")
+    if not p.is_file():
+        raise NotFound(f"dataset file {p} does not exist; check the path")
+    try:
+        out = _READERS[fmt](p, text_column, label_column, limit)
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8"
+        ) from None
+    if not out and limit != 0:
+        raise DataError(f"{p}: no examples; expected at least one row")
     return out
 
 
@@ -180,34 +247,54 @@ def read_examples(
     label_column: str = "label",
     label_names: Sequence[str] | None = None,
     limit: int | None = None,
+    label_base: int = 0,
 ) -> list[Example]:
-    """Read labelled examples from a TSV/CSV/JSONL file (format from the suffix unless given).
+    """Read labelled examples from a TSV/CSV/JSONL/Parquet file (format from the suffix unless
+    given): labels are class indices (integers, ``label_base``-based) or names in label_names.
 
     Raises NotFound for a missing file, DataError naming file:line for a malformed row.
     """
-    p = Path(path)
-    fmt = (fmt or infer_format(p)).lower()
-    if fmt not in FORMATS:
-        raise InvalidArgument.for_field("format", f"unknown format {fmt!r}; use tsv, csv or jsonl")
-    if limit is not None and limit < 0:
-        raise InvalidArgument.for_field("limit", f"must be >= 0, got {limit}")
-    if not p.is_file():
-        raise NotFound(f"dataset file {p} does not exist; check the path")
-    parse = _LabelParser(label_names)
-    try:
-        if fmt == "tsv":
-            out = _read_tsv(p, parse, limit)
-        elif fmt == "csv":
-            out = _read_csv(p, parse, text_column, label_column, limit)
-        else:
-            out = _read_jsonl(p, parse, text_column, label_column, limit)
-    except UnicodeDecodeError as exc:
-        raise DataError(
-            f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8"
-        ) from None
-    if not out and limit != 0:
-        raise DataError(f"{p}: no examples; expected at least one row")
-    return out
+    rows = read_rows(path, fmt, text_column=text_column, label_column=label_column, limit=limit)
+    parse = LabelParser(label_names, label_base)
+    return [Example(r.text, parse(r.label, r.where)) for r in rows]
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """Examples with the class names their labels index."""
+
+    examples: list[Example]
+    labels: list[str]
+    base: int = 0  # integer labels k were read as class k - base
+
+
+def read_labelled(
+    path: str | Path,
+    spec: LabelSpec | None = None,
+    fmt: str | None = None,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    limit: int | None = None,
+) -> Labelled:
+    """Examples and their class names: the spec's names, or those the data's labels imply
+    (`resolve_label_names`); every label is checked against them. ``path`` may be a hub
+    source ``hf:NAME[:CONFIG]:SPLIT`` (needs `datasets` and the network)."""
+    spec = spec if spec is not None else LabelSpec()
+    if fmt is None:
+        rows = read_source_rows(
+            path, text_column=text_column, label_column=label_column, limit=limit
+        )
+    else:
+        rows = read_rows(path, fmt, text_column=text_column, label_column=label_column, limit=limit)
+    return labelled_from_rows(rows, spec)
+
+
+def labelled_from_rows(rows: Sequence[RawRow], spec: LabelSpec) -> Labelled:
+    """`Labelled` for rows already read (a file's or a hub split's)."""
+    names, base = resolve_label_names(rows, spec)
+    parse = LabelParser(names, base)
+    return Labelled([Example(r.text, parse(r.label, r.where)) for r in rows], names, base)
 
 
 def write_jsonl(path: str | Path, examples: Iterable[Example]) -> None:
@@ -225,7 +312,10 @@ def sha256_of_examples(examples: Iterable[Example]) -> str:
     return h.hexdigest()
 
 
-def load_hf_dataset(
+HF_PREFIX = "hf:"
+
+
+def load_hf_rows(
     name: str,
     split: str,
     *,
@@ -233,8 +323,8 @@ def load_hf_dataset(
     text_column: str = "sentence",
     label_column: str = "label",
     limit: int | None = None,
-) -> list[Example]:
-    """Examples from a HuggingFace hub dataset (e.g. ``("glue", "train", config_name="sst2")``).
+) -> list[RawRow]:
+    """Rows of a HuggingFace hub dataset (e.g. ``("glue", "train", config_name="sst2")``).
 
     Needs the optional ``datasets`` package and network access; raises FailedPrecondition
     saying so otherwise.
@@ -244,7 +334,7 @@ def load_hf_dataset(
     except ImportError:
         raise FailedPrecondition(
             "the 'datasets' package is not installed; `pip install pairdots[hub]` or pass local "
-            "--train/--dev files (TSV/CSV/JSONL)"
+            "--train/--dev files (TSV/CSV/JSONL/Parquet)"
         ) from None
     try:
         ds = datasets.load_dataset(name, config_name, split=split)
@@ -253,21 +343,74 @@ def load_hf_dataset(
             f"could not load dataset {name!r} split {split!r} from the HuggingFace hub ({exc}); "
             "check the name and network access, or pass local --train/--dev files"
         ) from exc
-    out: list[Example] = []
+    out: list[RawRow] = []
     for i, row in enumerate(ds):
         if limit is not None and len(out) >= limit:
             break
         where = f"{name}[{split}]:{i}"
         for col in (text_column, label_column):
             if col not in row:
-                raise DataError(f"{where}: missing column {col!r}; columns are {sorted(row)}")
+                raise DataError(
+                    f"{where}: missing column {col!r}; columns are {sorted(row)}; "
+                    + _columns_hint(text_column, label_column)
+                )
         out.append(
-            Example(
-                _check_text(row[text_column], where, text_column),
-                _LabelParser(None)(row[label_column], where),
-            )
+            RawRow(check_text(row[text_column], where, text_column), row[label_column], where)
         )
     return out
+
+
+def load_hf_dataset(
+    name: str,
+    split: str,
+    *,
+    config_name: str | None = None,
+    text_column: str = "sentence",
+    label_column: str = "label",
+    limit: int | None = None,
+) -> list[Example]:
+    """Examples (integer labels) of a HuggingFace hub dataset; see `load_hf_rows`."""
+    rows = load_hf_rows(
+        name,
+        split,
+        config_name=config_name,
+        text_column=text_column,
+        label_column=label_column,
+        limit=limit,
+    )
+    parse = LabelParser(None)
+    return [Example(r.text, parse(r.label, r.where)) for r in rows]
+
+
+def parse_hf_source(source: str) -> tuple[str, str | None, str]:
+    """``hf:NAME:SPLIT`` or ``hf:NAME:CONFIG:SPLIT`` → (name, config, split)."""
+    parts = source[len(HF_PREFIX) :].split(":")
+    if len(parts) == 2 and all(parts):
+        return parts[0], None, parts[1]
+    if len(parts) == 3 and all(parts):
+        return parts[0], parts[1], parts[2]
+    raise InvalidArgument.for_field(
+        "train",
+        f"bad hub source {source!r}; use hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT "
+        "(e.g. hf:glue:sst2:train)",
+    )
+
+
+def read_source_rows(
+    source: str | Path, *, text_column: str, label_column: str, limit: int | None = None
+) -> list[RawRow]:
+    """Rows of a local file, or of a hub split when ``source`` is ``hf:NAME[:CONFIG]:SPLIT``."""
+    if isinstance(source, str) and source.startswith(HF_PREFIX):
+        name, config, split = parse_hf_source(source)
+        return load_hf_rows(
+            name,
+            split,
+            config_name=config,
+            text_column=text_column,
+            label_column=label_column,
+            limit=limit,
+        )
+    return read_rows(source, text_column=text_column, label_column=label_column, limit=limit)
 
 
 def default_sst2_dir() -> Path:
