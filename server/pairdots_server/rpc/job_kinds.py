@@ -29,7 +29,6 @@ from pairdots_server.service.jobs.runner import JobBuilder, JobFn
 from pairdots_server.service.jobs.store import JobRecord
 from pairdots_server.service.registry import ModelRegistry
 
-
 Builder = Callable[[Any, ModelRuntime, ServerConfig], JobFn]
 
 
