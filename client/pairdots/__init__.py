@@ -66,6 +66,7 @@ from pairdots.options import (
 )
 from pairdots.results import (
     Diagnostics,
+    ExplainSettings,
     Explanation,
     InfluentialExample,
     LabelExplanation,
@@ -84,7 +85,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AbortedError", "AlreadyExistsError", "AsyncPairdotsClient", "AttackMode", "AttackOutcome",
     "CandidateSearch", "ClientConfig", "Curvature", "DataLossError", "DeadlineExceededError",
-    "Diagnostics", "Evaluation", "Explanation", "ExplanationRole", "FailedPreconditionError",
+    "Diagnostics", "Evaluation", "ExplainSettings", "Explanation", "ExplanationRole", "FailedPreconditionError",
     "FieldViolation", "InfluenceOptions", "InfluentialExample", "InternalError",
     "InvalidArgumentError", "JobProgress", "LabelExplanation", "LabeledText", "ModelInfo",
     "NotFoundError", "OperationHandle", "OperationOutcome", "OperationPage", "OutOfRangeError",
