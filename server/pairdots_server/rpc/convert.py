@@ -182,15 +182,17 @@ def explain_settings(a: ExplainAnswer) -> pb.ExplainSettings | None:
     return pb.ExplainSettings(
         target_function=TARGET_TO_PB[s.target],
         token_score=TOKEN_SCORE_TO_PB[s.token_score],
-        word_measurement=_inverse(WORD_MEASUREMENTS)[s.word_measurement],
-        word_candidates=_inverse(WORD_CANDIDATES)[s.word_candidates],
+        word_measurement=pb.WordMeasurement.ValueType(
+            _inverse(WORD_MEASUREMENTS)[s.word_measurement]),
+        word_candidates=pb.WordCandidates.ValueType(_inverse(WORD_CANDIDATES)[s.word_candidates]),
         solver=SOLVER_TO_PB[method] if method is not None else pb.SOLVER_UNSPECIFIED,
         curvature=(CURVATURE_TO_PB.get(curvature.value, pb.CURVATURE_UNSPECIFIED)
                    if curvature is not None else pb.CURVATURE_UNSPECIFIED),
         candidate_search=(pb.CANDIDATE_SEARCH_INDEX if s.use_index
                           else pb.CANDIDATE_SEARCH_EXHAUSTIVE),
         candidates=s.candidates,
-        token_influence=_inverse(TOKEN_INFLUENCE)[a.token_influence],
+        token_influence=pb.TokenInfluenceMethod.ValueType(
+            _inverse(TOKEN_INFLUENCE)[a.token_influence]),
         prediction_influence=s.prediction_influence,
     )
 
