@@ -69,6 +69,7 @@ from pairdots.options import (
 )
 from pairdots.results import (
     Diagnostics,
+    ExplainSettings,
     Explanation,
     InfluentialExample,
     LabelExplanation,
@@ -88,7 +89,7 @@ __all__ = [
     "AbortedError", "AlreadyExistsError", "AsyncPairdotsClient", "AttackMode", "AttackOutcome",
     "BatchItem", "BatchResultsPage", "CandidateSearch", "ClientConfig", "Curvature",
     "DataLossError", "DeadlineExceededError", "Diagnostics", "Evaluation",
-    "ExplainBatchOutcome", "Explanation", "ExplanationRole", "FailedPreconditionError",
+    "ExplainBatchOutcome", "ExplainSettings", "Explanation", "ExplanationRole", "FailedPreconditionError",
     "FieldViolation", "InfluenceOptions", "InfluentialExample", "InternalError",
     "InvalidArgumentError", "JobProgress", "LabelExplanation", "LabeledText", "ModelInfo",
     "NotFoundError", "OperationHandle", "OperationOutcome", "OperationPage", "OutOfRangeError",

@@ -23,6 +23,11 @@ from pairdots.options import (
     Curvature,
     ExplanationRole,
     Solver,
+    TargetFunction,
+    TokenInfluenceMethod,
+    TokenScoreMethod,
+    WordCandidates,
+    WordMeasurement,
     datetime_from_proto,
     enum_from_proto,
 )
@@ -30,6 +35,7 @@ from pairdots.v1 import pairdots_pb2
 
 __all__ = [
     "Diagnostics",
+    "ExplainSettings",
     "Explanation",
     "InfluentialExample",
     "LabelExplanation",
@@ -92,15 +98,17 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Prediction:
-    """The model's prediction: argmax label, its name, p(y|x) for every label."""
+    """The model's prediction: argmax label, its name, p(y|x) for every label and every
+    label's name (`label_names`, aligned with `probabilities`; empty from an older server)."""
 
     label: int
     label_name: str
     probabilities: tuple[float, ...]
+    label_names: tuple[str, ...] = ()
 
     @classmethod
     def from_proto(cls, msg: pairdots_pb2.Prediction) -> Prediction:
-        return cls(msg.label, msg.label_name, tuple(msg.probabilities))
+        return cls(msg.label, msg.label_name, tuple(msg.probabilities), tuple(msg.label_names))
 
 
 @dataclass(frozen=True)
@@ -303,10 +311,56 @@ class Diagnostics:
         )
 
 
+#: Token scores that are signed (the word raises or lowers S_y); L2_NORM is unsigned (≥ 0).
+SIGNED_TOKEN_SCORES = frozenset({TokenScoreMethod.GRADIENT_TIMES_INPUT, TokenScoreMethod.SUM,
+                                 TokenScoreMethod.GRADIENT_TIMES_DELTA_UNK})
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    """The settings an Explain answer was computed with, every default resolved by the server
+    (ExplainResponse.settings): saliency target S_y and token score, what a salient word's
+    influence is measured on and which training examples it is paired with, the solver and
+    curvature of s_test, the candidate search and its K, the Eq. 8 method and whether
+    prediction-level influence was computed."""
+
+    target_function: TargetFunction
+    token_score: TokenScoreMethod
+    word_measurement: WordMeasurement
+    word_candidates: WordCandidates
+    solver: Solver
+    curvature: Curvature
+    candidate_search: CandidateSearch
+    candidates: int
+    token_influence: TokenInfluenceMethod
+    prediction_influence: bool
+
+    @classmethod
+    def from_proto(cls, msg: pairdots_pb2.ExplainSettings) -> ExplainSettings:
+        return cls(
+            target_function=enum_from_proto(TargetFunction, msg.target_function),
+            token_score=enum_from_proto(TokenScoreMethod, msg.token_score),
+            word_measurement=enum_from_proto(WordMeasurement, msg.word_measurement),
+            word_candidates=enum_from_proto(WordCandidates, msg.word_candidates),
+            solver=enum_from_proto(Solver, msg.solver),
+            curvature=enum_from_proto(Curvature, msg.curvature),
+            candidate_search=enum_from_proto(CandidateSearch, msg.candidate_search),
+            candidates=msg.candidates,
+            token_influence=enum_from_proto(TokenInfluenceMethod, msg.token_influence),
+            prediction_influence=msg.prediction_influence,
+        )
+
+    @property
+    def signed_saliency(self) -> bool:
+        """Whether the word saliency is signed (every token score but L2_NORM)."""
+        return self.token_score in SIGNED_TOKEN_SCORES
+
+
 @dataclass(frozen=True)
 class Explanation:
     """An Explain answer: the prediction, the input's words, one LabelExplanation per
-    explained label (target first, then gold for error analysis) and diagnostics."""
+    explained label (target first, then gold for error analysis), diagnostics and the settings
+    used (`settings`; None from a server that does not report them)."""
 
     model: str
     prediction: Prediction
@@ -314,6 +368,7 @@ class Explanation:
     explanations: tuple[LabelExplanation, ...]
     diagnostics: Diagnostics
     raw: pairdots_pb2.ExplainResponse = field(repr=False, compare=False)
+    settings: ExplainSettings | None = None
 
     @classmethod
     def from_proto(cls, msg: pairdots_pb2.ExplainResponse) -> Explanation:
@@ -324,7 +379,22 @@ class Explanation:
             explanations=tuple(LabelExplanation.from_proto(e) for e in msg.explanations),
             diagnostics=Diagnostics.from_proto(msg.diagnostics),
             raw=msg,
+            settings=(ExplainSettings.from_proto(msg.settings)
+                      if msg.HasField("settings") else None),
         )
+
+    def label_name(self, label: int) -> str:
+        """The class name of `label`: from the prediction's label names, else from the
+        explanations and their training examples, else "label N"."""
+        names = self.prediction.label_names
+        if 0 <= label < len(names):
+            return names[label]
+        if label == self.prediction.label:
+            return self.prediction.label_name
+        for lab in self.explanations:
+            if lab.label == label:
+                return lab.label_name
+        return f"label {label}"
 
     def _role(self, role: ExplanationRole) -> LabelExplanation | None:
         return next((e for e in self.explanations if e.role == role), None)

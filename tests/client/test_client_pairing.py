@@ -64,7 +64,7 @@ _RESULTS = {
     "SolverDiagnostics": "SolverDiagnostics", "SalientWord": "SalientWord",
     "PredictionInfluence": "PredictionInfluence", "LabelExplanation": "LabelExplanation",
     "StageTiming": "StageTiming", "Diagnostics": "Diagnostics",
-    "Explanation": "ExplainResponse",
+    "Explanation": "ExplainResponse", "ExplainSettings": "ExplainSettings",
 }
 
 
@@ -142,6 +142,15 @@ def paired_response() -> pairdots_pb2.ExplainResponse:
             solver=pairdots_pb2.SOLVER_EKFAC, curvature=pairdots_pb2.CURVATURE_GAUSS_NEWTON,
             iterations=0, norm=1.5, effective_damping=0.1, converged=True, seconds=0.25),
         candidates_scored=77))
+    # the settings that ran: c_w as the word measurement, a signed token score
+    msg.settings.CopyFrom(pairdots_pb2.ExplainSettings(
+        target_function=pairdots_pb2.TARGET_FUNCTION_LOG_PROBABILITY,
+        token_score=pairdots_pb2.TOKEN_SCORE_METHOD_GRADIENT_TIMES_INPUT,
+        word_measurement=pairdots_pb2.WORD_MEASUREMENT_OCCLUSION,
+        word_candidates=pairdots_pb2.WORD_CANDIDATES_CONTAINING,
+        solver=pairdots_pb2.SOLVER_EKFAC, curvature=pairdots_pb2.CURVATURE_GAUSS_NEWTON,
+        candidate_search=pairdots_pb2.CANDIDATE_SEARCH_EXHAUSTIVE,
+        token_influence=pairdots_pb2.TOKEN_INFLUENCE_METHOD_EXACT, prediction_influence=True))
     return msg
 
 
@@ -165,14 +174,14 @@ def test_conversion_of_the_new_fields() -> None:
     assert gold.salient_words[0].contribution == 0.0
 
 
-def test_text_rendering_prediction_first_with_numbers_and_responsible_words(capsys) -> None:
+def test_text_rendering_words_prediction_then_salient_words(capsys) -> None:
     expl = Explanation.from_proto(paired_response())
     print_explanation(expl)
     out = capsys.readouterr().out
     assert out.splitlines() == explanation_lines(expl)
-    target_part = out.split("== explaining label 'negative'")[0]
+    target_part = out.split("== gold label 'negative'")[0]
     pred = target_part.index("training examples that support / oppose the prediction")
-    assert pred < target_part.index("word saliency") < target_part.index("salient word 'a'")
+    assert target_part.index("word saliency") < pred < target_part.index("salient word 'a'")
     assert "m_y = +2.5000" in target_part and "77 scored" in target_part
     assert "EKFAC" in target_part
     sup = target_part.index("supporting the prediction 'positive'")
@@ -188,9 +197,10 @@ def test_text_rendering_prediction_first_with_numbers_and_responsible_words(caps
     assert "I(z, c_w) = +2.500e-01  label 'positive'  truly gripping story" in target_part
     assert "[responsible word: 'gripping'" in target_part
     # gold: no prediction-level section, a None responsible word does not break it
-    gold_part = out.split("== explaining label 'negative'")[1]
+    gold_part = out.split("== gold label 'negative'")[1]
+    assert gold_part.startswith(" (error analysis")  # named by its label, not its role number
     assert "support / oppose the prediction" not in gold_part
-    assert "[no responsible word]" in gold_part and "(GOLD)" in gold_part
+    assert "[no responsible word]" in gold_part and "(GOLD)" not in gold_part
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +237,7 @@ class _Tokens(HTMLParser):
 
 def _label_section(doc: str, heading: str) -> str:
     start = doc.index(heading)
-    end = doc.find("<h2>", start + 1)
+    end = doc.find("<h2", start + 1)
     return doc[start:end if end >= 0 else len(doc)]
 
 
@@ -240,19 +250,20 @@ def _tokens(section: str) -> list[tuple[str, str]]:
 BLUE, RED = "rgba(33,102,172,", "rgba(178,24,43,"
 
 
-def test_report_prediction_section_first_and_colours_follow_c_w() -> None:
+def test_report_words_then_prediction_section_and_colours_follow_c_w() -> None:
     doc = render_html(Explanation.from_proto(paired_response()))
-    target = _label_section(doc, "<h2>Target label: positive (1)</h2>")
+    target = _label_section(doc, "Target label: positive")
     pred = target.index("Training examples that support / oppose the prediction positive")
-    assert pred < target.index('class="sentence"') < target.index("<h3>1. “a”")
-    assert "margin m_y = +2.5" in target and "77 training examples scored" in target
+    assert target.index('class="sentence"') < pred < target.index("<h3>1. “a”")
+    assert "z_c = <b>+2.5</b> of positive" in target and "77 training examples scored" in target
     assert "train #21" in target and "I(z, m_y) = <b>+0.875</b>" in target
     assert "train #22" in target and "I(z, m_y) = <b>-0.375</b>" in target
     assert "responsible word ◆<b>riveting</b>" in target
-    assert target.index("train #21") < target.index("train #22") < target.index('class="sentence"')
-    # legend says what the colours mean
-    assert ("blue ▲</span> raises the explained label positive, "
-            '<span style="background:rgba(178,24,43,.6)">red ▼</span> lowers it') in target
+    assert target.index('class="sentence"') < target.index("train #21") < target.index("train #22")
+    # legend and a labelled diverging colour bar say what the colours mean
+    assert "blue ▲ raises positive, red ▼ lowers it" in target
+    assert '<figure class="colour-bar" data-scale="signed">' in target
+    assert "lowers positive" in target and "raises positive" in target
     assert "unsigned" not in target
     # colours follow the sign of c_w (not of the saliency), numbers are visible text
     toks = _tokens(target)
@@ -269,7 +280,7 @@ def test_report_prediction_section_first_and_colours_follow_c_w() -> None:
 
 def test_report_falls_back_to_saliency_without_contributions() -> None:
     doc = render_html(Explanation.from_proto(paired_response()))
-    gold = _label_section(doc, "<h2>Gold label: negative (0)</h2>")
+    gold = _label_section(doc, "Gold label: negative")
     # signed saliency (-0.5 .. +0.7): coloured by saliency, not called unsigned
     toks = _tokens(gold)
     assert RED in toks[0][0] and BLUE in toks[-1][0] and toks[-1][1] == "film▲+0.7"
@@ -279,7 +290,7 @@ def test_report_falls_back_to_saliency_without_contributions() -> None:
     for lab in msg.explanations:
         lab.word_saliency[:] = [abs(s) for s in lab.word_saliency]
     doc = render_html(Explanation.from_proto(msg))
-    target = _label_section(doc, "<h2>Target label: positive (1)</h2>")
+    target = _label_section(doc, "Target label: positive")
     assert "The score is unsigned" in target
     assert BLUE not in "".join(s for s, _ in _tokens(target))
     assert RED not in "".join(s for s, _ in _tokens(target))

@@ -23,9 +23,13 @@ def test_demo_serves_explains_and_writes_report(bundle_root: Path, tmp_path: Pat
     assert out.returncode == 0, out.stderr[-2000:]
     assert "models: tiny" in out.stdout
     assert "salient word" in out.stdout and "supporting" in out.stdout
+    # the settings that ran, and the word-level influence named by the default MARGIN
+    assert "settings:" in out.stdout and "word measurement: MARGIN" in out.stdout
+    assert "I(z, m_y) =" in out.stdout and "I(z, c_w)" not in out.stdout
     page = html.read_text()
     assert page.startswith("<!DOCTYPE html>") or page.lstrip().lower().startswith("<!doctype")
     assert "loved" in page and "<script" not in page.lower()
+    assert 'class="colour-bar"' in page and 'class="bar-chart"' in page
 
 
 def test_explain_command_reports_server_errors(tmp_path: Path) -> None:

@@ -924,6 +924,7 @@ class ExplainResponse(_message.Message):
     WORDS_FIELD_NUMBER: _builtins.int
     EXPLANATIONS_FIELD_NUMBER: _builtins.int
     DIAGNOSTICS_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model that answered."""
     @_builtins.property
@@ -942,6 +943,12 @@ class ExplainResponse(_message.Message):
     def diagnostics(self) -> Global___Diagnostics:
         """How the answer was computed."""
 
+    @_builtins.property
+    def settings(self) -> Global___ExplainSettings:
+        """The settings the answer was computed with, every default resolved for this model (what
+        the request's unset fields meant), so a reader knows what each number measures.
+        """
+
     def __init__(
         self,
         *,
@@ -950,14 +957,82 @@ class ExplainResponse(_message.Message):
         words: _abc.Iterable[Global___Word] | None = ...,
         explanations: _abc.Iterable[Global___LabelExplanation] | None = ...,
         diagnostics: Global___Diagnostics | None = ...,
+        settings: Global___ExplainSettings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["diagnostics", b"diagnostics", "prediction", b"prediction"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["diagnostics", b"diagnostics", "prediction", b"prediction", "settings", b"settings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["diagnostics", b"diagnostics", "explanations", b"explanations", "model", b"model", "prediction", b"prediction", "words", b"words"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["diagnostics", b"diagnostics", "explanations", b"explanations", "model", b"model", "prediction", b"prediction", "settings", b"settings", "words", b"words"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExplainResponse: _TypeAlias = ExplainResponse  # noqa: Y015
+
+@_typing.final
+class ExplainSettings(_message.Message):
+    """The settings an Explain answer was computed with (ExplainResponse.settings). Never
+    UNSPECIFIED: each field names what ran, whether the request asked for it or the default
+    chose it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_FUNCTION_FIELD_NUMBER: _builtins.int
+    TOKEN_SCORE_FIELD_NUMBER: _builtins.int
+    WORD_MEASUREMENT_FIELD_NUMBER: _builtins.int
+    WORD_CANDIDATES_FIELD_NUMBER: _builtins.int
+    SOLVER_FIELD_NUMBER: _builtins.int
+    CURVATURE_FIELD_NUMBER: _builtins.int
+    CANDIDATE_SEARCH_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    TOKEN_INFLUENCE_FIELD_NUMBER: _builtins.int
+    PREDICTION_INFLUENCE_FIELD_NUMBER: _builtins.int
+    target_function: Global___TargetFunction.ValueType
+    """S_y of the word saliency (LabelExplanation.word_saliency, SalientWord.saliency)."""
+    token_score: Global___TokenScoreMethod.ValueType
+    """The token score of the word saliency. L2_NORM is unsigned (>= 0 for every word); the
+    others are signed.
+    """
+    word_measurement: Global___WordMeasurement.ValueType
+    """What a salient word's influence I(z, f) is measured on: f = m_y (MARGIN), c_w
+    (OCCLUSION) or the word's saliency (SALIENCY).
+    """
+    word_candidates: Global___WordCandidates.ValueType
+    """Which training examples a salient word is paired with."""
+    solver: Global___Solver.ValueType
+    """The inverse-HVP solver of s_test (per-solve details are in SolverDiagnostics)."""
+    curvature: Global___Curvature.ValueType
+    """The curvature it used."""
+    candidate_search: Global___CandidateSearch.ValueType
+    """How the candidates were chosen (the answer's Diagnostics.candidate_search says whether
+    influence was computed at all).
+    """
+    candidates: _builtins.int
+    """Candidates scored exactly per direction when CANDIDATE_SEARCH_INDEX."""
+    token_influence: Global___TokenInfluenceMethod.ValueType
+    """How the responsible word of each training example was found (Eq. 8)."""
+    prediction_influence: _builtins.bool
+    """Whether prediction-level influence (LabelExplanation.prediction) was computed."""
+    def __init__(
+        self,
+        *,
+        target_function: Global___TargetFunction.ValueType = ...,
+        token_score: Global___TokenScoreMethod.ValueType = ...,
+        word_measurement: Global___WordMeasurement.ValueType = ...,
+        word_candidates: Global___WordCandidates.ValueType = ...,
+        solver: Global___Solver.ValueType = ...,
+        curvature: Global___Curvature.ValueType = ...,
+        candidate_search: Global___CandidateSearch.ValueType = ...,
+        candidates: _builtins.int = ...,
+        token_influence: Global___TokenInfluenceMethod.ValueType = ...,
+        prediction_influence: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_search", b"candidate_search", "candidates", b"candidates", "curvature", b"curvature", "prediction_influence", b"prediction_influence", "solver", b"solver", "target_function", b"target_function", "token_influence", b"token_influence", "token_score", b"token_score", "word_candidates", b"word_candidates", "word_measurement", b"word_measurement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainSettings: _TypeAlias = ExplainSettings  # noqa: Y015
 
 @_typing.final
 class Prediction(_message.Message):
@@ -968,6 +1043,7 @@ class Prediction(_message.Message):
     LABEL_FIELD_NUMBER: _builtins.int
     LABEL_NAME_FIELD_NUMBER: _builtins.int
     PROBABILITIES_FIELD_NUMBER: _builtins.int
+    LABEL_NAMES_FIELD_NUMBER: _builtins.int
     label: _builtins.int
     """The predicted label (argmax)."""
     label_name: _builtins.str
@@ -976,16 +1052,21 @@ class Prediction(_message.Message):
     def probabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """p(y|x) for every label, in label order; sums to 1."""
 
+    @_builtins.property
+    def label_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The class name of every label, in label order (aligned with probabilities)."""
+
     def __init__(
         self,
         *,
         label: _builtins.int = ...,
         label_name: _builtins.str = ...,
         probabilities: _abc.Iterable[_builtins.float] | None = ...,
+        label_names: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "label_name", b"label_name", "probabilities", b"probabilities"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "label_name", b"label_name", "label_names", b"label_names", "probabilities", b"probabilities"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1061,7 +1142,7 @@ class LabelExplanation(_message.Message):
     def word_contribution(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """c_w = m_y(x) − m_y(x with word w → [UNK]) of every word, aligned with
         ExplainResponse.words: the word's contribution to the logit margin of this label (0 for
-        words cut off by truncation). Filled when the word measurement is OCCLUSION.
+        words cut off by truncation). Filled under every word measurement.
         """
 
     @_builtins.property

@@ -1,10 +1,14 @@
 """Text rendering of an Explain answer for `pairdots explain` and `pairdots demo`.
 
-Per explained label, first the prediction-level pairing (the training examples that support /
+First the settings the server reports (word measurement, candidates, token score, target S_y,
+solver, candidate search, Eq. 8 method), then per explained label, named by its label (the
+gold one of an error analysis as "gold label 'negative'"): every word's contribution c_w to
+the margin and its saliency, the prediction-level pairing (the training examples that support /
 oppose the prediction itself, influence on the logit margin m_y), then the salient words with
-their contribution c_w to the margin, the number of training examples containing them and
-their supporting / opposing training examples; every training example is shown with its label
-name, its influence I(z, ·) and its responsible word (paper Eq. 8).
+c_w, the number of training examples containing them and their supporting / opposing training
+examples, each influence named by the measurement that ran: I(z, m_y), I(z, c_w) or I(z, s_w)
+(pairdots.report.terms). Every training example is shown with its label name, its influence
+I(z, ·), its responsible word (paper Eq. 8) and its whole text, never cut.
 """
 
 from __future__ import annotations
@@ -14,11 +18,10 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from pairdots import Explanation, InfluentialExample, SolverDiagnostics
+from pairdots.report.terms import MARGIN, Terms
 
-#: Characters of a training example's text shown per line.
-TEXT_WIDTH = 90
+if TYPE_CHECKING:
+    from pairdots import Explanation, InfluentialExample, LabelExplanation, SolverDiagnostics
 
 
 def _name(value: object) -> str:
@@ -38,44 +41,61 @@ def _example_lines(title: str, items: Sequence[InfluentialExample], measured: st
         resp = ex.responsible
         resp_txt = (f"  [responsible word: {resp.text!r}, I(x_t, {measured}) = "
                     f"{resp.influence:+.3e}]" if resp is not None else "  [no responsible word]")
-        text = ex.text if len(ex.text) <= TEXT_WIDTH else ex.text[:TEXT_WIDTH - 1] + "…"
         out.append(f"      #{ex.train_index:<6} I(z, {measured}) = {ex.influence:+.3e}  "
-                   f"label {ex.label_name!r}  {text}{resp_txt}")
+                   f"label {ex.label_name!r}  {ex.text}{resp_txt}")
     return out
+
+
+def _heading(expl: Explanation, e: LabelExplanation) -> str:
+    from pairdots import ExplanationRole
+
+    predicted = expl.prediction.label_name
+    if e.role == ExplanationRole.GOLD:
+        return (f"== gold label {e.label_name!r} (error analysis: why not the gold label; the "
+                f"model predicted {predicted!r}) ==")
+    why = ("the prediction" if e.label == expl.prediction.label
+           else f"the requested label; the model predicted {predicted!r}")
+    return f"== target label {e.label_name!r} ({why}) =="
 
 
 def explanation_lines(expl: Explanation) -> list[str]:
     """The text rendering of a pairdots.Explanation, one string per line."""
+    terms = Terms(expl.settings)
     pred = expl.prediction
-    probs = ", ".join(f"{p:.3f}" for p in pred.probabilities)
-    out = [f"model {expl.model}: predicted {pred.label_name!r} (p = [{probs}])"]
+    probs = ", ".join(f"{expl.label_name(i)} {p:.3f}" for i, p in enumerate(pred.probabilities))
+    out = [f"model {expl.model}: predicted {pred.label_name!r} (p(y|x): {probs})"]
+    rows = terms.rows()
+    if rows:
+        out.append("settings:")
+        out += [f"  {k}: {v}" for k, v in rows]
+    else:
+        out.append("settings: not reported by the server (measurements named generically)")
+    measured = terms.word_symbol
     for e in expl.explanations:
-        out += ["", f"== explaining label {e.label_name!r} ({_name(e.role)}) =="]
-        p = e.prediction
-        if p is not None:
-            out.append(
-                f"  training examples that support / oppose the prediction {e.label_name!r} "
-                f"(influence on the logit margin m_y = {p.margin:+.4f}; "
-                f"{p.candidates_scored} scored; {_solver(p.solver)}):")
-            out += _example_lines(f"supporting the prediction {e.label_name!r}",
-                                  p.supporting, "m_y")
-            out += _example_lines(f"opposing the prediction {e.label_name!r}", p.opposing, "m_y")
+        out += ["", _heading(expl, e)]
         if e.word_contribution:
             out.append("  word contribution c_w to the margin (+ raises "
                        f"{e.label_name!r}, - lowers it): " + "  ".join(
                            f"{w.text}:{c:+.3f}" for w, c in zip(expl.words, e.word_contribution)))
-        out.append("  word saliency: " + "  ".join(
+        signed = "signed" if terms.saliency_signed(e.word_saliency) else "unsigned"
+        out.append(f"  word saliency {terms.saliency} ({signed}): " + "  ".join(
             f"{w.text}:{s:+.3f}" for w, s in zip(expl.words, e.word_saliency)))
-        # the salient words' measurement f: c_w under OCCLUSION (word_contribution filled)
-        measured = "c_w" if e.word_contribution else "w"
+        p = e.prediction
+        if p is not None:
+            what = ("the prediction" if e.label == pred.label else "the label") + (
+                f" {e.label_name!r}")
+            out.append(
+                f"  training examples that support / oppose {what} "
+                f"(influence on the logit margin m_y = {p.margin:+.4f}; "
+                f"{p.candidates_scored} scored; {_solver(p.solver)}):")
+            out += _example_lines(f"supporting {what}", p.supporting, MARGIN)
+            out += _example_lines(f"opposing {what}", p.opposing, MARGIN)
         for sw in e.salient_words:
             c = sw.contribution
-            if not e.word_contribution and c == 0.0:
-                contrib = "contribution c_w not measured"
-            else:
-                contrib = f"contribution c_w = {c:+.4f}" if math.isfinite(c) else f"c_w = {c}"
+            contrib = f"contribution c_w = {c:+.4f}" if math.isfinite(c) else f"c_w = {c}"
             out += ["", (f"  salient word {sw.text!r} ({contrib}; saliency {sw.saliency:+.4f}; "
-                         f"in {sw.containing_examples} training examples; {_solver(sw.solver)})")]
+                         f"in {sw.containing_examples} training examples; {_solver(sw.solver)})"),
+                    f"    influence I(z, {measured}) on {terms.word_measurement}"]
             out += _example_lines(f"supporting {sw.text!r}", sw.supporting, measured)
             out += _example_lines(f"opposing {sw.text!r}", sw.opposing, measured)
     diag = expl.diagnostics

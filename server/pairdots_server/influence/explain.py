@@ -128,6 +128,8 @@ class ExplainAnswer:
     warnings: list[str]
     notes: list[str]
     total_seconds: float
+    settings: PipelineSettings | None = None  # every default resolved (what ran)
+    token_influence: TokenInfluence = TokenInfluence.EXACT
 
 
 # -- the use case --------------------------------------------------------------------------
@@ -244,6 +246,8 @@ def explain(
         warnings=warnings,
         notes=notes,
         total_seconds=time.perf_counter() - start,
+        settings=settings,
+        token_influence=q.token_influence,
     )
 
 

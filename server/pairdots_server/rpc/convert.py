@@ -62,6 +62,9 @@ SEARCH = {
     pb.CANDIDATE_SEARCH_INDEX: True,
     pb.CANDIDATE_SEARCH_EXHAUSTIVE: False,
 }
+TARGET_TO_PB = {Target.LOG_PROB: pb.TARGET_FUNCTION_LOG_PROBABILITY,
+                Target.PROB: pb.TARGET_FUNCTION_PROBABILITY, Target.LOGIT: pb.TARGET_FUNCTION_LOGIT}
+TOKEN_SCORE_TO_PB = {v: k for k, v in TOKEN_SCORES.items() if k != pb.TOKEN_SCORE_METHOD_UNSPECIFIED}
 WORD_MEASUREMENTS = enum_table(pb.WordMeasurement, "WORD_MEASUREMENT_", WordMeasurement,
                                unspecified=WordMeasurement.MARGIN)
 WORD_CANDIDATES = enum_table(pb.WordCandidates, "WORD_CANDIDATES_", WordCandidates,
@@ -163,6 +166,37 @@ def _solver_diagnostics(d: dict[str, float | int | bool | str]) -> pb.SolverDiag
     )
 
 
+def _inverse(table: dict[int, E]) -> dict[E, int]:
+    """domain member → proto value of an enum_table (UNSPECIFIED left out)."""
+    return {member: value for value, member in table.items() if value != 0}
+
+
+def explain_settings(a: ExplainAnswer) -> pb.ExplainSettings | None:
+    """The settings an answer was computed with (ExplainResponse.settings), or None when the
+    answer does not carry them."""
+    s = a.settings
+    if s is None:
+        return None
+    method = s.solver.method
+    curvature = s.solver.curvature
+    return pb.ExplainSettings(
+        target_function=TARGET_TO_PB[s.target],
+        token_score=TOKEN_SCORE_TO_PB[s.token_score],
+        word_measurement=pb.WordMeasurement.ValueType(
+            _inverse(WORD_MEASUREMENTS)[s.word_measurement]),
+        word_candidates=pb.WordCandidates.ValueType(_inverse(WORD_CANDIDATES)[s.word_candidates]),
+        solver=SOLVER_TO_PB[method] if method is not None else pb.SOLVER_UNSPECIFIED,
+        curvature=(CURVATURE_TO_PB.get(curvature.value, pb.CURVATURE_UNSPECIFIED)
+                   if curvature is not None else pb.CURVATURE_UNSPECIFIED),
+        candidate_search=(pb.CANDIDATE_SEARCH_INDEX if s.use_index
+                          else pb.CANDIDATE_SEARCH_EXHAUSTIVE),
+        candidates=s.candidates,
+        token_influence=pb.TokenInfluenceMethod.ValueType(
+            _inverse(TOKEN_INFLUENCE)[a.token_influence]),
+        prediction_influence=s.prediction_influence,
+    )
+
+
 def explain_response(rt: ModelRuntime, a: ExplainAnswer) -> pb.ExplainResponse:
     labels = rt.bundle.labels
     roles = {Role.TARGET: pb.EXPLANATION_ROLE_TARGET, Role.GOLD: pb.EXPLANATION_ROLE_GOLD}
@@ -197,7 +231,8 @@ def explain_response(rt: ModelRuntime, a: ExplainAnswer) -> pb.ExplainResponse:
     return pb.ExplainResponse(
         model=rt.name,
         prediction=pb.Prediction(
-            label=a.predicted, label_name=labels[a.predicted], probabilities=a.probabilities
+            label=a.predicted, label_name=labels[a.predicted], probabilities=a.probabilities,
+            label_names=labels,
         ),
         words=[
             pb.Word(index=w.index, text=w.text, char_start=w.char_start, char_end=w.char_end,
@@ -217,6 +252,7 @@ def explain_response(rt: ModelRuntime, a: ExplainAnswer) -> pb.ExplainResponse:
             notes=a.notes,
             total_seconds=a.total_seconds,
         ),
+        settings=explain_settings(a),
     )
 
 
