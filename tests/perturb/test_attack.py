@@ -12,7 +12,7 @@ from pairdots_server.core.influence import perturbed_influence
 from pairdots_server.core.saliency import grad_theta_word_score, token_saliency, word_scores
 from pairdots_server.errors import InvalidArgument
 from pairdots_server.influence.runtime import ModelRuntime
-from pairdots_server.influence.settings import InfluenceSettings
+from pairdots_server.influence.settings import InfluenceSettings, WordMeasurement
 from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings, solve_s_test
 from pairdots_server.perturb.attack import (
     DEMOTE,
@@ -32,7 +32,9 @@ from pairdots_server.testing import make_tiny_bundle, tiny_examples
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CG = SolverSettings(method=SolverChoice.CG, max_iterations=40, damping=0.01)
-SETTINGS = InfluenceSettings(solver=CG, use_index=False)
+# the paper's measurement (f = the word's saliency score, Eq. 5); the default is tested below
+SETTINGS = InfluenceSettings(solver=CG, use_index=False,
+                             word_measurement=WordMeasurement.SALIENCY)
 N_TRAIN = 48
 TESTS = tuple(tiny_examples(3, split="dev"))
 
