@@ -38,11 +38,14 @@ from pairdots.errors import (
 from pairdots.operations import (
     AttackOutcome,
     Evaluation,
+    ExampleEffect,
     JobProgress,
     OperationHandle,
     OperationOutcome,
     OperationPage,
     RepairOutcome,
+    Substitution,
+    TargetEffect,
     TrainingEdit,
 )
 from pairdots.options import (
@@ -84,7 +87,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AbortedError", "AlreadyExistsError", "AsyncPairdotsClient", "AttackMode", "AttackOutcome",
     "CandidateSearch", "ClientConfig", "Curvature", "DataLossError", "DeadlineExceededError",
-    "Diagnostics", "Evaluation", "Explanation", "ExplanationRole", "FailedPreconditionError",
+    "Diagnostics", "Evaluation", "ExampleEffect", "Explanation", "ExplanationRole", "FailedPreconditionError",
     "FieldViolation", "InfluenceOptions", "InfluentialExample", "InternalError",
     "InvalidArgumentError", "JobProgress", "LabelExplanation", "LabeledText", "ModelInfo",
     "NotFoundError", "OperationHandle", "OperationOutcome", "OperationPage", "OutOfRangeError",
@@ -92,7 +95,7 @@ __all__ = [
     "PredictionInfluence", "ProgressCallback",
     "RepairMode", "RepairOutcome", "ResourceExhaustedError", "RetrainMode", "RetrainOptions",
     "RpcCancelledError", "SaliencyOptions", "SalientWord", "Solver", "SolverDiagnostics",
-    "SolverOptions", "StageTiming", "TargetFunction", "TokenInfluenceMethod", "TokenScoreMethod",
+    "SolverOptions", "StageTiming", "Substitution", "TargetEffect", "TargetFunction", "TokenInfluenceMethod", "TokenScoreMethod",
     "TrainingEdit", "UnauthenticatedError", "UnavailableError", "UnexpectedResponseError",
     "UnimplementedError", "UnknownError", "Word", "WordCandidates", "WordInfluence",
     "WordMeasurement", "__version__",

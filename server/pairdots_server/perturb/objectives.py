@@ -29,6 +29,7 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from pairdots_server.errors import InvalidArgument
@@ -40,6 +41,7 @@ from pairdots_server.influence.settings import (
     WordCandidates,
     WordMeasurement,
 )
+from pairdots_server.model.task import Task
 from pairdots_server.perturb.lexicon import Lexicon
 from pairdots_server.perturb.search import (
     ScoredEdit,
@@ -162,6 +164,19 @@ def flip_budget(margin: float, changes: Sequence[float]) -> tuple[int, bool]:
     if not rate > 0:
         return 0, False
     return max(len(changes) + 1, math.ceil(abs(margin) / rate)), False
+
+
+def margins(task: Task, examples: Sequence[Example], max_length: int) -> list[float]:
+    """m_y(x) = z_y - max_{c≠y} z_c = log p_y - max_{c≠y} log p_c of each example's label under
+    `task` (e.g. a retrained model: the measured counterpart of predicted_margin_change)."""
+    if not examples:
+        return []
+    logp = task.predict([e.text for e in examples], max_length=max_length).double().log()
+    out = []
+    for row, ex in zip(logp, examples, strict=True):
+        others = torch.cat([row[: ex.label], row[ex.label + 1 :]])
+        out.append(float(row[ex.label] - others.max()))
+    return out
 
 
 # -- targets -------------------------------------------------------------------------------
