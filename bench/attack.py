@@ -158,6 +158,18 @@ def main() -> None:
         return
     rows: list[dict[str, Any]] = []
     base_margins: list[float] = []
+
+    def save(rows: list[dict[str, Any]]) -> Any:
+        return write_result(f"attack{a.tag}", {
+            "benchmark": "attack", "bundle": str(a.bundle), "sample": len(sample),
+            "retrain": spec.mode.value, "epochs": a.epochs, "max_steps": a.max_steps,
+            "solver": a.solver, "measurement": a.measurement, "max_words": a.max_words,
+            "candidates": a.candidates, "random_candidates": a.random_candidates,
+            "threads": a.threads, "seed": a.seed, "rows": rows, "search_s": search_s,
+            "seconds": round(time.perf_counter() - t_start, 1),
+        })
+
+    save(rows)  # the search's cost (s/edit) before any retrain
     for mode, n, used, train in edit_sets("attack", rt.bundle.train, edits, ns):
         res = retrain_eval(rt, train, spec, {"accuracy": sample}, with_margins=True)
         m_after: list[float] = res.pop("accuracy_margins")
@@ -190,6 +202,7 @@ def main() -> None:
                 / len(flips),
             })
         rows.append(row)
+        save(rows)  # written as each row is measured (a stopped run keeps what it had)
         log(f"{mode} n={n}: acc {row['accuracy']:.3f} Δm {row['margin_change_vs_n0']:+.3f} "
             f"{row.get('predicted_margin_change', '')}")
     print(f"{'mode':<18}{'n':>4}{'acc':>7}{'Δm vs n=0':>11}{'95% CI':>18}{'pred Δm':>9}"
@@ -200,14 +213,7 @@ def main() -> None:
               f"  [{ci[0]:+.3f}, {ci[1]:+.3f}]"
               f"{r.get('predicted_margin_change', float('nan')):>+9.3f}"
               f"{r.get('spearman_predicted_vs_measured_margin_change', float('nan')):>7.2f}")
-    path = write_result(f"attack{a.tag}", {
-        "benchmark": "attack", "bundle": str(a.bundle), "sample": len(sample),
-        "retrain": spec.mode.value, "epochs": a.epochs, "max_steps": a.max_steps,
-        "solver": a.solver, "measurement": a.measurement, "max_words": a.max_words,
-        "candidates": a.candidates, "random_candidates": a.random_candidates,
-        "threads": a.threads, "seed": a.seed, "rows": rows, "search_s": search_s,
-        "seconds": round(time.perf_counter() - t_start, 1),
-    })
+    path = save(rows)
     log(f"wrote {path}")
 
 
