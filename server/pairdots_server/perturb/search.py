@@ -45,7 +45,9 @@ class SearchSettings:
     """The greedy search (Eq. 11–12): `random_candidates` T random words besides the Eq. 11
     one (paper: 5), at most `max_substitutes` substitutes per word, the WordNet relations used
     ("synonym" for the attack, both for repair), per-example-gradient batch size, at most
-    `max_words` substituted words per example (m), and whether the edited example is ADDED
+    `max_words` substituted words per example (m), `pos_agreement` (substitutes only of the
+    word's dominant part of speech whose own dominant part of speech is the same; see
+    `dominant_pos`), and whether the edited example is ADDED
     (repair: objective d · I(z̃, w)) rather than replacing z (attack: d · (I(z̃, w) - I(z, w)))."""
 
     random_candidates: int = 5
@@ -54,6 +56,7 @@ class SearchSettings:
     batch_size: int = 32
     max_words: int = 1
     additive: bool = False
+    pos_agreement: bool = True
 
     def __post_init__(self) -> None:
         if self.random_candidates < 0:
@@ -137,18 +140,40 @@ def score_texts_multi(
     return torch.cat(out) if out else torch.zeros(0, s_tests.shape[0], dtype=torch.float64)
 
 
+def dominant_pos(lexicon: Lexicon, word: str) -> str | None:
+    """The word's most frequent part of speech in WordNet ('n', 'v', 'a', 'r'; adjective
+    satellites count as 'a'): the POS of its first sense, senses being ordered by the
+    SemCor-tagged counts of each POS (Lexicon.senses). None when WordNet does not know it.
+    No context is used: there is no offline POS tagger (nltk's needs a download)."""
+    senses = lexicon.senses(word)
+    if not senses:
+        return None
+    return "a" if senses[0].pos == "s" else senses[0].pos
+
+
+def pos_mismatch(lexicon: Lexicon, word: str, substitute: str) -> bool:
+    """The simple fluency check: the substitute's dominant POS differs from the word's."""
+    a, b = dominant_pos(lexicon, word), dominant_pos(lexicon, substitute)
+    return a is not None and b is not None and a != b
+
+
 def word_substitutes(
-    lexicon: Lexicon, word: str, relations: Sequence[str], limit: int
+    lexicon: Lexicon, word: str, relations: Sequence[str], limit: int,
+    pos_agreement: bool = False,
 ) -> list[tuple[str, str]]:
     """(substitute, relation) pairs for `word`, antonyms first when asked for (they are few),
-    then synonyms; at most `limit`; [] when the word is never substituted."""
+    then synonyms; at most `limit`; [] when the word is never substituted. `pos_agreement`:
+    only senses of the word's dominant POS, and no substitute that `pos_mismatch` flags."""
     if not is_substitutable(word):
         return []
+    pos = dominant_pos(lexicon, word) if pos_agreement else None
     out: list[tuple[str, str]] = []
     for rel in ("antonym", "synonym"):
         if rel not in relations:
             continue
-        subs = lexicon.antonyms(word) if rel == "antonym" else lexicon.synonyms(word)
+        subs = lexicon.antonyms(word, pos) if rel == "antonym" else lexicon.synonyms(word, pos)
+        if pos_agreement:
+            subs = [x for x in subs if not pos_mismatch(lexicon, word, x)]
         out.extend((s, rel) for s in subs if s != word)
     seen: set[str] = set()
     unique = [(s, r) for s, r in out if not (s in seen or seen.add(s))]  # type: ignore[func-returns-value]
@@ -189,7 +214,8 @@ def greedy_edit(
     for wi, word in enumerate(enc.words):
         if enc.pieces[wi] == 0:
             continue
-        cands = word_substitutes(lexicon, word, search.relations, search.max_substitutes)
+        cands = word_substitutes(lexicon, word, search.relations, search.max_substitutes,
+                                 search.pos_agreement)
         if cands:
             subs[wi] = cands
     if not subs:
@@ -246,14 +272,17 @@ def random_edit(
     relations: Sequence[str],
     rng: random.Random,
     max_substitutes: int = 10,
+    pos_agreement: bool = True,
 ) -> WordEdit | None:
     """The random baseline: a random substitutable word (the model saw) and a random one of
-    its substitutes. None when the example has no substitutable word."""
+    its substitutes (the same candidate set as the greedy search). None when the example has
+    no substitutable word."""
     enc = steps.encode_text(rt, example.text)
     choices = [
         (wi, cands) for wi, word in enumerate(enc.words)
         if enc.pieces[wi] > 0
-        and (cands := word_substitutes(lexicon, word, relations, max_substitutes))
+        and (cands := word_substitutes(lexicon, word, relations, max_substitutes,
+                                       pos_agreement))
     ]
     if not choices:
         return None
