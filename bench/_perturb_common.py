@@ -37,6 +37,7 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--candidates", type=int, default=200,
                    help="index candidates per direction scored exactly")
     p.add_argument("--random-candidates", type=int, default=5, help="T (paper: 5)")
+    p.add_argument("--max-words", type=int, default=1, help="m: words substituted per example")
     p.add_argument("--edits-out", type=Path, default=None,
                    help="write the searched edits as JSON (bench/retrain_edits.py replays them)")
     p.add_argument("--search-only", action="store_true",
@@ -111,15 +112,21 @@ def edit_sets(
 
 def retrain_eval(
     rt: ModelRuntime, train: Sequence[Example], spec: RetrainSpec,
-    evals: dict[str, Sequence[Example]],
-) -> dict[str, float]:
+    evals: dict[str, Sequence[Example]], *, with_margins: bool = False,
+) -> dict[str, Any]:
+    """Retrain on `train`, then accuracy and mean -log p(y|x) on every eval set (and, with
+    `with_margins`, each example's margin m_y under the retrained model)."""
+    from pairdots_server.perturb.objectives import margins
+
     t0 = time.perf_counter()
     task, result, notes = retrain(rt, train, spec, lambda: None)
-    out: dict[str, float] = {"retrain_s": round(result.seconds, 1)}
+    out: dict[str, Any] = {"retrain_s": round(result.seconds, 1)}
     for name, ex in evals.items():
         ev = evaluate(task, list(ex), max_length=rt.max_length)
         out[name] = ev.accuracy
         out[f"{name}_loss"] = round(ev.loss, 5)  # mean -log p(y|x): moves when accuracy can't
+        if with_margins:
+            out[f"{name}_margins"] = [round(m, 4) for m in margins(task, ex, rt.max_length)]
     out["total_s"] = round(time.perf_counter() - t0, 1)
     for n in notes:
         log(f"note: {n}")

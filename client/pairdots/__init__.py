@@ -40,12 +40,15 @@ from pairdots.operations import (
     BatchItem,
     BatchResultsPage,
     Evaluation,
+    ExampleEffect,
     ExplainBatchOutcome,
     JobProgress,
     OperationHandle,
     OperationOutcome,
     OperationPage,
     RepairOutcome,
+    Substitution,
+    TargetEffect,
     TrainingEdit,
 )
 from pairdots.options import (
@@ -88,7 +91,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AbortedError", "AlreadyExistsError", "AsyncPairdotsClient", "AttackMode", "AttackOutcome",
     "BatchItem", "BatchResultsPage", "CandidateSearch", "ClientConfig", "Curvature",
-    "DataLossError", "DeadlineExceededError", "Diagnostics", "Evaluation",
+    "DataLossError", "DeadlineExceededError", "Diagnostics", "Evaluation", "ExampleEffect",
     "ExplainBatchOutcome", "ExplainSettings", "Explanation", "ExplanationRole", "FailedPreconditionError",
     "FieldViolation", "InfluenceOptions", "InfluentialExample", "InternalError",
     "InvalidArgumentError", "JobProgress", "LabelExplanation", "LabeledText", "ModelInfo",
@@ -97,7 +100,7 @@ __all__ = [
     "PredictionInfluence", "ProgressCallback", "RepairMode", "RepairOutcome",
     "ResourceExhaustedError", "RetrainMode", "RetrainOptions", "RpcCancelledError",
     "SaliencyOptions", "SalientWord", "Solver", "SolverDiagnostics", "SolverOptions",
-    "StageTiming", "TargetFunction", "TokenInfluenceMethod", "TokenScoreMethod",
+    "StageTiming", "Substitution", "TargetEffect", "TargetFunction", "TokenInfluenceMethod", "TokenScoreMethod",
     "TrainingEdit", "UnauthenticatedError", "UnavailableError", "UnexpectedResponseError",
     "UnimplementedError", "UnknownError", "Word", "WordCandidates", "WordInfluence",
     "WordMeasurement", "__version__",

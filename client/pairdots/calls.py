@@ -140,10 +140,13 @@ class _JobArgs(TimeoutArg, total=False):
 
 class AttackArgs(_JobArgs, total=False):
     random_candidates: int | None
+    max_words: int | None
+    adaptive: bool
 
 
 class RepairArgs(_JobArgs, total=False):
     mode: RepairMode
+    max_words: int | None
 
 
 class ExplainBatchArgs(TimeoutArg, total=False):
@@ -202,7 +205,8 @@ def attack_request(
     mode: AttackMode, examples_per_test: int, model: str | None = None,
     random_candidates: int | None = None, saliency: SaliencyOptions | None = None,
     influence: InfluenceOptions | None = None, retrain: RetrainOptions | None = None,
-    seed: int = 0, request_id: str | None = None,
+    seed: int = 0, request_id: str | None = None, max_words: int | None = None,
+    adaptive: bool = False,
 ) -> pairdots_pb2.AttackRequest:
     """Build an AttackRequest (paper §4.2). `request_id` None: a fresh UUID4 (AIP-155); the
     request is built once, so every retry of the call carries the same id and a retried
@@ -211,7 +215,7 @@ def attack_request(
         model=resolve_model(config, model), examples=_examples(examples),
         mode=pairdots_pb2.AttackMode.ValueType(int(mode)),
         examples_per_test=examples_per_test, random_candidates=random_candidates, seed=seed,
-        request_id=request_id or str(uuid.uuid4()),
+        request_id=request_id or str(uuid.uuid4()), max_words=max_words, adaptive=adaptive,
     )
     _options(req, saliency, influence, retrain)
     return req
@@ -222,14 +226,14 @@ def repair_request(
     examples_per_error: int, model: str | None = None,
     mode: RepairMode = RepairMode.UNSPECIFIED, saliency: SaliencyOptions | None = None,
     influence: InfluenceOptions | None = None, retrain: RetrainOptions | None = None,
-    seed: int = 0, request_id: str | None = None,
+    seed: int = 0, request_id: str | None = None, max_words: int | None = None,
 ) -> pairdots_pb2.RepairRequest:
     """Build a RepairRequest (paper §4.3). `request_id`: as for attack_request."""
     req = pairdots_pb2.RepairRequest(
         model=resolve_model(config, model), examples=_examples(examples),
         examples_per_error=examples_per_error,
         mode=pairdots_pb2.RepairMode.ValueType(int(mode)), seed=seed,
-        request_id=request_id or str(uuid.uuid4()),
+        request_id=request_id or str(uuid.uuid4()), max_words=max_words,
     )
     _options(req, saliency, influence, retrain)
     return req

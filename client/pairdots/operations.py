@@ -21,8 +21,8 @@ from pairdots.results import Explanation
 from pairdots.v1 import pairdots_pb2
 
 __all__ = [
-    "AttackOutcome", "BatchItem", "BatchResultsPage", "Evaluation", "ExplainBatchOutcome",
-    "JobProgress", "OperationHandle", "OperationOutcome", "OperationPage", "RepairOutcome",
+    "AttackOutcome", "BatchItem", "BatchResultsPage", "Evaluation", "ExampleEffect", "ExplainBatchOutcome",
+    "JobProgress", "OperationHandle", "OperationOutcome", "OperationPage", "RepairOutcome", "Substitution", "TargetEffect",
     "TrainingEdit", "operation_from_proto",
 ]
 
@@ -53,9 +53,21 @@ class JobProgress:
 
 
 @dataclass(frozen=True)
+class Substitution:
+    """One substituted word of a training example."""
+
+    word_index: int
+    original_word: str
+    substitute: str
+    relation: str
+
+
+@dataclass(frozen=True)
 class TrainingEdit:
     """One perturbed (attack) or added (repair) training example; `influence_change` is
-    I(z̃, w) - I(z, w) (paper Eq. 7)."""
+    I(z̃, w) - I(z, w) (paper Eq. 7); `predicted_change` / `predicted_margin_change` the
+    first-order change of the optimised measurement / of the example's margin once retrained
+    (attack (I(z̃) - I(z))/N, repair I(z̃)/N)."""
 
     train_index: int
     original_text: str
@@ -68,12 +80,55 @@ class TrainingEdit:
     relation: str
     influence_change: float
     objective: str
+    influence_before: float = 0.0
+    influence_after: float = 0.0
+    predicted_change: float = 0.0
+    predicted_margin_change: float = 0.0
+    substitutions: tuple[Substitution, ...] = ()
 
     @classmethod
     def from_proto(cls, msg: pairdots_pb2.TrainingEdit) -> TrainingEdit:
         return cls(msg.train_index, msg.original_text, msg.new_text, msg.label,
                    msg.example_index, msg.word_index, msg.original_word, msg.substitute,
-                   msg.relation, msg.influence_change, msg.objective)
+                   msg.relation, msg.influence_change, msg.objective, msg.influence_before,
+                   msg.influence_after, msg.predicted_change, msg.predicted_margin_change,
+                   tuple(Substitution(s.word_index, s.original_word, s.substitute, s.relation)
+                         for s in msg.substitutions))
+
+
+@dataclass(frozen=True)
+class TargetEffect:
+    """One objective's target: the word, what f is, f(x) and its predicted change."""
+
+    objective: str
+    word: str
+    measurement: str
+    value: float
+    predicted_change: float
+
+
+@dataclass(frozen=True)
+class ExampleEffect:
+    """What the edits for one request example are predicted to move (first order) and the
+    flip budget; `measured_margin` after a retrain (None without one)."""
+
+    example_index: int
+    label: int
+    margin: float
+    edits: int
+    predicted_margin_change: float
+    flip_budget: int  # 0: the edits do not move the margin towards zero
+    flip_budget_reached: bool
+    targets: tuple[TargetEffect, ...]
+    measured_margin: float | None
+
+    @classmethod
+    def from_proto(cls, msg: pairdots_pb2.ExampleEffect) -> ExampleEffect:
+        return cls(msg.example_index, msg.label, msg.margin, msg.edits,
+                   msg.predicted_margin_change, msg.flip_budget, msg.flip_budget_reached,
+                   tuple(TargetEffect(t.objective, t.word, t.measurement, t.value,
+                                      t.predicted_change) for t in msg.targets),
+                   msg.measured_margin if msg.HasField("measured_margin") else None)
 
 
 @dataclass(frozen=True)
@@ -101,12 +156,13 @@ class AttackOutcome:
     evaluation: Evaluation | None
     notes: tuple[str, ...]
     raw: pairdots_pb2.AttackResult = field(repr=False, compare=False)
+    effects: tuple[ExampleEffect, ...] = ()
 
     @classmethod
     def from_proto(cls, operation: str, msg: pairdots_pb2.AttackResult) -> AttackOutcome:
         return cls(operation, tuple(TrainingEdit.from_proto(e) for e in msg.edits),
                    Evaluation.from_proto(msg.evaluation) if msg.HasField("evaluation") else None,
-                   tuple(msg.notes), msg)
+                   tuple(msg.notes), msg, tuple(ExampleEffect.from_proto(x) for x in msg.effects))
 
 
 @dataclass(frozen=True)
@@ -119,13 +175,14 @@ class RepairOutcome:
     evaluation: Evaluation | None
     notes: tuple[str, ...]
     raw: pairdots_pb2.RepairResult = field(repr=False, compare=False)
+    effects: tuple[ExampleEffect, ...] = ()
 
     @classmethod
     def from_proto(cls, operation: str, msg: pairdots_pb2.RepairResult) -> RepairOutcome:
         return cls(operation, msg.errors_found,
                    tuple(TrainingEdit.from_proto(e) for e in msg.edits),
                    Evaluation.from_proto(msg.evaluation) if msg.HasField("evaluation") else None,
-                   tuple(msg.notes), msg)
+                   tuple(msg.notes), msg, tuple(ExampleEffect.from_proto(x) for x in msg.effects))
 
 
 @dataclass(frozen=True)

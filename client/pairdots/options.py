@@ -138,6 +138,7 @@ class AttackMode(enum.IntEnum):
     PROMOTE_WRONG = 2
     COMBINED = 3
     RANDOM = 4
+    PREDICTION_MARGIN = 5  # the test prediction's margin itself (Koh & Liang)
 
 
 class RepairMode(enum.IntEnum):

@@ -6,23 +6,26 @@ from __future__ import annotations
 
 import pytest
 import torch
+from nltk.stem.porter import PorterStemmer
 
 from pairdots_server.core.grads import per_example_loss_grads_loop
 from pairdots_server.core.influence import perturbed_influence
+from pairdots_server.core.measure import grad_theta_margin, word_occlusion
 from pairdots_server.core.saliency import grad_theta_word_score, token_saliency, word_scores
 from pairdots_server.errors import InvalidArgument
 from pairdots_server.influence.runtime import ModelRuntime
-from pairdots_server.influence.settings import InfluenceSettings
+from pairdots_server.influence.settings import InfluenceSettings, WordMeasurement
 from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings, solve_s_test
 from pairdots_server.perturb.attack import (
     DEMOTE,
+    LOWER_MARGIN,
     PROMOTE,
     AttackMode,
     AttackQuery,
     run_attack,
     wrong_label,
 )
-from pairdots_server.perturb.objectives import Edit
+from pairdots_server.perturb.objectives import Edit, flip_budget
 from pairdots_server.perturb.search import substitute_word
 from pairdots_server.perturb.vocabulary import is_substitutable
 from pairdots_server.storage.bundle import load_bundle
@@ -32,7 +35,9 @@ from pairdots_server.testing import make_tiny_bundle, tiny_examples
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CG = SolverSettings(method=SolverChoice.CG, max_iterations=40, damping=0.01)
-SETTINGS = InfluenceSettings(solver=CG, use_index=False)
+# the paper's measurement (f = the word's saliency score, Eq. 5); the default is tested below
+SETTINGS = InfluenceSettings(solver=CG, use_index=False,
+                             word_measurement=WordMeasurement.SALIENCY)
 N_TRAIN = 48
 TESTS = tuple(tiny_examples(3, split="dev"))
 
@@ -167,3 +172,153 @@ def test_cancel_stops_the_attack(rt: ModelRuntime) -> None:
         run_attack(rt, AttackQuery(TESTS, AttackMode.DEMOTE_SALIENT, 1, influence=SETTINGS),
                    stop, default_candidates=N_TRAIN)
 
+
+
+# -- the default measurement, the prediction-margin mode, multi-word edits, flip budget ---------
+
+DEFAULT = InfluenceSettings(solver=CG, use_index=False)  # word_measurement MARGIN (Explain's)
+
+
+def margin_s_test(rt: ModelRuntime, text: str, label: int) -> torch.Tensor:
+    """s_test for f = m_y(x) from the core functions (independent of perturb/)."""
+    enc = rt.task.encode([text], max_length=rt.max_length)
+    e = rt.task.embed(enc.input_ids).detach()
+    g = grad_theta_margin(rt.task.logits_fn, rt.params, e, enc.attention_mask, label)
+    s_test, _ = solve_s_test(rt, g, CG, lambda: None)
+    return s_test
+
+
+def multi_eq7(rt: ModelRuntime, s_test: torch.Tensor, original: str, new: str, label: int) -> float:
+    grads = []
+    for text in (original, new):
+        enc = rt.task.encode([text], max_length=rt.max_length)
+        e = rt.task.embed(enc.input_ids).detach()
+        grads.append(per_example_loss_grads_loop(rt.task.logits_fn, rt.params, e,
+                                                 enc.attention_mask, torch.tensor([label])))
+    return float(perturbed_influence(s_test, grads[0], grads[1])[0])
+
+
+def test_default_demote_lowers_the_margin_among_examples_with_the_word(rt: ModelRuntime) -> None:
+    """DEMOTE on the default measurement: f = m_y, sources contain the top-c_w word, and each
+    edit's Eq. 7 change of I(z, m_y) is negative and matches an independent recomputation;
+    predicted_change = change / N."""
+    out = run_attack(rt, AttackQuery(TESTS, AttackMode.DEMOTE_SALIENT, 2, random_candidates=2,
+                                     influence=DEFAULT), lambda: None, default_candidates=N_TRAIN)
+    assert out.edits, out.notes
+    for e in out.edits:
+        ex = TESTS[e.example_index]
+        enc = rt.task.encode([ex.text], max_length=rt.max_length)
+        emb = rt.task.embed(enc.input_ids).detach()
+        c = word_occlusion(rt.task.logits_fn, rt.params, emb, enc.attention_mask, ex.label,
+                           enc.word_ids[0], len(enc.words[0]), rt.unk_embed)
+        words = list(enc.words[0])
+        top = max((i for i in range(len(words)) if any(ch.isalnum() for ch in words[i])),
+                  key=lambda i: (float(c[i]), -i))
+        stem = PorterStemmer().stem(words[top].lower())
+        source_stems = {PorterStemmer().stem(w.lower()) for w, _ in
+                        rt.task.split_words(e.original_text)}
+        assert stem in source_stems, (words[top], e.original_text)
+        change = eq7_change(rt, margin_s_test(rt, ex.text, ex.label), e)
+        assert change < 0
+        assert change == pytest.approx(e.influence_change, rel=1e-6, abs=1e-12)
+        assert e.predicted_change == pytest.approx(change / rt.n_train, rel=1e-6, abs=1e-15)
+        # f is the margin itself: the tracked margin change is the same number
+        assert e.predicted_margin_change == pytest.approx(e.predicted_change, rel=1e-6,
+                                                          abs=1e-15)
+    for rep in out.reports:
+        mine = [e for e in out.edits if e.example_index == rep.example_index]
+        assert rep.edits == len(mine)
+        assert rep.predicted_margin_change == pytest.approx(
+            sum(e.predicted_margin_change for e in mine))
+        assert rep.targets[0].measurement == "prediction_margin"
+
+
+def test_prediction_margin_mode_lowers_the_margin(rt: ModelRuntime) -> None:
+    out = run_attack(rt, AttackQuery(TESTS, AttackMode.PREDICTION_MARGIN, 2,
+                                     random_candidates=2, influence=DEFAULT),
+                     lambda: None, default_candidates=N_TRAIN)
+    assert len(out.edits) == 2 * len(TESTS)
+    assert len({e.train_index for e in out.edits}) == len(out.edits)
+    for e in out.edits:
+        ex = TESTS[e.example_index]
+        change = eq7_change(rt, margin_s_test(rt, ex.text, ex.label), e)
+        assert change < 0 and e.objective == LOWER_MARGIN
+        assert change == pytest.approx(e.influence_change, rel=1e-6, abs=1e-12)
+        assert e.predicted_margin_change == pytest.approx(change / rt.n_train, rel=1e-6,
+                                                          abs=1e-15)
+
+
+def test_multi_word_edits_go_further_than_one_word(rt: ModelRuntime) -> None:
+    """max_words = 3: the text is the original with every listed substitution and nothing
+    else; its exact Eq. 7 change is the reported one and at least as far as the one-word edit
+    of the same source (the greedy extends the best single substitution)."""
+    q1 = AttackQuery(TESTS[:1], AttackMode.PREDICTION_MARGIN, 2, random_candidates=3,
+                     influence=DEFAULT)
+    q3 = AttackQuery(TESTS[:1], AttackMode.PREDICTION_MARGIN, 2, random_candidates=3,
+                     influence=DEFAULT, max_words=3)
+    one = run_attack(rt, q1, lambda: None, default_candidates=N_TRAIN).edits
+    three = run_attack(rt, q3, lambda: None, default_candidates=N_TRAIN).edits
+    assert one[0].train_index == three[0].train_index
+    assert three[0].influence_change <= one[0].influence_change
+    s_test = margin_s_test(rt, TESTS[0].text, TESTS[0].label)
+    assert any(len(e.substitutions) > 1 for e in three)
+    for e in three:
+        assert 1 <= len(e.substitutions) <= 3
+        words = rt.task.split_words(e.original_text)
+        text = e.original_text
+        for wi, original, sub, _ in sorted(e.substitutions, key=lambda s: -words[s[0]][1][0]):
+            word, (start, end) = words[wi]
+            assert word == original
+            text = text[:start] + sub + text[end:]
+        assert text == e.new_text
+        change = multi_eq7(rt, s_test, e.original_text, e.new_text, e.label)
+        assert change == pytest.approx(e.influence_change, rel=1e-6, abs=1e-12)
+    with pytest.raises(InvalidArgument):
+        AttackQuery(TESTS, AttackMode.RANDOM, 1, max_words=0)
+
+
+@pytest.mark.parametrize("margin,changes,want", [
+    (1.0, [-0.4, -0.4, -0.4], (3, True)),  # crosses at the third edit
+    (1.0, [-0.6, -0.6], (2, True)),
+    (1.0, [-0.1, -0.1], (10, False)),  # extrapolated: 1.0 / 0.1
+    (1.0, [0.2, -0.1], (0, False)),  # net away from zero: never
+    (-0.5, [0.2, 0.2], (3, False)),  # repair: a negative margin raised; ceil(0.5/0.2)
+    (1.0, [], (0, False)),
+])
+def test_flip_budget(margin: float, changes: list[float], want: tuple[int, bool]) -> None:
+    assert flip_budget(margin, changes) == want
+
+
+def test_adaptive_n_stops_at_the_predicted_flip(rt: ModelRuntime) -> None:
+    """adaptive: an example's edits stop at the first one whose cumulative predicted margin
+    change crosses -margin (then flip_budget = edits, reached); an example that does not get
+    there takes n. The first example's search is the fixed-n search cut at its flip budget
+    (later examples differ: the training examples it did not use stay available)."""
+    kw = {"random_candidates": 2, "influence": DEFAULT}
+    n = 12
+    fixed = run_attack(rt, AttackQuery(TESTS, AttackMode.PREDICTION_MARGIN, n, **kw),
+                       lambda: None, default_candidates=N_TRAIN)
+    adaptive = run_attack(rt, AttackQuery(TESTS, AttackMode.PREDICTION_MARGIN, n,
+                                          adaptive=True, **kw),
+                          lambda: None, default_candidates=N_TRAIN)
+    stopped = 0
+    for ra in adaptive.reports:
+        ae = [e for e in adaptive.edits if e.example_index == ra.example_index]
+        assert ra.edits == len(ae)
+        if ra.margin <= 0:  # misclassified already: lowering its margin never "flips" it
+            assert len(ae) == n
+            continue
+        partial = [ra.margin + sum(e.predicted_margin_change for e in ae[:k])
+                   for k in range(1, len(ae) + 1)]
+        assert all(p > 0 for p in partial[:-1])
+        if partial and partial[-1] <= 0:
+            stopped += 1
+            assert ra.flip_budget_reached and ra.flip_budget == len(ae)
+        else:
+            assert len(ae) == n and not ra.flip_budget_reached
+    assert stopped >= 1, [(r.margin, r.predicted_margin_change) for r in fixed.reports]
+    f0 = [e for e in fixed.edits if e.example_index == 0]
+    a0 = [e for e in adaptive.edits if e.example_index == 0]
+    assert f0[: len(a0)] == a0
+    assert fixed.reports[0].flip_budget == (len(a0) if adaptive.reports[0].flip_budget_reached
+                                            else fixed.reports[0].flip_budget)

@@ -1,5 +1,7 @@
-"""Repair (paper §4.3) and retraining on a tiny float64 bundle: new examples are ADDED with the
-intended Eq. 7 sign per objective; scope-only retraining reports accuracies that match an
+"""Repair (paper §4.3) and retraining on a tiny float64 bundle: new examples are ADDED, start
+from the training examples whose influence already points the wanted way, and each pushes its
+measurement the wanted way itself (d · I(z̃, f) > 0, recomputed with the reference per-example
+gradients); scope-only retraining reports accuracies that match an
 independent evaluation, never touches the served model, and save_as writes a loadable bundle."""
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from pairdots_server.core.grads import per_example_loss_grads_loop
+from pairdots_server.core.influence import influence_on_score
 from pairdots_server.errors import AlreadyExists, InvalidArgument
 from pairdots_server.influence.runtime import ModelRuntime
-from pairdots_server.influence.settings import InfluenceSettings
+from pairdots_server.influence.settings import InfluenceSettings, WordMeasurement
 from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings
 from pairdots_server.model.retrain import (
     RetrainMode,
@@ -72,6 +76,49 @@ def test_repair_adds_examples_with_intended_signs(rt: ModelRuntime) -> None:
     per_error = {k: [e.objective for e in out.edits if e.example_index == k] for k in range(2)}
     for objectives in per_error.values():
         assert objectives.count(RAISE_GOLD) >= objectives.count(LOWER_WRONG)
+
+
+def reference_influence(rt: ModelRuntime, s_test: torch.Tensor, text: str, label: int) -> float:
+    """I(z, f) = -s_testᵀ∇θL(z) with the loop reference gradient (Eq. 5)."""
+    enc = rt.task.encode([text], max_length=rt.max_length)
+    e = rt.task.embed(enc.input_ids).detach()
+    g = per_example_loss_grads_loop(rt.task.logits_fn, rt.params, e, enc.attention_mask,
+                                    torch.tensor([label]))
+    return float(influence_on_score(s_test, g)[0])
+
+
+@pytest.mark.parametrize("measurement", [WordMeasurement.MARGIN, WordMeasurement.SALIENCY])
+def test_repair_adds_examples_that_push_the_wanted_way(
+    rt: ModelRuntime, measurement: WordMeasurement
+) -> None:
+    """Added examples move f by ≈ I(z̃, f)/N: every new example must have d · I(z̃, f) > 0 and
+    come from a source with d · I(z, f) > 0 (the most supporting for ↑, the most opposing for
+    ↓). Fails on the code that ranked sources by d · I ascending (the replace rule)."""
+    errors = find_errors(rt, DEV)[:3]
+    dev = tuple(DEV[k] for k, _ in errors)
+    settings = InfluenceSettings(solver=CG, use_index=False, word_measurement=measurement)
+    cache: dict = {}
+    out = run_repair(rt, RepairQuery(dev, 3, random_candidates=2, influence=settings),
+                     lambda: None, default_candidates=N_TRAIN, target_cache=cache)
+    assert out.edits, out.notes
+    predicted = dict(errors)
+    for e in out.edits:
+        ex = dev[e.example_index]
+        label = ex.label if e.objective == RAISE_GOLD else predicted[DEV.index(ex)]
+        d = 1.0 if e.objective == RAISE_GOLD else -1.0
+        key = next(k for k in cache if k[0] == ex.text and k[1] == label)
+        tgt = cache[key]
+        assert tgt is not None
+        assert d * tgt.scores[e.train_index] > 0, (e.objective, tgt.scores[e.train_index])
+        after = reference_influence(rt, tgt.s_test, e.new_text, e.label)
+        assert d * after > 0, (e.objective, after)
+        # the rest of the search is what was promised: the best of the sources first
+        mine = [x.train_index for x in out.edits
+                if x.example_index == e.example_index and x.objective == e.objective]
+        ranked = sorted(tgt.scores, key=lambda i: -d * tgt.scores[i])
+        assert mine[0] in ranked[: 3 + len(out.edits)]
+        assert after == pytest.approx(e.influence_after, rel=1e-6, abs=1e-12)
+        assert e.predicted_change == pytest.approx(after / rt.n_train, rel=1e-6, abs=1e-15)
 
 
 def test_repair_nothing_to_do_on_correct_examples(rt: ModelRuntime) -> None:

@@ -65,6 +65,16 @@ def test_attack_operation_end_to_end(client: PairdotsClient, server: RunningServ
     ev = outcome.evaluation
     assert ev is not None and ev.examples == len(TESTS) and ev.retrain_seconds > 0
     assert 0 <= ev.accuracy_before <= 1 and 0 <= ev.accuracy_after <= 1
+    # one effect per example: predicted margin change = Σ of its edits', measured after retrain
+    assert [x.example_index for x in outcome.effects] == list(range(len(TESTS)))
+    for x in outcome.effects:
+        mine = [e for e in outcome.edits if e.example_index == x.example_index]
+        assert x.edits == len(mine) and x.label == TESTS[x.example_index][1]
+        assert x.predicted_margin_change == pytest.approx(
+            sum(e.predicted_margin_change for e in mine))
+        assert x.measured_margin is not None and x.targets[0].objective == "decrease I(z, w_y)"
+        assert all(e.substitutions and e.substitutions[0].substitute == e.substitute
+                   for e in mine)
     final = client.get_operation(handle.name)
     assert final.done and final.progress is not None
     assert final.progress.kind == "attack" and final.progress.model == "tiny"
@@ -130,6 +140,8 @@ def _violations(err: InvalidArgumentError) -> list[str]:
      "random_candidates"),
     ({"mode": AttackMode.RANDOM, "examples_per_test": 1,
       "retrain": RetrainOptions(epochs=11)}, "retrain.epochs"),
+    ({"mode": AttackMode.RANDOM, "examples_per_test": 1, "max_words": 11}, "max_words"),
+    ({"mode": AttackMode.RANDOM, "examples_per_test": 1, "max_words": 0}, "max_words"),
     ({"mode": AttackMode.RANDOM, "examples_per_test": 1,
       "retrain": RetrainOptions(save_as="../evil")}, "retrain.save_as"),
 ])

@@ -422,31 +422,43 @@ class _AttackModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AttackMode
     ATTACK_MODE_UNSPECIFIED: _AttackMode.ValueType  # 0
     """Invalid: a mode must be chosen."""
     ATTACK_MODE_DEMOTE_SALIENT: _AttackMode.ValueType  # 1
-    """Decrease I(z, w_y): make the training examples that support the salient word of the gold
+    """Decrease I(z, f_y): make the training examples that support the salient word of the gold
     label y stop supporting it.
     """
     ATTACK_MODE_PROMOTE_WRONG: _AttackMode.ValueType  # 2
-    """Increase I(z, w_y'): strengthen the salient word of the strongest wrong label y'."""
+    """Increase I(z, f_y'): strengthen the salient word of the strongest wrong label y'."""
     ATTACK_MODE_COMBINED: _AttackMode.ValueType  # 3
-    """Both, without perturbing the same training example twice."""
+    """Both, taking turns (demote first), without perturbing the same training example twice."""
     ATTACK_MODE_RANDOM: _AttackMode.ValueType  # 4
     """Baseline: perturb the same number of random training examples at random words."""
+    ATTACK_MODE_PREDICTION_MARGIN: _AttackMode.ValueType  # 5
+    """Decrease I(z, m_y) for the test prediction's margin itself, over every training example
+    (Koh & Liang's training-set attack; Yang et al., EACL 2023).
+    """
 
 class AttackMode(_AttackMode, metaclass=_AttackModeEnumTypeWrapper):
-    """What an attack perturbation optimises (paper §4.2, Eq. 9-10)."""
+    """What an attack perturbation optimises (paper §4.2, Eq. 9-10). The word-level modes measure
+    f as InfluenceOptions.word_measurement says (default WORD_MEASUREMENT_MARGIN: f = the
+    margin m_y(x) = z_y - max_{c != y} z_c, paired with the training examples that contain the
+    word w_y of largest contribution c_w); WORD_MEASUREMENT_SALIENCY is the paper's Eq. 5.
+    """
 
 ATTACK_MODE_UNSPECIFIED: AttackMode.ValueType  # 0
 """Invalid: a mode must be chosen."""
 ATTACK_MODE_DEMOTE_SALIENT: AttackMode.ValueType  # 1
-"""Decrease I(z, w_y): make the training examples that support the salient word of the gold
+"""Decrease I(z, f_y): make the training examples that support the salient word of the gold
 label y stop supporting it.
 """
 ATTACK_MODE_PROMOTE_WRONG: AttackMode.ValueType  # 2
-"""Increase I(z, w_y'): strengthen the salient word of the strongest wrong label y'."""
+"""Increase I(z, f_y'): strengthen the salient word of the strongest wrong label y'."""
 ATTACK_MODE_COMBINED: AttackMode.ValueType  # 3
-"""Both, without perturbing the same training example twice."""
+"""Both, taking turns (demote first), without perturbing the same training example twice."""
 ATTACK_MODE_RANDOM: AttackMode.ValueType  # 4
 """Baseline: perturb the same number of random training examples at random words."""
+ATTACK_MODE_PREDICTION_MARGIN: AttackMode.ValueType  # 5
+"""Decrease I(z, m_y) for the test prediction's margin itself, over every training example
+(Koh & Liang's training-set attack; Yang et al., EACL 2023).
+"""
 Global___AttackMode: _TypeAlias = AttackMode  # noqa: Y015
 
 class _RepairMode:
@@ -458,7 +470,10 @@ class _RepairModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RepairMode
     REPAIR_MODE_UNSPECIFIED: _RepairMode.ValueType  # 0
     """Server default: REPAIR_MODE_INFLUENCE."""
     REPAIR_MODE_INFLUENCE: _RepairMode.ValueType  # 1
-    """Raise I(z, w_y) and lower I(z, w_y') with synonyms and antonyms."""
+    """Add perturbed copies z̃ with the largest I(z̃, f_y) and the most negative I(z̃, f_y')
+    (sources ranked by d·I(z, f) descending, kept only when d·I(z̃, f) > 0), with synonyms
+    and antonyms.
+    """
     REPAIR_MODE_RANDOM: _RepairMode.ValueType  # 2
     """Baseline: the same number of randomly chosen training examples with random substitutions."""
 
@@ -468,7 +483,10 @@ class RepairMode(_RepairMode, metaclass=_RepairModeEnumTypeWrapper):
 REPAIR_MODE_UNSPECIFIED: RepairMode.ValueType  # 0
 """Server default: REPAIR_MODE_INFLUENCE."""
 REPAIR_MODE_INFLUENCE: RepairMode.ValueType  # 1
-"""Raise I(z, w_y) and lower I(z, w_y') with synonyms and antonyms."""
+"""Add perturbed copies z̃ with the largest I(z̃, f_y) and the most negative I(z̃, f_y')
+(sources ranked by d·I(z, f) descending, kept only when d·I(z̃, f) > 0), with synonyms
+and antonyms.
+"""
 REPAIR_MODE_RANDOM: RepairMode.ValueType  # 2
 """Baseline: the same number of randomly chosen training examples with random substitutions."""
 Global___RepairMode: _TypeAlias = RepairMode  # noqa: Y015
@@ -1590,6 +1608,8 @@ class AttackRequest(_message.Message):
     RETRAIN_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MAX_WORDS_FIELD_NUMBER: _builtins.int
+    ADAPTIVE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model: "models/{model}" or the bare name."""
     mode: Global___AttackMode.ValueType
@@ -1605,6 +1625,15 @@ class AttackRequest(_message.Message):
     with the same request_id returns the operation the first call created and never starts
     the job twice; reusing it for a different request is ALREADY_EXISTS. Empty: no key.
     The typed client sets it automatically and reuses it across its own retries.
+    """
+    max_words: _builtins.int
+    """Words substituted per training example, m, 1..10 (greedy: each further word only while
+    it moves the influence further the wanted way). Default 1 (the paper).
+    """
+    adaptive: _builtins.bool
+    """Adaptive n: stop perturbing for a test example as soon as the first-order predicted
+    change of its margin exceeds the margin (the prediction is predicted to flip);
+    examples_per_test is then the maximum.
     """
     @_builtins.property
     def examples(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabeledText]:
@@ -1635,13 +1664,20 @@ class AttackRequest(_message.Message):
         retrain: Global___RetrainOptions | None = ...,
         seed: _builtins.int = ...,
         request_id: _builtins.str = ...,
+        max_words: _builtins.int | None = ...,
+        adaptive: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_random_candidates", b"_random_candidates", "influence", b"influence", "random_candidates", b"random_candidates", "retrain", b"retrain", "saliency", b"saliency"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_words", b"_max_words", "_random_candidates", b"_random_candidates", "influence", b"influence", "max_words", b"max_words", "random_candidates", b"random_candidates", "retrain", b"retrain", "saliency", b"saliency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_random_candidates", b"_random_candidates", "examples", b"examples", "examples_per_test", b"examples_per_test", "influence", b"influence", "mode", b"mode", "model", b"model", "random_candidates", b"random_candidates", "request_id", b"request_id", "retrain", b"retrain", "saliency", b"saliency", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_words", b"_max_words", "_random_candidates", b"_random_candidates", "adaptive", b"adaptive", "examples", b"examples", "examples_per_test", b"examples_per_test", "influence", b"influence", "max_words", b"max_words", "mode", b"mode", "model", b"model", "random_candidates", b"random_candidates", "request_id", b"request_id", "retrain", b"retrain", "saliency", b"saliency", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_words: _TypeAlias = _typing.Literal["max_words"]  # noqa: Y015
+    _WhichOneofArgType__max_words: _TypeAlias = _typing.Literal["_max_words", b"_max_words"]  # noqa: Y015
     _WhichOneofReturnType__random_candidates: _TypeAlias = _typing.Literal["random_candidates"]  # noqa: Y015
     _WhichOneofArgType__random_candidates: _TypeAlias = _typing.Literal["_random_candidates", b"_random_candidates"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_words) -> _WhichOneofReturnType__max_words | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__random_candidates) -> _WhichOneofReturnType__random_candidates | None: ...
 
 Global___AttackRequest: _TypeAlias = AttackRequest  # noqa: Y015
@@ -1663,6 +1699,11 @@ class TrainingEdit(_message.Message):
     RELATION_FIELD_NUMBER: _builtins.int
     INFLUENCE_CHANGE_FIELD_NUMBER: _builtins.int
     OBJECTIVE_FIELD_NUMBER: _builtins.int
+    INFLUENCE_BEFORE_FIELD_NUMBER: _builtins.int
+    INFLUENCE_AFTER_FIELD_NUMBER: _builtins.int
+    PREDICTED_CHANGE_FIELD_NUMBER: _builtins.int
+    PREDICTED_MARGIN_CHANGE_FIELD_NUMBER: _builtins.int
+    SUBSTITUTIONS_FIELD_NUMBER: _builtins.int
     train_index: _builtins.int
     """The training example that was perturbed (attack) or used as the source (repair)."""
     original_text: _builtins.str
@@ -1685,7 +1726,22 @@ class TrainingEdit(_message.Message):
     convention at the top of this file.
     """
     objective: _builtins.str
-    """What it optimised, e.g. "decrease I(z, w_y)"."""
+    """What it optimised, e.g. "decrease I(z, w_y)" (attack: z̃ replaces z) or
+    "increase I(z~, w_y)" (repair: z̃ is added; kept only when it pushes f the wanted way).
+    """
+    influence_before: _builtins.float
+    """I(z, f) and I(z̃, f) of the optimised measurement f (Eq. 5). 0 for RANDOM."""
+    influence_after: _builtins.float
+    predicted_change: _builtins.float
+    """First-order predicted change of f once retrained: (I(z̃, f) - I(z, f)) / N for an attack
+    (replacement), I(z̃, f) / N for repair (addition); N = training examples. 0 for RANDOM.
+    """
+    predicted_margin_change: _builtins.float
+    """The same for the served example's margin m_y (its gold label). 0 for RANDOM."""
+    @_builtins.property
+    def substitutions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Substitution]:
+        """Every substituted word (the first is word_index / original_word / substitute)."""
+
     def __init__(
         self,
         *,
@@ -1700,14 +1756,153 @@ class TrainingEdit(_message.Message):
         relation: _builtins.str = ...,
         influence_change: _builtins.float = ...,
         objective: _builtins.str = ...,
+        influence_before: _builtins.float = ...,
+        influence_after: _builtins.float = ...,
+        predicted_change: _builtins.float = ...,
+        predicted_margin_change: _builtins.float = ...,
+        substitutions: _abc.Iterable[Global___Substitution] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["example_index", b"example_index", "influence_change", b"influence_change", "label", b"label", "new_text", b"new_text", "objective", b"objective", "original_text", b"original_text", "original_word", b"original_word", "relation", b"relation", "substitute", b"substitute", "train_index", b"train_index", "word_index", b"word_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["example_index", b"example_index", "influence_after", b"influence_after", "influence_before", b"influence_before", "influence_change", b"influence_change", "label", b"label", "new_text", b"new_text", "objective", b"objective", "original_text", b"original_text", "original_word", b"original_word", "predicted_change", b"predicted_change", "predicted_margin_change", b"predicted_margin_change", "relation", b"relation", "substitute", b"substitute", "substitutions", b"substitutions", "train_index", b"train_index", "word_index", b"word_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TrainingEdit: _TypeAlias = TrainingEdit  # noqa: Y015
+
+@_typing.final
+class Substitution(_message.Message):
+    """One word of a training example replaced."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORD_INDEX_FIELD_NUMBER: _builtins.int
+    ORIGINAL_WORD_FIELD_NUMBER: _builtins.int
+    SUBSTITUTE_FIELD_NUMBER: _builtins.int
+    RELATION_FIELD_NUMBER: _builtins.int
+    word_index: _builtins.int
+    """Index of the word in the original text's words."""
+    original_word: _builtins.str
+    """The word and its substitute."""
+    substitute: _builtins.str
+    relation: _builtins.str
+    """"synonym" or "antonym"."""
+    def __init__(
+        self,
+        *,
+        word_index: _builtins.int = ...,
+        original_word: _builtins.str = ...,
+        substitute: _builtins.str = ...,
+        relation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["original_word", b"original_word", "relation", b"relation", "substitute", b"substitute", "word_index", b"word_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Substitution: _TypeAlias = Substitution  # noqa: Y015
+
+@_typing.final
+class ExampleEffect(_message.Message):
+    """What the edits for one request example are predicted to move (first order) and, after a
+    retrain, what they moved.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXAMPLE_INDEX_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    MARGIN_FIELD_NUMBER: _builtins.int
+    EDITS_FIELD_NUMBER: _builtins.int
+    PREDICTED_MARGIN_CHANGE_FIELD_NUMBER: _builtins.int
+    FLIP_BUDGET_FIELD_NUMBER: _builtins.int
+    FLIP_BUDGET_REACHED_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
+    MEASURED_MARGIN_FIELD_NUMBER: _builtins.int
+    example_index: _builtins.int
+    """Index of the request example."""
+    label: _builtins.int
+    """The label whose margin is reported (the example's gold label)."""
+    margin: _builtins.float
+    """Its margin m_y(x) = z_y - max_{c != y} z_c on the served model."""
+    edits: _builtins.int
+    """Edits made for it."""
+    predicted_margin_change: _builtins.float
+    """Sum of the edits' predicted_margin_change."""
+    flip_budget: _builtins.int
+    """Flip budget: edits (in search order) after which the predicted margin changes sign;
+    beyond the edits made, extrapolated at their mean change per edit. 0: the edits do not
+    move the margin towards zero.
+    """
+    flip_budget_reached: _builtins.bool
+    """The flip budget lies within the edits made (not extrapolated)."""
+    measured_margin: _builtins.float
+    """The margin after retraining; absent without retraining."""
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___TargetEffect]:
+        """Per objective: the targeted word and measurement and its predicted change."""
+
+    def __init__(
+        self,
+        *,
+        example_index: _builtins.int = ...,
+        label: _builtins.int = ...,
+        margin: _builtins.float = ...,
+        edits: _builtins.int = ...,
+        predicted_margin_change: _builtins.float = ...,
+        flip_budget: _builtins.int = ...,
+        flip_budget_reached: _builtins.bool = ...,
+        targets: _abc.Iterable[Global___TargetEffect] | None = ...,
+        measured_margin: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_measured_margin", b"_measured_margin", "measured_margin", b"measured_margin"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_measured_margin", b"_measured_margin", "edits", b"edits", "example_index", b"example_index", "flip_budget", b"flip_budget", "flip_budget_reached", b"flip_budget_reached", "label", b"label", "margin", b"margin", "measured_margin", b"measured_margin", "predicted_margin_change", b"predicted_margin_change", "targets", b"targets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__measured_margin: _TypeAlias = _typing.Literal["measured_margin"]  # noqa: Y015
+    _WhichOneofArgType__measured_margin: _TypeAlias = _typing.Literal["_measured_margin", b"_measured_margin"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__measured_margin) -> _WhichOneofReturnType__measured_margin | None: ...
+
+Global___ExampleEffect: _TypeAlias = ExampleEffect  # noqa: Y015
+
+@_typing.final
+class TargetEffect(_message.Message):
+    """One objective's target for a request example."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECTIVE_FIELD_NUMBER: _builtins.int
+    WORD_FIELD_NUMBER: _builtins.int
+    MEASUREMENT_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    PREDICTED_CHANGE_FIELD_NUMBER: _builtins.int
+    objective: _builtins.str
+    """The objective, as in TrainingEdit.objective."""
+    word: _builtins.str
+    """The targeted word (empty for the prediction margin)."""
+    measurement: _builtins.str
+    """What f is: "prediction_margin", "word_occlusion" or "word_saliency"."""
+    value: _builtins.float
+    """f(x) on the served model."""
+    predicted_change: _builtins.float
+    """Sum of the edits' predicted_change of f."""
+    def __init__(
+        self,
+        *,
+        objective: _builtins.str = ...,
+        word: _builtins.str = ...,
+        measurement: _builtins.str = ...,
+        value: _builtins.float = ...,
+        predicted_change: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["measurement", b"measurement", "objective", b"objective", "predicted_change", b"predicted_change", "value", b"value", "word", b"word"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TargetEffect: _TypeAlias = TargetEffect  # noqa: Y015
 
 @_typing.final
 class Evaluation(_message.Message):
@@ -1756,6 +1951,7 @@ class AttackResult(_message.Message):
     EDITS_FIELD_NUMBER: _builtins.int
     EVALUATION_FIELD_NUMBER: _builtins.int
     NOTES_FIELD_NUMBER: _builtins.int
+    EFFECTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def edits(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrainingEdit]:
         """The perturbed training examples."""
@@ -1768,16 +1964,21 @@ class AttackResult(_message.Message):
     def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Notes (skipped examples and why)."""
 
+    @_builtins.property
+    def effects(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExampleEffect]:
+        """One per request example: predicted (and, after retraining, measured) effects."""
+
     def __init__(
         self,
         *,
         edits: _abc.Iterable[Global___TrainingEdit] | None = ...,
         evaluation: Global___Evaluation | None = ...,
         notes: _abc.Iterable[_builtins.str] | None = ...,
+        effects: _abc.Iterable[Global___ExampleEffect] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["edits", b"edits", "evaluation", b"evaluation", "notes", b"notes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["edits", b"edits", "effects", b"effects", "evaluation", b"evaluation", "notes", b"notes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1798,6 +1999,7 @@ class RepairRequest(_message.Message):
     RETRAIN_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MAX_WORDS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model: "models/{model}" or the bare name."""
     examples_per_error: _builtins.int
@@ -1812,6 +2014,8 @@ class RepairRequest(_message.Message):
     the job twice; reusing it for a different request is ALREADY_EXISTS. Empty: no key.
     The typed client sets it automatically and reuses it across its own retries.
     """
+    max_words: _builtins.int
+    """Words substituted per new example, m, 1..10. Default 1."""
     @_builtins.property
     def examples(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabeledText]:
         """Labelled examples (e.g. a dev set, 1..5000); the ones the model gets wrong are repaired."""
@@ -1840,12 +2044,15 @@ class RepairRequest(_message.Message):
         retrain: Global___RetrainOptions | None = ...,
         seed: _builtins.int = ...,
         request_id: _builtins.str = ...,
+        max_words: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["influence", b"influence", "retrain", b"retrain", "saliency", b"saliency"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_words", b"_max_words", "influence", b"influence", "max_words", b"max_words", "retrain", b"retrain", "saliency", b"saliency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["examples", b"examples", "examples_per_error", b"examples_per_error", "influence", b"influence", "mode", b"mode", "model", b"model", "request_id", b"request_id", "retrain", b"retrain", "saliency", b"saliency", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_words", b"_max_words", "examples", b"examples", "examples_per_error", b"examples_per_error", "influence", b"influence", "max_words", b"max_words", "mode", b"mode", "model", b"model", "request_id", b"request_id", "retrain", b"retrain", "saliency", b"saliency", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__max_words: _TypeAlias = _typing.Literal["max_words"]  # noqa: Y015
+    _WhichOneofArgType__max_words: _TypeAlias = _typing.Literal["_max_words", b"_max_words"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_words) -> _WhichOneofReturnType__max_words | None: ...
 
 Global___RepairRequest: _TypeAlias = RepairRequest  # noqa: Y015
 
@@ -1859,6 +2066,7 @@ class RepairResult(_message.Message):
     EDITS_FIELD_NUMBER: _builtins.int
     EVALUATION_FIELD_NUMBER: _builtins.int
     NOTES_FIELD_NUMBER: _builtins.int
+    EFFECTS_FIELD_NUMBER: _builtins.int
     errors_found: _builtins.int
     """Examples the served model got wrong."""
     @_builtins.property
@@ -1873,6 +2081,10 @@ class RepairResult(_message.Message):
     def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Notes."""
 
+    @_builtins.property
+    def effects(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExampleEffect]:
+        """One per error: predicted (and, after retraining, measured) effects on its gold margin."""
+
     def __init__(
         self,
         *,
@@ -1880,10 +2092,11 @@ class RepairResult(_message.Message):
         edits: _abc.Iterable[Global___TrainingEdit] | None = ...,
         evaluation: Global___Evaluation | None = ...,
         notes: _abc.Iterable[_builtins.str] | None = ...,
+        effects: _abc.Iterable[Global___ExampleEffect] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["edits", b"edits", "errors_found", b"errors_found", "evaluation", b"evaluation", "notes", b"notes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["edits", b"edits", "effects", b"effects", "errors_found", b"errors_found", "evaluation", b"evaluation", "notes", b"notes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

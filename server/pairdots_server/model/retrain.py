@@ -183,9 +183,11 @@ def retrain_and_evaluate(
     *,
     output_root: Path | None = None,
     provenance: dict[str, Any] | None = None,
+    inspect: Callable[[Task], None] | None = None,
 ) -> Evaluation:
     """Accuracy of the served model on the evaluation examples, retrain on `new_train`,
-    accuracy after; save as `spec.save_as` under `output_root` when asked."""
+    accuracy after; save as `spec.save_as` under `output_root` when asked. `inspect` sees
+    the retrained task before it is saved or dropped (e.g. to measure margins)."""
     report = progress or (lambda stage, done, total: None)
     eval_set = list(spec.eval_examples or default_eval)
     if not eval_set:
@@ -201,6 +203,8 @@ def retrain_and_evaluate(
     seconds = result.seconds
     report("evaluating", 0, len(eval_set))
     after = evaluate(task, eval_set, max_length=cfg.max_length)
+    if inspect is not None:
+        inspect(task)
     saved = ""
     if spec.save_as is not None:
         assert output_root is not None

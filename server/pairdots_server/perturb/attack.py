@@ -1,17 +1,25 @@
 """Attack (paper §4.2, Eq. 9–12): perturb training examples with WordNet synonyms so that a
-retrained model loses its focus on a test example's salient word.
+retrained model loses its focus on a test example's salient word, or its prediction.
 
-For each test example (x, gold y):
-  * w_y  = the top salient word of x for y;  w_y' = the top salient word for the strongest
-    wrong label y' = argmax_{c ≠ y} p(c|x);
-  * s_test = H⁻¹∇θw and the exact I(z_i, w) (Eq. 5) of the candidate training examples;
-  * n training examples are replaced by perturbed copies z̃, each from the two-stage greedy
-    search (Eq. 11–12, perturb/edits.py) for the mode's objective (Eq. 9–10):
-      DEMOTE_SALIENT  minimise I(z, z̃, w_y)   (start from the most supporting examples),
-      PROMOTE_WRONG   maximise I(z, z̃, w_y')  (start from the most opposing examples),
-      COMBINED        both, alternating (demote first), n edits in all,
-      RANDOM          baseline: n random training examples, a random substitutable word and
-                      a random synonym each (no influence computed; influence_change 0).
+For each test example (x, gold y), with the targets of perturb/objectives.py (the measurement
+f follows InfluenceSettings.word_measurement; the default is the Explain default, f = m_y(x)
+over the training examples containing the word w with the largest contribution c_w):
+  * w_y  = the top word of x for y;  w_y' = the top word for the strongest wrong label
+    y' = argmax_{c ≠ y} p(c|x);
+  * s_test = H⁻¹∇θf and the exact I(z_i, f) (Eq. 5) of the candidate training examples;
+  * up to n training examples are replaced by perturbed copies z̃ (up to m substituted words
+    each), each from the greedy search (Eq. 11–12, perturb/search.py) for the mode's objective
+    (Eq. 9–10):
+      DEMOTE_SALIENT     minimise I(z, z̃, f_y)   (start from the most supporting examples),
+      PROMOTE_WRONG      maximise I(z, z̃, f_y')  (start from the most opposing examples),
+      COMBINED           both, taking turns (demote first), n edits in all,
+      PREDICTION_MARGIN  minimise I(z, z̃, m_y) over every training example (Koh & Liang's
+                         training-set attack; Yang et al., EACL 2023),
+      RANDOM             baseline: n random training examples, a random substitutable word and
+                         a random synonym each (no influence computed; influence_change 0).
+Every edit carries its first-order predicted change of the test example's margin m_y; with
+`adaptive` the search for a test example stops once Σ Δm_y < -m_y (the prediction is predicted
+to flip); the report gives the flip budget (objectives.flip_budget).
 A training example is perturbed at most once per attack (no duplicates across modes or test
 examples), so the perturbed set is the training set with those examples replaced.
 """
@@ -31,11 +39,14 @@ from pairdots_server.influence.settings import InfluenceSettings
 from pairdots_server.perturb.lexicon import Lexicon, default_lexicon
 from pairdots_server.perturb.objectives import (
     Edit,
+    ExampleReport,
     Objective,
     ProgressFn,
     TargetCache,
     check_labels,
     edits_for_objectives,
+    example_report,
+    margin_s_test,
     no_progress,
     random_edits,
     target_finder,
@@ -45,6 +56,7 @@ from pairdots_server.storage.data import Example
 
 DEMOTE = "decrease I(z, w_y)"
 PROMOTE = "increase I(z, w_y')"
+LOWER_MARGIN = "decrease I(z, m_y)"
 
 
 class AttackMode(enum.Enum):
@@ -52,6 +64,7 @@ class AttackMode(enum.Enum):
     PROMOTE_WRONG = "promote_wrong"
     COMBINED = "combined"
     RANDOM = "random"
+    PREDICTION_MARGIN = "prediction_margin"
 
 
 @dataclass(frozen=True)
@@ -65,10 +78,16 @@ class AttackQuery:
     influence: InfluenceSettings = field(default_factory=InfluenceSettings)
     seed: int = 0
     max_substitutes: int = 10
+    max_words: int = 1  # m: substituted words per training example
+    adaptive: bool = False  # stop at the predicted flip
 
     def __post_init__(self) -> None:
         if not self.examples:
             raise InvalidArgument.for_field("examples", "at least one test example is needed")
+        if not 1 <= self.max_words <= 10:
+            raise InvalidArgument.for_field(
+                "max_words", f"must be in 1..10, got {self.max_words}"
+            )
         if self.examples_per_test < 1:
             raise InvalidArgument.for_field(
                 "examples_per_test", f"must be >= 1, got {self.examples_per_test}"
@@ -84,6 +103,7 @@ class AttackOutcome:
     edits: list[Edit]
     notes: list[str]
     train: list[Example]  # the training set with the edited examples replaced
+    reports: list[ExampleReport] = field(default_factory=list)  # one per test example
 
 
 def wrong_label(rt: ModelRuntime, text: str, gold: int) -> int:
@@ -121,11 +141,13 @@ def run_attack(
     lex = lexicon or default_lexicon()
     train = rt.bundle.train
     check_labels(rt, q.examples)
-    search = SearchSettings(q.random_candidates, q.max_substitutes, ("synonym",), scoring_batch_size)
+    search = SearchSettings(q.random_candidates, q.max_substitutes, ("synonym",),
+                            scoring_batch_size, max_words=q.max_words)
     rng = random.Random(q.seed)
     used: set[int] = set()
     edits: list[Edit] = []
     notes: list[str] = []
+    reports: list[ExampleReport] = []
     settings = q.influence.resolve(
         rt, default_candidates=default_candidates, scoring_batch_size=scoring_batch_size
     )
@@ -137,21 +159,26 @@ def run_attack(
     for k, ex in enumerate(q.examples):
         should_stop()
         n = q.examples_per_test
+        objectives: list[Objective] = []
+        track, margin = margin_s_test(rt, ex.text, ex.label, settings, should_stop)
         if q.mode is AttackMode.RANDOM:
             got = random_edits(rt, k, n, used, lex, ("synonym",), rng,
                                search.max_substitutes)
         else:
-            objectives: list[Objective] = []
             if q.mode in (AttackMode.DEMOTE_SALIENT, AttackMode.COMBINED):
                 objectives.append((target(ex.text, ex.label), -1, DEMOTE))
             if q.mode in (AttackMode.PROMOTE_WRONG, AttackMode.COMBINED):
                 y_wrong = wrong_label(rt, ex.text, ex.label)
                 objectives.append((target(ex.text, y_wrong), +1, PROMOTE))
+            if q.mode is AttackMode.PREDICTION_MARGIN:
+                objectives.append((target(ex.text, ex.label, True), -1, LOWER_MARGIN))
             got = edits_for_objectives(
                 rt, objectives, n, used, lex, search, rng, should_stop,
-                train=train, example_index=k,
+                train=train, example_index=k, track=track, margin=margin,
+                adaptive=q.adaptive,
             )
-        if len(got) < n:
+        reports.append(example_report(k, ex.label, margin, got, objectives))
+        if len(got) < n and not (q.adaptive and reports[-1].flip_budget_reached):
             notes.append(
                 f"example {k}: {len(got)} of {n} training examples perturbed (no further "
                 "candidate had a substitutable word whose substitution moved the influence "
@@ -159,4 +186,4 @@ def run_attack(
             )
         edits += got
         progress("perturbing", k + 1, total)
-    return AttackOutcome(edits, notes, apply_replacements(train, edits))
+    return AttackOutcome(edits, notes, apply_replacements(train, edits), reports)

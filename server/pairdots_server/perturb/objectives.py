@@ -1,13 +1,23 @@
-"""What attack (paper §4.2) and repair (§4.3) share above one edit: the salient target of a
-test example (its top word, s_test and the candidates' exact influence), the objectives
-(direction d = ±1 on I(z, w) for a target) and the loop that turns ranked candidates into
-edits, plus the random baseline.
+"""What attack (paper §4.2) and repair (§4.3) share above one edit: the targets of a test
+example (its salient word and measurement f, s_test and the candidates' exact influence), the
+objectives (direction d = ±1 on I(z, f) for a target), the loop that turns ranked candidates
+into edits with what they are predicted to move, and the random baseline.
 
-Influence of a training example z on the saliency score w of a test word (Eq. 5):
-    I(z, w) = -s_testᵀ ∇θL(z),  s_test = H⁻¹ ∇θw.
-Replacing z by z̃ changes it by (Eq. 6–7)
-    I(z, z̃, w) = I(z̃, w) - I(z, w) = -s_testᵀ (∇θL(z̃) - ∇θL(z)).
-Token influence (Eq. 8): I(x_t, w) = I(z, w) - I(z̃(t, UNK), w), summed over a word's pieces.
+Influence of a training example z on a measurement f of a test input (Eq. 5):
+    I(z, f) = -s_testᵀ ∇θL(z),  s_test = H⁻¹ ∇θf,
+so upweighting z by ε moves f by ≈ ε·I(z, f). With N training examples:
+    replacing z by z̃ (attack)   Δf ≈ (I(z̃, f) - I(z, f)) / N   (Eq. 6–7),
+    adding z̃ (repair)           Δf ≈ I(z̃, f) / N.
+Token influence (Eq. 8): I(x_t, f) = I(z, f) - I(z̃(t, UNK), f), summed over a word's pieces.
+
+The measurement f of a target follows the request's InfluenceSettings.word_measurement (the
+Explain default, influence/settings.py): MARGIN f = m_y(x) = z_y - max_{c≠y} z_c over the
+training examples that contain the word w with the largest contribution c_w (the default),
+OCCLUSION f = c_w = m_y(x) - m_y(x with w → [UNK]), SALIENCY f = the word's saliency score
+(the paper's Eq. 5). A prediction target is f = m_y(x) over every training example (Koh &
+Liang's training-set attack). Every edit also carries the first-order predicted change of the
+test example's margin m_y(x) (its gold label), so the flip budget — the number of edits after
+which the predicted margin crosses zero — and the adaptive n come from the same numbers.
 
 The greedy search that makes one edit (Eq. 11–12) is perturb/search.py.
 """
@@ -16,19 +26,28 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from pairdots_server.errors import InvalidArgument
 from pairdots_server.influence import pipeline as steps
+from pairdots_server.influence import words as words_
 from pairdots_server.influence.runtime import ModelRuntime
-from pairdots_server.influence.settings import PipelineSettings
+from pairdots_server.influence.settings import (
+    PipelineSettings,
+    WordCandidates,
+    WordMeasurement,
+)
+from pairdots_server.model.task import Task
 from pairdots_server.perturb.lexicon import Lexicon
 from pairdots_server.perturb.search import (
+    ScoredEdit,
     SearchSettings,
     StopFn,
+    Substitution,
     greedy_edit,
     random_edit,
 )
@@ -41,15 +60,17 @@ def no_progress(stage: str, done: int, total: int) -> None:
     return None
 
 
-# -- settings ------------------------------------------------------------------------------
-
-
 # -- results -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Edit:
-    """A perturbed (attack) or added (repair) training example (proto TrainingEdit)."""
+    """A perturbed (attack) or added (repair) training example (proto TrainingEdit).
+
+    influence_before/after: I(z, f), I(z̃, f) of the optimised target (Eq. 5);
+    influence_change: I(z̃, f) - I(z, f) (Eq. 7); predicted_change: the first-order change of
+    f it causes (replace: change/N, add: I(z̃, f)/N); predicted_margin_change: the same for the
+    test example's margin m_y (gold label). 0 for the random baselines."""
 
     train_index: int
     original_text: str
@@ -62,58 +83,166 @@ class Edit:
     relation: str
     influence_change: float  # I(z̃, w) - I(z, w), Eq. 7; 0 for the random baselines
     objective: str
+    influence_before: float = 0.0
+    influence_after: float = 0.0
+    predicted_change: float = 0.0
+    predicted_margin_change: float = 0.0
+    substitutions: tuple[tuple[int, str, str, str], ...] = ()  # (word, original, new, rel)
 
 
 @dataclass
 class SalientTarget:
-    """The top salient word of a test example for one label, its s_test, and the candidate
-    training examples with their exact I(z_i, w) (Eq. 5)."""
+    """A target of a test example for one label: the word (None for the prediction itself),
+    its measurement f (kind, value f(x)), s_test = H⁻¹∇θf and the candidate training
+    examples with their exact I(z_i, f) (Eq. 5)."""
 
     label: int
-    word_index: int
+    word_index: int | None
     word: str
-    saliency: float
+    saliency: float  # the word's ranking score (c_w, or |s| for SALIENCY); m_y for a prediction
     s_test: Tensor
     scores: dict[int, float]
     solver: dict[str, object]
+    measurement: str = steps.MeasurementKind.PREDICTION_MARGIN.value
+    value: float = 0.0  # f(x) on the served model
 
-    def ranked(self, direction: int) -> list[int]:
-        """Training indices, most promising first for objective direction d: d < 0 (decrease
-        I) starts from the largest positive I (supporting), d > 0 (increase I) from the most
-        negative (opposing)."""
+    def ranked(self, direction: int, *, additive: bool = False) -> list[int]:
+        """Training indices, most promising first for objective direction d.
+
+        Replacing z (attack) gains d·(I(z̃) - I(z)), most where d·I(z) is lowest: d < 0 starts
+        from the largest positive I (supporting), d > 0 from the most negative (opposing).
+        Adding z̃ (repair, `additive`) gains d·I(z̃) ≈ d·I(z): largest d·I(z) first."""
         sign = -1.0 if direction < 0 else 1.0
+        if additive:
+            sign = -sign
         return [i for i, _ in sorted(self.scores.items(), key=lambda p: (sign * p[1], p[0]))]
 
 
-# -- salient target ------------------------------------------------------------------------
+@dataclass
+class ExampleReport:
+    """What the edits for one test example are predicted to move, and the flip budget.
+
+    margin: m_y(x) of the label the request names (gold); predicted_margin_change: Σ of the
+    edits' first-order Δm_y; flip_budget: the number of edits (in search order) after which
+    m_y + ΣΔm_y changes sign, extrapolated at the mean Δm_y per edit beyond the edits made,
+    0 when no edit moves the margin towards zero ("never"); targets: per objective, the
+    targeted word, the measurement, f(x) and the predicted Δf; measured_margin: m_y after
+    retraining (None without retraining)."""
+
+    example_index: int
+    label: int
+    margin: float
+    edits: int = 0
+    predicted_margin_change: float = 0.0
+    flip_budget: int = 0
+    flip_budget_reached: bool = False  # the budget lies within the edits made
+    targets: list[TargetReport] = field(default_factory=list)
+    measured_margin: float | None = None
+
+
+@dataclass
+class TargetReport:
+    objective: str
+    word: str
+    measurement: str
+    value: float
+    predicted_change: float = 0.0
+
+
+def flip_budget(margin: float, changes: Sequence[float]) -> tuple[int, bool]:
+    """(edits needed for m + ΣΔm to change sign, whether it happens within `changes`).
+
+    Beyond the edits made it extrapolates at the mean change per edit: ceil(|m| / rate) with
+    rate the mean of the changes towards zero; 0 when they do not move m towards zero."""
+    toward = -1.0 if margin > 0 else 1.0
+    total = 0.0
+    for k, c in enumerate(changes, start=1):
+        total += c
+        if toward * (margin + total) >= 0 and margin != 0:
+            return k, True
+    rate = toward * total / len(changes) if changes else 0.0
+    if not rate > 0:
+        return 0, False
+    return max(len(changes) + 1, math.ceil(abs(margin) / rate)), False
+
+
+def margins(task: Task, examples: Sequence[Example], max_length: int) -> list[float]:
+    """m_y(x) = z_y - max_{c≠y} z_c = log p_y - max_{c≠y} log p_c of each example's label under
+    `task` (e.g. a retrained model: the measured counterpart of predicted_margin_change)."""
+    if not examples:
+        return []
+    logp = task.predict([e.text for e in examples], max_length=max_length).double().log()
+    out = []
+    for row, ex in zip(logp, examples, strict=True):
+        others = torch.cat([row[: ex.label], row[ex.label + 1 :]])
+        out.append(float(row[ex.label] - others.max()))
+    return out
+
+
+# -- targets -------------------------------------------------------------------------------
 
 
 def salient_target(
-    rt: ModelRuntime, text: str, label: int, settings: PipelineSettings, should_stop: StopFn
+    rt: ModelRuntime, text: str, label: int, settings: PipelineSettings, should_stop: StopFn,
+    *, prediction: bool = False,
 ) -> SalientTarget | None:
-    """The top salient word of `text` for `label` (Eq. 1–2, largest word score magnitude), its
-    s_test (Eq. 5) and the exact influence of the candidate training examples (as Explain).
+    """The target of `text` for `label` with its s_test (Eq. 5) and the exact influence of the
+    candidate training examples (as Explain does): the prediction's margin (`prediction`),
+    else the top word and measurement of settings.word_measurement (module docstring).
     None when the text has no word the model saw."""
     enc = steps.encode_text(rt, text)
-    ws = steps.word_saliency(rt, enc, label, settings.target, settings.token_score)  # [W]
-    top = steps.top_words(ws, enc.pieces, 1)
-    if not top:
-        return None
-    wi = top[0]
-    s_test, diag = steps.word_s_test(rt, enc, wi, label, settings, should_stop)
-    cand = steps.candidates(rt, s_test, settings)
+    margin_kind = steps.MeasurementKind.PREDICTION_MARGIN
+    allowed: list[int] | None = None
+    if prediction:
+        m = steps.Measurement(margin_kind, label)
+        wi, word, rank, value = None, "", steps.margin_of(rt, enc, label), 0.0
+        value = rank
+    elif settings.word_measurement is WordMeasurement.SALIENCY:
+        ws = steps.word_saliency(rt, enc, label, settings.target, settings.token_score)  # [W]
+        top = steps.top_words(ws, enc.pieces, 1)
+        if not top:
+            return None
+        wi = top[0]
+        word, rank, value = enc.words[wi], ws[wi], ws[wi]
+        m = steps.Measurement(steps.MeasurementKind.WORD_SALIENCY, label, wi, settings.target,
+                              settings.token_score)
+    else:
+        contrib = words_.word_contribution(rt, enc, label)  # c_w [W]
+        top = words_.top_contributing_words(contrib, enc.words, enc.pieces, 1)
+        if not top:
+            return None
+        wi = top[0]
+        word, rank = enc.words[wi], contrib[wi]
+        if settings.word_measurement is WordMeasurement.MARGIN:
+            m, value = steps.Measurement(margin_kind, label), steps.margin_of(rt, enc, label)
+        else:
+            m = steps.Measurement(steps.MeasurementKind.WORD_OCCLUSION, label, wi)
+            value = contrib[wi]
+        if settings.word_candidates is WordCandidates.CONTAINING:
+            allowed = words_.examples_containing(rt, word) or None
+    s_test, diag = steps.measurement_s_test(rt, enc, m, settings, should_stop)
+    cand = steps.candidates(rt, s_test, settings, allowed=allowed)
     scores = steps.score_examples(rt, s_test, cand, settings, should_stop)  # [K]
     table = {
         int(i): float(s) for i, s in zip(cand, scores.tolist(), strict=True) if math.isfinite(s)
     }
-    return SalientTarget(label, wi, enc.words[wi], ws[wi], s_test, table, dict(diag))
+    return SalientTarget(label, wi, word, rank, s_test, table, dict(diag), m.kind.value, value)
 
 
-def take_edits(
+def margin_s_test(
+    rt: ModelRuntime, text: str, label: int, settings: PipelineSettings, should_stop: StopFn
+) -> tuple[Tensor, float]:
+    """(s_test of f = m_y(x), m_y(x)) for tracking the margin (cached per text and label)."""
+    enc = steps.encode_text(rt, text)
+    m = steps.Measurement(steps.MeasurementKind.PREDICTION_MARGIN, label)
+    s, _ = steps.measurement_s_test(rt, enc, m, settings, should_stop)
+    return s, steps.margin_of(rt, enc, label)
+
+
+def iter_edits(
     rt: ModelRuntime,
     target: SalientTarget,
     direction: int,
-    n: int,
     used: set[int],
     lexicon: Lexicon,
     search: SearchSettings,
@@ -123,34 +252,51 @@ def take_edits(
     train: Sequence[Example],
     example_index: int,
     objective: str,
-    max_attempts: int | None = None,
-) -> list[Edit]:
-    """Up to n edits for one objective, walking the ranked candidates (`target.ranked`),
-    skipping training examples in `used` (and adding the chosen ones to it)."""
-    out: list[Edit] = []
+    track: Tensor | None = None,
+    max_attempts: int,
+) -> Iterator[Edit]:
+    """Edits for one objective, walking the ranked candidates (`target.ranked`), skipping
+    training examples in `used` (adding the chosen ones to it), at most `max_attempts`
+    searches. `track` [P]: the s_test of the test example's margin (predicted_margin_change)."""
+    n_train = rt.n_train
     attempts = 0
-    limit = max_attempts if max_attempts is not None else max(3 * n, n + 10)
-    for idx in target.ranked(direction):
-        if len(out) >= n or attempts >= limit:
-            break
+    for idx in target.ranked(direction, additive=search.additive):
+        if attempts >= max_attempts:
+            return
         if idx in used:
             continue
         should_stop()
         attempts += 1
         ex = train[idx]
-        scored = greedy_edit(rt, target.s_test, ex, direction, lexicon, search, rng, should_stop)
+        scored = greedy_edit(rt, target.s_test, ex, direction, lexicon, search, rng,
+                             should_stop, track=None if track is None else track[None])
         if scored is None:
             continue
         used.add(idx)
-        e = scored.edit
-        out.append(Edit(
-            idx, ex.text, e.new_text, ex.label, example_index, e.word_index, e.original_word,
-            e.substitute, e.relation, scored.change, objective,
-        ))
-    return out
+        yield _edit(idx, ex, scored, example_index, objective, search.additive, n_train)
 
 
-TargetCache = dict[tuple[str, int], SalientTarget | None]
+def _edit(idx: int, ex: Example, scored: ScoredEdit, example_index: int, objective: str,
+          additive: bool, n_train: int) -> Edit:
+    e = scored.edit
+    moved = scored.influence_after if additive else scored.change
+    dm = 0.0
+    if scored.tracked_after:
+        dm = scored.tracked_after[0] - (0.0 if additive else scored.tracked_before[0])
+    return Edit(
+        idx, ex.text, e.new_text, ex.label, example_index, e.word_index, e.original_word,
+        e.substitute, e.relation, scored.change, objective,
+        influence_before=scored.influence_before, influence_after=scored.influence_after,
+        predicted_change=moved / n_train, predicted_margin_change=dm / n_train,
+        substitutions=_subs(e.substitutions),
+    )
+
+
+def _subs(subs: Sequence[Substitution]) -> tuple[tuple[int, str, str, str], ...]:
+    return tuple((s.word_index, s.original_word, s.substitute, s.relation) for s in subs)
+
+
+TargetCache = dict[tuple[str, int, bool], SalientTarget | None]
 Objective = tuple[SalientTarget | None, int, str]  # (target, direction, objective name)
 
 
@@ -167,14 +313,15 @@ def check_labels(rt: ModelRuntime, examples: Sequence[Example]) -> None:
 
 def target_finder(
     rt: ModelRuntime, settings: PipelineSettings, should_stop: StopFn, cache: TargetCache
-) -> Callable[[str, int], SalientTarget | None]:
-    """salient_target(text, label) memoised in `cache` (targets do not depend on the mode or
-    the objective, so attack modes and repair directions share them)."""
+) -> Callable[..., SalientTarget | None]:
+    """salient_target(text, label, prediction=False) memoised in `cache` (targets do not
+    depend on the mode or the objective, so attack modes and repair directions share them)."""
 
-    def target(text: str, label: int) -> SalientTarget | None:
-        key = (text, label)
+    def target(text: str, label: int, prediction: bool = False) -> SalientTarget | None:
+        key = (text, label, prediction)
         if key not in cache:
-            cache[key] = salient_target(rt, text, label, settings, should_stop)
+            cache[key] = salient_target(rt, text, label, settings, should_stop,
+                                        prediction=prediction)
         return cache[key]
 
     return target
@@ -192,19 +339,57 @@ def edits_for_objectives(
     *,
     train: Sequence[Example],
     example_index: int,
+    track: Tensor | None = None,
+    margin: float | None = None,
+    adaptive: bool = False,
 ) -> list[Edit]:
-    """Up to n edits split evenly across the objectives (earlier ones take the remainder),
-    each share from take_edits; an objective without a target contributes none."""
-    shares = [n // len(objectives) + (j < n % len(objectives)) for j in range(len(objectives))]
-    got: list[Edit] = []
-    for (tgt, direction, objective), share in zip(objectives, shares, strict=True):
-        if tgt is None or share == 0:
+    """Up to n edits, the objectives taking turns (one edit each, in order; an objective that
+    runs out leaves its turns to the others); an objective without a target contributes none.
+    `adaptive` with the test example's `margin` (and `track`, its s_test): stop as soon as the
+    first-order predicted margin change Σ Δm_y moves m_y across zero."""
+    live: list[tuple[Iterator[Edit], str]] = []
+    limit = max(3 * n, n + 10)
+    for tgt, direction, objective in objectives:
+        if tgt is None:
             continue
-        got += take_edits(
-            rt, tgt, direction, share, used, lexicon, search, rng, should_stop,
-            train=train, example_index=example_index, objective=objective,
-        )
+        live.append((iter_edits(
+            rt, tgt, direction, used, lexicon, search, rng, should_stop, train=train,
+            example_index=example_index, objective=objective, track=track,
+            max_attempts=limit,
+        ), objective))
+    got: list[Edit] = []
+    total = 0.0
+    while live and len(got) < n:
+        for item in list(live):
+            if len(got) >= n:
+                break
+            e = next(item[0], None)
+            if e is None:
+                live.remove(item)
+                continue
+            got.append(e)
+            total += e.predicted_margin_change
+            if adaptive and margin is not None and margin != 0 and (margin + total) * margin <= 0:
+                return got
     return got
+
+
+def example_report(
+    example_index: int, label: int, margin: float, edits: Sequence[Edit],
+    targets: Sequence[Objective],
+) -> ExampleReport:
+    """The ExampleReport of one test example from its edits (in search order)."""
+    changes = [e.predicted_margin_change for e in edits]
+    budget, reached = flip_budget(margin, changes)
+    rep = ExampleReport(example_index, label, margin, len(edits), float(sum(changes)),
+                        budget, reached)
+    for tgt, _, objective in targets:
+        if tgt is None:
+            continue
+        moved = sum(e.predicted_change for e in edits if e.objective == objective)
+        rep.targets.append(TargetReport(objective, tgt.word, tgt.measurement, tgt.value,
+                                        float(moved)))
+    return rep
 
 
 RANDOM_OBJECTIVE = "random substitution (baseline, no influence objective)"
@@ -236,6 +421,6 @@ def random_edits(
         used.add(idx)
         out.append(Edit(
             idx, ex.text, e.new_text, ex.label, example_index, e.word_index, e.original_word,
-            e.substitute, e.relation, 0.0, RANDOM_OBJECTIVE,
+            e.substitute, e.relation, 0.0, RANDOM_OBJECTIVE, substitutions=_subs(e.substitutions),
         ))
     return out

@@ -113,6 +113,18 @@ def _retrain(
     return RetrainSpec(mode, epochs, eval_examples, save_as)  # type: ignore[arg-type]
 
 
+MAX_WORDS = 10
+
+
+def _max_words(v: Violations, req: pb.AttackRequest | pb.RepairRequest) -> int:
+    """max_words m (unset: 1), a violation unless 1..MAX_WORDS."""
+    m = req.max_words if req.HasField("max_words") else 1
+    if not 1 <= m <= MAX_WORDS:
+        v.add("max_words", f"must be in 1..{MAX_WORDS}, got {m}")
+        return 1
+    return int(m)
+
+
 def attack_query(
     req: pb.AttackRequest, n_labels: int, jobs: JobLimits, limits: ExplainLimits,
     output_root: Path,
@@ -123,7 +135,8 @@ def attack_query(
                          limits.max_text_chars)
     mode = ATTACK_MODES.get(req.mode)
     if mode is None:
-        v.add("mode", "choose ATTACK_MODE_DEMOTE_SALIENT, _PROMOTE_WRONG, _COMBINED or _RANDOM"
+        v.add("mode", "choose ATTACK_MODE_DEMOTE_SALIENT, _PROMOTE_WRONG, _COMBINED, "
+              "_PREDICTION_MARGIN or _RANDOM"
               if req.mode == pb.ATTACK_MODE_UNSPECIFIED else f"{req.mode} is not an AttackMode")
     if not 1 <= req.examples_per_test <= jobs.max_examples_per_test:
         v.add("examples_per_test", f"must be in 1..{jobs.max_examples_per_test}, got "
@@ -131,6 +144,7 @@ def attack_query(
     t = req.random_candidates if req.HasField("random_candidates") else DEFAULT_RANDOM_CANDIDATES
     if not 0 <= t <= MAX_RANDOM_CANDIDATES:
         v.add("random_candidates", f"must be in 0..{MAX_RANDOM_CANDIDATES}, got {t}")
+    m = _max_words(v, req)
     settings = _influence(v, req.saliency, req.influence, limits)
     retrain = _retrain(v, req.retrain, n_labels, jobs, limits)
     v.raise_if_any()
@@ -139,7 +153,8 @@ def attack_query(
     assert mode is not None
     query = AttackQuery(
         examples=examples, mode=mode, examples_per_test=int(req.examples_per_test),
-        random_candidates=int(t), influence=settings, seed=int(req.seed),
+        random_candidates=int(t), influence=settings, seed=int(req.seed), max_words=m,
+        adaptive=bool(req.adaptive),
     )
     return query, retrain
 
@@ -156,6 +171,7 @@ def repair_query(
     if not 1 <= req.examples_per_error <= jobs.max_examples_per_test:
         v.add("examples_per_error", f"must be in 1..{jobs.max_examples_per_test}, got "
               f"{req.examples_per_error}")
+    m = _max_words(v, req)
     settings = _influence(v, req.saliency, req.influence, limits)
     retrain = _retrain(v, req.retrain, n_labels, jobs, limits)
     v.raise_if_any()
@@ -165,6 +181,7 @@ def repair_query(
         examples=examples, examples_per_error=int(req.examples_per_error),
         mode=mode,  # type: ignore[arg-type]
         random_candidates=DEFAULT_RANDOM_CANDIDATES, influence=settings, seed=int(req.seed),
+        max_words=m,
     )
     return query, retrain
 

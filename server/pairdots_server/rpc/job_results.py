@@ -9,7 +9,7 @@ from google.protobuf import timestamp_pb2
 from pairdots.v1 import pairdots_pb2 as pb
 from pairdots_server.model.retrain import Evaluation
 from pairdots_server.perturb.attack import AttackOutcome
-from pairdots_server.perturb.objectives import Edit
+from pairdots_server.perturb.objectives import Edit, ExampleReport
 from pairdots_server.perturb.repair import RepairOutcome
 from pairdots_server.service.jobs.perturb_jobs import JobEncoding, JobProgress
 
@@ -39,7 +39,29 @@ def edit_proto(e: Edit) -> pb.TrainingEdit:
         label=e.label, example_index=e.example_index, word_index=e.word_index,
         original_word=e.original_word, substitute=e.substitute, relation=e.relation,
         influence_change=e.influence_change, objective=e.objective,
+        influence_before=e.influence_before, influence_after=e.influence_after,
+        predicted_change=e.predicted_change, predicted_margin_change=e.predicted_margin_change,
+        substitutions=[
+            pb.Substitution(word_index=w, original_word=o, substitute=n, relation=r)
+            for w, o, n, r in e.substitutions
+        ],
     )
+
+
+def effect_proto(r: ExampleReport) -> pb.ExampleEffect:
+    out = pb.ExampleEffect(
+        example_index=r.example_index, label=r.label, margin=r.margin, edits=r.edits,
+        predicted_margin_change=r.predicted_margin_change, flip_budget=r.flip_budget,
+        flip_budget_reached=r.flip_budget_reached,
+        targets=[
+            pb.TargetEffect(objective=t.objective, word=t.word, measurement=t.measurement,
+                            value=t.value, predicted_change=t.predicted_change)
+            for t in r.targets
+        ],
+    )
+    if r.measured_margin is not None:
+        out.measured_margin = r.measured_margin
+    return out
 
 
 def evaluation_proto(ev: Evaluation) -> pb.Evaluation:
@@ -56,7 +78,8 @@ def _add_evaluation(result: pb.AttackResult | pb.RepairResult, ev: Evaluation | 
 
 
 def attack_result(out: AttackOutcome, ev: Evaluation | None) -> tuple[str, bytes]:
-    result = pb.AttackResult(edits=[edit_proto(e) for e in out.edits], notes=out.notes)
+    result = pb.AttackResult(edits=[edit_proto(e) for e in out.edits], notes=out.notes,
+                             effects=[effect_proto(r) for r in out.reports])
     _add_evaluation(result, ev)
     return ATTACK_RESULT_TYPE, result.SerializeToString()
 
@@ -64,6 +87,7 @@ def attack_result(out: AttackOutcome, ev: Evaluation | None) -> tuple[str, bytes
 def repair_result(out: RepairOutcome, ev: Evaluation | None) -> tuple[str, bytes]:
     result = pb.RepairResult(
         errors_found=out.errors_found, edits=[edit_proto(e) for e in out.edits], notes=out.notes,
+        effects=[effect_proto(r) for r in out.reports],
     )
     _add_evaluation(result, ev)
     return REPAIR_RESULT_TYPE, result.SerializeToString()

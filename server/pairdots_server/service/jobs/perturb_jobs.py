@@ -18,8 +18,9 @@ from pathlib import Path
 
 from pairdots_server.influence.runtime import ModelRuntime
 from pairdots_server.model.retrain import Evaluation, RetrainSpec, retrain_and_evaluate
+from pairdots_server.model.task import Task
 from pairdots_server.perturb.attack import AttackOutcome, AttackQuery, run_attack
-from pairdots_server.perturb.objectives import Edit
+from pairdots_server.perturb.objectives import Edit, ExampleReport, margins
 from pairdots_server.perturb.repair import RepairOutcome, RepairQuery, run_repair
 from pairdots_server.service.jobs.runner import JobContext, JobFn, JobResult
 from pairdots_server.storage.data import Example
@@ -91,14 +92,24 @@ def _retrain(
     rt: ModelRuntime, train: Sequence[Example], retrain: RetrainSpec | None,
     examples: Sequence[Example], report: ProgressReporter, env: JobEnv,
     provenance: dict[str, object], should_stop: Callable[[], None],
+    reports: Sequence[ExampleReport] = (),
 ) -> Evaluation | None:
-    """Retrain on the edited training set and evaluate (None when no retraining is asked)."""
+    """Retrain on the edited training set and evaluate (None when no retraining is asked);
+    the reports get the retrained model's margins."""
     if retrain is None:
         return None
     return retrain_and_evaluate(
         rt, train, retrain, examples, should_stop, report, output_root=env.output_root,
-        provenance=provenance,
+        provenance=provenance, inspect=lambda task: _measure(rt, task, examples, reports),
     )
+
+
+def _measure(rt: ModelRuntime, task: Task, examples: Sequence[Example],
+             reports: Sequence[ExampleReport]) -> None:
+    """Each report's measured_margin: m_y of its request example under the retrained task."""
+    picked = [examples[r.example_index] for r in reports]
+    for r, m in zip(reports, margins(task, picked, rt.max_length), strict=True):
+        r.measured_margin = m
 
 
 @contextlib.contextmanager
@@ -128,7 +139,7 @@ def attack_job(rt: ModelRuntime, q: AttackQuery, retrain: RetrainSpec | None, en
                 scoring_batch_size=env.scoring_batch_size,
             )
             ev = _retrain(rt, out.train, retrain, q.examples, report, env,
-                          _provenance("attack", out.edits, q.seed), should_stop)
+                          _provenance("attack", out.edits, q.seed), should_stop, out.reports)
         report("done", 1, 1)
         return env.encoding.attack(out, ev)
 
@@ -147,7 +158,7 @@ def repair_job(rt: ModelRuntime, q: RepairQuery, retrain: RetrainSpec | None, en
                 scoring_batch_size=env.scoring_batch_size,
             )
             ev = _retrain(rt, out.train, retrain, q.examples, report, env,
-                          _provenance("repair", out.edits, q.seed), should_stop)
+                          _provenance("repair", out.edits, q.seed), should_stop, out.reports)
         report("done", 1, 1)
         return env.encoding.repair(out, ev)
 
