@@ -141,6 +141,7 @@ def test_scope_only_retrain_reports_and_saves(rt: ModelRuntime, tmp_path: object
     from pathlib import Path
 
     out_root = Path(str(tmp_path)) / "out"
+    out_root.mkdir()  # an output root must exist and be writable (retrain.check_save_as)
     before_state = {k: v.clone() for k, v in rt.task.model.state_dict().items()}
     attack = run_attack(rt, AttackQuery(DEV[:2], AttackMode.RANDOM, 4, seed=1), lambda: None,
                         default_candidates=N_TRAIN)
