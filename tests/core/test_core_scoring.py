@@ -37,6 +37,10 @@ def test_jvp_scores_equal_explicit_gradients(tiny: Tiny) -> None:
     idx = list(range(n - 1, -1, -1))  # any order, batches of 5 with their own padding
     got_rows = score_rows(tiny.logits_fn, params, s_test, _rows(tiny, idx), batch_size=5)
     torch.testing.assert_close(got_rows, expect[idx], atol=1e-12, rtol=1e-9)
+    by_tokens = score_rows(  # batches of at most 12 padded tokens (one row when longer)
+        tiny.logits_fn, params, s_test, _rows(tiny, idx), batch_size=100, max_tokens=12
+    )
+    torch.testing.assert_close(by_tokens, expect[idx], atol=1e-12, rtol=1e-9)
     assert expect.abs().max() > 1e-4  # not trivially zero
 
 

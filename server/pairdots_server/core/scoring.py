@@ -90,10 +90,13 @@ def score_rows(
     s_test: Tensor,
     rows: Sequence[Row],
     batch_size: int = 64,
+    max_tokens: int | None = None,
 ) -> Tensor:
     """I(z_r, f) = -⟨s_test, ∇θL(z_r)⟩ (Eq. 5) for every row -> [R] (rows' dtype).
 
-    Rows are batched in order of their attended length (little padding), batch_size at a time.
+    Rows are batched in order of their attended length (little padding): at most batch_size
+    rows per batch, and with max_tokens also at most max_tokens padded tokens (rows · longest),
+    which bounds the activations a batch holds.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -101,16 +104,34 @@ def score_rows(
         return torch.zeros(0)
     detached = {k: v.detach() for k, v in params.items()}
     direction = unflatten(s_test.detach().to(rows[0].embeds.dtype), detached)
-    order = sorted(range(len(rows)), key=lambda r: (int(rows[r].mask.sum()), r))
+    lengths = [int(r.mask.sum()) for r in rows]
+    order = sorted(range(len(rows)), key=lambda r: (lengths[r], r))
     out = torch.empty(len(rows), dtype=rows[0].embeds.dtype, device=rows[0].embeds.device)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    for chunk in _batches(order, lengths, batch_size, max_tokens):
         batch = [rows[r] for r in chunk]
-        t = max(int(r.mask.sum()) for r in batch)  # trim to the longest attended length
+        t = max(lengths[r] for r in chunk)  # trim to the longest attended length
         emb, mask, labels = _pad([Row(r.embeds[:t], r.mask[:t], r.label) for r in batch])
         out[torch.tensor(chunk)] = neg_directional_losses(
             logits_fn, detached, direction, emb, mask, labels
         )
+    return out
+
+
+def _batches(
+    order: Sequence[int], lengths: Sequence[int], batch_size: int, max_tokens: int | None
+) -> list[list[int]]:
+    """Consecutive runs of `order` (ascending length) of at most batch_size rows and, with
+    max_tokens, at most max_tokens padded tokens (a single longer row is its own batch)."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    for r in order:
+        too_long = max_tokens is not None and (len(cur) + 1) * lengths[r] > max_tokens
+        if cur and (len(cur) >= batch_size or too_long):
+            out.append(cur)
+            cur = []
+        cur.append(r)
+    if cur:
+        out.append(cur)
     return out
 
 
@@ -131,7 +152,8 @@ def token_influence_many(
     rows: Sequence[Row],
     positions: Sequence[Sequence[int]],
     unk_embed: Tensor,
-    batch_size: int = 64,
+    batch_size: int = 256,
+    max_tokens: int | None = 4096,
 ) -> list[Tensor]:
     """Eq. 8 for several training examples at once: for row r, out[r][t] = I(z_r, f) −
     I(z̃_r(t, UNK), f) at every t in positions[r] (0 elsewhere), each [T_r]. All bases and
@@ -141,7 +163,7 @@ def token_influence_many(
     flat: list[Row] = list(rows)
     for r, pos in zip(rows, positions, strict=True):
         flat.extend(unk_rows(r, pos, unk_embed))
-    scores = score_rows(logits_fn, params, s_test, flat, batch_size)  # [R + Σ|pos|]
+    scores = score_rows(logits_fn, params, s_test, flat, batch_size, max_tokens)  # [R + Σ|pos|]
     out = []
     offset = len(rows)
     for i, (r, pos) in enumerate(zip(rows, positions, strict=True)):

@@ -291,8 +291,7 @@ def _ranked_examples(
         start_t = time.perf_counter()
         items = sup_ans + opp_ans
         attributions = steps.word_attributions(
-            rt, s_test, [it.train_index for it in items], q.token_influence,
-            batch_size=settings.scoring_batch_size, memo=memo,
+            rt, s_test, [it.train_index for it in items], q.token_influence, memo=memo,
         )
         for item, (words, totals) in zip(items, attributions, strict=True):
             _responsible_word(item, words, totals)

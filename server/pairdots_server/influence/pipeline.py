@@ -386,12 +386,13 @@ def word_attribution(
 
 def word_attributions(
     rt: ModelRuntime, s_test: Tensor, indices: Sequence[int],
-    method: TokenInfluence = TokenInfluence.EXACT, *, batch_size: int = 64,
+    method: TokenInfluence = TokenInfluence.EXACT, *, max_tokens: int = 4096,
     memo: ScoreMemo | None = None,
 ) -> list[tuple[list[str], list[float]]]:
     """(words, Eq. 8 totals per word) for each training example in `indices`, labelled with its
-    own label. EXACT: every example's base and [UNK] copies scored together in batches of
-    batch_size (core/scoring.token_influence_many); others: word_attribution one by one."""
+    own label. EXACT: every example's base and [UNK] copies scored together in batches of at
+    most max_tokens padded tokens (core/scoring.token_influence_many); others:
+    word_attribution one by one."""
     known = memo.words if memo is not None else {}
     todo = [int(i) for i in dict.fromkeys(int(i) for i in indices) if int(i) not in known]
     fresh: dict[int, tuple[list[str], list[float]]] = {}
@@ -401,7 +402,7 @@ def word_attributions(
                 for i, e in zip(todo, encs, strict=True)]
         per_token = token_influence_many(
             rt.task.logits_fn, rt.params, s_test, rows, [e.word_positions for e in encs],
-            rt.unk_embed, batch_size,
+            rt.unk_embed, batch_size=max_tokens, max_tokens=max_tokens,
         )  # [T_r] each
         for i, e, vals in zip(todo, encs, per_token, strict=True):
             totals = [0.0] * len(e.words)
