@@ -84,10 +84,10 @@ class ArtifactConfig:
         return self.index_dim if self.index_dim is not None else 1024
 
 
-def train_grad_fn(rt: ModelRuntime) -> Callable[[list[int]], Tensor]:
+def train_grad_fn(rt: ModelRuntime) -> Callable[[Sequence[int]], Tensor]:
     """indices -> ∇θL(z_i) rows [B,P] over the bundle's scope."""
 
-    def grads(indices: list[int]) -> Tensor:
+    def grads(indices: Sequence[int]) -> Tensor:
         enc = rt.encode_train(indices)
         return per_example_loss_grads(rt.task.logits_fn, rt.params, enc.embeds, enc.mask,
                                       enc.labels)
