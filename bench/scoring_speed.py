@@ -12,7 +12,10 @@ so that both sides of every ratio see the same machine load.
             index pays per query when its 7.9 GB matrix is not cached) and its dense build.
 
 s_test is the prediction-margin s_test of one SST-2 test sentence (the bundle's default
-solver). Agreement: max |Δ| / max |I| between the paths. Last line: one JSON object; also
+solver). Without --bundle: the packaged all-MiniLM-L6-v2 with a head fitted on --head SST-2
+examples (bench/fidelity.load_minilm_problem, same scope, no bundle loaded), a random unit
+s_test, and the core functions directly (core.grads vs core.scoring; Eq. 8:
+core.influence.token_influence_exact per example vs core.scoring.token_influence_many). Agreement: max |Δ| / max |I| between the paths. Last line: one JSON object; also
 bench/results/scoring_speed.json.
 """
 
@@ -36,7 +39,8 @@ from pairdots_server.influence.settings import InfluenceSettings
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--bundle", default=None, help="prepared bundle; default: raw MiniLM")
+    ap.add_argument("--head", type=int, default=64, help="raw MiniLM: head-fit examples")
     ap.add_argument("--examples", type=int, default=256, help="training examples scored")
     ap.add_argument("--eq8-examples", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -49,6 +53,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.bundle is None:
+        raw_main(args)
+        return
 
     rt, load_s = load_runtime(args.bundle, args.threads)
     settings = InfluenceSettings().resolve(
@@ -158,6 +165,100 @@ def main() -> None:
     with open("/proc/loadavg") as fh:
         result["loadavg"] = fh.read().split()[:3]
     write_result("scoring_speed", result)
+    print(json.dumps(result), flush=True)
+
+
+def raw_main(args: argparse.Namespace) -> None:
+    """The scoring and Eq. 8 comparisons on the packaged MiniLM (no bundle)."""
+    from fidelity import load_minilm_problem
+
+    from pairdots_server.core.influence import token_influence_exact
+    from pairdots_server.core.scoring import Row, influence_jvp, token_influence_many
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    p = load_minilm_problem(None, args.examples, args.head)
+    load_s = time.perf_counter() - t0
+    fn = p.logits_fn  # type: ignore[assignment]
+    n_params = sum(int(v.numel()) for v in p.params.values())
+    s_test = torch.randn(n_params, generator=torch.Generator().manual_seed(args.seed))
+    s_test /= s_test.norm()
+    lengths = p.mask.sum(1).tolist()
+    order = sorted(range(args.examples), key=lambda i: (lengths[i], i))
+
+    def batches() -> list[list[int]]:
+        return [order[b : b + args.batch_size] for b in range(0, len(order), args.batch_size)]
+
+    def trim(ix: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = int(max(lengths[i] for i in ix))
+        return p.embeds[ix, :t], p.mask[ix, :t], p.labels[ix]
+
+    e, mk, y = trim(order[:4])  # warm-up of both paths
+    t0 = time.perf_counter()
+    influence_jvp(fn, p.params, s_test, e, mk, y)
+    t_warm = time.perf_counter() - t0
+    per_example_loss_grads(fn, p.params, e, mk, y)
+    t0 = time.perf_counter()
+    ref = torch.cat(
+        [-(per_example_loss_grads(fn, p.params, *trim(ix)) @ s_test).double() for ix in batches()]
+    )
+    t_grad = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    got = torch.cat([influence_jvp(fn, p.params, s_test, *trim(ix)).double() for ix in batches()])
+    t_jvp = time.perf_counter() - t0
+    err = float((got - ref).abs().max() / ref.abs().max())
+    log(
+        f"raw MiniLM scoring {args.examples}: gradients {t_grad:.2f}s, jvp {t_jvp:.2f}s "
+        f"({t_grad / t_jvp:.1f}x), max |Δ|/max|I| {err:.2e} (first jvp call {t_warm:.2f}s)"
+    )
+
+    ex = order[-args.eq8_examples :]  # the longest: most [UNK] copies
+    rows = [
+        Row(p.embeds[i, : int(lengths[i])], p.mask[i, : int(lengths[i])], int(p.labels[i]))
+        for i in ex
+    ]
+    pos = [list(range(1, int(lengths[i]) - 1)) for i in ex]
+    t0 = time.perf_counter()
+    one = [
+        token_influence_exact(
+            fn, p.params, s_test, r.embeds[None], r.mask[None], r.label, p.unk_embed, q
+        )
+        for r, q in zip(rows, pos, strict=True)
+    ]
+    t_one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    many = token_influence_many(fn, p.params, s_test, rows, pos, p.unk_embed)
+    t_many = time.perf_counter() - t0
+    err8 = max(float((a - b).abs().max()) for a, b in zip(one, many, strict=True)) / max(
+        float(a.abs().max()) for a in one
+    )
+    log(
+        f"raw MiniLM eq8 {len(ex)} examples ({sum(map(len, pos))} copies): one by one "
+        f"{t_one:.2f}s, batched {t_many:.2f}s ({t_one / t_many:.1f}x), max |Δ|/max {err8:.2e}"
+    )
+    result: dict[str, object] = {
+        "bench": "scoring_speed",
+        "model": p.source,
+        "scope_parameters": n_params,
+        "threads": args.threads,
+        "load_seconds": load_s,
+        "examples": args.examples,
+        "batch_size": args.batch_size,
+        "first_jvp_call_s": t_warm,
+        "scoring_gradients_s": t_grad,
+        "scoring_jvp_s": t_jvp,
+        "scoring_speedup": t_grad / t_jvp,
+        "scoring_max_rel_diff": err,
+        "eq8_examples": len(ex),
+        "eq8_copies": sum(map(len, pos)),
+        "eq8_one_by_one_s": t_one,
+        "eq8_batched_s": t_many,
+        "eq8_speedup": t_one / t_many,
+        "eq8_max_rel_diff": err8,
+    }
+    with open("/proc/loadavg") as fh:
+        result["loadavg"] = fh.read().split()[:3]
+    write_result("scoring_speed_raw_minilm", result)
     print(json.dumps(result), flush=True)
 
 
