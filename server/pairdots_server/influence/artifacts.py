@@ -66,7 +66,9 @@ class ArtifactConfig:
     MiniLM SST-2 bundle (bench/prefilter.py, 20 test sentences): recall@10 0.907 at 2 % of
     the training set per direction with k = 1024, against 0.70 with k = 256. The dense
     projection of the 1.9M-parameter scope is 7.9 GB at k = 1024 (2 GB at 256), cached in
-    memory when building and serving; pass a smaller index_dim on small machines."""
+    memory when building and serving. index_projection "sparse_sign" (the default; index/
+    sparse_sign.py) never builds that matrix: 12 bytes per scoped parameter at any k;
+    "gaussian" builds indexes like older bundles'."""
 
     index: bool = True
     index_dim: int | None = None
