@@ -15,7 +15,11 @@ double backprop), solve (s_test), candidates (projection + index search), exact_
 the wall time of the call, other = total - the stages. The cold call of `default` also pays
 the index and low-rank loads; the cold call of `lissa` the curvature sample and λ_max.
 
-Last line: one JSON object.
+Memory: the process's resident set (VmRSS, and the peak VmHWM) after loading and after the
+last call — the same ModelRuntime a server holds per bundle. Warm p50 / p90 are over the
+warm calls (distinct sentences, no s_test cache hit).
+
+Last line: one JSON object; also bench/results/explain_latency.json.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import statistics
 from dataclasses import replace
 
 from _common import default_candidates, load_runtime, log, no_stop, sample_sentences
+from _results import write_result
 
 from pairdots_server.influence.explain import ExplainAnswer, ExplainQuery, explain
 from pairdots_server.influence.runtime import ModelRuntime
@@ -74,12 +79,26 @@ def run_config(
     warm = calls[1:]
     if warm:
         out["warm_mean"] = {s: statistics.fmean(c[s] for c in warm) for s in warm[0]}
+        totals = sorted(c["total"] for c in warm)
+        out["warm_p50"] = statistics.median(totals)
+        out["warm_p90"] = totals[min(len(totals) - 1, round(0.9 * (len(totals) - 1)))]
         row, ans = call(rt, replace(base, text=texts[1]), k)
         out["cache_hit"] = row
         log(f"[{name}] repeat (s_test cached) {texts[1][:50]!r}: total {row['total']:.2f}s "
             f"solve {row['solve']:.3f}s")
     out["candidates_scored"] = ans.candidates_scored
     out["top_words"] = base.top_words
+    return out
+
+
+def rss_mb() -> dict[str, float]:
+    """VmRSS and VmHWM (peak) of this process in MB, from /proc/self/status."""
+    out: dict[str, float] = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(rest.split()[0]) / 1024
     return out
 
 
@@ -95,9 +114,12 @@ def main() -> None:
                     help="exhaustive calls (1 = only the cold one)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the SST-2 test sample")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--result-name", default="explain_latency",
+                    help="bench/results/<name>.json")
     args = ap.parse_args()
 
     rt, load_s = load_runtime(args.bundle, args.threads)
+    rss_loaded = rss_mb()
     k = default_candidates(rt.n_train)
     log(f"bundle {rt.name}: N={rt.n_train}, P={rt.num_params}, index={rt.has_index}, "
         f"low-rank={rt.has_lowrank}, K={k}/direction, threads {args.threads}, "
@@ -131,11 +153,22 @@ def main() -> None:
             if row:
                 log(f"{name:>10} {kind[:6]:>6} " + " ".join(f"{row[s]:10.3f}" for s in STAGES)
                     + f" {row['other']:7.3f} {row['total']:8.2f}")
-    print(json.dumps({
-        "bench": "explain_latency", "bundle": rt.name, "n_train": rt.n_train,
-        "scope_parameters": rt.num_params, "candidates": k, "threads": args.threads,
-        "lissa_depth": args.lissa_depth, "load_seconds": load_s, "configs": results,
-    }), flush=True)
+    rss_end = rss_mb()
+    log(f"RSS after load {rss_loaded.get('VmRSS', 0):.0f} MB, after the calls "
+        f"{rss_end.get('VmRSS', 0):.0f} MB (peak {rss_end.get('VmHWM', 0):.0f} MB)")
+    index_info: dict[str, object] = {}
+    if rt.has_index:
+        index, projection = rt.index()
+        index_info = {"index": index.describe(), "projection": projection.describe()}
+    result = {
+        "bench": "explain_latency", "bundle": rt.name, "bundle_path": args.bundle,
+        "n_train": rt.n_train, "scope_parameters": rt.num_params, "candidates": k,
+        "threads": args.threads, "lissa_depth": args.lissa_depth, "load_seconds": load_s,
+        "rss_mb_after_load": rss_loaded, "rss_mb_after_calls": rss_end, **index_info,
+        "configs": results,
+    }
+    write_result(args.result_name, result)
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

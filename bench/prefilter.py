@@ -19,7 +19,16 @@ Speedup = exhaustive time per query / (search + exact scoring of the union) per 
   (Explain's own code), timed on the first --timed-sentences sentences at the default K and the
   largest K ≤ 5 % of N. Both in this run, same threads.
 
-Last line: one JSON object.
+Sparse-sign sketches (--sketch-dims k1 k2 ...): the exhaustive pass's gradients are also
+sketched with index/sparse_sign.py at each k (the same rows a `pairdots index build
+--index-projection sparse_sign --index-dim k` would store), searched exactly in memory, and
+their recall reported next to the bundle's own index (--no-bundle-index skips that one: a
+Gaussian index caches its 7.9 GB matrix). --write-index DIR --write-dim k writes the sketch
+at k as an index directory (index/store.py format), so no second gradient pass is needed.
+--margin also scores each sentence's prediction-margin s_test (Explain's default word-level and
+prediction-level query; core/measure.grad_theta_margin).
+
+Last line: one JSON object; also bench/results/prefilter.json.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,22 +52,29 @@ from _common import (
     summary,
     top_word_query,
 )
+from _results import write_result
 from torch import Tensor
 
 from pairdots_server.core.grads import per_example_loss_grads
+from pairdots_server.index.exact import ExactIndex
 from pairdots_server.index.recall import recall_at
+from pairdots_server.index.sparse_sign import SparseSignProjection
+from pairdots_server.index.store import IndexMeta, save_index_data
 from pairdots_server.influence import pipeline as steps
 from pairdots_server.influence.runtime import ModelRuntime
 from pairdots_server.influence.settings import InfluenceSettings
 
 
 def exhaustive_influence(
-    rt: ModelRuntime, s_tests: Tensor, batch_size: int
-) -> tuple[Tensor, float, float]:
+    rt: ModelRuntime, s_tests: Tensor, batch_size: int,
+    sketches: Sequence[SparseSignProjection] = (),
+) -> tuple[Tensor, float, float, list[np.ndarray]]:
     """I [N,Q] = -G S for all training examples (G [N,P] in batches, S [P,Q]);
-    also (seconds computing gradients, seconds in the products)."""
+    also (seconds computing gradients, seconds in the products, and for each sketch the
+    vectors [N, k] of G's rows sketched)."""
     n = rt.n_train
     out = torch.empty(n, s_tests.shape[1], dtype=torch.float64)  # [N,Q]
+    sketched = [np.empty((n, sk.out_dim), dtype=np.float32) for sk in sketches]
     t_grad = t_mm = 0.0
     next_report = 0.1
     start = time.perf_counter()
@@ -68,11 +86,26 @@ def exhaustive_influence(
         t1 = time.perf_counter()
         out[b : b + g.shape[0]] = -(g @ s_tests.to(g.dtype)).double()  # [B,Q]
         t_mm += time.perf_counter() - t1
+        for sk, vec in zip(sketches, sketched, strict=True):
+            vec[b : b + g.shape[0]] = sk.project(g).numpy()  # [B,k]
         t_grad += t1 - t0
         if (b + g.shape[0]) / n >= next_report:
             log(f"  exhaustive pass {b + g.shape[0]}/{n} ({time.perf_counter() - start:.0f}s)")
             next_report += 0.1
-    return out, t_grad, t_mm
+    return out, t_grad, t_mm, sketched
+
+
+def sketch_ids(
+    sk: SparseSignProjection, vectors: np.ndarray, s_tests: Tensor, k: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(supporting ids [k], opposing ids [k]) per query from an exact in-memory search of the
+    sketched vectors, queried as pipeline.candidates does (∓ S s_test)."""
+    index = ExactIndex(sk.out_dim)
+    index.add(vectors, np.arange(vectors.shape[0], dtype=np.int64))
+    q = sk.project(s_tests.T.float()).numpy()  # [Q,k_proj]
+    _, sup = index.search(-q, k)
+    _, opp = index.search(q, k)
+    return [(sup[i], opp[i]) for i in range(q.shape[0])]
 
 
 def search_ids(rt: ModelRuntime, s_test: Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,9 +143,33 @@ def recall_row(
     return row
 
 
+def margin_query(rt: ModelRuntime, q: WordQuery) -> WordQuery:
+    """The same sentence's prediction-margin s_test (Explain's default word-level query)."""
+    resolved = InfluenceSettings().resolve(rt, default_candidates=default_candidates(rt.n_train))
+    enc = steps.encode_text(rt, q.text)
+    m = steps.Measurement(steps.MeasurementKind.PREDICTION_MARGIN, q.label)
+    s_test, diag = steps.measurement_s_test(rt, enc, m, resolved, no_stop)
+    return WordQuery(q.text, q.label, -1, "<margin>", s_test, diag)
+
+
+def recall_table(
+    queries: list[WordQuery], infl: Tensor, ids: list[tuple[np.ndarray, np.ndarray]],
+    ks: list[int],
+) -> dict[str, dict[str, dict[str, float]]]:
+    """{"word": {K: row}, "margin": {K: row}} over the queries of each measurement."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name in ("word", "margin"):
+        cols = [i for i, q in enumerate(queries) if (q.word == "<margin>") == (name == "margin")]
+        if cols:
+            out[name] = {str(k): recall_row([queries[i] for i in cols], infl[:, cols],
+                                            [ids[i] for i in cols], k) for k in ks}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bundle", required=True, help="prepared bundle with index/ (and low-rank)")
+    ap.add_argument("--bundle", required=True, help="prepared bundle (with index/ unless "
+                    "--no-bundle-index)")
     ap.add_argument("--sentences", type=int, default=20, help="SST-2 test sentences (≥ 20)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the sentence sample")
     ap.add_argument("--candidates", type=int, nargs="*", default=None,
@@ -122,23 +179,35 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32,
                     help="gradient batch size (Explain's scoring_batch_size)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--sketch-dims", type=int, nargs="*", default=[],
+                    help="sparse-sign sketch dimensions to evaluate alongside")
+    ap.add_argument("--sketch-seed", type=int, default=0)
+    ap.add_argument("--no-bundle-index", action="store_true",
+                    help="do not load or evaluate the bundle's own index")
+    ap.add_argument("--margin", action="store_true",
+                    help="also the prediction-margin s_test of every sentence")
+    ap.add_argument("--write-index", default=None, help="write the sketch at --write-dim here")
+    ap.add_argument("--write-dim", type=int, default=None)
     args = ap.parse_args()
 
     rt, load_s = load_runtime(args.bundle, args.threads)
-    if not rt.has_index:
-        raise SystemExit(f"{args.bundle}: the bundle has no index; run `pairdots index build`")
+    use_bundle = not args.no_bundle_index
+    if use_bundle and not rt.has_index:
+        raise SystemExit(f"{args.bundle}: the bundle has no index; run `pairdots index build` "
+                         "or pass --no-bundle-index")
     n = rt.n_train
-    index, projection = rt.index()
     k_default = default_candidates(n)
     ks = sorted(set(args.candidates or [max(1, round(f * n))
                                         for f in (0.005, 0.01, 0.02, 0.05, 0.10)]))
     ks = [min(k, n) for k in ks] + ([k_default] if k_default not in ks else [])
     ks = sorted(set(ks))
     k_large = max((k for k in ks if k <= 0.05 * n), default=min(ks))
-    log(f"bundle {rt.name}: N={n}, scope P={rt.num_params}, index {index.describe()}, "
-        f"projection dim {projection.out_dim}, threads {args.threads}, loaded in {load_s:.1f}s")
+    sketch_dims = sorted(set(args.sketch_dims + ([args.write_dim] if args.write_dim else [])))
+    sketches = [SparseSignProjection(rt.num_params, d, args.sketch_seed) for d in sketch_dims]
+    log(f"bundle {rt.name}: N={n}, scope P={rt.num_params}, sketches {sketch_dims}, "
+        f"threads {args.threads}, loaded in {load_s:.1f}s")
 
-    # 1. s_test for the top word of each sentence
+    # 1. s_test for the top word of each sentence (and its margin)
     t0 = time.perf_counter()
     queries = []
     for text, _gold in sample_sentences(args.sentences, args.seed):
@@ -146,21 +215,67 @@ def main() -> None:
         queries.append(q)
         log(f"  [{len(queries):2d}] {q.word!r:>14} in {text[:60]!r} "
             f"(solver {q.solver['method']}, ‖s‖={q.solver['norm']:.3g})")
-    log(f"s_test for {len(queries)} words in {time.perf_counter() - t0:.1f}s")
+        if args.margin:
+            queries.append(margin_query(rt, q))
+    log(f"s_test for {len(queries)} queries in {time.perf_counter() - t0:.1f}s")
     s_mat = torch.stack([q.s_test for q in queries], dim=1)  # [P,Q]
 
-    # 2. exhaustive exact influence: one gradient pass over all N
+    # 2. exhaustive exact influence: one gradient pass over all N (sketched on the way)
     log(f"exhaustive exact influence over all {n} training examples...")
-    infl, t_grad, t_mm = exhaustive_influence(rt, s_mat, args.batch_size)
+    infl, t_grad, t_mm, sketched = exhaustive_influence(rt, s_mat, args.batch_size, sketches)
     exhaustive_per_query = t_grad + t_mm / len(queries)
     log(f"  gradients {t_grad:.1f}s + products {t_mm:.2f}s -> {exhaustive_per_query:.1f}s "
         "per query")
+    if args.write_index:
+        at = sketch_dims.index(args.write_dim)
+        meta = IndexMeta.for_projection(sketches[at], count=n, scope=rt.task.scope.describe())
+        out = save_index_data(Path(args.write_index), np.arange(n, dtype=np.int64),
+                              sketched[at], meta)
+        log(f"  sparse-sign index k={args.write_dim} written to {out}")
 
-    # 3. recall for each K
+    # 3. recall for each K: the sketches, then the bundle's index
+    sketch_tables = {}
+    for sk, vec in zip(sketches, sketched, strict=True):
+        ids_sk = sketch_ids(sk, vec, s_mat, max(ks))
+        sketch_tables[str(sk.out_dim)] = recall_table(queries, infl, ids_sk, ks)
+        for name, rows_m in sketch_tables[str(sk.out_dim)].items():
+            r = rows_m[str(k_default)]
+            log(f"  sparse-sign k={sk.out_dim:5d} {name:>6}: K={k_default} recall@10 "
+                f"{r['recall_at_10']:.3f} (min {r['recall_at_10_min']:.2f}) recall@100 "
+                f"{r['recall_at_100']:.3f}, scored {r['scored_mean']:.0f}")
+    result: dict[str, object] = {
+        "bench": "prefilter",
+        "bundle": rt.name,
+        "n_train": n,
+        "scope_parameters": rt.num_params,
+        "sentences": args.sentences,
+        "queries": len(queries),
+        "solver": sorted({str(q.solver["method"]) for q in queries}),
+        "threads": args.threads,
+        "default_candidates": k_default,
+        "exhaustive_seconds_per_query": exhaustive_per_query,
+        "exhaustive_gradient_seconds": t_grad,
+        "sparse_sign": {"seed": args.sketch_seed, "by_dim": sketch_tables,
+                        "bytes": {str(sk.out_dim): sk.matrix_bytes for sk in sketches}},
+    }
+    if use_bundle:
+        result.update(bundle_index_rows(rt, args, queries, infl, ks, k_default, k_large,
+                                        exhaustive_per_query))
+    write_result("prefilter", result)
+    print(json.dumps(result, default=str), flush=True)
+
+
+def bundle_index_rows(
+    rt: ModelRuntime, args: argparse.Namespace, queries: list[WordQuery], infl: Tensor,
+    ks: list[int], k_default: int, k_large: int, exhaustive_per_query: float,
+) -> dict[str, object]:
+    """Recall and timing of the bundle's own index (as before the sparse sketch)."""
+    n = rt.n_train
+    index, projection = rt.index()
     ids = [search_ids(rt, q.s_test, max(ks)) for q in queries]
     rows = {k: recall_row(queries, infl, ids, k) for k in ks}
 
-    # 4. time search + exact scoring at the default and largest-≤5 % K (Explain's own code)
+    # time search + exact scoring at the default and largest-≤5 % K (Explain's own code)
     timed_k = sorted({k_default, k_large})
     timing: dict[int, list[float]] = {k: [] for k in timed_k}
     max_err = 0.0
@@ -185,7 +300,6 @@ def main() -> None:
             f"K={k}: {timing[k][-1]:.2f}s" for k in timed_k))
     log(f"prefilter exact scores vs exhaustive: max |Δ| / max |I| = {max_err:.2e}")
 
-    # table
     log("")
     log(f"{'K/dir':>6} {'% N':>6} {'scored':>7} {'% N':>6} | {'r@10':>5} {'sup':>5} {'opp':>5} "
         f"{'min':>5} | {'r@100':>5} {'sup':>5} {'opp':>5} | {'r@10d':>5} {'r@100d':>6} | "
@@ -198,7 +312,6 @@ def main() -> None:
             f"{r['opp_10']:5.3f} {r['recall_at_10_min']:5.2f} | {r['recall_at_100']:5.3f} "
             f"{r['sup_100']:5.3f} {r['opp_100']:5.3f} | {r['recall_at_10_dir']:5.3f} "
             f"{r['recall_at_100_dir']:6.3f} | {t:7.2f} {exhaustive_per_query / t:7.1f}")
-    log(f"exhaustive exact scoring: {exhaustive_per_query:.1f}s per query")
 
     def point(k: int) -> dict[str, object]:
         r = rows[k]
@@ -222,20 +335,11 @@ def main() -> None:
             "speedup": exhaustive_per_query / t,
         }
 
-    solvers = {str(q.solver["method"]) for q in queries}
-    result = {
-        "bench": "prefilter",
-        "bundle": rt.name,
-        "n_train": n,
-        "scope_parameters": rt.num_params,
+    return {
         "projection_dim": projection.out_dim,
+        "projection": projection.describe(),
         "index": index.describe(),
-        "sentences": len(queries),
         "timed_sentences": len(timing[k_default]),
-        "solver": sorted(solvers),
-        "threads": args.threads,
-        "exhaustive_seconds_per_query": exhaustive_per_query,
-        "exhaustive_gradient_seconds": t_grad,
         "max_rel_score_error": max_err,
         **point(k_default),
         "default": point(k_default),
@@ -244,7 +348,6 @@ def main() -> None:
             "recall_at_10", "recall_at_100", "recall_at_10_dir", "recall_at_100_dir",
             "scored_mean")} for k in ks},
     }
-    print(json.dumps(result, default=str), flush=True)
 
 
 if __name__ == "__main__":

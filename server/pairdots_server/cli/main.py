@@ -48,6 +48,7 @@ def _artifact_config(args: argparse.Namespace) -> Any:
         index=not getattr(args, "no_index", False),
         index_dim=args.index_dim,
         index_seed=args.index_seed,
+        index_projection=args.index_projection,
         grad_batch_size=args.grad_batch_size,
         low_rank=getattr(args, "low_rank", 0),
         ekfac=not getattr(args, "no_ekfac", True),
@@ -281,9 +282,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def _add_artifact_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index-dim", type=int, default=None,
-                   help="projection dimension k of the candidate index (default 1024; the "
-                        "dense projection costs P*k*4 bytes of memory, 7.9 GB for MiniLM)")
+                   help="projection dimension k of the candidate index (default "
+                        "ArtifactConfig.resolved_dim; the index holds N*k*4 bytes)")
     p.add_argument("--index-seed", type=int, default=0, help="projection seed")
+    p.add_argument("--index-projection", choices=["sparse_sign", "gaussian"],
+                   default="sparse_sign",
+                   help="sparse_sign (CountSketch, 12 bytes per scoped parameter; default) or "
+                        "gaussian (the dense P*k matrix of older bundles: 7.9 GB for MiniLM "
+                        "at k = 1024)")
     p.add_argument("--grad-batch-size", type=int, default=32,
                    help="training examples per per-example-gradient batch")
     p.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu | cuda | cuda:N")

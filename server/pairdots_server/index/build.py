@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pairdots_server.errors import BundleError, InvalidArgument
-from pairdots_server.index.projection import GaussianProjection
+from pairdots_server.index.sketch import Projection
 from pairdots_server.index.store import (
     IndexMeta,
     check_vectors,
@@ -42,7 +42,7 @@ NUM_SHARDS_ENV = "PAIRDOTS_NUM_SHARDS"
 def compute_projected(
     grad_fn: GradFn,
     indices: Sequence[int],
-    projection: GaussianProjection,
+    projection: Projection,
     batch_size: int,
     progress: bool = True,
     should_stop: Callable[[], None] | None = None,
@@ -51,7 +51,7 @@ def compute_projected(
 
     grad_fn is called on consecutive batches of at most `batch_size` indices and must return
     [B, projection.in_dim] (any float dtype, any device; the projection runs on that device).
-    On the blocked projection path every call regenerates P, so prefer large batches.
+    On the Gaussian kind's blocked path every call regenerates P, so prefer large batches.
     should_stop is called before each batch and may raise (errors.Cancelled).
     """
     if batch_size < 1:
@@ -165,7 +165,7 @@ def build_shard(
     indices: Sequence[int],
     shard: int,
     num_shards: int,
-    projection: GaussianProjection,
+    projection: Projection,
     meta: IndexMeta,
     out_dir: str | os.PathLike[str],
     batch_size: int,

@@ -24,7 +24,8 @@ import numpy as np
 
 from pairdots_server.errors import BundleError, InvalidArgument
 from pairdots_server.index.base import CandidateIndex
-from pairdots_server.index.projection import BLOCK_ROWS, GaussianProjection
+from pairdots_server.index.projection import BLOCK_ROWS
+from pairdots_server.index.sketch import GAUSSIAN, PROJECTION_KINDS, Projection, make_projection
 
 FORMAT_TAG = "pairdots-index"
 FORMAT_VERSION = 1
@@ -38,8 +39,10 @@ class IndexMeta:
     """What the stored vectors are: which projection of which gradients.
 
     Attributes:
-        projection_seed, in_dim, out_dim, projection_block_rows: identify the Gaussian matrix P
-            (in_dim = number of parameters in scope, out_dim = k).
+        projection_seed, in_dim, out_dim, projection_block_rows, projection_kind: identify the
+            projection S (in_dim = number of parameters in scope, out_dim = k; kind "gaussian",
+            the default an index written before the sparse sketch reads as, or "sparse_sign",
+            sketch.py; block rows matter for the Gaussian kind only).
         kind: index kind to build on load ("auto", "flat", "ivf" or "exact").
         count: number of vectors N.
         scope: human-readable description of the parameter scope the gradients were taken over
@@ -56,6 +59,7 @@ class IndexMeta:
     dtype: str = "float32"
     projection_block_rows: int = BLOCK_ROWS
     format_version: int = FORMAT_VERSION
+    projection_kind: str = GAUSSIAN
 
     def __post_init__(self) -> None:
         for name in ("projection_seed", "in_dim", "out_dim", "count", "projection_block_rows"):
@@ -70,6 +74,12 @@ class IndexMeta:
             raise InvalidArgument.for_field("count", "must be ≥ 0")
         if self.kind not in KINDS:
             raise InvalidArgument.for_field("kind", f"must be one of {KINDS}, got {self.kind!r}")
+        if self.projection_kind not in PROJECTION_KINDS:
+            raise InvalidArgument.for_field(
+                "projection_kind",
+                f"must be one of {PROJECTION_KINDS}, got {self.projection_kind!r}; this server "
+                "cannot reproduce that projection — rebuild the index (`pairdots index build`)",
+            )
         if not isinstance(self.scope, str):
             raise InvalidArgument.for_field("scope", "must be a string")
         if self.dtype != "float32":
@@ -85,7 +95,7 @@ class IndexMeta:
 
     @classmethod
     def for_projection(
-        cls, projection: GaussianProjection, count: int, scope: str, kind: str = "auto"
+        cls, projection: Projection, count: int, scope: str, kind: str = "auto"
     ) -> IndexMeta:
         """Metadata for `count` vectors projected with `projection`."""
         return cls(
@@ -95,15 +105,20 @@ class IndexMeta:
             kind=kind,
             count=count,
             scope=scope,
+            projection_kind=str(projection.describe()["kind"]),
         )
 
-    def projection(self, **kwargs: Any) -> GaussianProjection:
-        """The GaussianProjection that produced the vectors (kwargs: dtype, max_dense_bytes)."""
-        return GaussianProjection(self.in_dim, self.out_dim, self.projection_seed, **kwargs)
+    def projection(self, max_dense_bytes: int | None = None) -> Projection:
+        """The projection that produced the vectors (max_dense_bytes: the Gaussian cache)."""
+        return make_projection(
+            self.projection_kind, self.in_dim, self.out_dim, self.projection_seed,
+            max_dense_bytes=max_dense_bytes,
+        )
 
     def same_source(self, other: IndexMeta) -> bool:
         """True if both describe vectors from the same projection and scope (count may differ)."""
-        keys = ("projection_seed", "in_dim", "out_dim", "projection_block_rows", "scope", "dtype")
+        keys = ("projection_seed", "in_dim", "out_dim", "projection_block_rows", "scope", "dtype",
+                "projection_kind")
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
     def to_dict(self) -> dict[str, Any]:
@@ -244,7 +259,7 @@ def load_index_data(
     if raw.get("format") != FORMAT_TAG:
         raise BundleError(f"{meta_path}: not a pairdots index (format {raw.get('format')!r})")
     meta = IndexMeta.from_dict(raw, str(meta_path))
-    if meta.projection_block_rows != BLOCK_ROWS:
+    if meta.projection_kind == GAUSSIAN and meta.projection_block_rows != BLOCK_ROWS:
         raise BundleError(
             f"{meta_path}: built with projection block size {meta.projection_block_rows}, this "
             f"server generates blocks of {BLOCK_ROWS}; the query projection would differ — "

@@ -1,7 +1,7 @@
 """Per-bundle precomputed artifacts: the candidate index and the low-rank curvature.
 
-index/  Pᵀ∇θL(z_i) for every training example (docs/DESIGN.md §3 "Prefilter"), P a seeded
-        Gaussian projection; built whole, or as shards (`--shard i --num-shards N`, one per Kubernetes
+index/  Sᵀ∇θL(z_i) for every training example (docs/DESIGN.md §3 "Prefilter"), S a seeded
+        sparse sign sketch (index/sparse_sign.py; older bundles: a Gaussian); built whole, or as shards (`--shard i --num-shards N`, one per Kubernetes
         Indexed Job completion) that `merge` joins.
 lowrank.safetensors  top-k GGN eigenpairs on the curvature sample (Schioppa et al. 2022);
         SOLVER_LOW_RANK answers s_test with one projection. Also stores the tail: the
@@ -32,6 +32,7 @@ from torch import Tensor
 
 from pairdots_server.core.grads import per_example_loss_grads
 from pairdots_server.errors import InvalidArgument
+from pairdots_server.index.sketch import DEFAULT_PROJECTION
 from pairdots_server.influence.runtime import (
     CURVATURE_KEY,
     DIAGONAL_FILE,
@@ -65,11 +66,14 @@ class ArtifactConfig:
     MiniLM SST-2 bundle (bench/prefilter.py, 20 test sentences): recall@10 0.907 at 2 % of
     the training set per direction with k = 1024, against 0.70 with k = 256. The dense
     projection of the 1.9M-parameter scope is 7.9 GB at k = 1024 (2 GB at 256), cached in
-    memory when building and serving; pass a smaller index_dim on small machines."""
+    memory when building and serving. index_projection "sparse_sign" (the default; index/
+    sparse_sign.py) never builds that matrix: 12 bytes per scoped parameter at any k;
+    "gaussian" builds indexes like older bundles'."""
 
     index: bool = True
     index_dim: int | None = None
     index_seed: int = 0
+    index_projection: str = DEFAULT_PROJECTION
     index_kind: str = "auto"
     grad_batch_size: int = 32
     low_rank: int = 24  # 0: none
@@ -82,10 +86,10 @@ class ArtifactConfig:
         return self.index_dim if self.index_dim is not None else 1024
 
 
-def train_grad_fn(rt: ModelRuntime) -> Callable[[list[int]], Tensor]:
+def train_grad_fn(rt: ModelRuntime) -> Callable[[Sequence[int]], Tensor]:
     """indices -> ∇θL(z_i) rows [B,P] over the bundle's scope."""
 
-    def grads(indices: list[int]) -> Tensor:
+    def grads(indices: Sequence[int]) -> Tensor:
         enc = rt.encode_train(indices)
         return per_example_loss_grads(rt.task.logits_fn, rt.params, enc.embeds, enc.mask,
                                       enc.labels)
@@ -93,10 +97,8 @@ def train_grad_fn(rt: ModelRuntime) -> Callable[[list[int]], Tensor]:
     return grads
 
 
-def _projection(rt: ModelRuntime, dim: int, seed: int) -> Any:
-    from pairdots_server.index.projection import GaussianProjection
-
-    return GaussianProjection(rt.num_params, dim, seed, max_dense_bytes=PROJECTION_CACHE_BYTES)
+def _projection(meta: Any) -> Any:
+    return meta.projection(max_dense_bytes=PROJECTION_CACHE_BYTES)
 
 
 def _meta(rt: ModelRuntime, cfg: ArtifactConfig) -> Any:
@@ -105,7 +107,7 @@ def _meta(rt: ModelRuntime, cfg: ArtifactConfig) -> Any:
     return IndexMeta(
         projection_seed=cfg.index_seed, in_dim=rt.num_params,
         out_dim=cfg.resolved_dim(), kind=cfg.index_kind, count=rt.n_train,
-        scope=rt.task.scope.describe(),
+        scope=rt.task.scope.describe(), projection_kind=cfg.index_projection,
     )
 
 
@@ -119,7 +121,7 @@ def build_index_dir(
 
     meta = _meta(rt, cfg)
     ids, vectors = compute_projected(
-        train_grad_fn(rt), range(rt.n_train), _projection(rt, meta.out_dim, meta.projection_seed),
+        train_grad_fn(rt), range(rt.n_train), _projection(meta),
         cfg.grad_batch_size, progress, should_stop,
     )
     return save_index_data(out_dir, ids, vectors, meta)
@@ -135,7 +137,7 @@ def build_index_shard(
     meta = _meta(rt, cfg)
     return build_shard(
         train_grad_fn(rt), list(range(rt.n_train)), shard, num_shards,
-        _projection(rt, meta.out_dim, meta.projection_seed), meta, parts_dir,
+        _projection(meta), meta, parts_dir,
         cfg.grad_batch_size, progress,
     )
 

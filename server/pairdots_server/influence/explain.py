@@ -10,6 +10,9 @@ For a test input x and label y:
      (supporting examples have I = -⟨s_test, g_i⟩ > 0, i.e. ⟨-s_test, g_i⟩ large), or all;
   6. exact I(z_i, w) = -⟨s_test, ∇θL(z_i)⟩ (Eq. 5) for every candidate, top-k each way;
   7. for each returned example, I(x_t, w) (Eq. 8) per word, and the responsible word.
+Steps 6–7 share one pipeline.ScoreMemo per measurement within a request: the prediction and
+every word paired on the margin (the default) share s_test, so the union of their candidates
+is scored once, and an example returned twice is attributed once.
 """
 
 from __future__ import annotations
@@ -197,6 +200,7 @@ def explain(
 
     candidates_scored = 0
     explanations: list[LabelAnswer] = []
+    memos: dict[steps.Measurement, steps.ScoreMemo] = {}
     for label, role in labels:
         should_stop()
         # [2] saliency and contributions, [3] the words to explain
@@ -212,14 +216,15 @@ def explain(
         prediction = None
         if compute_influence and settings.prediction_influence:
             should_stop()
-            prediction = _explain_prediction(rt, q, settings, enc, label, should_stop, timer)
+            prediction = _explain_prediction(rt, q, settings, enc, label, should_stop, timer,
+                                             memos)
             candidates_scored = max(candidates_scored, prediction.candidates_scored)
             _warn_unconverged(warnings, prediction.solver, "the prediction")
         salient: list[SalientWordAnswer] = []
         for wi in chosen if compute_influence else []:
             should_stop()
             answer, n_scored = _explain_word(
-                rt, q, settings, enc, wi, ws_list[wi], label, should_stop, timer, notes
+                rt, q, settings, enc, wi, ws_list[wi], label, should_stop, timer, notes, memos
             )
             answer.contribution = contrib[wi]
             candidates_scored = max(candidates_scored, n_scored)
@@ -278,17 +283,22 @@ def _warn_unconverged(
 def _ranked_examples(
     rt: ModelRuntime, q: ExplainQuery, settings: PipelineSettings, s_test: Tensor,
     cand: list[int], should_stop: Callable[[], None], timer: steps.Timer,
+    memo: steps.ScoreMemo,
 ) -> tuple[list[Influential], list[Influential]]:
     """Steps 6–7: exact scores of the candidates, top-k each way, Eq. 8 responsible words."""
-    scores = steps.score_examples(rt, s_test, cand, settings, should_stop, timer)
+    scores = steps.score_examples(rt, s_test, cand, settings, should_stop, timer, memo=memo)
     sup, opp = _top_k(cand, scores, q.examples_per_word)
     sup_ans = [_influential(rt, i, s) for i, s in sup]
     opp_ans = [_influential(rt, i, s) for i, s in opp]
     if q.token_influence is not TokenInfluence.NONE:
+        should_stop()
         start_t = time.perf_counter()
-        for item in sup_ans + opp_ans:
-            should_stop()
-            _responsible_word(rt, s_test, item, q.token_influence)
+        items = sup_ans + opp_ans
+        attributions = steps.word_attributions(
+            rt, s_test, [it.train_index for it in items], q.token_influence, memo=memo,
+        )
+        for item, (words, totals) in zip(items, attributions, strict=True):
+            _responsible_word(item, words, totals)
         timer.add("token_influence", time.perf_counter() - start_t)
     return sup_ans, opp_ans
 
@@ -296,19 +306,21 @@ def _ranked_examples(
 def _explain_prediction(
     rt: ModelRuntime, q: ExplainQuery, settings: PipelineSettings, enc: steps.EncodedText,
     label: int, should_stop: Callable[[], None], timer: steps.Timer,
+    memos: dict[steps.Measurement, steps.ScoreMemo],
 ) -> PredictionAnswer:
     """Prediction-level influence: f = m_y(x), over every training example (or the index)."""
     m = steps.Measurement(steps.MeasurementKind.PREDICTION_MARGIN, label)
     s_test, diag = steps.measurement_s_test(rt, enc, m, settings, should_stop, timer)
     cand = steps.candidates(rt, s_test, settings, timer)
-    sup, opp = _ranked_examples(rt, q, settings, s_test, cand, should_stop, timer)
+    memo = memos.setdefault(m, steps.ScoreMemo())
+    sup, opp = _ranked_examples(rt, q, settings, s_test, cand, should_stop, timer, memo)
     return PredictionAnswer(steps.margin_of(rt, enc, label), sup, opp, diag, len(cand))
 
 
 def _explain_word(
     rt: ModelRuntime, q: ExplainQuery, settings: PipelineSettings, enc: steps.EncodedText,
     wi: int, saliency: float, label: int, should_stop: Callable[[], None], timer: steps.Timer,
-    notes: list[str],
+    notes: list[str], memos: dict[steps.Measurement, steps.ScoreMemo],
 ) -> tuple[SalientWordAnswer, int]:
     """Steps 4–7 for one word: its answer and the number of candidates scored."""
     if settings.word_measurement is WordMeasurement.MARGIN:  # the prediction's s_test (cached)
@@ -330,7 +342,8 @@ def _explain_word(
                 "training examples"
             )
     cand = steps.candidates(rt, s_test, settings, timer, allowed=allowed)
-    sup, opp = _ranked_examples(rt, q, settings, s_test, cand, should_stop, timer)
+    memo = memos.setdefault(m, steps.ScoreMemo())
+    sup, opp = _ranked_examples(rt, q, settings, s_test, cand, should_stop, timer, memo)
     answer = SalientWordAnswer(wi, enc.words[wi], saliency, sup, opp, diag,
                                containing_examples=len(containing))
     return answer, len(cand)
@@ -351,13 +364,9 @@ def _influential(rt: ModelRuntime, index: int, score: float) -> Influential:
     return Influential(index, ex.text, ex.label, score)
 
 
-def _responsible_word(
-    rt: ModelRuntime, s_test: Tensor, item: Influential, method: TokenInfluence
-) -> None:
+def _responsible_word(item: Influential, words: list[str], totals: list[float]) -> None:
     """Fill item.words with Eq. 8 word influences and pick the responsible word."""
-    enc = steps.encode_train_example(rt, item.train_index)
-    totals = steps.word_attribution(rt, s_test, enc, item.label, method)
-    item.words = list(zip(enc.words, totals))
+    item.words = list(zip(words, totals))
     if totals:
         sign = 1.0 if item.influence >= 0 else -1.0
         item.responsible_word = max(range(len(totals)), key=lambda i: (sign * totals[i], -i))

@@ -8,9 +8,11 @@
   measurement_gradient   what f is (a Measurement) -> ∇θf, flat [P] (one backward)
   s_test                 s_test = (H + δI)⁻¹ ∇θf (the runtime's cache, else solver_policy)
   candidates             training indices to score (index prefilter, or all; optional subset)
-  score_examples         I(z_i, f) = -⟨s_test, ∇θL(z_i)⟩ (Eq. 5) for training indices
+  score_examples         I(z_i, f) = -⟨s_test, ∇θL(z_i)⟩ (Eq. 5) for training indices, one
+                         jvp per batch (core/scoring.py), skipping those a ScoreMemo holds
   score_texts            the same for arbitrary labelled texts (perturbed examples)
   word_attribution       I(x_t, f) (Eq. 8) per word of one text
+  word_attributions      the same for several training examples, every [UNK] copy batched
 
 Every step takes the resolved PipelineSettings (influence/settings.py) or the part of it it
 needs; `Timer` sums wall time per stage.
@@ -23,14 +25,13 @@ import math
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from pairdots_server import telemetry
 from pairdots_server.core import influence as infl
-from pairdots_server.core.grads import per_example_loss_grads
 from pairdots_server.core.measure import (
     grad_theta_margin,
     grad_theta_occlusion,
@@ -43,6 +44,7 @@ from pairdots_server.core.saliency import (
     token_saliency,
     word_scores,
 )
+from pairdots_server.core.scoring import Row, influence_jvp, token_influence_many
 from pairdots_server.errors import FailedPrecondition
 from pairdots_server.influence.runtime import EncodedExamples, ModelRuntime
 from pairdots_server.influence.settings import PipelineSettings
@@ -299,26 +301,46 @@ def candidates(
     return ids
 
 
+@dataclass
+class ScoreMemo:
+    """What one request already computed for one s_test (one measurement): exact scores
+    I(z_i, f) by training index, and Eq. 8 word attributions (words, totals) by training index,
+    so the union of all explained words' candidates is scored once."""
+
+    scores: dict[int, float] = field(default_factory=dict)
+    words: dict[int, tuple[list[str], list[float]]] = field(default_factory=dict)
+
+
 def _influence(rt: ModelRuntime, s_test: Tensor, enc: EncodedExamples) -> Tensor:
-    """-⟨s_test, ∇θL(z_b)⟩ for every encoded, labelled example -> [B]."""
-    g = per_example_loss_grads(rt.task.logits_fn, rt.params, enc.embeds, enc.mask, enc.labels)
-    return infl.influence_on_score(s_test.to(g.dtype), g)
+    """-⟨s_test, ∇θL(z_b)⟩ for every encoded, labelled example, by one jvp -> [B]."""
+    return influence_jvp(rt.task.logits_fn, rt.params, s_test, enc.embeds, enc.mask, enc.labels)
 
 
 def score_examples(
     rt: ModelRuntime, s_test: Tensor, indices: Sequence[int], settings: PipelineSettings,
-    should_stop: StopFn, timer: Timer | None = None,
+    should_stop: StopFn, timer: Timer | None = None, *, memo: ScoreMemo | None = None,
 ) -> Tensor:
-    """I(z_i, f) = -⟨s_test, ∇θL(z_i)⟩ (Eq. 5) for the given training indices -> [K]."""
+    """I(z_i, f) = -⟨s_test, ∇θL(z_i)⟩ (Eq. 5) for the given training indices -> [K] (float64).
+
+    Examples are batched in order of text length (little padding); those in `memo` are not
+    recomputed, and the new scores are added to it."""
     start = time.perf_counter()
     batch = settings.scoring_batch_size
-    out = []
-    for b in range(0, len(indices), batch):
+    known = memo.scores if memo is not None else {}
+    todo = sorted({int(i) for i in indices if int(i) not in known},
+                  key=lambda i: (len(rt.bundle.train[i].text), i))
+    fresh: dict[int, float] = {}
+    for b in range(0, len(todo), batch):
         should_stop()
-        out.append(_influence(rt, s_test, rt.encode_train(indices[b : b + batch])))  # [B]
+        chunk = todo[b : b + batch]
+        vals = _influence(rt, s_test, rt.encode_train(chunk))  # [B]
+        fresh.update(zip(chunk, vals.double().tolist(), strict=True))
+    if memo is not None:
+        memo.scores.update(fresh)
     if timer is not None:
         timer.add("exact_scoring", time.perf_counter() - start)
-    return torch.cat(out) if out else torch.zeros(0)
+    return torch.tensor([known[int(i)] if int(i) in known else fresh[int(i)] for i in indices],
+                        dtype=torch.float64)
 
 
 def score_texts(
@@ -365,6 +387,43 @@ def word_attribution(
         assert w is not None
         totals[w] += float(per_token[t])
     return totals
+
+
+def word_attributions(
+    rt: ModelRuntime, s_test: Tensor, indices: Sequence[int],
+    method: TokenInfluence = TokenInfluence.EXACT, *, max_tokens: int = 4096,
+    memo: ScoreMemo | None = None,
+) -> list[tuple[list[str], list[float]]]:
+    """(words, Eq. 8 totals per word) for each training example in `indices`, labelled with its
+    own label. EXACT: every example's base and [UNK] copies scored together in batches of at
+    most max_tokens padded tokens (core/scoring.token_influence_many); others:
+    word_attribution one by one."""
+    known = memo.words if memo is not None else {}
+    todo = [int(i) for i in dict.fromkeys(int(i) for i in indices) if int(i) not in known]
+    fresh: dict[int, tuple[list[str], list[float]]] = {}
+    if method is TokenInfluence.EXACT and todo:
+        encs = [encode_train_example(rt, i) for i in todo]
+        rows = [Row(e.embeds[0], e.mask[0], rt.bundle.train[i].label)
+                for i, e in zip(todo, encs, strict=True)]
+        per_token = token_influence_many(
+            rt.task.logits_fn, rt.params, s_test, rows, [e.word_positions for e in encs],
+            rt.unk_embed, batch_size=max_tokens, max_tokens=max_tokens,
+        )  # [T_r] each
+        for i, e, vals in zip(todo, encs, per_token, strict=True):
+            totals = [0.0] * len(e.words)
+            for t in e.word_positions:
+                w = e.word_ids[t]
+                assert w is not None
+                totals[w] += float(vals[t])
+            fresh[i] = (e.words, totals)
+    else:
+        for i in todo:
+            e = encode_train_example(rt, i)
+            fresh[i] = (e.words, word_attribution(rt, s_test, e, rt.bundle.train[i].label,
+                                                  method))
+    if memo is not None:
+        memo.words.update(fresh)
+    return [known[int(i)] if int(i) in known else fresh[int(i)] for i in indices]
 
 
 def encode_train_example(rt: ModelRuntime, index: int) -> EncodedText:
