@@ -8,6 +8,7 @@ query block — the exhaustive, exact reference the semantics and faithfulness b
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 from _common import log
@@ -18,16 +19,22 @@ from pairdots_server.influence.runtime import ModelRuntime
 
 
 def training_pass(
-    rt: ModelRuntime, blocks: list[Tensor], batch_size: int, with_diag: bool
+    rt: ModelRuntime,
+    blocks: list[Tensor],
+    batch_size: int,
+    with_diag: bool,
+    indices: Sequence[int] | None = None,
 ) -> tuple[list[Tensor], Tensor | None]:
     """Exact I(z_i, f_j) = -g_iᵀ s_j for every training example i and query column j of each
-    block [P,M] -> scores [N,M] per block (and Σ_i g_i² [P] when with_diag)."""
+    block [P,M] -> scores [N,M] per block (and Σ_i g_i² [P] when with_diag). With `indices`
+    only those rows are computed (the others stay 0): a long pass can be done in parts."""
     n = rt.n_train
-    order = sorted(range(n), key=lambda i: len(rt.bundle.train[i].text))
+    rows = range(n) if indices is None else indices
+    order = sorted(rows, key=lambda i: len(rt.bundle.train[i].text))
     scores = [torch.zeros(n, q.shape[1]) for q in blocks]
     diag = torch.zeros(blocks[0].shape[0]) if with_diag else None
     t0 = time.perf_counter()
-    for b in range(0, n, batch_size):
+    for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
         enc = rt.encode_train(idx)
         g = per_example_loss_grads(rt.task.logits_fn, rt.params, enc.embeds, enc.mask, enc.labels)
@@ -37,5 +44,5 @@ def training_pass(
         if diag is not None:
             diag += (g * g).sum(0)
         if (b // batch_size) % 40 == 0:
-            log(f"  training pass {b}/{n} ({time.perf_counter() - t0:.0f} s)")
+            log(f"  training pass {b}/{len(order)} ({time.perf_counter() - t0:.0f} s)")
     return scores, diag

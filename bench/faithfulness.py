@@ -202,7 +202,7 @@ def solver_settings(rt: ModelRuntime, name: str) -> SolverSettings:
 
 
 # -- phase: prepare ---------------------------------------------------------------------------
-def prepare(rt: ModelRuntime, sm: ScopeModel, cache: Cache, args: argparse.Namespace) -> None:
+def prepare(rt: ModelRuntime, sm: ScopeModel, cache: Cache, args: argparse.Namespace) -> bool:
     task, train = rt.task, rt.bundle.train
     n = rt.n_train
     if cache.load_pt("inputs.pt") is None:
@@ -266,28 +266,65 @@ def prepare(rt: ModelRuntime, sm: ScopeModel, cache: Cache, args: argparse.Names
     grads_all: Tensor = cache.load_pt("grads.pt")
     scores: dict[str, Tensor] = cache.load_pt("scores.pt") or {}
     solves: dict[str, Any] = cache.load_json("solves.json", {})
-    todo = [a for a in args.attributions.split(",") if a and a not in scores]
-    if not todo:
-        log(f"scores cached for {sorted(scores)}")
-        return
-    blocks = []
-    for name in todo:
-        settings = solver_settings(rt, name)
-        cols, t0 = [], time.perf_counter()
-        diag: dict[str, Any] = {}
-        for j in range(grads_all.shape[1]):
-            x, diag = solve_s_test(rt, grads_all[:, j].to(rt.task.dtype), settings, lambda: None)
-            cols.append(x.float())
-        solves[name] = {k: diag.get(k) for k in ("effective_damping", "damping_rule")}
-        solves[name]["seconds_per_solve"] = (time.perf_counter() - t0) / grads_all.shape[1]
-        log(f"solved {name}: {solves[name]}")
-        blocks.append(torch.stack(cols, 1))
-    t0 = time.perf_counter()
-    outs, _ = training_pass(rt, blocks, 32, False)
-    log(f"exact training pass for {todo} in {time.perf_counter() - t0:.0f} s")
-    scores.update(zip(todo, outs))
+    # a pass in progress: its attributions, their s_test blocks, partial scores, rows done
+    part: dict[str, Any] | None = cache.load_pt("pass.pt")
+    if part is None:
+        todo = [a for a in args.attributions.split(",") if a and a not in scores]
+        if not todo:
+            log(f"scores cached for {sorted(scores)}")
+            return True
+        blocks = []
+        for name in todo:
+            settings = solver_settings(rt, name)
+            cols, t0 = [], time.perf_counter()
+            diag: dict[str, Any] = {}
+            for j in range(grads_all.shape[1]):
+                x, diag = solve_s_test(
+                    rt, grads_all[:, j].to(rt.task.dtype), settings, lambda: None
+                )
+                cols.append(x.float())
+            solves[name] = {k: diag.get(k) for k in ("effective_damping", "damping_rule")}
+            solves[name]["seconds_per_solve"] = (time.perf_counter() - t0) / grads_all.shape[1]
+            log(f"solved {name}: {solves[name]}")
+            blocks.append(torch.stack(cols, 1))
+        cache.save_json("solves.json", solves)
+        cache.save_pt("blocks.pt", blocks)
+        part = {
+            "names": todo,
+            "scores": [torch.zeros(n, grads_all.shape[1]) for _ in todo],
+            "done": torch.zeros(n, dtype=torch.bool),
+        }
+        cache.save_pt("pass.pt", part)
+    else:
+        blocks = cache.load_pt("blocks.pt")
+    del grads_all
+    # the exact pass in parts of 640 examples, saved after each (resumable)
+    while not bool(part["done"].all()):
+        if out_of_time(args):
+            log(f"time budget spent in the training pass ({int(part['done'].sum())}/{n} rows)")
+            return False
+        rows = (~part["done"]).nonzero().flatten()[:640].tolist()
+        t0 = time.perf_counter()
+        outs, _ = training_pass(rt, blocks, 32, False, indices=rows)
+        for acc, out in zip(part["scores"], outs):
+            acc[rows] = out[rows]
+        part["done"][rows] = True
+        cache.save_pt("pass.pt", part)
+        log(f"training pass: {int(part['done'].sum())}/{n} rows ({time.perf_counter() - t0:.0f} s)")
+    scores.update(zip(part["names"], part["scores"]))
     cache.save_pt("scores.pt", scores)
-    cache.save_json("solves.json", solves)
+    cache.path("pass.pt").unlink()
+    cache.path("blocks.pt").unlink()
+    log(f"scores cached for {sorted(scores)}")
+    return True
+
+
+T_START = time.perf_counter()
+
+
+def out_of_time(args: argparse.Namespace) -> bool:
+    """Whether --budget-min minutes have passed since the bench started."""
+    return time.perf_counter() - T_START > 60 * args.budget_min
 
 
 # -- retraining -------------------------------------------------------------------------------
@@ -311,10 +348,6 @@ class Retrainer:
             for ep in range(args.epochs)
         ]
         self.done: dict[str, Any] = cache.load_json("retrains.json", {})
-        self.t_start = time.perf_counter()
-
-    def out_of_time(self) -> bool:
-        return time.perf_counter() - self.t_start > 60 * self.args.budget_min
 
     def measure(self, params: Mapping[str, Tensor]) -> list[list[float]]:
         out = []
@@ -329,7 +362,7 @@ class Retrainer:
         when cached). False when the time budget is spent (nothing started)."""
         if key in self.done:
             return True
-        if self.out_of_time():
+        if out_of_time(self.args):
             return False
         t0 = time.perf_counter()
         keep = torch.ones(self.n, dtype=torch.bool)
@@ -593,15 +626,19 @@ def main() -> None:
     if args.phase != "report":
         rt, _ = load_runtime(args.bundle, args.threads)
         sm = ScopeModel(rt)
+        ready = cache.load_pt("scores.pt") is not None
         if args.phase in ("prepare", "all"):
-            prepare(rt, sm, cache, args)
-        if args.phase in ("lds", "removal", "all"):
+            ready = prepare(rt, sm, cache, args)
+        if ready and args.phase in ("lds", "removal", "all"):
             rtr = Retrainer(rt, sm, cache, args)
             finished = True
             if args.phase in ("lds", "all"):
                 finished = lds_phase(rtr, args)
             if finished and args.phase in ("removal", "all"):
                 removal_phase(rtr, args)
+    if cache.load_pt("scores.pt") is None:
+        log("no scores cached yet: rerun --phase prepare")
+        return
     result = report(cache, args)
     for name, v in result["lds"].items():
         log(f"LDS {name}: {v['mean']:.3f} ± {v['se']:.3f} ({v['n']} queries)")
