@@ -35,8 +35,9 @@ many minutes so a run fits one hold of the shared lock — rerun to continue):
            attribution (one pass of per-example gradients; new attributions are added later
            without recomputing the others)
   lds      the subset retrains (each saved as soon as it is done)
-  removal  the removal retrains (base, random, then top-1 % per attribution × measurement ×
-           query in the order of --removal-attributions)
+  removal  the removal retrains (base, random, then top-1 % per measurement × attribution ×
+           query in the order of --removal-attributions); `all` runs the default's
+           prediction-level removals before the LDS retrains and the rest after them
   report   LDS and removal figures from the cache -> bench/results/<name>.json (no retraining,
            no bundle: recompute for any attribution that is cached)
 
@@ -429,12 +430,12 @@ def removal_sets(cache: Cache, n: int, args: argparse.Namespace) -> list[tuple[s
         out.append((f"random/{r}", random.Random(100 + r).sample(range(n), k_rm)))
     scores: dict[str, Tensor] = cache.load_pt("scores.pt")
     rq = min(args.removal_queries, scores[next(iter(scores))].shape[1] // 2)
-    for attr in args.removal_attributions.split(","):
-        if attr not in scores:
-            log(f"removal: {attr} has no cached scores (add it with --phase prepare)")
+    for mi, meas in enumerate(MEASUREMENTS):
+        if meas not in args.removal_measurements.split(","):
             continue
-        for mi, meas in enumerate(MEASUREMENTS):
-            if meas not in args.removal_measurements.split(","):
+        for attr in args.removal_attributions.split(","):
+            if attr not in scores:
+                log(f"removal: {attr} has no cached scores (add it with --phase prepare)")
                 continue
             for qi in range(rq):
                 col = scores[attr][:, 2 * qi + mi]
@@ -443,8 +444,9 @@ def removal_sets(cache: Cache, n: int, args: argparse.Namespace) -> list[tuple[s
     return out
 
 
-def removal_phase(rtr: Retrainer, args: argparse.Namespace) -> bool:
-    for key, drop in removal_sets(rtr.cache, rtr.n, args):
+def removal_phase(rtr: Retrainer, args: argparse.Namespace, first: int | None = None) -> bool:
+    """The removal retrains in priority order (only the first `first` when given)."""
+    for key, drop in removal_sets(rtr.cache, rtr.n, args)[:first]:
         if not rtr.run(key, drop):
             log("time budget spent: rerun to continue the removal retrains")
             return False
@@ -574,7 +576,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=20)
     ap.add_argument("--subsets", type=int, default=30)
     ap.add_argument("--removal-queries", type=int, default=10)
-    ap.add_argument("--random-removals", type=int, default=5)
+    ap.add_argument("--random-removals", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -594,7 +596,11 @@ def main() -> None:
         "diagonal@1,diagonal@10",
         help="solvers (SolverChoice values, or diagonal@<damping scale>) scored",
     )
-    ap.add_argument("--removal-attributions", default="diagonal,identity,low_rank")
+    ap.add_argument(
+        "--removal-attributions",
+        default="diagonal,identity,low_rank",
+        help="in priority order (the removal retrains go measurement by measurement)",
+    )
     ap.add_argument("--removal-measurements", default="pred,occ")
     ap.add_argument(
         "--prox",
@@ -632,7 +638,10 @@ def main() -> None:
         if ready and args.phase in ("lds", "removal", "all"):
             rtr = Retrainer(rt, sm, cache, args)
             finished = True
-            if args.phase in ("lds", "all"):
+            if args.phase == "all":  # the default's prediction-level removal test first
+                rq = min(args.removal_queries, args.queries)
+                finished = removal_phase(rtr, args, first=1 + args.random_removals + rq)
+            if finished and args.phase in ("lds", "all"):
                 finished = lds_phase(rtr, args)
             if finished and args.phase in ("removal", "all"):
                 removal_phase(rtr, args)
