@@ -101,7 +101,7 @@ class ScopeModel:
     last encoder layer: logits = classifier(pooler(layer_L(h))) (dropout off)."""
 
     def __init__(self, rt: ModelRuntime) -> None:
-        model = rt.task.model
+        model: Any = rt.task.model  # a HF BertForSequenceClassification
         self.model = model
         self.layers = model.bert.encoder.layer
         self.last = len(self.layers) - 1
@@ -220,13 +220,13 @@ def prepare(rt: ModelRuntime, sm: ScopeModel, cache: Cache, args: argparse.Names
         widx = WordIndex([ex.text for ex in train])
         queries, grads = [], []
         for text, gold in sample_sentences(args.queries * 2, args.seed, "test"):
-            enc = task.encode([text], max_length=rt.max_length)
-            e = task.embed(enc.input_ids).detach()
+            qenc = task.encode([text], max_length=rt.max_length)
+            e = task.embed(qenc.input_ids).detach()
             with torch.no_grad():
-                y = int(task.logits_fn(rt.params, e, enc.attention_mask).argmax())
-            wid, words = enc.word_ids[0], enc.words[0]
+                y = int(task.logits_fn(rt.params, e, qenc.attention_mask).argmax())
+            wid, words = qenc.word_ids[0], qenc.words[0]
             c = word_occlusion(
-                task.logits_fn, rt.params, e, enc.attention_mask, y, wid, len(words), rt.unk_embed
+                task.logits_fn, rt.params, e, qenc.attention_mask, y, wid, len(words), rt.unk_embed
             )
             cand = [i for i in range(len(words)) if words_of(words[i]) and i in wid]
             if not cand:
@@ -234,11 +234,11 @@ def prepare(rt: ModelRuntime, sm: ScopeModel, cache: Cache, args: argparse.Names
             w = max(cand, key=lambda i: float(c[i]))
             pos = [t for t, k in enumerate(wid) if k == w]
             e_occ = occlude(e, pos, rt.unk_embed)
-            h2 = sm.hidden(torch.cat([e, e_occ]), enc.attention_mask.expand(2, -1))
+            h2 = sm.hidden(torch.cat([e, e_occ]), qenc.attention_mask.expand(2, -1))
             # sanity: the scope model reproduces the served logits
             torch.testing.assert_close(
-                sm.logits(rt.params, h2[:1], enc.attention_mask),
-                task.logits_fn(rt.params, e, enc.attention_mask),
+                sm.logits(rt.params, h2[:1], qenc.attention_mask),
+                task.logits_fn(rt.params, e, qenc.attention_mask),
                 atol=1e-4,
                 rtol=1e-4,
             )
@@ -249,14 +249,14 @@ def prepare(rt: ModelRuntime, sm: ScopeModel, cache: Cache, args: argparse.Names
                     "pred": y,
                     "word": words[w],
                     "h": h2,
-                    "mask": enc.attention_mask.expand(2, -1).clone(),
+                    "mask": qenc.attention_mask.expand(2, -1).clone(),
                     "containing": widx.containing(words[w]),
                 }
             )
-            grads.append(grad_theta_margin(task.logits_fn, rt.params, e, enc.attention_mask, y))
+            grads.append(grad_theta_margin(task.logits_fn, rt.params, e, qenc.attention_mask, y))
             grads.append(
                 grad_theta_occlusion(
-                    task.logits_fn, rt.params, e, enc.attention_mask, y, pos, rt.unk_embed
+                    task.logits_fn, rt.params, e, qenc.attention_mask, y, pos, rt.unk_embed
                 )
             )
             if len(queries) == args.queries:
@@ -313,9 +313,9 @@ def prepare(rt: ModelRuntime, sm: ScopeModel, cache: Cache, args: argparse.Names
         outs, _ = training_pass(rt, blocks, 32, False, indices=rows, scope_inputs=scope)
         if not checked:
             ref, _ = training_pass(rt, blocks, 32, False, indices=rows[:4])
-            for a, b in zip(outs, ref):
-                tol = 1e-4 * float(b[rows[:4]].abs().max())
-                torch.testing.assert_close(a[rows[:4]], b[rows[:4]], rtol=1e-3, atol=tol)
+            for got, want in zip(outs, ref):
+                tol = 1e-4 * float(want[rows[:4]].abs().max())
+                torch.testing.assert_close(got[rows[:4]], want[rows[:4]], rtol=1e-3, atol=tol)
             checked = True
         for acc, out in zip(part["scores"], outs):
             acc[rows] = out[rows]
