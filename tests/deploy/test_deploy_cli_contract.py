@@ -12,10 +12,9 @@ import pytest
 
 SMOKE = Path(__file__).resolve().parents[2] / "deploy" / "gpu-smoke.sh"
 
-# Flags the chart emits for options the CLI does not offer yet (see deploy/README.md):
-# --no-worker (serving replicas leave jobs to `pairdots worker`, issue 16 item 2) arrives with
-# the shared job store; the worker container's `pairdots worker` command likewise.
-KNOWN_GAPS: set[str] = {"--no-worker"}
+# Flags the chart emits for options the CLI does not offer yet (see deploy/README.md): none
+# since `serve --no-worker` and `pairdots worker` landed with the shared job store.
+KNOWN_GAPS: set[str] = set()
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +109,23 @@ def test_gpu_smoke_commands_parse(parser: Any) -> None:
 
 def test_unknown_flag_is_detected(parser: Any) -> None:
     assert unknown_flags(parser, ["serve", "--no-such-flag=1"]) == {"--no-such-flag"}
+
+
+def test_worker_and_no_worker_args_parse(parser: Any, render: Any) -> None:
+    """With a shared job store and the worker on, the serving pods' `--no-worker` and the
+    worker Deployment's `pairdots worker ...` arguments parse with the real CLI and turn into
+    a queue-only server config and a worker command."""
+    from pairdots_server.cli.main import server_config
+
+    objects = render.render_manifests(
+        {"jobs": {"db": "postgresql://pd:secret@postgres:5432/pairdots"},
+         "worker": {"enabled": True}}, release="pd", namespace="ml")
+    by_name = {c["name"]: c for c in containers(objects)}
+    server = by_name["server"]
+    assert unknown_flags(parser, server["args"]) == set()
+    config = server_config(parser.parse_args(server["args"]))
+    assert config.run_jobs is False
+    (worker,) = [c for name, c in by_name.items() if name != "server"]
+    args = parser.parse_args(worker["args"])
+    assert worker["args"][0] == "worker" and args.fn.__name__ != "cmd_serve"
+    assert unknown_flags(parser, worker["args"]) == set()
