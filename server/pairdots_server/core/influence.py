@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pairdots_server.core.aliases import FORWARD_AD_LOCK, LogitsFn
+from pairdots_server.core.aliases import LogitsFn
 from pairdots_server.core.params import unflatten
+from pairdots_server.core.scoring import neg_directional_losses
 
 
 def influence_on_score(s_test: Tensor, train_grads: Tensor) -> Tensor:
@@ -42,25 +43,6 @@ def perturbed_influence(s_test: Tensor, grads_orig: Tensor, grads_pert: Tensor) 
             f"grads_orig {tuple(grads_orig.shape)} and grads_pert {tuple(grads_pert.shape)} differ"
         )
     return influence_on_score(s_test, grads_pert - grads_orig)
-
-
-def _neg_directional_loss(
-    logits_fn: LogitsFn,
-    params: Mapping[str, Tensor],
-    direction: Mapping[str, Tensor],
-    embeds: Tensor,
-    mask: Tensor,
-    labels: Tensor,
-) -> Tensor:
-    """-d/dε L_i(θ + ε·s_test) at ε=0 = -s_testᵀ∇θL(z_i) for each row: -> [B]."""
-
-    def losses(p: Mapping[str, Tensor]) -> Tensor:
-        logits = logits_fn(p, embeds, mask)  # [B,C]
-        return F.cross_entropy(logits, labels.long(), reduction="none")  # [B]
-
-    with FORWARD_AD_LOCK:
-        dl = torch.func.jvp(losses, (dict(params),), (dict(direction),))[1]  # [B]
-    return -dl
 
 
 def _default_positions(mask: Tensor, positions: Sequence[int] | None) -> list[int]:
@@ -106,7 +88,7 @@ def token_influence_exact(
     direction = unflatten(s_test.detach().to(embeds.dtype), detached)
     label_t = torch.tensor([label], device=embeds.device)
     with torch.no_grad():
-        base = _neg_directional_loss(logits_fn, detached, direction, embeds, mask, label_t)[0]
+        base = neg_directional_losses(logits_fn, detached, direction, embeds, mask, label_t)[0]
     out = torch.zeros(embeds.shape[1], dtype=embeds.dtype, device=embeds.device)
     for start in range(0, len(pos), batch_size):
         chunk = pos[start : start + batch_size]
@@ -114,7 +96,7 @@ def token_influence_exact(
         copies = embeds.detach().expand(b, -1, -1).clone()  # [b,T,D]
         copies[torch.arange(b), torch.tensor(chunk)] = unk_embed.to(embeds.dtype)
         with torch.no_grad():
-            pert = _neg_directional_loss(
+            pert = neg_directional_losses(
                 logits_fn,
                 detached,
                 direction,

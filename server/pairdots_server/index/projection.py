@@ -50,6 +50,19 @@ def block_seed(seed: int, block: int) -> int:
     return int.from_bytes(digest.digest(), "little") & (2**63 - 1)
 
 
+
+def check_projection_args(in_dim: int, out_dim: int, seed: int, dtype: torch.dtype) -> None:
+    """InvalidArgument unless in_dim, out_dim ≥ 1, seed ≥ 0 and dtype is floating: the
+    arguments every seeded projection of the index takes (Gaussian and sparse sign)."""
+    if in_dim < 1:
+        raise InvalidArgument.for_field("in_dim", f"must be ≥ 1, got {in_dim}")
+    if out_dim < 1:
+        raise InvalidArgument.for_field("out_dim", f"must be ≥ 1, got {out_dim}")
+    if seed < 0:
+        raise InvalidArgument.for_field("seed", f"must be a non-negative integer, got {seed}")
+    if not dtype.is_floating_point:
+        raise InvalidArgument.for_field("dtype", f"must be a floating dtype, got {dtype}")
+
 class GaussianProjection:
     """x ↦ x P with P ∈ R^{in_dim × out_dim}, P_aj ~ N(0, 1/out_dim), seeded and reproducible.
 
@@ -71,14 +84,7 @@ class GaussianProjection:
         dtype: torch.dtype = torch.float32,
         max_dense_bytes: int = DEFAULT_MAX_DENSE_BYTES,
     ) -> None:
-        if in_dim < 1:
-            raise InvalidArgument.for_field("in_dim", f"must be ≥ 1, got {in_dim}")
-        if out_dim < 1:
-            raise InvalidArgument.for_field("out_dim", f"must be ≥ 1, got {out_dim}")
-        if seed < 0:
-            raise InvalidArgument.for_field("seed", f"must be a non-negative integer, got {seed}")
-        if not dtype.is_floating_point:
-            raise InvalidArgument.for_field("dtype", f"must be a floating dtype, got {dtype}")
+        check_projection_args(in_dim, out_dim, seed, dtype)
         if max_dense_bytes < 0:
             raise InvalidArgument.for_field("max_dense_bytes", "must be ≥ 0")
         self.in_dim = int(in_dim)

@@ -30,6 +30,7 @@ import hashlib
 import torch
 
 from pairdots_server.errors import InvalidArgument
+from pairdots_server.index.projection import check_projection_args
 
 KIND = "sparse_sign"
 ROW_CHUNK = 8
@@ -56,14 +57,7 @@ class SparseSignProjection:
     def __init__(
         self, in_dim: int, out_dim: int, seed: int, dtype: torch.dtype = torch.float32
     ) -> None:
-        if in_dim < 1:
-            raise InvalidArgument.for_field("in_dim", f"must be ≥ 1, got {in_dim}")
-        if out_dim < 1:
-            raise InvalidArgument.for_field("out_dim", f"must be ≥ 1, got {out_dim}")
-        if seed < 0:
-            raise InvalidArgument.for_field("seed", f"must be a non-negative integer, got {seed}")
-        if not dtype.is_floating_point:
-            raise InvalidArgument.for_field("dtype", f"must be a floating dtype, got {dtype}")
+        check_projection_args(in_dim, out_dim, seed, dtype)
         self.in_dim = int(in_dim)
         self.out_dim = int(out_dim)
         self.seed = int(seed)
