@@ -5,7 +5,9 @@ paged results, cancel, idempotency, validation, and `pairdots explain --input --
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import sqlite3
+from collections.abc import Callable, Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from pairdots import (
     PairdotsClient,
     RpcCancelledError,
 )
+from pairdots.v1 import pairdots_pb2
 from pairdots_server.cli.main import main
 from pairdots_server.config import ServerConfig
 from pairdots_server.testing import make_tiny_root
@@ -38,7 +41,12 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def jobs_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("jobs") / "jobs.sqlite3"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, jobs_db: Path) -> Iterator[RunningServer]:
     root = make_tiny_root(tmp_path_factory.mktemp("bundles"))
     inputs = tmp_path_factory.mktemp("batch-inputs")
     (inputs / "in.jsonl").write_text(
@@ -48,9 +56,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         ),
         encoding="utf-8",
     )
-    jobs = tmp_path_factory.mktemp("jobs") / "jobs.sqlite3"
     running = start_server(
-        ServerConfig(bundles=root, port=0, jobs_db=jobs, batch_input_root=inputs)
+        ServerConfig(bundles=root, port=0, jobs_db=jobs_db, batch_input_root=inputs)
     )
     yield running
     running.stop()
@@ -74,6 +81,29 @@ def _all_items(client: PairdotsClient, name: str, page_size: int) -> list[BatchI
             return items
 
 
+def _record_progress_writes(path: Path) -> Callable[[str], list[JobProgress]]:
+    """Log every write of an operation's progress metadata with an SQLite trigger on the
+    server's job store; return a reader of that log for one operation name, oldest first."""
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            "CREATE TABLE IF NOT EXISTS test_progress_log ("
+            "  seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT, metadata BLOB);"
+            "CREATE TRIGGER IF NOT EXISTS test_progress_logger AFTER UPDATE OF metadata "
+            "ON operations BEGIN "
+            "  INSERT INTO test_progress_log (name, metadata) VALUES (NEW.name, NEW.metadata);"
+            "END;"
+        )
+
+    def read(name: str) -> list[JobProgress]:
+        with sqlite3.connect(path) as db:
+            rows = db.execute(
+                "SELECT metadata FROM test_progress_log WHERE name = ? ORDER BY seq", (name,)
+            ).fetchall()
+        return [JobProgress.from_proto(pairdots_pb2.JobMetadata.FromString(r[0])) for r in rows]
+
+    return read
+
+
 def _comparable(raw: object) -> object:
     """The answer without what differs from call to call: timings and the s_test cache
     flag (the second call of the same query hits the server's cache)."""
@@ -91,9 +121,10 @@ def _comparable(raw: object) -> object:
 
 
 def test_inline_batch_equals_one_explain_per_input(
-    client: PairdotsClient, server: RunningServer
+    client: PairdotsClient, jobs_db: Path
 ) -> None:
     inputs = [(t, 1 if i % 2 else None, f"row-{i}") for i, t in enumerate(TEXTS)]
+    history = _record_progress_writes(jobs_db)
     op = client.explain_batch(inputs, model="tiny", top_words=1, examples_per_word=2)
     assert op.progress is not None and op.progress.kind == "explain_batch"
     seen: list[JobProgress] = []
@@ -101,8 +132,15 @@ def test_inline_batch_equals_one_explain_per_input(
     assert isinstance(outcome, ExplainBatchOutcome)
     assert (outcome.input_count, outcome.succeeded_count, outcome.failed_count) == (7, 7, 0)
     assert outcome.inputs_per_second > 0
-    done = [p for p in seen if p.stage == "explaining"]
-    assert done and all(p.total == 7 for p in done) and seen[-1].stage == "done"
+    # every progress report the server wrote, read back from the store's own table (the
+    # client's polls may miss them all when a tiny batch finishes between two polls): the
+    # reporter is throttled within a stage, so "explaining" goes 0 of 7 → … → 7 of 7,
+    # counting strictly up, always out of 7
+    explaining = [(p.done, p.total) for p in history(op.name) if p.stage == "explaining"]
+    counts = [d for d, _ in explaining]
+    assert {t for _, t in explaining} == {7} and counts[0] == 0 and counts[-1] == 7
+    assert all(a < b for a, b in pairwise(counts))
+    assert seen and seen[-1].stage == "done" and seen[-1].kind == "explain_batch"
     # the results file sits beside the job store, one JSON line per input in input order
     path = Path(outcome.results_path)
     assert path.parent.name == "batch-results"
