@@ -46,6 +46,13 @@ class SolverSettings:
 DEFAULTS: dict[str, Any] = {
     "curvature": "ggn",
     "damping_ratio": 0.01,  # δ = ratio · λ_max when no absolute damping is given
+    # LiSSA preconditioned by the bundle's fitted curvature ("auto": low-rank when the bundle
+    # has it; "none", "low_rank", "ekfac", "diagonal") on the whole curvature sample, stopping
+    # at 1 % (docs/DESIGN.md §2, bench/lissa_convergence.py)
+    "lissa_preconditioner": "auto",
+    "lissa_preconditioned_depth": 50,
+    "lissa_preconditioned_tol": 0.01,
+    # the paper's plain recursion (no preconditioner, or a minibatch asked): minibatches of 8
     "lissa_depth": 1000,
     "lissa_repeats": 1,
     "lissa_batch_size": 8,

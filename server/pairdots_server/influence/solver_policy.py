@@ -193,6 +193,12 @@ def _extra_diagnostics(
     if rule is None and entry.damping_rule is not None:
         rule = entry.damping_rule(rt, s)
     out: dict[str, Any] = {"damping_rule": rule or "absolute"}
+    pre = getattr(d, "preconditioner", None)
+    if method is SolverChoice.LISSA and pre is not None:
+        out["preconditioner"] = pre
+        out["scale"] = float(d.scale)
+        if pre != "none":
+            out["damping_rule"] += f"; preconditioned by {pre} (M ≈ H + δI), s = {d.scale:.3g}"
     factors = getattr(solver, "factors", None)
     if method in (SolverChoice.EKFAC, SolverChoice.DIAGONAL) and factors is not None:
         out["fisher"] = factors.fisher

@@ -6,6 +6,7 @@ Also the low-rank fit, which runs on the same operator.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -16,7 +17,7 @@ from pairdots_server.core.curvature import Curvature, CurvatureOperator, estimat
 from pairdots_server.core.ihvp.base import InverseHVPSolver
 from pairdots_server.core.ihvp.cg import CGSolver
 from pairdots_server.core.ihvp.exact import ExactSolver
-from pairdots_server.core.ihvp.lissa import LissaSolver
+from pairdots_server.core.ihvp.lissa import LissaSolver, estimate_preconditioned_lambda_max
 from pairdots_server.influence.runtime import ModelRuntime
 from pairdots_server.influence.solver_config import (
     SolverChoice,
@@ -68,23 +69,113 @@ def op_damping(rt: ModelRuntime, s: SolverSettings) -> tuple[CurvatureOperator, 
     return op, float(setting(rt, "damping_ratio")) * lambda_max(rt, op, s.seed)
 
 
+#: The preconditioners LiSSA can use, by name (each needs its bundle artifact).
+LISSA_PRECONDITIONERS = ("low_rank", "ekfac", "diagonal")
+#: What "auto" picks, in order, among those the bundle has (docs/DESIGN.md §2: measured on
+#: minilm-sst2 by bench/lissa_convergence.py).
+LISSA_AUTO: tuple[str, ...] = ("low_rank",)
+
+
+def lissa_preconditioner(rt: ModelRuntime, name: str, damping: float) -> InverseHVPSolver | None:
+    """M⁻¹ for LiSSA's preconditioned recursion, M ≈ H + δI from the bundle's fitted curvature
+    with LiSSA's own δ: "low_rank" M = U diag(λ) Uᵀ + δI (the top-k GGN eigenpairs),
+    "diagonal" M = diag(d) + δI (diagonal Fisher), "ekfac" M = EK-FAC + δI; "none": M = I."""
+    if name == "none":
+        return None
+    if name == "low_rank":
+        from pairdots_server.core.ihvp.lowrank import LowRankSolver
+
+        return LowRankSolver(rt.lowrank(), damping)
+    if name == "diagonal":
+        from pairdots_server.core.ihvp.diagonal import DiagonalSolver
+
+        return DiagonalSolver(rt.diagonal(), damping)
+    if name == "ekfac":
+        from pairdots_server.core.ihvp.kfac import EKFACSolver
+
+        return EKFACSolver(rt.ekfac(), damping)
+    raise ValueError(f"unknown LiSSA preconditioner {name!r}; use none, {LISSA_PRECONDITIONERS}")
+
+
+def lissa_preconditioner_name(rt: ModelRuntime) -> str:
+    """The preconditioner LiSSA runs with on this bundle: the manifest/DEFAULTS
+    "lissa_preconditioner"; "auto" = the first of LISSA_AUTO the bundle has, else "none"."""
+    name = str(setting(rt, "lissa_preconditioner"))
+    if name != "auto":
+        return name
+    available = {"low_rank": rt.has_lowrank, "ekfac": rt.has_ekfac, "diagonal": rt.has_diagonal}
+    return next((n for n in LISSA_AUTO if available[n]), "none")
+
+
+def _sample_size(rt: ModelRuntime) -> int:
+    """Examples in the curvature sample (TrainingSample holds min(curvature_sample, N))."""
+    return min(int(setting(rt, "curvature_sample")), rt.n_train)
+
+
+def _lissa_preconditioned(rt: ModelRuntime, batch_size: int | None) -> bool:
+    """Whether LiSSA runs preconditioned: the bundle has the preconditioner and the curvature
+    is the whole sample (no batch size asked, or one ≥ the sample). On minibatches M⁻¹
+    amplifies the minibatch noise of H_j (measured: docs/DESIGN.md §2), so an explicit
+    minibatch runs the paper's plain recursion."""
+    if lissa_preconditioner_name(rt) == "none":
+        return False
+    return batch_size is None or batch_size >= _sample_size(rt)
+
+
 def _resolve_lissa(rt: ModelRuntime, s: SolverSettings) -> SolverSettings:
+    """Defaults: preconditioned, the whole curvature sample (batch size = its size), depth and
+    tol "lissa_preconditioned_*"; else the paper's "lissa_depth/batch_size/tol"."""
+    if _lissa_preconditioned(rt, s.batch_size):
+        pre = "lissa_preconditioned_"
+        batch = _sample_size(rt)
+    else:
+        pre = "lissa_"
+        batch = int(setting(rt, "lissa_batch_size"))
     return curvature_defaults(
         rt, s,
-        max_iterations=s.max_iterations or int(setting(rt, "lissa_depth")),
+        max_iterations=s.max_iterations or int(setting(rt, f"{pre}depth")),
         repeats=s.repeats or int(setting(rt, "lissa_repeats")),
-        batch_size=s.batch_size or int(setting(rt, "lissa_batch_size")),
-        tolerance=s.tolerance or float(setting(rt, "lissa_tol")),
+        batch_size=s.batch_size or batch,
+        tolerance=s.tolerance or float(setting(rt, f"{pre}tol")),
     )
+
+
+_MU_CACHE: weakref.WeakKeyDictionary[ModelRuntime, dict[tuple[Any, ...], float]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def preconditioned_mu_max(
+    rt: ModelRuntime, op: CurvatureOperator, name: str, m_inv: InverseHVPSolver, damping: float,
+    seed: int,
+) -> float:
+    """μ̃_max of M⁻¹(H + δI) on one batch of the sample (power iteration), cached per model,
+    curvature, seed, preconditioner and δ (the scale s = μ̃_max of the preconditioned LiSSA)."""
+    key = (op.curvature, seed, name, damping)
+    cache = _MU_CACHE.setdefault(rt, {})
+    if key not in cache:
+        with _LAMBDA_LOCK:
+            batch = next(iter(op.batches.full()))
+            cache[key] = estimate_preconditioned_lambda_max(
+                op, m_inv, damping, int(setting(rt, "power_iters")), seed, batch=batch)
+    return cache[key]
 
 
 def _build_lissa(rt: ModelRuntime, s: SolverSettings) -> InverseHVPSolver:
     op, damping = op_damping(rt, s)
     assert s.max_iterations and s.repeats and s.batch_size and s.tolerance and s.seed is not None
+    full = s.batch_size >= _sample_size(rt)  # the whole sample: H_j = H, deterministic
+    name = lissa_preconditioner_name(rt) if _lissa_preconditioned(rt, s.batch_size) else "none"
+    m_inv = lissa_preconditioner(rt, name, damping)
+    mu = None
+    if m_inv is not None and s.scale is None:
+        mu = preconditioned_mu_max(rt, op, name, m_inv, damping, s.seed)
     return LissaSolver(
         op, damping=damping, scale=s.scale, depth=s.max_iterations, repeats=s.repeats,
-        batch_size=s.batch_size, tol=s.tolerance, seed=s.seed,
+        batch_size=None if full else s.batch_size, tol=s.tolerance, seed=s.seed,
+        check_every=1 if full else 10,
         lambda_max=None if s.scale is not None else lambda_max(rt, op, s.seed),
+        preconditioner=m_inv, preconditioner_name=name, mu_max=mu,
     )
 
 
