@@ -176,7 +176,13 @@ class _SolverEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Solver.ValueTy
     SOLVER_UNSPECIFIED: _Solver.ValueType  # 0
     """Server default: the bundle's default (SOLVER_LOW_RANK when the bundle has it, else LiSSA)."""
     SOLVER_LISSA: _Solver.ValueType  # 1
-    """LiSSA (paper App. B): stochastic Neumann series on minibatches. Per query."""
+    """LiSSA (paper App. B): the Neumann series for (H + λI)⁻¹ v. Per query. On a bundle with
+    low-rank factors it runs preconditioned by them (M = UΛUᵀ + λI, the same fixed point) on
+    the whole curvature sample and stops at a 1 % relative change (depth 50); with an explicit
+    batch_size below the sample, or without factors, the paper's plain recursion on
+    minibatches (default 8, depth 1000, tolerance 0.05), which does not converge on
+    minilm-sst2 at λ = 0.01·λ_max (bench/lissa_convergence.py).
+    """
     SOLVER_CONJUGATE_GRADIENT: _Solver.ValueType  # 2
     """Conjugate gradient on the full (or subsampled) curvature. Per query."""
     SOLVER_LOW_RANK: _Solver.ValueType  # 3
@@ -214,7 +220,13 @@ class Solver(_Solver, metaclass=_SolverEnumTypeWrapper):
 SOLVER_UNSPECIFIED: Solver.ValueType  # 0
 """Server default: the bundle's default (SOLVER_LOW_RANK when the bundle has it, else LiSSA)."""
 SOLVER_LISSA: Solver.ValueType  # 1
-"""LiSSA (paper App. B): stochastic Neumann series on minibatches. Per query."""
+"""LiSSA (paper App. B): the Neumann series for (H + λI)⁻¹ v. Per query. On a bundle with
+low-rank factors it runs preconditioned by them (M = UΛUᵀ + λI, the same fixed point) on
+the whole curvature sample and stops at a 1 % relative change (depth 50); with an explicit
+batch_size below the sample, or without factors, the paper's plain recursion on
+minibatches (default 8, depth 1000, tolerance 0.05), which does not converge on
+minilm-sst2 at λ = 0.01·λ_max (bench/lissa_convergence.py).
+"""
 SOLVER_CONJUGATE_GRADIENT: Solver.ValueType  # 2
 """Conjugate gradient on the full (or subsampled) curvature. Per query."""
 SOLVER_LOW_RANK: Solver.ValueType  # 3
