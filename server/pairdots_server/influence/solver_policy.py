@@ -24,6 +24,11 @@ Default damping per method (request damping > manifest "defaults" > this rule):
                     (manifest ekfac_damping: absolute; ekfac_damping_scale: the 0.1)
   diagonal          0.1 × mean(d) (manifest diagonal_damping: absolute; diagonal_damping_scale)
   identity          δ = 1: x = v, the plain gradient dot product (manifest identity_damping)
+
+LiSSA runs preconditioned by the bundle's low-rank factors on the whole curvature sample when
+the bundle has them and the request asks no smaller batch_size (solvers_iterative: manifest
+"lissa_preconditioner", the "lissa_preconditioned_*" defaults); the diagnostics then carry
+"preconditioner" and "scale", and the damping rule says so.
 """
 
 from __future__ import annotations
