@@ -76,7 +76,9 @@ class Config:
 CONFIGS: dict[str, Config] = {
     # today's served default: M = I, batch 8, check window 10 (depth cut for the bench)
     "paper": Config("none", 8, 300, 10, tol=0.01),
-    "lowrank_full": Config("low_rank", None, 20, 1),
+    # the served preconditioned recursion, but s from power iteration on one batch of 16
+    # (instead of 1 + λ_k/δ from the stored eigenvalues)
+    "lowrank_full_pow": Config("low_rank", None, 30, 1),
     "lowrank_full_s1": Config("low_rank", None, 20, 1, scale=1.0),
     "lowrank_b16": Config("low_rank", 16, 80, 5),
     "lowrank_b64": Config("low_rank", 64, 40, 2, mu_batch=64),

@@ -18,6 +18,7 @@ from pairdots_server.core.ihvp.base import InverseHVPSolver
 from pairdots_server.core.ihvp.cg import CGSolver
 from pairdots_server.core.ihvp.exact import ExactSolver
 from pairdots_server.core.ihvp.lissa import LissaSolver, estimate_preconditioned_lambda_max
+from pairdots_server.core.ihvp.lowrank import LowRankFactors
 from pairdots_server.influence.runtime import ModelRuntime
 from pairdots_server.influence.solver_config import (
     SolverChoice,
@@ -145,6 +146,17 @@ _MU_CACHE: weakref.WeakKeyDictionary[ModelRuntime, dict[tuple[Any, ...], float]]
 )
 
 
+def lowrank_mu_max(factors: LowRankFactors, damping: float) -> float:
+    """μ̃_max of M⁻¹(H + δI) for M = U diag(λ) Uᵀ + δI with the top-k eigenpairs of H: 1 on
+    span(U), (μ + δ)/δ ≤ 1 + λ_{k+1}/δ off it. λ_{k+1}: the stored next Ritz value, else the
+    smallest stored eigenvalue λ_k (≥ λ_{k+1}). No power iteration (it would cost 20 products
+    on the flat deflated spectrum, where it also converges slowly)."""
+    tail = factors.next_eigval
+    if tail is None:
+        tail = float(factors.eigvals.min()) if factors.rank else 0.0
+    return 1.0 + max(float(tail), 0.0) / damping
+
+
 def preconditioned_mu_max(
     rt: ModelRuntime, op: CurvatureOperator, name: str, m_inv: InverseHVPSolver, damping: float,
     seed: int,
@@ -168,7 +180,9 @@ def _build_lissa(rt: ModelRuntime, s: SolverSettings) -> InverseHVPSolver:
     name = lissa_preconditioner_name(rt) if _lissa_preconditioned(rt, s.batch_size) else "none"
     m_inv = lissa_preconditioner(rt, name, damping)
     mu = None
-    if m_inv is not None and s.scale is None:
+    if name == "low_rank" and s.scale is None:
+        mu = lowrank_mu_max(rt.lowrank(), damping)
+    elif m_inv is not None and s.scale is None:
         mu = preconditioned_mu_max(rt, op, name, m_inv, damping, s.seed)
     return LissaSolver(
         op, damping=damping, scale=s.scale, depth=s.max_iterations, repeats=s.repeats,

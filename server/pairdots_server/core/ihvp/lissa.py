@@ -23,7 +23,8 @@ With M = U diag(λ_1..k) Uᵀ + δI (the bundle's top-k GGN eigenpairs, ``LowRan
 k modes map to μ̃ = 1 and the rest to (μ + δ)/δ ≤ 1 + λ_{k+1}/δ, so κ drops to 1 + λ_{k+1}/δ
 (docs/DESIGN.md §2 has the measured spectrum). Defaults: δ = ``damping_ratio``·λ_max; s =
 ``scale_factor``·(λ_max + δ) unpreconditioned, ``scale_factor``·μ̃_max preconditioned, μ̃_max
-by power iteration on M⁻¹A (``estimate_preconditioned_lambda_max``).
+by power iteration on M⁻¹A (``estimate_preconditioned_lambda_max``) or, for the low-rank M,
+1 + λ_{k+1}/δ from the stored eigenvalues (influence/solvers_iterative.lowrank_mu_max).
 
 Stopping: every ``check_every`` = w steps, c = ‖x_j - x_{j-w}‖ / ‖x_j‖ (reported as
 ``rel_change``). For a linear recursion contracting by q per window the remaining relative
