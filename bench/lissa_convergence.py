@@ -260,7 +260,7 @@ def main() -> None:
     ap.add_argument("--configs", default="served", help=f"comma list of served,{','.join(CONFIGS)}")
     ap.add_argument(
         "--extra-configs",
-        default="lowrank_b16,paper",
+        default="lowrank_full_pow,lowrank_b16,paper",
         help="run on the first query while the budget lasts",
     )
     ap.add_argument("--cg-max-iter", type=int, default=60)
@@ -380,10 +380,12 @@ def main() -> None:
         names = list(xs)
         if args.rank_examples > 0:
             block = torch.stack([x_ref] + [xs[n] for n in names], dim=1).float()
+            t_rank = time.perf_counter()
             (scores,), _ = training_pass(
                 rt, [block], 32, False, indices=rank_idx, scope_inputs=(sm.logits, hidden)
             )
             scores = scores[rank_idx]
+            ranking_s = time.perf_counter() - t_rank
             for j, name in enumerate(names, start=1):
                 runs[name]["ranking"] = ranking_agreement(scores[:, j], scores[:, 0])
                 log(f"    {name}: {runs[name]['ranking']}")
