@@ -111,8 +111,8 @@ def main() -> None:
     err8 = (
         max(
             abs(a - b)
-            for row, (_, mrow) in zip(one, many, strict=True)
-            for a, b in zip(row, mrow, strict=True)
+            for row, att in zip(one, many, strict=True)
+            for a, b in zip(row, att.totals, strict=True)
         )
         / scale
     )

@@ -5,6 +5,7 @@
     pairdots import --model DIR|models:/NAME/VERSION|runs:/ID/PATH --train F [--dev F] --name N
     pairdots index build --bundle DIR [--shard I --num-shards N --out PARTS]
     pairdots index merge --bundle DIR --parts PARTS
+    pairdots index scope-inputs --bundle DIR [--dtype float32|float16]
     pairdots curvature fit --bundle DIR [--kind ekfac,diagonal] [--device cpu|cuda]
     pairdots curvature show --bundle DIR
     pairdots serve --bundles ROOT [--port 50051] [--metrics-port 9090] [--no-worker] ...
@@ -180,6 +181,16 @@ def cmd_index_merge(args: argparse.Namespace) -> int:
         out = merge_index_parts(Path(args.parts), Path(tmp) / "index")
         update_bundle(args.bundle, index_files(out), {})
     print(f"merged index written into {args.bundle}")
+    return 0
+
+
+def cmd_index_scope_inputs(args: argparse.Namespace) -> int:
+    from pairdots_server.influence.artifacts import add_scope_inputs
+
+    rt = _load_runtime(args.bundle, args.device)
+    info = add_scope_inputs(Path(args.bundle), rt, args.dtype, not args.quiet)
+    print(f"scope inputs written into {args.bundle} ({info['bytes'] / 2**20:.0f} MiB, "
+          f"{info['seconds']:.0f} s)")
     return 0
 
 
@@ -406,6 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--bundle", required=True)
     m.add_argument("--parts", required=True)
     m.set_defaults(fn=cmd_index_merge)
+    si = isub.add_parser("scope-inputs", help="store every training example's hidden states "
+                         "entering the influence scope (faster exact scoring)")
+    si.add_argument("--bundle", required=True)
+    si.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    si.add_argument("--device", default="cpu")
+    si.add_argument("--quiet", action="store_true")
+    si.set_defaults(fn=cmd_index_scope_inputs)
 
     from pairdots_server.cli.curvature import add_curvature_parser
 

@@ -10,6 +10,10 @@ ekfac.safetensors  EK-FAC factors (core.kfac_fit.fit_ekfac, sampled Fisher) over
         training set; SOLVER_EKFAC.
 diagonal.safetensors  the diagonal empirical Fisher (core.ihvp.diagonal.fit_diagonal) over the
         whole training set; SOLVER_DIAGONAL.
+scope_inputs.safetensors  h_L(z_i), the hidden states entering the influence scope, of every
+        training example (influence/scope_inputs.py; `pairdots index scope-inputs`), so exact
+        scoring runs through the scoped top only from the first query on. Optional: without
+        it the rows are computed on first use.
 
 How each curvature artifact was fitted goes into manifest["curvature"][kind]: file, seconds,
 bytes (the file), num_examples, fisher, batch_size, seed, fitted_at, scope_num_parameters (and
@@ -42,6 +46,7 @@ from pairdots_server.influence.runtime import (
     PROJECTION_CACHE_BYTES,
     ModelRuntime,
 )
+from pairdots_server.influence.scope_inputs import SCOPE_INPUTS_FILE
 
 CURVATURE_KINDS = ("ekfac", "diagonal")
 CURVATURE_FILES = {"ekfac": EKFAC_FILE, "diagonal": DIAGONAL_FILE, "lowrank": LOWRANK_FILE}
@@ -394,3 +399,44 @@ def build_artifacts(
     """Everything `prepare` adds to a new bundle, as {relpath: content} (the manifest records
     are in build_bundle_artifacts)."""
     return build_bundle_artifacts(rt, cfg, scratch, progress).files
+
+
+def scope_inputs_bytes(
+    rt: ModelRuntime, dtype: str = "float32", progress: bool = True,
+) -> tuple[bytes, dict[str, Any]]:
+    """Every training example's h_L (influence/scope_inputs.py) as scope_inputs.safetensors
+    bytes, and its manifest info (seconds, bytes, dtype, count, split)."""
+    from safetensors.torch import save
+
+    from pairdots_server.influence.scope_inputs import ScopeInputs
+
+    if rt.split is None:
+        raise InvalidArgument.for_field(
+            "scope", f"bundle {rt.name!r}: the model/scope has no split below the scope "
+            "(model/scope_split.py), so there are no scope inputs to store")
+    t0 = time.perf_counter()
+    cache = ScopeInputs(rt.split, rt.encode_train, rt.n_train, rt.scope_inputs_key(), dtype)
+
+    def report(done: int, total: int) -> None:
+        if progress:
+            print(f"  scope inputs: {done}/{total} examples, {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr, flush=True)
+
+    cache.compute_all(report, [len(ex.text) for ex in rt.bundle.train])
+    tensors, meta = cache.to_tensors()
+    content = save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
+    info = {"file": SCOPE_INPUTS_FILE, "seconds": round(time.perf_counter() - t0, 2),
+            "bytes": len(content), "dtype": dtype, "count": rt.n_train,
+            "split": rt.split.key, "built_at": _now()}
+    return content, info
+
+
+def add_scope_inputs(bundle_dir: Path, rt: ModelRuntime, dtype: str = "float32",
+                     progress: bool = True) -> dict[str, Any]:
+    """Compute and add scope_inputs.safetensors to the bundle (crash-safe update; manifest
+    "scope_inputs" records how it was built); returns that info."""
+    from pairdots_server.storage.update import update_bundle
+
+    content, info = scope_inputs_bytes(rt, dtype, progress)
+    update_bundle(bundle_dir, {SCOPE_INPUTS_FILE: content}, {"scope_inputs": info})
+    return info

@@ -283,9 +283,10 @@ def _warn_unconverged(
 def _ranked_examples(
     rt: ModelRuntime, q: ExplainQuery, settings: PipelineSettings, s_test: Tensor,
     cand: list[int], should_stop: Callable[[], None], timer: steps.Timer,
-    memo: steps.ScoreMemo,
+    memo: steps.ScoreMemo, keep_word: str | None = None,
 ) -> tuple[list[Influential], list[Influential]]:
-    """Steps 6–7: exact scores of the candidates, top-k each way, Eq. 8 responsible words."""
+    """Steps 6–7: exact scores of the candidates, top-k each way, Eq. 8 responsible words
+    (with settings.eq8_top_words, the explained word `keep_word` is always scored exactly)."""
     scores = steps.score_examples(rt, s_test, cand, settings, should_stop, timer, memo=memo)
     sup, opp = _top_k(cand, scores, q.examples_per_word)
     sup_ans = [_influential(rt, i, s) for i, s in sup]
@@ -296,9 +297,10 @@ def _ranked_examples(
         items = sup_ans + opp_ans
         attributions = steps.word_attributions(
             rt, s_test, [it.train_index for it in items], q.token_influence, memo=memo,
+            top_words=settings.eq8_top_words, keep_word=keep_word,
         )
-        for item, (words, totals) in zip(items, attributions, strict=True):
-            _responsible_word(item, words, totals)
+        for item, att in zip(items, attributions, strict=True):
+            _responsible_word(item, att)
         timer.add("token_influence", time.perf_counter() - start_t)
     return sup_ans, opp_ans
 
@@ -343,7 +345,8 @@ def _explain_word(
             )
     cand = steps.candidates(rt, s_test, settings, timer, allowed=allowed)
     memo = memos.setdefault(m, steps.ScoreMemo())
-    sup, opp = _ranked_examples(rt, q, settings, s_test, cand, should_stop, timer, memo)
+    sup, opp = _ranked_examples(rt, q, settings, s_test, cand, should_stop, timer, memo,
+                                enc.words[wi])
     answer = SalientWordAnswer(wi, enc.words[wi], saliency, sup, opp, diag,
                                containing_examples=len(containing))
     return answer, len(cand)
@@ -364,9 +367,13 @@ def _influential(rt: ModelRuntime, index: int, score: float) -> Influential:
     return Influential(index, ex.text, ex.label, score)
 
 
-def _responsible_word(item: Influential, words: list[str], totals: list[float]) -> None:
-    """Fill item.words with Eq. 8 word influences and pick the responsible word."""
-    item.words = list(zip(words, totals))
+def _responsible_word(item: Influential, att: steps.WordAttribution) -> None:
+    """Fill item.words with Eq. 8 word influences and pick the responsible word: the largest
+    influence in the example's direction among the exactly scored words (all words when none
+    is exact: the FIRST_ORDER method)."""
+    totals = att.totals
+    item.words = list(zip(att.words, totals))
+    pool = [i for i, x in enumerate(att.exact) if x] or list(range(len(totals)))
     if totals:
         sign = 1.0 if item.influence >= 0 else -1.0
-        item.responsible_word = max(range(len(totals)), key=lambda i: (sign * totals[i], -i))
+        item.responsible_word = max(pool, key=lambda i: (sign * totals[i], -i))

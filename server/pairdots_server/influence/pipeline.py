@@ -44,9 +44,16 @@ from pairdots_server.core.saliency import (
     token_saliency,
     word_scores,
 )
-from pairdots_server.core.scoring import Row, influence_jvp, token_influence_many
+from pairdots_server.core.scoring import (
+    Row,
+    influence_jvp,
+    score_rows,
+    token_influence_first_order_many,
+    token_influence_many,
+)
 from pairdots_server.errors import FailedPrecondition
 from pairdots_server.influence.runtime import EncodedExamples, ModelRuntime
+from pairdots_server.influence.scope_inputs import ScopeInputs
 from pairdots_server.influence.settings import PipelineSettings
 from pairdots_server.influence.solver_policy import solve_s_test
 
@@ -308,7 +315,7 @@ class ScoreMemo:
     so the union of all explained words' candidates is scored once."""
 
     scores: dict[int, float] = field(default_factory=dict)
-    words: dict[int, tuple[list[str], list[float]]] = field(default_factory=dict)
+    words: dict[int, WordAttribution] = field(default_factory=dict)
 
 
 def _influence(rt: ModelRuntime, s_test: Tensor, enc: EncodedExamples) -> Tensor:
@@ -323,17 +330,23 @@ def score_examples(
     """I(z_i, f) = -⟨s_test, ∇θL(z_i)⟩ (Eq. 5) for the given training indices -> [K] (float64).
 
     Examples are batched in order of text length (little padding); those in `memo` are not
-    recomputed, and the new scores are added to it."""
+    recomputed, and the new scores are added to it. With the runtime's scope-input cache
+    (influence/scope_inputs.py) the jvp runs through the scoped top only, from h_L(z_i)."""
     start = time.perf_counter()
     batch = settings.scoring_batch_size
     known = memo.scores if memo is not None else {}
     todo = sorted({int(i) for i in indices if int(i) not in known},
                   key=lambda i: (len(rt.bundle.train[i].text), i))
     fresh: dict[int, float] = {}
-    for b in range(0, len(todo), batch):
+    cache = rt.scope_inputs()
+    step = batch if cache is None else batch * 8  # the cache path batches inside score_rows
+    for b in range(0, len(todo), step):
         should_stop()
-        chunk = todo[b : b + batch]
-        vals = _influence(rt, s_test, rt.encode_train(chunk))  # [B]
+        chunk = todo[b : b + step]
+        if cache is None:
+            vals = _influence(rt, s_test, rt.encode_train(chunk))  # [B]
+        else:
+            vals = _influence_cached(rt, cache, s_test, chunk, batch)  # [B]
         fresh.update(zip(chunk, vals.double().tolist(), strict=True))
     if memo is not None:
         memo.scores.update(fresh)
@@ -341,6 +354,19 @@ def score_examples(
         timer.add("exact_scoring", time.perf_counter() - start)
     return torch.tensor([known[int(i)] if int(i) in known else fresh[int(i)] for i in indices],
                         dtype=torch.float64)
+
+
+def _influence_cached(
+    rt: ModelRuntime, cache: ScopeInputs, s_test: Tensor, indices: Sequence[int], batch: int,
+) -> Tensor:
+    """-⟨s_test, ∇θL(z_i)⟩ for training indices from their cached h_L, one jvp of the scoped
+    top per batch of `batch` rows -> [B] (the model's dtype)."""
+    assert rt.split is not None
+    dtype = rt.task.dtype
+    hidden = cache.rows(indices, [len(rt.bundle.train[i].text) for i in indices])
+    rows = [Row(h.to(dtype), torch.ones(h.shape[0], dtype=torch.long, device=h.device),
+                rt.bundle.train[i].label) for i, h in zip(indices, hidden, strict=True)]
+    return score_rows(rt.split.top, rt.params, s_test, rows, batch_size=batch)
 
 
 def score_texts(
@@ -389,41 +415,144 @@ def word_attribution(
     return totals
 
 
+@dataclass
+class WordAttribution:
+    """Eq. 8 for one training example: words [W]; totals [W], Σ_{t ∈ word} I(z, f) −
+    I(z̃(t, UNK), f); exact [W], True where the total is exact ([UNK] copies), False where it
+    is the first-order estimate (core/scoring.token_influence_first_order_many: the
+    FIRST_ORDER method, and the words top_words mode did not score exactly)."""
+
+    words: list[str]
+    totals: list[float]
+    exact: list[bool]
+
+
 def word_attributions(
     rt: ModelRuntime, s_test: Tensor, indices: Sequence[int],
     method: TokenInfluence = TokenInfluence.EXACT, *, max_tokens: int = 4096,
-    memo: ScoreMemo | None = None,
-) -> list[tuple[list[str], list[float]]]:
-    """(words, Eq. 8 totals per word) for each training example in `indices`, labelled with its
-    own label. EXACT: every example's base and [UNK] copies scored together in batches of at
-    most max_tokens padded tokens (core/scoring.token_influence_many); others:
-    word_attribution one by one."""
+    memo: ScoreMemo | None = None, top_words: int = 0, keep_word: str | None = None,
+) -> list[WordAttribution]:
+    """Eq. 8 per word for each training example in `indices`, labelled with its own label.
+
+    EXACT, top_words = 0: every word exact; every example's base and [UNK] copies scored
+    together in batches of at most max_tokens padded tokens (core/scoring.token_influence_many;
+    with the runtime's scope split the copies go through the trunk without tangent and the jvp
+    through the scoped top only). EXACT, top_words = k > 0: the words are ranked by the
+    first-order estimate (all examples in one double backward per batch), signed towards the
+    example's influence when memo holds its score; only the k best and the words matching
+    `keep_word` (same Porter stem: the explained word) are scored exactly, the others keep the
+    estimate (exact False). FIRST_ORDER: the estimate for every word. Results accumulate in
+    memo (by training index), so a word scored exactly once is not scored again."""
+    from pairdots_server.influence.wordmatch import stem
+
     known = memo.words if memo is not None else {}
-    todo = [int(i) for i in dict.fromkeys(int(i) for i in indices) if int(i) not in known]
-    fresh: dict[int, tuple[list[str], list[float]]] = {}
-    if method is TokenInfluence.EXACT and todo:
-        encs = [encode_train_example(rt, i) for i in todo]
-        rows = [Row(e.embeds[0], e.mask[0], rt.bundle.train[i].label)
-                for i, e in zip(todo, encs, strict=True)]
-        per_token = token_influence_many(
-            rt.task.logits_fn, rt.params, s_test, rows, [e.word_positions for e in encs],
-            rt.unk_embed, batch_size=max_tokens, max_tokens=max_tokens,
-        )  # [T_r] each
-        for i, e, vals in zip(todo, encs, per_token, strict=True):
-            totals = [0.0] * len(e.words)
-            for t in e.word_positions:
-                w = e.word_ids[t]
-                assert w is not None
-                totals[w] += float(vals[t])
-            fresh[i] = (e.words, totals)
-    else:
-        for i in todo:
+    order = [int(i) for i in dict.fromkeys(int(i) for i in indices)]
+    out: dict[int, WordAttribution] = {}
+    if method is not TokenInfluence.EXACT:
+        for i in order:
+            if i in known:
+                out[i] = known[i]
+                continue
             e = encode_train_example(rt, i)
-            fresh[i] = (e.words, word_attribution(rt, s_test, e, rt.bundle.train[i].label,
-                                                  method))
+            totals = word_attribution(rt, s_test, e, rt.bundle.train[i].label, method)
+            out[i] = WordAttribution(e.words, totals, [False] * len(totals))
+    else:
+        current: dict[int, WordAttribution | None] = {i: known.get(i) for i in order}
+        encs = {i: encode_train_example(rt, i) for i in order
+                if (att0 := current[i]) is None or not all(att0.exact)}
+        if top_words > 0:
+            fresh = [i for i in encs if current[i] is None]
+            estimates = _first_order(rt, s_test, fresh, [encs[i] for i in fresh], max_tokens)
+            current.update(zip(fresh, estimates, strict=True))
+        keep = stem(keep_word) if keep_word else None
+        need: dict[int, list[int]] = {}
+        for i, e in encs.items():
+            att = current[i]
+            if top_words <= 0 or att is None:
+                want = set(range(len(e.words)))
+            else:
+                score = memo.scores.get(i) if memo is not None else None
+                sign = 0.0 if score is None else (1.0 if score >= 0 else -1.0)
+                ranked = sorted(range(len(att.totals)), key=lambda w, a=att, sg=sign: (
+                    -(sg * a.totals[w] if sg else abs(a.totals[w])), w))
+                want = set(ranked[:top_words])
+                if keep is not None:
+                    want |= {w for w, txt in enumerate(e.words) if stem(txt) == keep}
+            have = {w for w, x in enumerate(att.exact) if x} if att is not None else set()
+            missing = sorted(w for w in want - have if e.pieces[w] > 0)
+            if missing or att is None:
+                need[i] = missing
+        exact_vals = _exact_words(rt, s_test, {i: encs[i] for i in need}, need, max_tokens)
+        for i, e in encs.items():
+            att = current[i]
+            totals = list(att.totals) if att is not None else [0.0] * len(e.words)
+            flags = list(att.exact) if att is not None else [False] * len(e.words)
+            for w, v in exact_vals.get(i, {}).items():
+                totals[w] = v
+                flags[w] = True
+            flags = [f or e.pieces[w] == 0 for w, f in enumerate(flags)]  # unseen: exactly 0
+            current[i] = WordAttribution(e.words, totals, flags)
+        for i in order:
+            att = current[i]
+            assert att is not None
+            out[i] = att
     if memo is not None:
-        memo.words.update(fresh)
-    return [known[int(i)] if int(i) in known else fresh[int(i)] for i in indices]
+        memo.words.update(out)
+    return [out[int(i)] for i in indices]
+
+
+def _first_order(
+    rt: ModelRuntime, s_test: Tensor, ids: Sequence[int], encs: Sequence[EncodedText],
+    max_tokens: int,
+) -> list[WordAttribution]:
+    """First-order Eq. 8 per word of the encoded training examples `ids` (exact False; words
+    the model never saw are exactly 0)."""
+    if not encs:
+        return []
+    rows = [Row(e.embeds[0], e.mask[0], rt.bundle.train[i].label)
+            for i, e in zip(ids, encs, strict=True)]
+    per_token = token_influence_first_order_many(
+        rt.task.logits_fn, rt.params, s_test, rows, [e.word_positions for e in encs],
+        rt.unk_embed, max_tokens=max_tokens,
+    )  # [T_r] each
+    out = []
+    for e, vals in zip(encs, per_token, strict=True):
+        totals = [0.0] * len(e.words)
+        for t in e.word_positions:
+            w = e.word_ids[t]
+            assert w is not None
+            totals[w] += float(vals[t])
+        out.append(WordAttribution(e.words, totals, [p == 0 for p in e.pieces]))
+    return out
+
+
+def _exact_words(
+    rt: ModelRuntime, s_test: Tensor, encs: dict[int, EncodedText],
+    words: dict[int, list[int]], max_tokens: int,
+) -> dict[int, dict[int, float]]:
+    """Exact Eq. 8 totals of the given words of each training example: one [UNK] copy per
+    token of those words, all copies batched -> {index: {word: total}}."""
+    if not encs:
+        return {}
+    ids = list(encs)
+    rows = [Row(encs[i].embeds[0], encs[i].mask[0], rt.bundle.train[i].label) for i in ids]
+    positions = [[t for t in encs[i].word_positions if encs[i].word_ids[t] in set(words[i])]
+                 for i in ids]
+    logits_fn = rt.task.logits_fn if rt.split is None else rt.split.top
+    trunk = None if rt.split is None else rt.split.trunk
+    per_token = token_influence_many(
+        logits_fn, rt.params, s_test, rows, positions, rt.unk_embed,
+        batch_size=max_tokens, max_tokens=max_tokens, trunk=trunk,
+    )  # [T_r] each
+    out: dict[int, dict[int, float]] = {}
+    for i, pos, vals in zip(ids, positions, per_token, strict=True):
+        totals = dict.fromkeys(words[i], 0.0)
+        for t in pos:
+            w = encs[i].word_ids[t]
+            assert w is not None
+            totals[w] += float(vals[t])
+        out[i] = totals
+    return out
 
 
 def encode_train_example(rt: ModelRuntime, index: int) -> EncodedText:

@@ -10,6 +10,7 @@ eigenpairs, EK-FAC factors and the diagonal Fisher, each loaded lazily on first 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Sequence
@@ -23,6 +24,8 @@ from pairdots_server.compute import ComputeGate
 from pairdots_server.core.batches import Batch
 from pairdots_server.core.curvature import Curvature
 from pairdots_server.errors import BundleError
+from pairdots_server.influence.scope_inputs import SCOPE_INPUTS_FILE, ScopeInputs, cache_key
+from pairdots_server.model.scope_split import ScopeSplit
 from pairdots_server.storage.bundle import Bundle
 
 if TYPE_CHECKING:
@@ -31,6 +34,8 @@ if TYPE_CHECKING:
     from pairdots_server.core.ihvp.lowrank import LowRankFactors
     from pairdots_server.index.base import CandidateIndex
     from pairdots_server.index.sketch import Projection
+
+log = logging.getLogger(__name__)
 
 INDEX_DIR = "index"
 LOWRANK_FILE = "lowrank.safetensors"
@@ -168,7 +173,14 @@ class LRUCache:
 
 
 class ModelRuntime:
-    def __init__(self, bundle: Bundle, *, cache_size: int = 256) -> None:
+    """One served bundle: its model, training set and artifacts (loaded lazily).
+
+    scope_inputs: keep h_L(z_i) (influence/scope_inputs.py) so exact scoring runs through the
+    scoped top only; scope_input_dtype the storage dtype of rows computed here ("float32",
+    "float16"; default the model's dtype; rows from the bundle's file keep the file's)."""
+
+    def __init__(self, bundle: Bundle, *, cache_size: int = 256, scope_inputs: bool = True,
+                 scope_input_dtype: str | None = None) -> None:
         self.bundle = bundle
         self.task = bundle.task
         self.name = bundle.name
@@ -186,6 +198,10 @@ class ModelRuntime:
         self._ekfac: KFACFactors | None = None
         self._diagonal: DiagonalFactors | None = None
         self._lock = threading.Lock()
+        self.split = ScopeSplit.for_task(self.task) if scope_inputs else None
+        self.scope_input_dtype = scope_input_dtype or str(self.task.dtype).removeprefix("torch.")
+        self._scope_inputs: ScopeInputs | None = None
+        self.scope_inputs_note = ""  # why the bundle's scope-input file was not used
         # every torch computation on this model (Explain, each job step) holds this gate
         self.compute = ComputeGate(self.name)
         self._curvature_samples: dict[tuple[int, int, int], TrainingSample] = {}
@@ -328,6 +344,44 @@ class ModelRuntime:
                 self._index = index
             assert self._projection is not None
             return self._index, self._projection
+
+    def scope_inputs(self) -> ScopeInputs | None:
+        """The scope-input cache (None when the model/scope has no split): rows from the
+        bundle's scope_inputs.safetensors when its key matches, else computed on first use."""
+        if self.split is None:
+            return None
+        with self._lock:
+            if self._scope_inputs is None:
+                cache = ScopeInputs(self.split, self.encode_train, self.n_train,
+                                    self.scope_inputs_key(), self.scope_input_dtype)
+                if self.bundle.has_artifact(SCOPE_INPUTS_FILE):
+                    self.scope_inputs_note = self._load_scope_inputs(cache) or ""
+                self._scope_inputs = cache
+            return self._scope_inputs
+
+    def scope_inputs_key(self) -> str:
+        """What h_L depends on, hashed (influence/scope_inputs.cache_key)."""
+        assert self.split is not None
+        return cache_key(self.bundle.files, self.max_length, self.split.key)
+
+    def _load_scope_inputs(self, cache: ScopeInputs) -> str | None:
+        from safetensors import safe_open
+
+        path = self.bundle.path / SCOPE_INPUTS_FILE
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                if meta.get("key") != cache.key:  # do not read a stale file's tensors
+                    why = cache.load({}, meta)
+                else:
+                    why = cache.load({k: f.get_tensor(k) for k in f.keys()}, meta)  # noqa: SIM118
+        except (OSError, RuntimeError, ValueError) as exc:
+            why = f"it cannot be read ({type(exc).__name__}: {exc})"
+        if why is not None:
+            log.warning("bundle %r: %s not used: %s; computing scope inputs on first use "
+                        "(rebuild it with `pairdots index scope-inputs`)", self.name,
+                        SCOPE_INPUTS_FILE, why)
+        return why
 
     def lowrank(self) -> LowRankFactors:
         """LowRankFactors from the bundle, loaded on first use."""

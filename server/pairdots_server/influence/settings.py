@@ -14,6 +14,10 @@ server's limits, and the pipeline steps take the resolved `PipelineSettings` who
   prediction_influence True                                         here (the dataclass)
   candidates          clamp(2 % · N, 50, 2000) per direction        config.ExplainLimits
   scoring_batch_size  the server's batch for exact scoring          config.ExplainLimits
+  eq8_top_words       the bundle's defaults.eq8_top_words, else 0   resolve() below
+                      (0: every word of a returned example gets exact Eq. 8; k > 0: only
+                      the k words the first-order estimate ranks highest and the explained
+                      word's matches, pipeline.word_attributions)
 """
 
 from __future__ import annotations
@@ -55,10 +59,13 @@ class InfluenceSettings:
     word_measurement: WordMeasurement = WordMeasurement.MARGIN
     word_candidates: WordCandidates = WordCandidates.CONTAINING
     prediction_influence: bool = True
+    eq8_top_words: int | None = None  # None: the bundle default (0 = every word exact)
 
     def __post_init__(self) -> None:
         if self.candidates < 0:
             raise ValueError(f"candidates must be >= 0, got {self.candidates}")
+        if self.eq8_top_words is not None and self.eq8_top_words < 0:
+            raise ValueError(f"eq8_top_words must be >= 0, got {self.eq8_top_words}")
 
     def resolve(
         self, rt: ModelRuntime, *, default_candidates: int, scoring_batch_size: int = 32
@@ -75,6 +82,11 @@ class InfluenceSettings:
             word_measurement=self.word_measurement,
             word_candidates=self.word_candidates,
             prediction_influence=self.prediction_influence,
+            eq8_top_words=(
+                self.eq8_top_words
+                if self.eq8_top_words is not None
+                else int(rt.defaults.get("eq8_top_words", 0) or 0)
+            ),
         )
 
 
@@ -91,3 +103,4 @@ class PipelineSettings:
     word_measurement: WordMeasurement = WordMeasurement.MARGIN
     word_candidates: WordCandidates = WordCandidates.CONTAINING
     prediction_influence: bool = True
+    eq8_top_words: int = 0  # 0: exact Eq. 8 for every word; k: the top k + the explained word

@@ -1,0 +1,158 @@
+"""The model split at the influence scope: a trunk below it and the scoped top above it.
+
+Every scoped parameter θ_scope of a BERT-family classifier with a last-n / head scope lives in
+encoder layers L..N-1, the pooler and the classifier, so
+
+    logits(E; θ) = top(h_L(E); θ_scope),   h_L(E) = layer_{L-1} ∘ … ∘ layer_0 ∘ emb(E)
+
+and h_L (the hidden states entering the first scoped layer, [B,T,D]) does not depend on
+θ_scope. Anything that differentiates with respect to θ_scope only (the jvp of Eq. 5's
+-⟨s_test, ∇θL(z)⟩, per-example gradients) can therefore start from h_L: computed once per
+training example (influence/scope_inputs.py caches it) instead of once per query.
+
+`ScopeSplit.for_task` returns None when the split is not available (another model family, or a
+scope that reaches below the first scoped layer, e.g. the embedding LayerNorm or a pattern that
+skips a layer); callers then use the full `Task.logits_fn`.
+
+Padding: `top` takes the same 0/1 mask [B,T] (or additive [B,1,1,T]) as Task.logits_fn; a
+padded row's attended positions are those of its unpadded sequence up to summation order, so
+h_L can be stored unpadded per example and re-padded per batch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from pairdots_server.model.task import Task
+
+_LAYER = re.compile(r"^(?P<prefix>.*?encoder\.layer\.)(?P<i>\d+)\.")
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward pass once h_L is known."""
+
+    def __init__(self, hidden: Tensor) -> None:
+        super().__init__("captured")
+        self.hidden = hidden
+
+
+@dataclass(frozen=True)
+class ScopeSplit:
+    """trunk(E, mask) -> h_L [B,T,D] and top(params, h_L, mask) -> logits [B,C] of one Task,
+    with top(θ, trunk(E, m), m) = Task.logits_fn(θ, E, m) up to floating-point order.
+
+    first_layer = L (the number of encoder layers when the scope is the head only); key names
+    what the split depends on (the first scoped layer) for cache keys."""
+
+    task: Task
+    first_layer: int
+    num_layers: int
+    layer_prefix: str  # e.g. "bert.encoder.layer."
+    pooler_prefix: str  # e.g. "bert.pooler."
+
+    @property
+    def key(self) -> str:
+        return f"{self.layer_prefix}{self.first_layer}/{self.num_layers}"
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def for_task(cls, task: Task) -> ScopeSplit | None:
+        """The split of `task` at its scope, or None when the model or the scope does not
+        allow it (see the module docstring)."""
+        model = task.model
+        base = getattr(model, "base_model", None)
+        encoder = getattr(base, "encoder", None)
+        layers = getattr(encoder, "layer", None)
+        pooler = getattr(base, "pooler", None)
+        classifier = getattr(model, "classifier", None)
+        if layers is None or pooler is None or classifier is None:
+            return None
+        base_prefix = getattr(model, "base_model_prefix", "")
+        if not base_prefix or getattr(model, base_prefix, None) is not base:
+            return None
+        layer_prefix = f"{base_prefix}.encoder.layer."
+        pooler_prefix = f"{base_prefix}.pooler."
+        n = len(layers)
+        scoped = task.scope_names
+        first = n
+        for nm in scoped:
+            m = _LAYER.match(nm)
+            if m is not None and m.group("prefix") == layer_prefix:
+                first = min(first, int(m.group("i")))
+            elif not nm.startswith((pooler_prefix, "classifier.")):
+                return None  # a scoped parameter below the encoder layers or elsewhere
+        return cls(task, first, n, layer_prefix, pooler_prefix)
+
+    # -- the two halves --------------------------------------------------------------------------
+
+    def _modules(self) -> tuple[Any, Any, Any, Any]:
+        model = self.task.model
+        base = model.base_model
+        return base.encoder.layer, base.pooler, getattr(model, "dropout", None), model.classifier
+
+    def trunk(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
+        """h_L: the hidden states entering encoder layer L (the encoder output when L = N),
+        with the model's own parameters: [B,T,D], [B,T] -> [B,T,D] (no grad)."""
+        import torch
+
+        layers, _, _, _ = self._modules()
+        if self.first_layer >= self.num_layers:
+            target = self.task.model.base_model.pooler
+        else:
+            target = layers[self.first_layer]
+
+        def hook(_mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            raise _Captured(hidden)
+
+        handle = target.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                self.task.logits_fn({}, inputs_embeds, attention_mask)
+        except _Captured as got:
+            return got.hidden.detach()
+        finally:
+            handle.remove()
+        raise RuntimeError("the scope split's capture hook did not run")  # pragma: no cover
+
+    def top(self, params: Mapping[str, Tensor], hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        """logits = top(h_L; θ_scope) with θ_scope replaced by `params` (names as in
+        Task.scope_params; others are the model's own): [B,T,D], [B,T] -> [B,C]. A LogitsFn
+        over h_L instead of the word embeddings."""
+        from torch.func import functional_call
+
+        if attention_mask.dim() == 4:
+            mask4 = attention_mask
+        else:
+            mask4 = self.task.additive_mask(attention_mask, hidden.dtype)  # [B,1,1,T]
+        layers, pooler, dropout, classifier = self._modules()
+        h = hidden
+        for i in range(self.first_layer, self.num_layers):
+            out = functional_call(
+                layers[i],
+                _sub(params, f"{self.layer_prefix}{i}."),
+                args=(h, mask4),
+                strict=False,
+            )
+            h = out[0] if isinstance(out, tuple) else out
+        pooled = functional_call(pooler, _sub(params, self.pooler_prefix), args=(h,), strict=False)
+        if dropout is not None:
+            pooled = dropout(pooled)
+        logits: Tensor = functional_call(
+            classifier, _sub(params, "classifier."), args=(pooled,), strict=False
+        )
+        return logits
+
+
+def _sub(params: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of params under `prefix`, with the prefix removed (a submodule's names)."""
+    n = len(prefix)
+    return {k[n:]: v for k, v in params.items() if k.startswith(prefix)}
