@@ -473,7 +473,8 @@ def word_attributions(
             else:
                 score = memo.scores.get(i) if memo is not None else None
                 sign = 0.0 if score is None else (1.0 if score >= 0 else -1.0)
-                ranked = sorted(range(len(att.totals)), key=lambda w, a=att, sg=sign: (
+                seen = [w for w in range(len(att.totals)) if e.pieces[w] > 0]
+                ranked = sorted(seen, key=lambda w, a=att, sg=sign: (
                     -(sg * a.totals[w] if sg else abs(a.totals[w])), w))
                 want = set(ranked[:top_words])
                 if keep is not None:
