@@ -55,12 +55,12 @@ from _common import (
 from _results import write_result
 from torch import Tensor
 
-from pairdots_server.core.grads import per_example_loss_grads
 from pairdots_server.index.exact import ExactIndex
 from pairdots_server.index.recall import recall_at
 from pairdots_server.index.sparse_sign import SparseSignProjection
 from pairdots_server.index.store import IndexMeta, save_index_data
 from pairdots_server.influence import pipeline as steps
+from pairdots_server.influence.artifacts import train_grad_fn
 from pairdots_server.influence.runtime import ModelRuntime
 from pairdots_server.influence.settings import InfluenceSettings
 
@@ -73,6 +73,7 @@ def exhaustive_influence(
     also (seconds computing gradients, seconds in the products, and for each sketch the
     vectors [N, k] of G's rows sketched)."""
     n = rt.n_train
+    grads = train_grad_fn(rt)  # the index build's gradients (through the scope split)
     out = torch.empty(n, s_tests.shape[1], dtype=torch.float64)  # [N,Q]
     sketched = [np.empty((n, sk.out_dim), dtype=np.float32) for sk in sketches]
     t_grad = t_mm = 0.0
@@ -80,9 +81,7 @@ def exhaustive_influence(
     start = time.perf_counter()
     for b in range(0, n, batch_size):
         t0 = time.perf_counter()
-        enc = rt.encode_train(range(b, min(b + batch_size, n)))
-        g = per_example_loss_grads(rt.task.logits_fn, rt.params, enc.embeds, enc.mask,
-                                   enc.labels)  # [B,P]
+        g = grads(range(b, min(b + batch_size, n)))  # [B,P]
         t1 = time.perf_counter()
         out[b : b + g.shape[0]] = -(g @ s_tests.to(g.dtype)).double()  # [B,Q]
         t_mm += time.perf_counter() - t1

@@ -32,6 +32,12 @@ IDX = [7, 3, 20, 12, 3, 0, 31, 21, 5, 9]  # any order, a repeat
 
 
 @pytest.fixture(scope="module")
+def rt64(root64: Path) -> ModelRuntime:
+    """The float64 bundle's runtime (shared by the tests that do not change it)."""
+    return _rt(root64 / "t64")
+
+
+@pytest.fixture(scope="module")
 def root64(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("scope-inputs")
     make_tiny_bundle(root, "t64", n_train=32, finetune_steps=8, dtype=torch.float64)
@@ -44,10 +50,10 @@ def _rt(path: Path, **kw: object) -> ModelRuntime:
 
 
 def _s_test(rt: ModelRuntime) -> tuple[torch.Tensor, steps.PipelineSettings]:
+    """A seeded direction for s_test (the identities hold for any direction) and settings."""
     settings = InfluenceSettings().resolve(rt, default_candidates=8, scoring_batch_size=4)
-    enc = steps.encode_text(rt, "a gorgeous , witty movie")
-    m = steps.Measurement(steps.MeasurementKind.PREDICTION_MARGIN, 1)
-    s_test, _ = steps.measurement_s_test(rt, enc, m, settings, steps.no_stop)
+    g = torch.Generator().manual_seed(1)
+    s_test = torch.randn(rt.num_params, generator=g, dtype=torch.float64) / rt.num_params**0.5
     return s_test, settings
 
 
@@ -169,8 +175,8 @@ def _one_by_one(rt: ModelRuntime, s_test: torch.Tensor, i: int) -> list[float]:
     return steps.word_attribution(rt, s_test, enc, rt.bundle.train[i].label)
 
 
-def test_eq8_with_the_split_equals_one_by_one_full_model(root64: Path) -> None:
-    rt = _rt(root64 / "t64")
+def test_eq8_with_the_split_equals_one_by_one_full_model(rt64: ModelRuntime) -> None:
+    rt = rt64
     assert rt.split is not None
     s_test, _ = _s_test(rt)
     idx = [3, 11, 0, 25]
@@ -181,8 +187,8 @@ def test_eq8_with_the_split_equals_one_by_one_full_model(root64: Path) -> None:
         assert _close(torch.tensor(att.totals), ref)
 
 
-def test_eq8_top_words_scores_the_chosen_words_exactly(root64: Path) -> None:
-    rt = _rt(root64 / "t64")
+def test_eq8_top_words_scores_the_chosen_words_exactly(rt64: ModelRuntime) -> None:
+    rt = rt64
     s_test, settings = _s_test(rt)
     idx = [3, 11, 0, 25]
     memo = steps.ScoreMemo()
@@ -218,10 +224,10 @@ def test_eq8_top_words_scores_the_chosen_words_exactly(root64: Path) -> None:
         assert _close(torch.tensor(att.totals), torch.tensor(_one_by_one(rt, s_test, i)))
 
 
-def test_first_order_batched_equals_one_row_at_a_time(root64: Path) -> None:
+def test_first_order_batched_equals_one_row_at_a_time(rt64: ModelRuntime) -> None:
     from pairdots_server.core.influence import token_influence_fast
 
-    rt = _rt(root64 / "t64")
+    rt = rt64
     s_test, _ = _s_test(rt)
     idx = [3, 11, 0, 25]  # different lengths: padded in one batch
     encs = [steps.encode_train_example(rt, i) for i in idx]
@@ -241,3 +247,17 @@ def test_first_order_batched_equals_one_row_at_a_time(root64: Path) -> None:
         for t in e.word_positions:
             totals[e.word_ids[t]] += float(one[t])  # type: ignore[index]
         assert _close(torch.tensor(att.totals), torch.tensor(totals))
+
+
+def test_index_gradients_through_the_split_equal_the_full_model(rt64: ModelRuntime) -> None:
+    from pairdots_server.core.grads import per_example_loss_grads
+    from pairdots_server.influence.artifacts import train_grad_fn
+
+    rt = rt64
+    assert rt.split is not None
+    idx = [3, 11, 0, 25, 8]
+    got = train_grad_fn(rt)(idx)  # [B,P] via trunk + vmap(grad) of the top
+    enc = rt.encode_train(idx)
+    ref = per_example_loss_grads(rt.task.logits_fn, rt.params, enc.embeds, enc.mask, enc.labels)
+    assert got.shape == ref.shape
+    assert float((got - ref).abs().max()) <= TOL * float(ref.abs().max())

@@ -92,12 +92,19 @@ class ArtifactConfig:
 
 
 def train_grad_fn(rt: ModelRuntime) -> Callable[[Sequence[int]], Tensor]:
-    """indices -> ∇θL(z_i) rows [B,P] over the bundle's scope."""
+    """indices -> ∇θL(z_i) rows [B,P] over the bundle's scope. With the runtime's scope split
+    the batch goes through the trunk once without grad and vmap(grad) runs through the scoped
+    top only (model/scope_split.py); the same gradients."""
 
     def grads(indices: Sequence[int]) -> Tensor:
         enc = rt.encode_train(indices)
-        return per_example_loss_grads(rt.task.logits_fn, rt.params, enc.embeds, enc.mask,
-                                      enc.labels)
+        if rt.split is None:
+            return per_example_loss_grads(rt.task.logits_fn, rt.params, enc.embeds, enc.mask,
+                                          enc.labels)
+        t = int(enc.mask.sum(dim=1).max())
+        mask = enc.mask[:, :t]
+        hidden = rt.split.trunk(enc.embeds[:, :t], mask)  # [B,t,D]
+        return per_example_loss_grads(rt.split.top, rt.params, hidden, mask, enc.labels)
 
     return grads
 
