@@ -79,8 +79,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ks", type=int, nargs="*", default=[1, 2, 3, 4, 6])
     ap.add_argument("--run-k", type=int, default=3)
-    ap.add_argument("--old-eq8-sentences", type=int, default=3,
-                    help="sentences whose Eq. 8 also runs the full-model path (slow)")
+    ap.add_argument(
+        "--old-eq8-sentences",
+        type=int,
+        default=3,
+        help="sentences whose Eq. 8 also runs the full-model path (slow)",
+    )
     ap.add_argument("--write-overlay", default=None)
     ap.add_argument("--overlay-dtype", default="float16", choices=("float32", "float16"))
     args = ap.parse_args()
@@ -89,8 +93,10 @@ def main() -> None:
     assert rt.split is not None, "the bundle's scope has no split"
     k = default_candidates(rt.n_train)
     settings = InfluenceSettings().resolve(rt, default_candidates=k)
-    log(f"bundle {rt.name}: N={rt.n_train}, P={rt.num_params}, split {rt.split.key}, "
-        f"K={k}, threads {args.threads}, loaded in {load_s:.1f}s")
+    log(
+        f"bundle {rt.name}: N={rt.n_train}, P={rt.num_params}, split {rt.split.key}, "
+        f"K={k}, threads {args.threads}, loaded in {load_s:.1f}s"
+    )
 
     # -- 1. the cache ---------------------------------------------------------------------
     cache = rt.scope_inputs()
@@ -100,10 +106,14 @@ def main() -> None:
     t_all = time.perf_counter() - t0
     tensors, meta = cache.to_tensors()
     f16 = ScopeInputs(rt.split, rt.encode_train, rt.n_train, cache.key, "float16")
-    f16.load({"hidden": tensors["hidden"].half(), "offsets": tensors["offsets"]},
-             {**meta, "dtype": "float16"})
-    log(f"h_L of all {rt.n_train}: {t_all:.1f}s, {cache.nbytes / 2**20:.0f} MiB float32, "
-        f"{f16.nbytes / 2**20:.0f} MiB float16")
+    f16.load(
+        {"hidden": tensors["hidden"].half(), "offsets": tensors["offsets"]},
+        {**meta, "dtype": "float16"},
+    )
+    log(
+        f"h_L of all {rt.n_train}: {t_all:.1f}s, {cache.nbytes / 2**20:.0f} MiB float32, "
+        f"{f16.nbytes / 2**20:.0f} MiB float16"
+    )
     rows1 = []
     for text, _ in sample_sentences(args.sentences, args.seed):
         enc = steps.encode_text(rt, text)
@@ -113,8 +123,12 @@ def main() -> None:
         ids = steps.candidates(rt, s_test, settings)
         order = sorted(ids, key=lambda i: (len(rt.bundle.train[i].text), i))
         t0 = time.perf_counter()
-        full = torch.cat([steps._influence(rt, s_test, rt.encode_train(order[b : b + 32]))
-                          for b in range(0, len(order), 32)]).double()
+        full = torch.cat(
+            [
+                steps._influence(rt, s_test, rt.encode_train(order[b : b + 32]))
+                for b in range(0, len(order), 32)
+            ]
+        ).double()
         t_full = time.perf_counter() - t0
         t0 = time.perf_counter()
         c32 = steps._influence_cached(rt, cache, s_test, order, 32).double()
@@ -124,29 +138,49 @@ def main() -> None:
         t_c16 = time.perf_counter() - t0
         same32 = top_ids(c32, order) == top_ids(full, order)
         same16 = top_ids(c16, order) == top_ids(full, order)
-        row = {"candidates": len(order), "full_model_s": t_full, "cached_fp32_s": t_c32,
-               "cached_fp16_s": t_c16, "fp32_max_rel_diff": rel_diff(c32, full),
-               "fp16_max_rel_diff": rel_diff(c16, full), "fp32_same_top10": same32,
-               "fp16_same_top10": same16}
+        row = {
+            "candidates": len(order),
+            "full_model_s": t_full,
+            "cached_fp32_s": t_c32,
+            "cached_fp16_s": t_c16,
+            "fp32_max_rel_diff": rel_diff(c32, full),
+            "fp16_max_rel_diff": rel_diff(c16, full),
+            "fp32_same_top10": same32,
+            "fp16_same_top10": same16,
+        }
         rows1.append(row)
-        log(f"  {len(order)} candidates: full {t_full:.2f}s, cached fp32 {t_c32:.2f}s "
+        log(
+            f"  {len(order)} candidates: full {t_full:.2f}s, cached fp32 {t_c32:.2f}s "
             f"(Δ {row['fp32_max_rel_diff']:.1e}, top10 same {same32}), fp16 {t_c16:.2f}s "
-            f"(Δ {row['fp16_max_rel_diff']:.1e}, top10 same {same16})")
+            f"(Δ {row['fp16_max_rel_diff']:.1e}, top10 same {same16})"
+        )
 
     def mean(key: str, rows: list[dict[str, float]]) -> float:
         return sum(float(r[key]) for r in rows) / len(rows)
 
     part1 = {
-        "bench": "scope_inputs", "bundle": rt.name, "n_train": rt.n_train,
-        "scope_parameters": rt.num_params, "split": rt.split.key, "threads": args.threads,
-        "all_rows_seconds": t_all, "bytes_float32": cache.nbytes, "bytes_float16": f16.nbytes,
+        "bench": "scope_inputs",
+        "bundle": rt.name,
+        "n_train": rt.n_train,
+        "scope_parameters": rt.num_params,
+        "split": rt.split.key,
+        "threads": args.threads,
+        "all_rows_seconds": t_all,
+        "bytes_float32": cache.nbytes,
+        "bytes_float16": f16.nbytes,
         "queries": rows1,
-        "mean": {key: mean(key, rows1) for key in
-                 ("candidates", "full_model_s", "cached_fp32_s", "cached_fp16_s")},
-        "max_rel_diff": {"fp32": max(r["fp32_max_rel_diff"] for r in rows1),
-                         "fp16": max(r["fp16_max_rel_diff"] for r in rows1)},
-        "same_top10_all": {"fp32": all(r["fp32_same_top10"] for r in rows1),
-                           "fp16": all(r["fp16_same_top10"] for r in rows1)},
+        "mean": {
+            key: mean(key, rows1)
+            for key in ("candidates", "full_model_s", "cached_fp32_s", "cached_fp16_s")
+        },
+        "max_rel_diff": {
+            "fp32": max(r["fp32_max_rel_diff"] for r in rows1),
+            "fp16": max(r["fp16_max_rel_diff"] for r in rows1),
+        },
+        "same_top10_all": {
+            "fp32": all(r["fp32_same_top10"] for r in rows1),
+            "fp16": all(r["fp16_same_top10"] for r in rows1),
+        },
     }
     write_result("scope_inputs", part1)
     if args.write_overlay:
@@ -154,9 +188,20 @@ def main() -> None:
         src = f16 if args.overlay_dtype == "float16" else cache
         t, mt = src.to_tensors()
         content = save({kk: v.contiguous() for kk, v in t.items()}, metadata=mt)
-        update_bundle(dst, {SCOPE_INPUTS_FILE: content}, {"scope_inputs": {
-            "file": SCOPE_INPUTS_FILE, "bytes": len(content), "dtype": args.overlay_dtype,
-            "count": rt.n_train, "split": rt.split.key, "seconds": round(t_all, 2)}})
+        update_bundle(
+            dst,
+            {SCOPE_INPUTS_FILE: content},
+            {
+                "scope_inputs": {
+                    "file": SCOPE_INPUTS_FILE,
+                    "bytes": len(content),
+                    "dtype": args.overlay_dtype,
+                    "count": rt.n_train,
+                    "split": rt.split.key,
+                    "seconds": round(t_all, 2),
+                }
+            },
+        )
         log(f"overlay bundle with {SCOPE_INPUTS_FILE} ({len(content) / 2**20:.0f} MiB): {dst}")
 
     # -- 2. Eq. 8 -------------------------------------------------------------------------
@@ -188,10 +233,14 @@ def eq8_part(rt: ModelRuntime, args: argparse.Namespace, k: int) -> dict[str, ob
         # the s_test the answer used: the prediction margin's (cached)
         m = steps.Measurement(steps.MeasurementKind.PREDICTION_MARGIN, la.label)
         settings = InfluenceSettings().resolve(rt, default_candidates=k)
-        s_test, _ = steps.measurement_s_test(rt, steps.encode_text(rt, text), m, settings,
-                                             no_stop)
-        est = dict(zip(uniq, steps._first_order(rt, s_test, uniq, [encs[i] for i in uniq],
-                                                4096), strict=True))
+        s_test, _ = steps.measurement_s_test(rt, steps.encode_text(rt, text), m, settings, no_stop)
+        est = dict(
+            zip(
+                uniq,
+                steps._first_order(rt, s_test, uniq, [encs[i] for i in uniq], 4096),
+                strict=True,
+            )
+        )
         for keep, its in groups:
             for it in its:
                 e = encs[it.train_index]
@@ -202,8 +251,7 @@ def eq8_part(rt: ModelRuntime, args: argparse.Namespace, k: int) -> dict[str, ob
                     continue
                 items_n += 1
                 total_words += len(seen)
-                ranked = sorted(seen, key=lambda w, t=est[it.train_index].totals:
-                                (-sign * t[w], w))
+                ranked = sorted(seen, key=lambda w, t=est[it.train_index].totals: (-sign * t[w], w))
                 for kk in args.ks:
                     want = set(ranked[:kk]) | {w for w in range(len(totals)) if e.pieces[w] == 0}
                     if keep is not None:
@@ -218,48 +266,87 @@ def eq8_part(rt: ModelRuntime, args: argparse.Namespace, k: int) -> dict[str, ob
         lk = ans_k.explanations[0]
         pairs = []
         if la.prediction is not None and lk.prediction is not None:
-            pairs += list(zip(la.prediction.supporting + la.prediction.opposing,
-                              lk.prediction.supporting + lk.prediction.opposing, strict=True))
+            pairs += list(
+                zip(
+                    la.prediction.supporting + la.prediction.opposing,
+                    lk.prediction.supporting + lk.prediction.opposing,
+                    strict=True,
+                )
+            )
         for a, b in zip(la.salient_words, lk.salient_words, strict=True):
-            pairs += list(zip(a.supporting + a.opposing, b.supporting + b.opposing,
-                              strict=True))
+            pairs += list(zip(a.supporting + a.opposing, b.supporting + b.opposing, strict=True))
         for a, b in pairs:
             assert a.train_index == b.train_index
             run_n += 1
             run_agree += int(a.responsible_word == b.responsible_word)
         if si < args.old_eq8_sentences:  # the path before: copies through the full model's jvp
-            rows = [Row(encs[i].embeds[0], encs[i].mask[0], rt.bundle.train[i].label)
-                    for i in uniq]
+            rows = [Row(encs[i].embeds[0], encs[i].mask[0], rt.bundle.train[i].label) for i in uniq]
             pos = [encs[i].word_positions for i in uniq]
             t0 = time.perf_counter()
-            old = token_influence_many(rt.task.logits_fn, rt.params, s_test, rows, pos,
-                                       rt.unk_embed, batch_size=4096, max_tokens=4096)
+            old = token_influence_many(
+                rt.task.logits_fn,
+                rt.params,
+                s_test,
+                rows,
+                pos,
+                rt.unk_embed,
+                batch_size=4096,
+                max_tokens=4096,
+            )
             t_old = time.perf_counter() - t0
             t0 = time.perf_counter()
-            new = token_influence_many(rt.split.top, rt.params, s_test, rows, pos,
-                                       rt.unk_embed, batch_size=4096, max_tokens=4096,
-                                       trunk=rt.split.trunk)
+            new = token_influence_many(
+                rt.split.top,
+                rt.params,
+                s_test,
+                rows,
+                pos,
+                rt.unk_embed,
+                batch_size=4096,
+                max_tokens=4096,
+                trunk=rt.split.trunk,
+            )
             t_new = time.perf_counter() - t0
-            diff = max(rel_diff(a, b) for a, b in zip(new, old, strict=True)
-                       if float(b.abs().max()) > 0)
-            old_new.append({"examples": len(uniq), "copies": sum(len(p) for p in pos),
-                            "full_model_s": t_old, "trunk_s": t_new, "max_rel_diff": diff})
-            log(f"  eq8 {len(uniq)} examples: full-model copies {t_old:.2f}s, trunk + top "
-                f"{t_new:.2f}s (Δ {diff:.1e})")
-        log(f"[{si + 1}] {text[:50]!r}: Eq. 8 full {ans.timings.get('token_influence', 0):.2f}s"
+            diff = max(
+                rel_diff(a, b) for a, b in zip(new, old, strict=True) if float(b.abs().max()) > 0
+            )
+            old_new.append(
+                {
+                    "examples": len(uniq),
+                    "copies": sum(len(p) for p in pos),
+                    "full_model_s": t_old,
+                    "trunk_s": t_new,
+                    "max_rel_diff": diff,
+                }
+            )
+            log(
+                f"  eq8 {len(uniq)} examples: full-model copies {t_old:.2f}s, trunk + top "
+                f"{t_new:.2f}s (Δ {diff:.1e})"
+            )
+        log(
+            f"[{si + 1}] {text[:50]!r}: Eq. 8 full {ans.timings.get('token_influence', 0):.2f}s"
             f", top-{args.run_k} {ans_k.timings.get('token_influence', 0):.2f}s; agreement so "
-            f"far " + ", ".join(f"k={kk} {agree[kk] / max(1, items_n):.3f}" for kk in args.ks))
+            f"far " + ", ".join(f"k={kk} {agree[kk] / max(1, items_n):.3f}" for kk in args.ks)
+        )
     return {
-        "bench": "eq8_topk", "bundle": rt.name, "n_train": rt.n_train,
-        "threads": args.threads, "sentences": args.eq8_sentences,
-        "returned_examples": items_n, "mean_words_per_example": total_words / max(1, items_n),
+        "bench": "eq8_topk",
+        "bundle": rt.name,
+        "n_train": rt.n_train,
+        "threads": args.threads,
+        "sentences": args.eq8_sentences,
+        "returned_examples": items_n,
+        "mean_words_per_example": total_words / max(1, items_n),
         "agreement_by_k": {str(kk): agree[kk] / max(1, items_n) for kk in args.ks},
-        "exact_words_per_example_by_k": {str(kk): exact_words[kk] / max(1, items_n)
-                                         for kk in args.ks},
+        "exact_words_per_example_by_k": {
+            str(kk): exact_words[kk] / max(1, items_n) for kk in args.ks
+        },
         "run_k": args.run_k,
-        "run_k_agreement": run_agree / max(1, run_n), "run_k_examples": run_n,
-        "token_influence_s_mean": {"full_exact": t_full / args.eq8_sentences,
-                                   f"top_{args.run_k}": t_run / args.eq8_sentences},
+        "run_k_agreement": run_agree / max(1, run_n),
+        "run_k_examples": run_n,
+        "token_influence_s_mean": {
+            "full_exact": t_full / args.eq8_sentences,
+            f"top_{args.run_k}": t_run / args.eq8_sentences,
+        },
         "full_model_vs_trunk": old_new,
     }
 
