@@ -8,7 +8,12 @@ calls on other sentences, then one repeat of a warm sentence = s_test cache hit)
   lissa       the same with SOLVER_LISSA, depth --lissa-depth (stops earlier on its tolerance);
   exhaustive  the default solver but no index: every training example scored exactly
               (--exhaustive-top-words words, --exhaustive-calls calls; each word costs one
-              full gradient pass over the training set).
+              full gradient pass over the training set);
+  eq8_top     the default with Eq. 8 in top-k words mode (--eq8-top-words, settings
+              eq8_top_words; bench/scope_inputs.py measures its agreement).
+Exact scoring uses the runtime's scope-input cache (influence/scope_inputs.py): rows from the
+bundle's scope_inputs.safetensors when present (`pairdots index scope-inputs`), else computed
+on first use; the JSON records which (scope_inputs), and the load average.
 Stages (summed over the explained words, explain._Timer): saliency, grad_score (∇θ w by
 double backprop), solve (s_test), candidates (projection + index search), exact_scoring
 (Eq. 5 on the candidates), token_influence (Eq. 8 inside the returned examples); total is
@@ -112,6 +117,7 @@ def main() -> None:
     ap.add_argument("--exhaustive-top-words", type=int, default=1)
     ap.add_argument("--exhaustive-calls", type=int, default=1,
                     help="exhaustive calls (1 = only the cold one)")
+    ap.add_argument("--eq8-top-words", type=int, default=3, help="k of the eq8_top config")
     ap.add_argument("--seed", type=int, default=1, help="seed of the SST-2 test sample")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--result-name", default="explain_latency",
@@ -139,8 +145,12 @@ def main() -> None:
             base = ExplainQuery(text="", influence=InfluenceSettings(use_index=False),
                                 top_words=args.exhaustive_top_words)
             texts = texts[: max(1, args.exhaustive_calls)]
+        elif name == "eq8_top":
+            base = ExplainQuery(text="", influence=InfluenceSettings(
+                eq8_top_words=args.eq8_top_words))
         else:
-            raise SystemExit(f"unknown configuration {name!r}; use default, lissa, exhaustive")
+            raise SystemExit(f"unknown configuration {name!r}; use default, lissa, exhaustive, "
+                             "eq8_top")
         results[name] = run_config(rt, name, base, texts, k)
 
     log("")
@@ -160,8 +170,16 @@ def main() -> None:
     if rt.has_index:
         index, projection = rt.index()
         index_info = {"index": index.describe(), "projection": projection.describe()}
+    cache = rt.scope_inputs()
+    scope_inputs: dict[str, object] = {"split": rt.split.key if rt.split else None}
+    if cache is not None:
+        scope_inputs.update(loaded=cache.loaded, computed=cache.computed, dtype=cache.dtype,
+                            bytes=cache.nbytes, note=rt.scope_inputs_note)
+    with open("/proc/loadavg") as fh:
+        loadavg = fh.read().split()[:3]
     result = {
         "bench": "explain_latency", "bundle": rt.name, "bundle_path": args.bundle,
+        "scope_inputs": scope_inputs, "loadavg_at_end": loadavg,
         "n_train": rt.n_train, "scope_parameters": rt.num_params, "candidates": k,
         "threads": args.threads, "lissa_depth": args.lissa_depth, "load_seconds": load_s,
         "rss_mb_after_load": rss_loaded, "rss_mb_after_calls": rss_end, **index_info,
