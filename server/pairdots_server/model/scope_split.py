@@ -17,6 +17,10 @@ skips a layer); callers then use the full `Task.logits_fn`.
 Padding: `top` takes the same 0/1 mask [B,T] (or additive [B,1,1,T]) as Task.logits_fn; a
 padded row's attended positions are those of its unpadded sequence up to summation order, so
 h_L can be stored unpadded per example and re-padded per batch.
+
+Threads: trunk() hooks the model's first scoped layer for the duration of one forward pass,
+so, like functional_call's parameter swap, it relies on the model's ComputeGate (compute.py:
+one computation on a model at a time).
 """
 
 from __future__ import annotations
