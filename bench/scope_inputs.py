@@ -47,6 +47,11 @@ from pairdots_server.influence.wordmatch import stem
 from pairdots_server.storage.update import update_bundle
 
 
+def loadavg() -> list[str]:
+    with open("/proc/loadavg") as fh:
+        return fh.read().split()[:3]
+
+
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
@@ -86,6 +91,7 @@ def main() -> None:
         help="sentences whose Eq. 8 also runs the full-model path (slow)",
     )
     ap.add_argument("--write-overlay", default=None)
+    ap.add_argument("--eq8-only", action="store_true", help="skip part 1 (the cache)")
     ap.add_argument("--overlay-dtype", default="float16", choices=("float32", "float16"))
     args = ap.parse_args()
 
@@ -97,6 +103,11 @@ def main() -> None:
         f"bundle {rt.name}: N={rt.n_train}, P={rt.num_params}, split {rt.split.key}, "
         f"K={k}, threads {args.threads}, loaded in {load_s:.1f}s"
     )
+
+    if args.eq8_only:
+        part2 = eq8_part(rt, args, k)
+        print(json.dumps({"eq8_topk": part2}, default=str), flush=True)
+        return
 
     # -- 1. the cache ---------------------------------------------------------------------
     cache = rt.scope_inputs()
@@ -165,6 +176,7 @@ def main() -> None:
         "scope_parameters": rt.num_params,
         "split": rt.split.key,
         "threads": args.threads,
+        "loadavg": loadavg(),
         "all_rows_seconds": t_all,
         "bytes_float32": cache.nbytes,
         "bytes_float16": f16.nbytes,
@@ -206,7 +218,6 @@ def main() -> None:
 
     # -- 2. Eq. 8 -------------------------------------------------------------------------
     part2 = eq8_part(rt, args, k)
-    write_result("eq8_topk", part2)
     print(json.dumps({"scope_inputs": part1, "eq8_topk": part2}, default=str), flush=True)
 
 
@@ -219,6 +230,7 @@ def eq8_part(rt: ModelRuntime, args: argparse.Namespace, k: int) -> dict[str, ob
     run_agree = run_n = 0
     t_full = t_run = 0.0
     old_new: list[dict[str, float]] = []
+    result: dict[str, object] = {}
     for si, (text, _) in enumerate(sample_sentences(args.eq8_sentences, args.seed + 1)):
         ans = explain(rt, ExplainQuery(text), no_stop, default_candidates=k)
         t_full += ans.timings.get("token_influence", 0.0)
@@ -328,27 +340,31 @@ def eq8_part(rt: ModelRuntime, args: argparse.Namespace, k: int) -> dict[str, ob
             f", top-{args.run_k} {ans_k.timings.get('token_influence', 0):.2f}s; agreement so "
             f"far " + ", ".join(f"k={kk} {agree[kk] / max(1, items_n):.3f}" for kk in args.ks)
         )
-    return {
-        "bench": "eq8_topk",
-        "bundle": rt.name,
-        "n_train": rt.n_train,
-        "threads": args.threads,
-        "sentences": args.eq8_sentences,
-        "returned_examples": items_n,
-        "mean_words_per_example": total_words / max(1, items_n),
-        "agreement_by_k": {str(kk): agree[kk] / max(1, items_n) for kk in args.ks},
-        "exact_words_per_example_by_k": {
-            str(kk): exact_words[kk] / max(1, items_n) for kk in args.ks
-        },
-        "run_k": args.run_k,
-        "run_k_agreement": run_agree / max(1, run_n),
-        "run_k_examples": run_n,
-        "token_influence_s_mean": {
-            "full_exact": t_full / args.eq8_sentences,
-            f"top_{args.run_k}": t_run / args.eq8_sentences,
-        },
-        "full_model_vs_trunk": old_new,
-    }
+        result = {
+            "bench": "eq8_topk",
+            "bundle": rt.name,
+            "n_train": rt.n_train,
+            "threads": args.threads,
+            "sentences": si + 1,
+            "loadavg": loadavg(),
+            "returned_examples": items_n,
+            "mean_words_per_example": total_words / max(1, items_n),
+            "agreement_by_k": {str(kk): agree[kk] / max(1, items_n) for kk in args.ks},
+            "exact_words_per_example_by_k": {
+                str(kk): exact_words[kk] / max(1, items_n) for kk in args.ks
+            },
+            "run_k": args.run_k,
+            "run_k_agreement": run_agree / max(1, run_n),
+            "run_k_examples": run_n,
+            "token_influence_s_mean": {
+                "full_exact": t_full / (si + 1),
+                f"top_{args.run_k}": t_run / (si + 1),
+            },
+            "full_model_vs_trunk": old_new,
+        }
+        write_result("eq8_topk", result)  # after every sentence: a stopped run keeps it
+
+    return result
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def influence_jvp(
     return neg_directional_losses(logits_fn, detached, direction, embeds.detach(), mask, labels)
 
 
-def _pad(rows: Sequence[Row]) -> tuple[Tensor, Tensor, Tensor]:
+def pad_rows(rows: Sequence[Row]) -> tuple[Tensor, Tensor, Tensor]:
     """Stack rows padded to the longest: embeds [B,T,D], mask [B,T], labels [B]."""
     t = max(int(r.embeds.shape[0]) for r in rows)
     first = rows[0].embeds
@@ -118,7 +118,7 @@ def score_rows(
     for chunk in _batches(order, lengths, batch_size, max_tokens):
         batch = [rows[r] for r in chunk]
         t = max(lengths[r] for r in chunk)  # trim to the longest attended length
-        emb, mask, labels = _pad([Row(r.embeds[:t], r.mask[:t], r.label) for r in batch])
+        emb, mask, labels = pad_rows([Row(r.embeds[:t], r.mask[:t], r.label) for r in batch])
         if trunk is not None:
             with torch.no_grad():
                 emb = trunk(emb, mask)
@@ -220,7 +220,7 @@ def token_influence_first_order_many(
     out: list[Tensor] = [torch.zeros(0)] * len(rows)
     for chunk in _batches(order, lengths, max_tokens, max_tokens):
         t = max(lengths[r] for r in chunk)
-        emb, mask, labels = _pad(
+        emb, mask, labels = pad_rows(
             [Row(rows[r].embeds[:t], rows[r].mask[:t], rows[r].label) for r in chunk]
         )
         e = emb.detach().requires_grad_(True)  # [B,t,D]

@@ -32,9 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from pairdots_server.core.grads import per_example_loss_grads
+from pairdots_server.core.scoring import Row, pad_rows
 from pairdots_server.errors import InvalidArgument
 from pairdots_server.index.sketch import DEFAULT_PROJECTION
 from pairdots_server.influence.runtime import (
@@ -93,18 +95,23 @@ class ArtifactConfig:
 
 def train_grad_fn(rt: ModelRuntime) -> Callable[[Sequence[int]], Tensor]:
     """indices -> ∇θL(z_i) rows [B,P] over the bundle's scope. With the runtime's scope split
-    the batch goes through the trunk once without grad and vmap(grad) runs through the scoped
-    top only (model/scope_split.py); the same gradients."""
+    vmap(grad) runs through the scoped top only, from the scope-input cache's h_L (computed by
+    the trunk on first use and kept, or the bundle's file; model/scope_split.py): the same
+    gradients up to round-off (float16 rows from a file: their rounding)."""
 
     def grads(indices: Sequence[int]) -> Tensor:
-        enc = rt.encode_train(indices)
         if rt.split is None:
+            enc = rt.encode_train(indices)
             return per_example_loss_grads(rt.task.logits_fn, rt.params, enc.embeds, enc.mask,
                                           enc.labels)
-        t = int(enc.mask.sum(dim=1).max())
-        mask = enc.mask[:, :t]
-        hidden = rt.split.trunk(enc.embeds[:, :t], mask)  # [B,t,D]
-        return per_example_loss_grads(rt.split.top, rt.params, hidden, mask, enc.labels)
+        labels_all = [rt.bundle.train[i].label for i in indices]
+        cache = rt.scope_inputs()
+        assert cache is not None
+        dtype = rt.task.dtype
+        rows = [Row(h.to(dtype), torch.ones(h.shape[0], dtype=torch.long, device=h.device), y)
+                for h, y in zip(cache.rows(indices), labels_all, strict=True)]
+        hidden, mask, labels = pad_rows(rows)  # [B,t,D], [B,t], [B]
+        return per_example_loss_grads(rt.split.top, rt.params, hidden, mask, labels)
 
     return grads
 
