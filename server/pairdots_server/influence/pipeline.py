@@ -474,8 +474,9 @@ def word_attributions(
                 score = memo.scores.get(i) if memo is not None else None
                 sign = 0.0 if score is None else (1.0 if score >= 0 else -1.0)
                 seen = [w for w in range(len(att.totals)) if e.pieces[w] > 0]
-                ranked = sorted(seen, key=lambda w, a=att, sg=sign: (
-                    -(sg * a.totals[w] if sg else abs(a.totals[w])), w))
+                est = att.totals
+                key = [sign * est[w] if sign else abs(est[w]) for w in range(len(est))]
+                ranked = sorted(seen, key=lambda w: (-key[w], w))
                 want = set(ranked[:top_words])
                 if keep is not None:
                     want |= {w for w, txt in enumerate(e.words) if stem(txt) == keep}

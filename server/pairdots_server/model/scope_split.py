@@ -98,7 +98,7 @@ class ScopeSplit:
     # -- the two halves --------------------------------------------------------------------------
 
     def _modules(self) -> tuple[Any, Any, Any, Any]:
-        model = self.task.model
+        model: Any = self.task.model
         base = model.base_model
         return base.encoder.layer, base.pooler, getattr(model, "dropout", None), model.classifier
 
@@ -107,11 +107,8 @@ class ScopeSplit:
         with the model's own parameters: [B,T,D], [B,T] -> [B,T,D] (no grad)."""
         import torch
 
-        layers, _, _, _ = self._modules()
-        if self.first_layer >= self.num_layers:
-            target = self.task.model.base_model.pooler
-        else:
-            target = layers[self.first_layer]
+        layers, pooler, _, _ = self._modules()
+        target = pooler if self.first_layer >= self.num_layers else layers[self.first_layer]
 
         def hook(_mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
