@@ -177,10 +177,12 @@ class ModelRuntime:
 
     scope_inputs: keep h_L(z_i) (influence/scope_inputs.py) so exact scoring runs through the
     scoped top only; scope_input_dtype the storage dtype of rows computed here ("float32",
-    "float16"; default the model's dtype; rows from the bundle's file keep the file's)."""
+    "float16"; default the model's dtype; rows from the bundle's file keep the file's).
+    warm_words: build the training set's word index (influence/words.py) now, at load, not in
+    the first Explain (importing nltk for its Porter stemmer alone took 2.6 s of it)."""
 
     def __init__(self, bundle: Bundle, *, cache_size: int = 256, scope_inputs: bool = True,
-                 scope_input_dtype: str | None = None) -> None:
+                 scope_input_dtype: str | None = None, warm_words: bool = True) -> None:
         self.bundle = bundle
         self.task = bundle.task
         self.name = bundle.name
@@ -208,6 +210,10 @@ class ModelRuntime:
         self.unk_embed = self.task.embed(
             torch.tensor([[self.task.unk_token_id]], device=self.task.device)
         )[0, 0].detach()  # [D]
+        if warm_words:
+            from pairdots_server.influence.words import examples_containing
+
+            examples_containing(self, "")
 
     # -- training data ---------------------------------------------------------------------
 
