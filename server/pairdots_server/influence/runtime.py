@@ -380,7 +380,11 @@ class ModelRuntime:
                 if meta.get("key") != cache.key:  # do not read a stale file's tensors
                     why = cache.load({}, meta)
                 else:
-                    why = cache.load({k: f.get_tensor(k) for k in f.keys()}, meta)  # noqa: SIM118
+                    # rows live on the model's device (offsets stay on the CPU)
+                    tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+                    if "hidden" in tensors:
+                        tensors["hidden"] = tensors["hidden"].to(self.task.device)
+                    why = cache.load(tensors, meta)
         except (OSError, RuntimeError, ValueError) as exc:
             why = f"it cannot be read ({type(exc).__name__}: {exc})"
         if why is not None:
