@@ -715,7 +715,21 @@ def phase_report(args: argparse.Namespace) -> dict[str, Any]:
             v["amortised_time_vs_pairdots_diagonal"] = (
                 v["s_per_query_amortised"] / base["s_per_query_amortised"]
             )
+    peers = {k: v for k, v in done.items() if not k.startswith("pairdots")}
+    versus: dict[str, Any] = {}
+    if base is not None and peers:
+        fastest = min(peers, key=lambda k: peers[k]["s_per_query_amortised"])
+        versus = {
+            "fastest_peer": fastest,
+            "its_s_per_query_amortised": peers[fastest]["s_per_query_amortised"],
+            "pairdots_diagonal_s_per_query_amortised": base["s_per_query_amortised"],
+            "speedup_amortised": peers[fastest]["s_per_query_amortised"]
+            / base["s_per_query_amortised"],
+            "fastest_peer_single_query_s": peers[fastest]["s_per_query_single"],
+            "pairdots_explain_path_single_query_s": base.get("s_per_query_explain_path"),
+        }
     return {
+        "pairdots_vs_fastest_peer": versus,
         "bundle": args.bundle,
         "queries": nq,
         "query_texts": prep["query_texts"],
@@ -737,6 +751,8 @@ def print_table(result: dict[str, Any]) -> None:
         f"{'method':22} {'q':>3} {'fit s':>8} {'solve s/q':>9} {'score s':>8} {'s/q amort':>9} "
         f"{'×pd':>6} {'RSS MB':>7} {'ρ top100':>8} {'ρ all':>6} {'top10':>5}"
     )
+    if result["pairdots_vs_fastest_peer"]:
+        log(f"pairdots (diagonal) vs the fastest peer: {result['pairdots_vs_fastest_peer']}")
     for name, r in result["methods"].items():
         if "fit_s" not in r:
             log(f"{name:22} {r['status']}")
