@@ -108,8 +108,9 @@ OWN_PASS = ("kronfluence_ekfac", "captum_tracincpfast")
 DEFAULT_METHODS = ",".join(PAIRDOTS + OWN_PASS + VECTOR_METHODS[len(PAIRDOTS) :])
 # peers not wired into this bench, with the reason recorded in the JSON
 NOT_RUN = {
-    "dattri_ekfac": "not run: dattri's EK-FAC needs a loss returning (loss, mask) and its own "
-    "scoring pass; not wired in within this session's time",
+    "dattri_ekfac": "fails on this model: dattri 0.3.0's EK-FAC covariance update "
+    "(dattri/func/fisher._update_covariance) handles only 2-D layer inputs; the encoder "
+    "layer's [B,T,D] activations raise UnboundLocalError (tried on the tiny bundle)",
     "dattri_trak": "not run: TRAK's CPU projector of 1.92 M-dim gradients and its own pass did "
     "not fit this session's time",
     "captum_arnoldi": "not run: Captum's ArnoldiInfluenceFunction (its own HVPs and train-side "
