@@ -612,11 +612,23 @@ def phase_pass(ctx: Context) -> None:
     stacked = torch.cat([blocks[k] for k in names], 1)  # [P, M]
     widths = [blocks[k].shape[1] for k in names]
     params = {k: v.detach() for k, v in ctx.rt.params.items()}
-    out = torch.zeros(ctx.n, stacked.shape[1])
     bs = ctx.args.batch_size
+    # resumable: progress saved every 20 batches (a hold of the shared lock may end mid-pass)
+    part_path = ctx.cache / "pass_part.pt"
+    part = torch.load(part_path, weights_only=False) if part_path.exists() else None
+    if part is None or part["names"] != names or part["batch_size"] != bs:
+        part = {
+            "names": names,
+            "batch_size": bs,
+            "out": torch.zeros(ctx.n, stacked.shape[1]),
+            "next": 0,
+            "seconds": 0.0,
+            "check": None,
+        }
+    out = part["out"]
     t0 = time.perf_counter()
-    check = None
-    for b in range(0, ctx.n, bs):
+    check = part["check"]
+    for b in range(part["next"], ctx.n, bs):
         idx = ctx.order[b : b + bs]
         h, m = pad([ctx.hidden[i] for i in idx])
         y = torch.tensor([ctx.labels[i] for i in idx])
@@ -632,9 +644,14 @@ def phase_pass(ctx: Context) -> None:
             check = float((dg - g).norm() / g.norm())
             log(f"dattri generate_train_rep vs pairdots per_example_loss_grads: {check:.2e}")
         out[idx] = -(g.float() @ stacked)
-        if (b // bs) % 20 == 0:
-            log(f"  pass {b}/{ctx.n} ({time.perf_counter() - t0:.0f} s)")
-    pass_s = time.perf_counter() - t0
+        if (b // bs) % 20 == 19:
+            part.update(
+                next=b + bs, check=check, seconds=part["seconds"] + time.perf_counter() - t0
+            )
+            t0 = time.perf_counter()
+            torch.save(part, part_path)
+            log(f"  pass {b + bs}/{ctx.n} ({part['seconds']:.0f} s)")
+    pass_s = part["seconds"] + time.perf_counter() - t0
     scores, c = {}, 0
     for k, w in zip(names, widths):
         scores[k] = out[:, c : c + w]
@@ -649,6 +666,7 @@ def phase_pass(ctx: Context) -> None:
         },
         ctx.cache / "pass.pt",
     )
+    part_path.unlink(missing_ok=True)
     log(f"pass over {ctx.n} examples for {names}: {pass_s:.0f} s")
 
 
