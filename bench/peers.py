@@ -234,11 +234,13 @@ def block_cg(
         rs = torch.where(active, rs_new, rs)
         iters += active.long()
     true_rel = (b - (op.a.T @ (op.a @ x) / op.a.shape[0] + delta * x)).norm(dim=0) / bn
+    rec_rel = rs.sqrt() / bn
     diags = [
         {
             "iterations": int(iters[j]),
-            "rel_residual": float(true_rel[j]),
-            "converged": bool(true_rel[j] <= 10 * tol),
+            "recursive_rel_residual": float(rec_rel[j]),
+            "true_rel_residual_fp32": float(true_rel[j]),
+            "converged": bool(rec_rel[j] <= tol),
         }
         for j in range(b.shape[1])
     ]
