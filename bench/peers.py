@@ -448,13 +448,43 @@ def method_dattri(ctx: Context, name: str) -> dict[str, Any]:
         att = IFAttributorLiSSA(task, **settings)
     # one batch: the whole subset
     hess = loader(ctx.hessian_rows(), len(ctx.subset), listed=name == "dattri_arnoldi")
+    h, m, y = ctx.query_batch(nq)
+    qg = prep["qgrads"][:, :nq]
+    # probe first: what one HVP costs, so a method that cannot fit --dattri-cap-s is recorded
+    # with its measured cost instead of being run (CG with max_iter=1 is one HVP on the subset;
+    # LiSSA's probe is 5 of its recursion steps on batches of lissa_batch)
+    if name == "dattri_lissa":
+        probe = IFAttributorLiSSA(task, **{**settings, "recursion_depth": 5})
+        steps, per = 5, args.lissa_depth * nq
+    else:
+        probe = IFAttributorCG(task, max_iter=1, regularization=delta)
+        steps = 1
+        per = args.dattri_cg_iters * nq if name == "dattri_cg" else args.arnoldi_iters
+    probe.cache(hess)
+    t0 = time.perf_counter()
+    probe.transform_test_rep(0, qg[:, :1].T.contiguous())
+    step_s = (time.perf_counter() - t0) / steps
+    projected = step_s * per
+    measured = {
+        "seconds_per_hvp_step": step_s,
+        "hvp_steps_needed": per,
+        "projected_seconds": projected,
+        "cap_seconds": args.dattri_cap_s,
+    }
+    log(f"{name}: one HVP step {step_s:.1f} s; {per} steps ≈ {projected:.0f} s")
+    if projected > args.dattri_cap_s:
+        return {
+            "skipped": f"over the time cap: one HVP step on the Hessian subset took "
+            f"{step_s:.1f} s (measured), {per} steps needed ≈ {projected:.0f} s > "
+            f"{args.dattri_cap_s:.0f} s",
+            "measured": measured,
+            "settings": settings,
+        }
     t0 = time.perf_counter()
     att.cache(hess)
     fit_s = time.perf_counter() - t0
-    h, m, y = ctx.query_batch(nq)
-    test_rep = att.generate_test_rep(0, (h[None], m[None], y[None]))  # [Q,P]
-    test_rep = test_rep.detach()
-    grad_check = float((test_rep.T - prep["qgrads"][:, :nq]).norm() / prep["qgrads"][:, :nq].norm())
+    test_rep = att.generate_test_rep(0, (h[None], m[None], y[None])).detach()  # [Q,P]
+    grad_check = float((test_rep.T - qg).norm() / qg.norm())
     t0 = time.perf_counter()
     if name == "dattri_arnoldi":
         proj = att.arnoldi_projectors[0]
@@ -472,6 +502,7 @@ def method_dattri(ctx: Context, name: str) -> dict[str, Any]:
         "queries": nq,
         "settings": settings,
         "query_grad_check": grad_check,
+        "probe": measured,
         "curvature": "true Hessian of the mean CE over the Hessian subset (dattri)",
     }
 
@@ -716,7 +747,7 @@ def phase_report(args: argparse.Namespace) -> dict[str, Any]:
             continue
         rec = torch.load(p, weights_only=False)
         if "skipped" in rec:
-            rows[name] = {"status": "skipped: " + rec["skipped"]}
+            rows[name] = {"status": "skipped: " + rec["skipped"], **rec}
             continue
         if "scores" in rec:
             sc, score_s = rec["scores"], rec["score_s"]
@@ -831,6 +862,7 @@ def child(args: argparse.Namespace, phase: str, method: str | None = None) -> in
         "slow_queries",
         "jvp_queries",
         "dattri_cg_iters",
+        "dattri_cap_s",
         "arnoldi_dim",
         "arnoldi_iters",
         "lissa_batch",
@@ -872,6 +904,12 @@ def main() -> None:
         "--jvp-queries", type=int, default=2, help="queries timed on pairdots' own jvp scoring path"
     )
     ap.add_argument("--dattri-cg-iters", type=int, default=10, help="dattri's default")
+    ap.add_argument(
+        "--dattri-cap-s",
+        type=float,
+        default=150.0,
+        help="run a dattri solver only if its probed HVP cost fits this",
+    )
     ap.add_argument("--arnoldi-dim", type=int, default=20)
     ap.add_argument("--arnoldi-iters", type=int, default=40)
     ap.add_argument("--lissa-batch", type=int, default=8)
