@@ -373,7 +373,9 @@ def method_pairdots(ctx: Context, name: str) -> dict[str, Any]:
         return {"skipped": f"the bundle has no {choice.value} artifact"}
     prep = ctx.prep()
     qg = prep["qgrads"]
-    xs, diag, t0 = [], {}, time.perf_counter()
+    xs: list[Tensor] = []
+    diag: dict[str, Any] = {}
+    t0 = time.perf_counter()
     for j in range(qg.shape[1]):
         x, diag = solve_s_test(
             ctx.rt, qg[:, j].to(ctx.rt.task.dtype), SolverSettings(method=choice), lambda: None
@@ -497,7 +499,7 @@ def method_dattri(ctx: Context, name: str) -> dict[str, Any]:
         proj = att.arnoldi_projectors[0]
         # the projector is linear: ⟨P g, P q⟩ = ⟨g, Pᵀ P q⟩, so x = Pᵀ(P q) scores like it
         pq = proj(test_rep)
-        _, vjp = torch.func.vjp(proj, test_rep)
+        vjp = torch.func.vjp(proj, test_rep)[1]
         x = vjp(pq)[0].T
     else:  # one query at a time: dattri vmaps its HVPs over the rows given (memory)
         x = torch.cat([att.transform_test_rep(0, test_rep[j : j + 1]) for j in range(nq)]).T
