@@ -17,14 +17,16 @@ What is the same for every method:
   method takes one. pairdots' own fitted artifacts (diagonal Fisher, EK-FAC, low-rank GGN)
   are the bundle's, fitted at prepare time over the full training set (their fit time is
   not charged: `prepare` did it once per bundle).
-* reference: s_ref = (G + δI)⁻¹ ∇θf by conjugate gradient (pairdots' CGSolver) to relative
-  residual 1e-8, G = the Gauss-Newton matrix of the mean cross-entropy over the Hessian
-  subset, applied exactly as G v = Aᵀ(A v)/m with A's rows √(p₀p₁)·∇θ(z₀ − z₁) (binary CE:
-  ∂²L/∂z² = p₀p₁ uuᵀ, u = (1, −1)); checked against pairdots' CurvatureOperator (GGN) on a
-  random vector and against the Woodbury closed form (δI + AᵀA/m)⁻¹. δ = --damping-scale ·
-  λ_max(G) (pairdots' rule for iterative solvers). The GGN, not the Hessian, because it is
-  positive semi-definite (CG converges; the Hessian of the fine-tuned model is indefinite,
-  docs/DESIGN.md §2) and is what EK-FAC and the Fisher approximate.
+* reference: s_ref = (G + δI)⁻¹ ∇θf, G = the Gauss-Newton matrix of the mean cross-entropy
+  over the Hessian subset, applied exactly as G v = Aᵀ(A v)/m with A's rows √(p₀p₁)·∇θ(z₀ − z₁)
+  (binary CE: ∂²L/∂z² = p₀p₁ uuᵀ, u = (1, −1)); checked against pairdots' CurvatureOperator
+  (GGN) on a random vector over 64 of the examples. Solved through the Woodbury identity,
+  s = (g − Aᵀc)/δ with (mδI + AAᵀ) c = A g, by conjugate gradient in float64 to relative
+  residual 1e-12 (checked against the direct solve; a CG in parameter space reads the whole
+  A twice per iteration). δ = --damping-scale · λ_max(G) (pairdots' rule for iterative
+  solvers). The GGN, not the Hessian, because it is positive semi-definite (the Hessian of
+  the fine-tuned model is indefinite, docs/DESIGN.md §2) and is what EK-FAC and the Fisher
+  approximate.
 
 Figures per method: fit seconds (once, amortised over its queries), seconds per query of the
 solve (transform), seconds of scoring all N examples (a pass of per-example gradients serves
@@ -35,9 +37,9 @@ reference's top 100 supporting examples, over all N, and top-10 overlap, mean ov
 Phases, resumable (everything lands under --cache, default /var/tmp/pairdots-peers/<bundle>):
   prepare       reference, query gradients, Hessian subset (a child process)
   method NAME   one method (a child process, so its peak RSS is its own)
-  pass          one pass of per-example training gradients scoring every method that only
-                transforms the query side (the reference, pairdots' solvers, dattri CG /
-                LiSSA / Arnoldi)
+  pass          one pass of per-example training gradients scoring the reference and pairdots'
+                solvers (dattri's query-side vectors are scored in their own child by
+                pairdots' jvp scoring; the pass's time is charged to them as their scoring)
   report        the table -> bench/results/<--name>.json (no model loaded)
   all           the above in order, skipping what is cached, starting nothing new after
                 --budget-min minutes (rerun to continue)
