@@ -16,7 +16,7 @@ from pairdots_server.influence.settings import InfluenceSettings
 from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings, solve_s_test
 from pairdots_server.model.train import TrainConfig, evaluate, fine_tune
 from pairdots_server.perturb.attack import PROMOTE, AttackMode, AttackQuery, run_attack
-from pairdots_server.perturb.objectives import margins
+from pairdots_server.perturb.objectives import TargetCache, margins
 from pairdots_server.perturb.repair import LOWER_WRONG, RepairQuery, find_errors, run_repair
 from pairdots_server.storage.bundle import load_bundle, save_bundle
 from pairdots_server.storage.data import Example
@@ -106,15 +106,15 @@ def test_repair_targets_each_errors_predicted_class(rt: ModelRuntime) -> None:
     assert len({p for _, p in errors}) >= 2, errors  # errors of more than one class
     picked = tuple(xs[k] for k, _ in errors[:4])
     predicted = [p for _, p in errors[:4]]
-    cache: dict = {}
+    cache = TargetCache()
     out = run_repair(rt, RepairQuery(picked, 2, random_candidates=2, influence=SETTINGS),
                      lambda: None, default_candidates=rt.n_train, target_cache=cache)
     assert out.errors_found == len(picked)
     for k, x in enumerate(picked):
-        assert (x.text, predicted[k], False) in cache  # the wrong class's target was built
+        assert (x.text, predicted[k], False) in cache.targets  # the wrong class's target was built
     for e in out.edits:
         if e.objective == LOWER_WRONG:
-            tgt = cache[(picked[e.example_index].text, predicted[e.example_index], False)]
+            tgt = cache.targets[(picked[e.example_index].text, predicted[e.example_index], False)]
             assert tgt is not None and e.influence_after < 0
     assert [r.label for r in out.reports] == [x.label for x in picked]
     assert all(r.margin < 0 for r in out.reports)
