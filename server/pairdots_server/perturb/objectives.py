@@ -261,13 +261,14 @@ def iter_edits(
     objective: str,
     track: Tensor | None = None,
     max_attempts: int,
-    chunk: int = 8,
+    chunk: Callable[[], int] = lambda: 8,
 ) -> Iterator[Edit]:
     """Edits for one objective, walking the ranked candidates (`target.ranked`), skipping
     training examples in `used` (adding the chosen ones to it), at most `max_attempts`
     searches. `track` [P]: the s_test of the test example's margin (predicted_margin_change).
 
-    The candidates are searched `chunk` at a time (search.greedy_edits, one batch) and
+    The candidates are searched chunk() at a time (search.greedy_edits, one batch; chunk is
+    asked again before each batch: how many edits the caller still needs) and
     yielded in rank order; one taken meanwhile by another objective is skipped, so the edits
     are those of searching the candidates one by one."""
     n_train = rt.n_train
@@ -275,7 +276,8 @@ def iter_edits(
     pos = attempts = 0
     while attempts < max_attempts:
         batch: list[int] = []
-        while pos < len(ranked) and len(batch) < min(chunk, max_attempts - attempts):
+        size = max(1, min(chunk(), max_attempts - attempts))
+        while pos < len(ranked) and len(batch) < size:
             if ranked[pos] not in used:
                 batch.append(ranked[pos])
             pos += 1
@@ -403,7 +405,11 @@ def edits_for_objectives(
     live: list[tuple[Iterator[Edit], str]] = []
     limit = max(3 * n, n + 10)
     present = [o for o in objectives if o[0] is not None]
-    chunk = min(search.candidate_batch, max(1, math.ceil(n / max(1, len(present)))))
+    got: list[Edit] = []
+
+    def chunk() -> int:  # the edits still needed, shared between the live objectives
+        return min(search.candidate_batch, math.ceil((n - len(got)) / max(1, len(live))))
+
     for tgt, direction, objective in present:
         assert tgt is not None
         live.append((iter_edits(
@@ -411,7 +417,6 @@ def edits_for_objectives(
             example_index=example_index, objective=objective, track=track,
             max_attempts=limit, chunk=chunk,
         ), objective))
-    got: list[Edit] = []
     total = 0.0
     while live and len(got) < n:
         for item in list(live):
