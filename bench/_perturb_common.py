@@ -42,6 +42,16 @@ def common_args(p: argparse.ArgumentParser) -> None:
                    help="write the searched edits as JSON (bench/retrain_edits.py replays them)")
     p.add_argument("--search-only", action="store_true",
                    help="stop after the search (with --edits-out: retrain elsewhere)")
+    p.add_argument("--seeds", default="0",
+                   help="retrain seeds (batch order, dropout); each gets its own n = 0 row "
+                        "and its own random baseline; the influence search is seeded by "
+                        "--seed")
+    p.add_argument("--seed-ns", default=None,
+                   help="n values retrained for the seeds after the first (default: --ns)")
+    p.add_argument("--cache", type=Path, default=Path("/var/tmp/pairdots-attack"),
+                   help="the searches' edits are kept here and reused when the arguments match")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in the result JSON and retrain only the others")
 
 
 def influence_settings(a: argparse.Namespace) -> InfluenceSettings:
@@ -52,9 +62,80 @@ def influence_settings(a: argparse.Namespace) -> InfluenceSettings:
     )
 
 
-def retrain_spec(a: argparse.Namespace) -> RetrainSpec:
+def retrain_spec(a: argparse.Namespace, seed: int | None = None) -> RetrainSpec:
     mode = RetrainMode.FULL if a.full else RetrainMode.SCOPE_ONLY
-    return RetrainSpec(mode, epochs=a.epochs, max_steps=a.max_steps)
+    return RetrainSpec(mode, epochs=a.epochs, max_steps=a.max_steps, seed=seed)
+
+
+def seeds_and_ns(a: argparse.Namespace, ns: Sequence[int]) -> list[tuple[int, list[int]]]:
+    """(retrain seed, the n values retrained with it) from --seeds and --seed-ns."""
+    seeds = [int(x) for x in a.seeds.split(",")]
+    later = ns if a.seed_ns is None else sorted({int(x) for x in a.seed_ns.split(",")} | {0})
+    return [(s, list(ns) if k == 0 else list(later)) for k, s in enumerate(seeds)]
+
+
+def cached_search(path: Path, key: dict[str, Any], run: Any) -> dict[str, Any]:
+    """run() -> a JSON-able dict, kept in `path` with `key`; reused when the key matches (a
+    stopped benchmark resumes without searching again)."""
+    if path.is_file():
+        d = json.loads(path.read_text())
+        if d.get("key") == key:
+            log(f"search reused from {path}")
+            return d["value"]
+    value = run()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "value": value}))
+    return value
+
+
+def edits_to_json(edits: Sequence[Edit]) -> list[dict[str, Any]]:
+    return [dataclasses.asdict(e) for e in edits]
+
+
+def edits_from_json(rows: Sequence[dict[str, Any]]) -> list[Edit]:
+    return [Edit(**{**r, "substitutions": tuple(tuple(x) for x in r["substitutions"])})
+            for r in rows]
+
+
+def bootstrap_ci(values: Sequence[float], seed: int = 0,
+                 reps: int = 2000) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of the mean of `values` (resampled with
+    replacement, `reps` times)."""
+    import torch
+
+    if not values:
+        return (float("nan"), float("nan"))
+    x = torch.tensor(list(values), dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    means = x[torch.randint(len(x), (reps, len(x)), generator=gen)].mean(dim=1).sort().values
+    return (float(means[int(0.025 * reps)]), float(means[int(0.975 * reps) - 1]))
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties); nan for fewer than 3 pairs or a
+    constant side."""
+    if len(a) < 3:
+        return float("nan")
+
+    def ranks(x: Sequence[float]) -> list[float]:
+        order = sorted(range(len(x)), key=lambda i: x[i])
+        r = [0.0] * len(x)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    va = sum((x - ma) ** 2 for x in ra) ** 0.5
+    vb = sum((y - mb) ** 2 for y in rb) ** 0.5
+    return cov / (va * vb) if va > 0 and vb > 0 else float("nan")
 
 
 def first_n_per_example(edits: Sequence[Edit], n: int) -> list[Edit]:
@@ -125,6 +206,8 @@ def retrain_eval(
         ev = evaluate(task, list(ex), max_length=rt.max_length)
         out[name] = ev.accuracy
         out[f"{name}_loss"] = round(ev.loss, 5)  # mean -log p(y|x): moves when accuracy can't
+        out[f"{name}_correct"] = [int(p == x.label)
+                                  for p, x in zip(ev.predictions, ex, strict=True)]
         if with_margins:
             out[f"{name}_margins"] = [round(m, 4) for m in margins(task, ex, rt.max_length)]
     out["total_s"] = round(time.perf_counter() - t0, 1)

@@ -252,9 +252,9 @@ def test_multi_word_edits_go_further_than_one_word(rt: ModelRuntime) -> None:
     """max_words = 3: the text is the original with every listed substitution and nothing
     else; its exact Eq. 7 change is the reported one and at least as far as the one-word edit
     of the same source (the greedy extends the best single substitution)."""
-    q1 = AttackQuery(TESTS[:1], AttackMode.PREDICTION_MARGIN, 2, random_candidates=3,
+    q1 = AttackQuery(TESTS[:1], AttackMode.PREDICTION_MARGIN, 4, random_candidates=3,
                      influence=DEFAULT)
-    q3 = AttackQuery(TESTS[:1], AttackMode.PREDICTION_MARGIN, 2, random_candidates=3,
+    q3 = AttackQuery(TESTS[:1], AttackMode.PREDICTION_MARGIN, 4, random_candidates=3,
                      influence=DEFAULT, max_words=3)
     one = run_attack(rt, q1, lambda: None, default_candidates=N_TRAIN).edits
     three = run_attack(rt, q3, lambda: None, default_candidates=N_TRAIN).edits

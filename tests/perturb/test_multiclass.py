@@ -16,7 +16,7 @@ from pairdots_server.influence.settings import InfluenceSettings
 from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings, solve_s_test
 from pairdots_server.model.train import TrainConfig, evaluate, fine_tune
 from pairdots_server.perturb.attack import PROMOTE, AttackMode, AttackQuery, run_attack
-from pairdots_server.perturb.objectives import margins
+from pairdots_server.perturb.objectives import TargetCache, margins
 from pairdots_server.perturb.repair import LOWER_WRONG, RepairQuery, find_errors, run_repair
 from pairdots_server.storage.bundle import load_bundle, save_bundle
 from pairdots_server.storage.data import Example
@@ -71,20 +71,25 @@ def test_promote_wrong_targets_the_strongest_wrong_class(rt: ModelRuntime) -> No
     ev = evaluate(rt.task, list(xs), max_length=rt.max_length)
     correct = tuple(x for x, p in zip(xs, ev.predictions, strict=True) if p == x.label)[:3]
     assert correct
+    cache = TargetCache()  # shared with the COMBINED run below (its PROMOTE targets)
     out = run_attack(rt, AttackQuery(correct, AttackMode.PROMOTE_WRONG, 2, random_candidates=2,
                                      influence=SETTINGS), lambda: None,
-                     default_candidates=rt.n_train)
+                     default_candidates=rt.n_train, target_cache=cache)
     assert out.edits, out.notes
     probs = rt.task.predict([x.text for x in correct], max_length=rt.max_length)
+    s_tests: dict[int, torch.Tensor] = {}  # independent s_test per test example
     for e in out.edits:
         x = correct[e.example_index]
         p = probs[e.example_index].clone()
         p[x.label] = -1.0
         y_wrong = int(p.argmax())
-        enc = rt.task.encode([x.text], max_length=rt.max_length)
-        emb = rt.task.embed(enc.input_ids).detach()
-        g = grad_theta_margin(rt.task.logits_fn, rt.params, emb, enc.attention_mask, y_wrong)
-        s_test, _ = solve_s_test(rt, g, CG, lambda: None)
+        if e.example_index not in s_tests:
+            enc = rt.task.encode([x.text], max_length=rt.max_length)
+            emb = rt.task.embed(enc.input_ids).detach()
+            g = grad_theta_margin(rt.task.logits_fn, rt.params, emb, enc.attention_mask,
+                                  y_wrong)
+            s_tests[e.example_index] = solve_s_test(rt, g, CG, lambda: None)[0]
+        s_test = s_tests[e.example_index]
         grads = []
         for text in (e.original_text, e.new_text):
             t = rt.task.encode([text], max_length=rt.max_length)
@@ -96,7 +101,7 @@ def test_promote_wrong_targets_the_strongest_wrong_class(rt: ModelRuntime) -> No
         assert change == pytest.approx(e.influence_change, rel=1e-6, abs=1e-12)
     combined = run_attack(rt, AttackQuery(correct, AttackMode.COMBINED, 4, random_candidates=2,
                                           influence=SETTINGS), lambda: None,
-                          default_candidates=rt.n_train)
+                          default_candidates=rt.n_train, target_cache=cache)
     assert len({e.train_index for e in combined.edits}) == len(combined.edits)
 
 
@@ -106,15 +111,15 @@ def test_repair_targets_each_errors_predicted_class(rt: ModelRuntime) -> None:
     assert len({p for _, p in errors}) >= 2, errors  # errors of more than one class
     picked = tuple(xs[k] for k, _ in errors[:4])
     predicted = [p for _, p in errors[:4]]
-    cache: dict = {}
+    cache = TargetCache()
     out = run_repair(rt, RepairQuery(picked, 2, random_candidates=2, influence=SETTINGS),
                      lambda: None, default_candidates=rt.n_train, target_cache=cache)
     assert out.errors_found == len(picked)
     for k, x in enumerate(picked):
-        assert (x.text, predicted[k], False) in cache  # the wrong class's target was built
+        assert (x.text, predicted[k], False) in cache.targets  # the wrong class's target was built
     for e in out.edits:
         if e.objective == LOWER_WRONG:
-            tgt = cache[(picked[e.example_index].text, predicted[e.example_index], False)]
+            tgt = cache.targets[(picked[e.example_index].text, predicted[e.example_index], False)]
             assert tgt is not None and e.influence_after < 0
     assert [r.label for r in out.reports] == [x.label for x in picked]
     assert all(r.margin < 0 for r in out.reports)

@@ -28,6 +28,7 @@ from pairdots_server.model.scope import ScopeSpec
 from pairdots_server.model.task import Task
 from pairdots_server.model.train import evaluate
 from pairdots_server.perturb.attack import AttackMode, AttackQuery, run_attack
+from pairdots_server.perturb.objectives import TargetCache
 from pairdots_server.perturb.repair import (
     LOWER_WRONG,
     RAISE_GOLD,
@@ -97,7 +98,7 @@ def test_repair_adds_examples_that_push_the_wanted_way(
     errors = find_errors(rt, DEV)[:3]
     dev = tuple(DEV[k] for k, _ in errors)
     settings = InfluenceSettings(solver=CG, use_index=False, word_measurement=measurement)
-    cache: dict = {}
+    cache = TargetCache()
     out = run_repair(rt, RepairQuery(dev, 3, random_candidates=2, influence=settings),
                      lambda: None, default_candidates=N_TRAIN, target_cache=cache)
     assert out.edits, out.notes
@@ -106,8 +107,7 @@ def test_repair_adds_examples_that_push_the_wanted_way(
         ex = dev[e.example_index]
         label = ex.label if e.objective == RAISE_GOLD else predicted[DEV.index(ex)]
         d = 1.0 if e.objective == RAISE_GOLD else -1.0
-        key = next(k for k in cache if k[0] == ex.text and k[1] == label)
-        tgt = cache[key]
+        tgt = cache.targets[(ex.text, label, False)]
         assert tgt is not None
         assert d * tgt.scores[e.train_index] > 0, (e.objective, tgt.scores[e.train_index])
         after = reference_influence(rt, tgt.s_test, e.new_text, e.label)

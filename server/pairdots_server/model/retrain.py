@@ -45,13 +45,15 @@ class RetrainMode(enum.Enum):
 @dataclass(frozen=True)
 class RetrainSpec:
     """What to do after the edits: `epochs` None = the recipe's; `eval_examples` empty = the
-    request's examples; `save_as` None = don't save."""
+    request's examples; `save_as` None = don't save; `seed` None = the recipe's (batch order,
+    dropout, a FULL retrain's new head: benchmarks repeat a table with other seeds)."""
 
     mode: RetrainMode = RetrainMode.FULL
     epochs: int | None = None
     eval_examples: tuple[Example, ...] = ()
     save_as: str | None = None
     max_steps: int | None = None  # cap (tests, benchmarks); None = the recipe's
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.epochs is not None and not 1 <= self.epochs <= MAX_EPOCHS:
@@ -89,6 +91,8 @@ def recipe(rt: ModelRuntime, spec: RetrainSpec) -> TrainConfig:
         d["epochs"] = spec.epochs
     if spec.max_steps is not None:
         d["max_steps"] = spec.max_steps
+    if spec.seed is not None:
+        d["seed"] = spec.seed
     d["scope_only"] = spec.mode is RetrainMode.SCOPE_ONLY
     return TrainConfig.from_dict(d)
 

@@ -43,13 +43,12 @@ from pairdots_server.perturb.objectives import (
     Objective,
     ProgressFn,
     TargetCache,
+    Targets,
     check_labels,
     edits_for_objectives,
     example_report,
-    margin_s_test,
     no_progress,
     random_edits,
-    target_finder,
 )
 from pairdots_server.perturb.search import SearchSettings, StopFn
 from pairdots_server.storage.data import Example
@@ -135,8 +134,10 @@ def run_attack(
 ) -> AttackOutcome:
     """Edits for every test example of `q` (see the module docstring) and the perturbed set.
 
-    target_cache: (text, label) -> SalientTarget, shared between calls (benchmarks run every
-    mode on the same examples; the targets do not depend on the mode).
+    target_cache: targets and margin s_tests shared between calls (benchmarks run every mode
+    on the same examples; they do not depend on the mode). The random words of each training
+    example's search are seeded by (q.seed, its index) (objectives.search_rng); the RANDOM
+    baseline draws from one generator seeded by q.seed.
     """
     lex = lexicon or default_lexicon()
     train = rt.bundle.train
@@ -151,17 +152,16 @@ def run_attack(
     settings = q.influence.resolve(
         rt, default_candidates=default_candidates, scoring_batch_size=scoring_batch_size
     )
-    target = target_finder(
-        rt, settings, should_stop, target_cache if target_cache is not None else {}
-    )
+    targets = Targets(rt, settings, should_stop, target_cache)
+    target = targets.target
     total = len(q.examples)
     progress("perturbing", 0, total)
     for k, ex in enumerate(q.examples):
         should_stop()
         n = q.examples_per_test
         objectives: list[Objective] = []
-        track, margin = margin_s_test(rt, ex.text, ex.label, settings, should_stop)
-        if q.mode is AttackMode.RANDOM:
+        if q.mode is AttackMode.RANDOM:  # no influence: only the margin, for the report
+            margin = targets.margin_value(ex.text, ex.label)
             got = random_edits(rt, k, n, used, lex, ("synonym",), rng,
                                search.max_substitutes)
         else:
@@ -172,8 +172,9 @@ def run_attack(
                 objectives.append((target(ex.text, y_wrong), +1, PROMOTE))
             if q.mode is AttackMode.PREDICTION_MARGIN:
                 objectives.append((target(ex.text, ex.label, True), -1, LOWER_MARGIN))
+            track, margin = targets.margin(ex.text, ex.label)
             got = edits_for_objectives(
-                rt, objectives, n, used, lex, search, rng, should_stop,
+                rt, objectives, n, used, lex, search, q.seed, should_stop,
                 train=train, example_index=k, track=track, margin=margin,
                 adaptive=q.adaptive,
             )

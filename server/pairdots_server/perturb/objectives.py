@@ -48,7 +48,7 @@ from pairdots_server.perturb.search import (
     SearchSettings,
     StopFn,
     Substitution,
-    greedy_edit,
+    greedy_edits,
     random_edit,
 )
 from pairdots_server.storage.data import Example
@@ -239,6 +239,13 @@ def margin_s_test(
     return s, steps.margin_of(rt, enc, label)
 
 
+def search_rng(seed: int, train_index: int) -> random.Random:
+    """The generator of one training example's T random words (Eq. 11), seeded by (seed,
+    index): an example's search does not depend on which were searched before it, so
+    candidates can be searched in batches and shared between objectives."""
+    return random.Random(f"{seed}:{train_index}")
+
+
 def iter_edits(
     rt: ModelRuntime,
     target: SalientTarget,
@@ -246,7 +253,7 @@ def iter_edits(
     used: set[int],
     lexicon: Lexicon,
     search: SearchSettings,
-    rng: random.Random,
+    seed: int,
     should_stop: StopFn,
     *,
     train: Sequence[Example],
@@ -254,26 +261,45 @@ def iter_edits(
     objective: str,
     track: Tensor | None = None,
     max_attempts: int,
+    chunk: Callable[[], int] = lambda: 8,
 ) -> Iterator[Edit]:
     """Edits for one objective, walking the ranked candidates (`target.ranked`), skipping
     training examples in `used` (adding the chosen ones to it), at most `max_attempts`
-    searches. `track` [P]: the s_test of the test example's margin (predicted_margin_change)."""
+    searches. `track` [P]: the s_test of the test example's margin (predicted_margin_change).
+
+    The candidates are searched chunk() at a time (search.greedy_edits, one batch; chunk is
+    asked again before each batch: how many edits the caller still needs) and
+    yielded in rank order; one taken meanwhile by another objective is skipped, so the edits
+    are those of searching the candidates one by one."""
     n_train = rt.n_train
-    attempts = 0
-    for idx in target.ranked(direction, additive=search.additive):
-        if attempts >= max_attempts:
+    ranked = target.ranked(direction, additive=search.additive)
+    pos = attempts = 0
+    while attempts < max_attempts:
+        batch: list[int] = []
+        size = max(1, min(chunk(), max_attempts - attempts))
+        while pos < len(ranked) and len(batch) < size:
+            if ranked[pos] not in used:
+                batch.append(ranked[pos])
+            pos += 1
+        if not batch:
             return
-        if idx in used:
-            continue
         should_stop()
-        attempts += 1
-        ex = train[idx]
-        scored = greedy_edit(rt, target.s_test, ex, direction, lexicon, search, rng,
-                             should_stop, track=None if track is None else track[None])
-        if scored is None:
-            continue
-        used.add(idx)
-        yield _edit(idx, ex, scored, example_index, objective, search.additive, n_train)
+        found = greedy_edits(
+            rt, target.s_test, [train[i] for i in batch], direction, lexicon, search,
+            [search_rng(seed, i) for i in batch], should_stop,
+            track=None if track is None else track[None],
+        )
+        for idx, scored in zip(batch, found, strict=True):
+            if idx in used:
+                continue
+            if attempts >= max_attempts:
+                return
+            attempts += 1
+            if scored is None:
+                continue
+            used.add(idx)
+            yield _edit(idx, train[idx], scored, example_index, objective, search.additive,
+                        n_train)
 
 
 def _edit(idx: int, ex: Example, scored: ScoredEdit, example_index: int, objective: str,
@@ -296,7 +322,17 @@ def _subs(subs: Sequence[Substitution]) -> tuple[tuple[int, str, str, str], ...]
     return tuple((s.word_index, s.original_word, s.substitute, s.relation) for s in subs)
 
 
-TargetCache = dict[tuple[str, int, bool], SalientTarget | None]
+@dataclass
+class TargetCache:
+    """Targets and margin s_tests by (text, label), kept across calls: they do not depend on
+    the mode or the objective, so attack modes and repair directions share them.
+    targets[(text, label, prediction)]: salient_target; margins[(text, label)]: (s_test of
+    f = m_y(x), m_y(x))."""
+
+    targets: dict[tuple[str, int, bool], SalientTarget | None] = field(default_factory=dict)
+    margins: dict[tuple[str, int], tuple[Tensor, float]] = field(default_factory=dict)
+
+
 Objective = tuple[SalientTarget | None, int, str]  # (target, direction, objective name)
 
 
@@ -311,20 +347,39 @@ def check_labels(rt: ModelRuntime, examples: Sequence[Example]) -> None:
             )
 
 
-def target_finder(
-    rt: ModelRuntime, settings: PipelineSettings, should_stop: StopFn, cache: TargetCache
-) -> Callable[..., SalientTarget | None]:
-    """salient_target(text, label, prediction=False) memoised in `cache` (targets do not
-    depend on the mode or the objective, so attack modes and repair directions share them)."""
+class Targets:
+    """A request's targets, memoised in a TargetCache (see there)."""
 
-    def target(text: str, label: int, prediction: bool = False) -> SalientTarget | None:
+    def __init__(self, rt: ModelRuntime, settings: PipelineSettings, should_stop: StopFn,
+                 cache: TargetCache | None = None) -> None:
+        self.rt, self.settings, self.should_stop = rt, settings, should_stop
+        self.cache = cache if cache is not None else TargetCache()
+
+    def target(self, text: str, label: int, prediction: bool = False) -> SalientTarget | None:
+        """salient_target(text, label, prediction=...), computed once."""
         key = (text, label, prediction)
-        if key not in cache:
-            cache[key] = salient_target(rt, text, label, settings, should_stop,
-                                        prediction=prediction)
-        return cache[key]
+        if key not in self.cache.targets:
+            self.cache.targets[key] = salient_target(self.rt, text, label, self.settings,
+                                                     self.should_stop, prediction=prediction)
+        return self.cache.targets[key]
 
-    return target
+    def margin(self, text: str, label: int) -> tuple[Tensor, float]:
+        """(s_test of f = m_y(x), m_y(x)): the prediction target's when it exists, else
+        margin_s_test, computed once."""
+        key = (text, label)
+        if key not in self.cache.margins:
+            tgt = self.cache.targets.get((text, label, True))
+            self.cache.margins[key] = (
+                (tgt.s_test, tgt.value) if tgt is not None
+                else margin_s_test(self.rt, text, label, self.settings, self.should_stop)
+            )
+        return self.cache.margins[key]
+
+    def margin_value(self, text: str, label: int) -> float:
+        """m_y(x) alone (the random baselines need no s_test)."""
+        if (text, label) in self.cache.margins:
+            return self.cache.margins[(text, label)][1]
+        return steps.margin_of(self.rt, steps.encode_text(self.rt, text), label)
 
 
 def edits_for_objectives(
@@ -334,7 +389,7 @@ def edits_for_objectives(
     used: set[int],
     lexicon: Lexicon,
     search: SearchSettings,
-    rng: random.Random,
+    seed: int,
     should_stop: StopFn,
     *,
     train: Sequence[Example],
@@ -349,15 +404,19 @@ def edits_for_objectives(
     first-order predicted margin change Σ Δm_y moves m_y across zero."""
     live: list[tuple[Iterator[Edit], str]] = []
     limit = max(3 * n, n + 10)
-    for tgt, direction, objective in objectives:
-        if tgt is None:
-            continue
-        live.append((iter_edits(
-            rt, tgt, direction, used, lexicon, search, rng, should_stop, train=train,
-            example_index=example_index, objective=objective, track=track,
-            max_attempts=limit,
-        ), objective))
+    present = [o for o in objectives if o[0] is not None]
     got: list[Edit] = []
+
+    def chunk() -> int:  # the edits still needed, shared between the live objectives
+        return min(search.candidate_batch, math.ceil((n - len(got)) / max(1, len(live))))
+
+    for tgt, direction, objective in present:
+        assert tgt is not None
+        live.append((iter_edits(
+            rt, tgt, direction, used, lexicon, search, seed, should_stop, train=train,
+            example_index=example_index, objective=objective, track=track,
+            max_attempts=limit, chunk=chunk,
+        ), objective))
     total = 0.0
     while live and len(got) < n:
         for item in list(live):

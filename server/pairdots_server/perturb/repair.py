@@ -36,13 +36,12 @@ from pairdots_server.perturb.objectives import (
     Objective,
     ProgressFn,
     TargetCache,
+    Targets,
     check_labels,
     edits_for_objectives,
     example_report,
-    margin_s_test,
     no_progress,
     random_edits,
-    target_finder,
 )
 from pairdots_server.perturb.search import RELATIONS, SearchSettings, StopFn
 from pairdots_server.storage.data import Example
@@ -124,9 +123,8 @@ def run_repair(
     settings = q.influence.resolve(
         rt, default_candidates=default_candidates, scoring_batch_size=scoring_batch_size
     )
-    target = target_finder(
-        rt, settings, should_stop, target_cache if target_cache is not None else {}
-    )
+    targets = Targets(rt, settings, should_stop, target_cache)
+    target = targets.target
     if not errors:
         notes.append("the served model classifies every example correctly; nothing to repair")
     progress("perturbing", 0, len(errors))
@@ -135,16 +133,17 @@ def run_repair(
         should_stop()
         ex = q.examples[k]
         objectives: list[Objective] = []
-        track, margin = margin_s_test(rt, ex.text, ex.label, settings, should_stop)
-        if q.mode is RepairMode.RANDOM:
+        if q.mode is RepairMode.RANDOM:  # no influence: only the margin, for the report
+            margin = targets.margin_value(ex.text, ex.label)
             got = random_edits(rt, k, n, used, lex, RELATIONS, rng, search.max_substitutes)
         else:
             objectives = [
                 (target(ex.text, ex.label), +1, RAISE_GOLD),
                 (target(ex.text, predicted), -1, LOWER_WRONG),
             ]
+            track, margin = targets.margin(ex.text, ex.label)
             got = edits_for_objectives(
-                rt, objectives, n, used, lex, search, rng, should_stop,
+                rt, objectives, n, used, lex, search, q.seed, should_stop,
                 train=train, example_index=k, track=track, margin=margin,
             )
         reports.append(example_report(k, ex.label, margin, got, objectives))

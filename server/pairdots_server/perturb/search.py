@@ -11,27 +11,33 @@ Two-stage greedy (Eq. 11–12) for an objective "maximise d · (I(z̃, w) - I(z,
 "maximise d · I(z̃, w)" (z̃ is ADDED, the measurement moves by ≈ I(z̃, w)/N; `additive`):
   Eq. 11  the word t* of z whose removal moves I in the wanted direction the most: removing
           t changes I by ≈ -I(x_t, w), so t* = argmax_t  -d · I(x_t, w) over substitutable words;
-  Eq. 12  the substitute s* = argmax_s d · I(z, z̃(t*, s), w), computed exactly with per-example
-          gradients of every perturbed text in one batch (Eq. 7), not a first-order estimate.
-T further words are drawn at random (seeded) and their substitutes scored the same way; the best
-of all candidates is kept, and only when it moves I the wanted way (d · change > 0; additive:
-d · I(z̃, w) > 0). Multi-word edits (`max_words` m > 1): greedily, each further step tries every
-remaining candidate word's substitutes on top of the substitutions chosen so far and keeps the
-best only while it raises the objective.
+  Eq. 12  the substitute s* = argmax_s d · I(z, z̃(t*, s), w), computed exactly (Eq. 7) for
+          every perturbed text, not a first-order estimate.
+T further words are drawn at random (seeded per training example) and their substitutes scored
+the same way; the best of all candidates is kept, and only when it moves I the wanted way
+(d · change > 0; additive: d · I(z̃, w) > 0). Multi-word edits (`max_words` m > 1): greedily,
+each further step tries every remaining candidate word's substitutes on top of the
+substitutions chosen so far and keeps the best only while it raises the objective.
+
+`greedy_edits` searches many training examples at once: no per-example gradient anywhere;
+I(z̃, w) = -⟨s_test, ∇θL(z̃)⟩ is a directional derivative of the loss, one jvp per batch of
+texts (core/scoring), so Eq. 8's [UNK] copies of all the examples go through one pass and every
+greedy step scores all the examples' substituted copies in one pass; the tracked margin is
+scored only for the chosen edits.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from pairdots_server.core.grads import per_example_loss_grads
+from pairdots_server.core.scoring import Row, influence_jvp, token_influence_many
 from pairdots_server.influence import pipeline as steps
-from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.runtime import EncodedExamples, ModelRuntime
 from pairdots_server.perturb.lexicon import Lexicon
 from pairdots_server.perturb.vocabulary import is_substitutable
 from pairdots_server.storage.data import Example
@@ -47,8 +53,9 @@ class SearchSettings:
     ("synonym" for the attack, both for repair), per-example-gradient batch size, at most
     `max_words` substituted words per example (m), `pos_agreement` (substitutes only of the
     word's dominant part of speech whose own dominant part of speech is the same; see
-    `dominant_pos`), and whether the edited example is ADDED
-    (repair: objective d · I(z̃, w)) rather than replacing z (attack: d · (I(z̃, w) - I(z, w)))."""
+    `dominant_pos`), whether the edited example is ADDED (repair: objective d · I(z̃, w))
+    rather than replacing z (attack: d · (I(z̃, w) - I(z, w))), and at most `candidate_batch`
+    training examples searched together (greedy_edits)."""
 
     random_candidates: int = 5
     max_substitutes: int = 10
@@ -57,6 +64,7 @@ class SearchSettings:
     max_words: int = 1
     additive: bool = False
     pos_agreement: bool = True
+    candidate_batch: int = 16
 
     def __post_init__(self) -> None:
         if self.random_candidates < 0:
@@ -69,6 +77,8 @@ class SearchSettings:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_words < 1:
             raise ValueError(f"max_words must be >= 1, got {self.max_words}")
+        if self.candidate_batch < 1:
+            raise ValueError(f"candidate_batch must be >= 1, got {self.candidate_batch}")
 
 
 @dataclass(frozen=True)
@@ -128,16 +138,21 @@ def score_texts_multi(
     rt: ModelRuntime, s_tests: Tensor, texts: Sequence[str], labels: Sequence[int],
     batch_size: int = 32, should_stop: StopFn = steps.no_stop,
 ) -> Tensor:
-    """I(z_i, f_j) = -∇θL(z_i) · s_test_j (Eq. 5) for labelled texts and several s_tests at
-    once, one per-example-gradient pass: s_tests [J,P] -> [N,J] (float64)."""
-    out: list[Tensor] = []
-    for b in range(0, len(texts), batch_size):
+    """I(z_i, f_j) = -⟨s_test_j, ∇θL(z_i)⟩ (Eq. 5) for labelled texts and several s_tests:
+    s_tests [J,P] -> [N,J] (float64). No per-example gradient: each batch is encoded once and
+    scored by one jvp per s_test (core/scoring.influence_jvp, a directional derivative of the
+    per-example losses); texts are batched in order of length (little padding)."""
+    out = torch.zeros(len(texts), s_tests.shape[0], dtype=torch.float64)
+    order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
+    for b in range(0, len(order), batch_size):
         should_stop()
-        enc = rt.encode_texts(texts[b : b + batch_size], labels[b : b + batch_size])
-        g = per_example_loss_grads(rt.task.logits_fn, rt.params, enc.embeds, enc.mask,
-                                   enc.labels)  # [B,P]
-        out.append((-(g @ s_tests.to(g.dtype).T)).double().cpu())  # [B,J]
-    return torch.cat(out) if out else torch.zeros(0, s_tests.shape[0], dtype=torch.float64)
+        chunk = order[b : b + batch_size]
+        enc = rt.encode_texts([texts[i] for i in chunk], [labels[i] for i in chunk])
+        idx = torch.tensor(chunk, dtype=torch.long)
+        for j in range(s_tests.shape[0]):
+            out[idx, j] = influence_jvp(rt.task.logits_fn, rt.params, s_tests[j], enc.embeds,
+                                        enc.mask, enc.labels).double().cpu()
+    return out
 
 
 def dominant_pos(lexicon: Lexicon, word: str) -> str | None:
@@ -185,84 +200,176 @@ def word_substitutes(
     return unique[:limit]
 
 
-def greedy_edit(
+@dataclass
+class _Search:
+    """The greedy search's state for one training example (greedy_edits)."""
+
+    example: Example
+    words: list[str]
+    spans: list[tuple[int, int]]
+    subs: dict[int, list[tuple[str, str]]]
+    candidates: list[int] = field(default_factory=list)  # Eq. 11's word, then T random
+    best: list[Substitution] = field(default_factory=list)
+    best_value: float = 0.0  # the objective d · (I(z̃) - I(z)) or d · I(z̃)
+    best_score: float = 0.0  # I(z̃, f)
+    best_text: str = ""
+    base: float | None = None  # I(z, f)
+    active: bool = True
+
+    def options(self) -> list[list[Substitution]]:
+        """Every remaining candidate word's substitutes on top of the chosen ones."""
+        taken = {c.word_index for c in self.best}
+        return [
+            [*self.best, Substitution(wi, self.words[wi], sub, rel, self.spans[wi])]
+            for wi in self.candidates if wi not in taken for sub, rel in self.subs[wi]
+        ]
+
+
+def _substituted(text: str, option: Sequence[Substitution]) -> str:
+    first = option[0]
+    return (substitute_word(text, first.span, first.substitute) if len(option) == 1
+            else substitute_words(text, option))
+
+
+def _eq11_words(rt: ModelRuntime, s_test: Tensor, direction: int, states: Sequence[_Search],
+                enc: EncodedExamples, need: Sequence[int], max_tokens: int) -> None:
+    """Eq. 8 for the substitutable words of the examples `need` (indices into states / enc),
+    every example's base and [UNK] copies in one core/scoring.token_influence_many pass, then
+    Eq. 11's word first in each one's candidate list."""
+    rows, positions = [], []
+    for b in need:
+        n = int(enc.mask[b].sum())
+        rows.append(Row(enc.embeds[b, :n], enc.mask[b, :n], states[b].example.label))
+        positions.append([t for t, w in enumerate(enc.word_ids[b][:n])
+                          if w is not None and w in states[b].subs])
+    per_token = token_influence_many(rt.task.logits_fn, rt.params, s_test, rows, positions,
+                                     rt.unk_embed, batch_size=max_tokens, max_tokens=max_tokens)
+    for b, pos, vals in zip(need, positions, per_token, strict=True):
+        totals = dict.fromkeys(states[b].subs, 0.0)
+        for t in pos:
+            w = enc.word_ids[b][t]
+            assert w is not None
+            totals[w] += float(vals[t])
+        # removing t moves I by ≈ -I(x_t, f): t* = argmax_t -d · I(x_t, f)
+        states[b].candidates = [max(totals, key=lambda w: (-direction * totals[w], -w))]
+
+
+def greedy_edits(
     rt: ModelRuntime,
     s_test: Tensor,
-    example: Example,
+    examples: Sequence[Example],
     direction: int,
     lexicon: Lexicon,
     search: SearchSettings,
-    rng: random.Random,
+    rngs: Sequence[random.Random],
     should_stop: StopFn | None = None,
     *,
     track: Tensor | None = None,
-) -> ScoredEdit | None:
-    """Best substitution of up to `search.max_words` words of `example` for the objective
-    d · (I(z̃, w) - I(z, w)) (replacing z), or d · I(z̃, w) when `search.additive` (adding z̃).
+    max_tokens: int = 4096,
+) -> list[ScoredEdit | None]:
+    """For each training example, its best substitution of up to `search.max_words` words for
+    the objective d · (I(z̃, f) - I(z, f)) (replacing z), or d · I(z̃, f) when
+    `search.additive` (adding z̃); rngs[k] draws example k's T random words.
 
-    Eq. 11 picks the word, Eq. 12 the substitute (exact Eq. 7 over a batch of perturbed
-    texts), plus `search.random_candidates` random words; each further word is the best
-    remaining one on top of those chosen, kept only while the objective rises. `track` [J,P]:
-    further s_tests whose I(z, ·) and I(z̃, ·) are returned (same gradient pass). None when no
-    substitutable word has a substitute or no candidate has a positive objective.
+    Batched across the examples: Eq. 8 for every example's substitutable words in one pass
+    (skipped for an example with at most T + 1 substitutable words, which are then all tried:
+    Eq. 11's choice cannot change the candidate set), then per greedy step ONE scoring pass
+    (one jvp per batch) over every example's substituted copies and bases (Eq. 12, exact Eq. 7),
+    and, for the chosen edits only, one pass with the `track` s_tests [J,P] (I(z, ·), I(z̃, ·)).
+    None for an example with no substitutable word, or no candidate of positive objective.
     """
     if direction not in (-1, 1):
         raise ValueError(f"direction must be +1 or -1, got {direction}")
+    if len(rngs) != len(examples):
+        raise ValueError(f"{len(examples)} examples but {len(rngs)} rngs")
     stop = should_stop or steps.no_stop
-    enc = steps.encode_text(rt, example.text)
-    subs: dict[int, list[tuple[str, str]]] = {}
-    for wi, word in enumerate(enc.words):
-        if enc.pieces[wi] == 0:
+    if not examples:
+        return []
+    enc = rt.encode_texts([e.text for e in examples], [e.label for e in examples])
+    states: list[_Search] = []
+    for b, ex in enumerate(examples):
+        pieces = enc.pieces(b)
+        subs: dict[int, list[tuple[str, str]]] = {}
+        for wi, word in enumerate(enc.words[b]):
+            if pieces[wi] == 0:
+                continue
+            cands = word_substitutes(lexicon, word, search.relations, search.max_substitutes,
+                                     search.pos_agreement)
+            if cands:
+                subs[wi] = cands
+        states.append(_Search(ex, enc.words[b], enc.spans[b], subs, best_text=ex.text,
+                              active=bool(subs)))
+    need: list[int] = []
+    for b, st in enumerate(states):
+        if not st.active:
             continue
-        cands = word_substitutes(lexicon, word, search.relations, search.max_substitutes,
-                                 search.pos_agreement)
-        if cands:
-            subs[wi] = cands
-    if not subs:
-        return None
-    totals = steps.word_attribution(rt, s_test, enc, example.label)  # Eq. 8 per word
-    greedy = max(subs, key=lambda w: (-direction * totals[w], -w))  # Eq. 11
-    others = sorted(w for w in subs if w != greedy)
-    rng.shuffle(others)
-    words = [greedy] + others[: search.random_candidates]
-    s_all = s_test[None] if track is None else torch.cat([s_test[None], track.to(s_test)])
-
-    def options(chosen: list[Substitution]) -> list[list[Substitution]]:
-        taken = {c.word_index for c in chosen}
-        return [
-            [*chosen, Substitution(wi, enc.words[wi], sub, rel, enc.spans[wi])]
-            for wi in words if wi not in taken for sub, rel in subs[wi]
-        ]
-
-    best: list[Substitution] = []
-    best_value, best_row, best_text = 0.0, None, example.text
-    base_row: Tensor | None = None
+        others = sorted(st.subs)
+        if len(others) > 1 + search.random_candidates:
+            need.append(b)
+        else:
+            st.candidates = others  # every word is a candidate; Eq. 11 cannot change the set
+    if need:
+        stop()
+        _eq11_words(rt, s_test, direction, states, enc, need, max_tokens)
+        for b in need:
+            st = states[b]
+            rest = sorted(w for w in st.subs if w != st.candidates[0])
+            rngs[b].shuffle(rest)
+            st.candidates += rest[: search.random_candidates]
     for _ in range(search.max_words):
-        opts = options(best)
-        if not opts:
+        texts: list[str] = []
+        labels: list[int] = []
+        plan: list[tuple[_Search, list[list[Substitution]], int, bool]] = []
+        for st in states:
+            if not st.active:
+                continue
+            opts = st.options()
+            if not opts:
+                st.active = False
+                continue
+            lead = st.base is None
+            plan.append((st, opts, len(texts), lead))
+            if lead:
+                texts.append(st.example.text)
+                labels.append(st.example.label)
+            texts += [_substituted(st.example.text, o) for o in opts]
+            labels += [st.example.label] * len(opts)
+        if not plan:
             break
-        texts = [substitute_word(example.text, o[0].span, o[0].substitute) if len(o) == 1
-                 else substitute_words(example.text, o) for o in opts]
-        lead = [example.text] if base_row is None else []
-        rows = score_texts_multi(rt, s_all, lead + texts, [example.label] * (len(lead)
-                                 + len(texts)), search.batch_size, stop)  # [(1+)K, J]
-        if base_row is None:
-            base_row, rows = rows[0], rows[1:]
-        base = float(base_row[0])
-        values = [direction * (float(r[0]) - (0.0 if search.additive else base))
-                  for r in rows]
-        k = max(range(len(opts)), key=lambda k: (values[k], -k))  # Eq. 12
-        if not values[k] > best_value:
-            break
-        best, best_value, best_row, best_text = opts[k], values[k], rows[k], texts[k]
-    if best_row is None or base_row is None:
-        return None
-    first = best[0]
-    edit = WordEdit(first.word_index, first.original_word, first.substitute, first.relation,
-                    best_text, tuple(best))
-    return ScoredEdit(edit, float(base_row[0]), float(best_row[0]),
-                      tuple(float(v) for v in base_row[1:]),
-                      tuple(float(v) for v in best_row[1:]))
+        scores = score_texts_multi(rt, s_test[None], texts, labels, search.batch_size,
+                                   stop)[:, 0].tolist()
+        for st, opts, at, lead in plan:
+            if lead:
+                st.base, at = scores[at], at + 1
+            assert st.base is not None
+            ref = 0.0 if search.additive else st.base
+            values = [direction * (scores[at + k] - ref) for k in range(len(opts))]
+            k = max(range(len(opts)), key=lambda k: (values[k], -k))  # Eq. 12
+            if not values[k] > st.best_value:
+                st.active = False
+                continue
+            st.best, st.best_value, st.best_score = opts[k], values[k], scores[at + k]
+            st.best_text = texts[at + k]
+    chosen = [st for st in states if st.best]
+    tracked: dict[int, tuple[list[float], list[float]]] = {}
+    if track is not None and chosen:
+        pairs = [t for st in chosen for t in (st.example.text, st.best_text)]
+        rows = score_texts_multi(rt, track.to(s_test), pairs,
+                                 [st.example.label for st in chosen for _ in (0, 1)],
+                                 search.batch_size, stop)  # [2K, J]
+        for k, st in enumerate(chosen):
+            tracked[id(st)] = (rows[2 * k].tolist(), rows[2 * k + 1].tolist())
+    out: list[ScoredEdit | None] = []
+    for st in states:
+        if not st.best or st.base is None:
+            out.append(None)
+            continue
+        first = st.best[0]
+        edit = WordEdit(first.word_index, first.original_word, first.substitute,
+                        first.relation, st.best_text, tuple(st.best))
+        before, after = tracked.get(id(st), ([], []))
+        out.append(ScoredEdit(edit, st.base, st.best_score, tuple(before), tuple(after)))
+    return out
 
 
 def random_edit(
