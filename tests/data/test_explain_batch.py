@@ -110,7 +110,7 @@ def _comparable(raw: object) -> object:
 
     def strip(x: object) -> object:
         if isinstance(x, dict):
-            return {k: strip(v) for k, v in x.items() if k not in ("seconds", "cached")}
+            return {k: strip(v) for k, v in x.items() if k not in ("duration", "cached")}
         if isinstance(x, list):
             return [strip(v) for v in x]
         return x
@@ -246,7 +246,7 @@ def test_cli_explain_input_output(
     assert rc == 0
     lines = [json.loads(ln) for ln in out.read_text(encoding="utf-8").splitlines()]
     assert [ln["id"] for ln in lines] == ["1", "2", "3", "4"]  # .txt: the line numbers
-    assert all("response" in ln and ln["response"]["model"] == "tiny" for ln in lines)
+    assert all("response" in ln and ln["response"]["model"] == "models/tiny" for ln in lines)
     assert "4 results written" in capsys.readouterr().out
     assert main(["explain", "--input", str(src), "--address", server.address]) == 2
     assert "--output" in capsys.readouterr().err

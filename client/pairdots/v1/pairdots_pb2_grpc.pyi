@@ -34,6 +34,16 @@ an error is this google.rpc.Status as JSON and the HTTP status follows the code:
 INVALID_ARGUMENT / FAILED_PRECONDITION, 401, 403, 404, 409 ALREADY_EXISTS, 429
 RESOURCE_EXHAUSTED (with Retry-After), 499 CANCELLED, 503 UNAVAILABLE, 504
 DEADLINE_EXCEEDED, 500 INTERNAL.
+
+Conventions (AIP-122/141/142/203/216). A model is named by its resource name
+"models/{model}" wherever the server returns it (Model.name, ExplainResponse.model,
+JobMetadata.model); requests take that or the bare id. Fields that count things end in
+`_count` (request knobs that bound how many things to return or do, such as top_words,
+examples_per_word or max_words, keep their names: they are limits, not counts). Durations
+are google.protobuf.Duration. Closed sets of values are enums; JobMetadata.stage and
+TrainingEdit.objective stay strings because new job stages and objectives are added without
+an API change. Every field of a message the server returns is OUTPUT_ONLY.
+Changing a field's type took a new field number; the old number and name are reserved.
 """
 
 from collections import abc as _abc
