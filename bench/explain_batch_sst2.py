@@ -88,8 +88,12 @@ def main() -> int:
     rows = validation_rows(a.inputs + a.cancel_inputs)
     main_rows, cancel_rows = rows[: a.inputs], rows[a.inputs :]
     infl = InfluenceOptions(prediction_influence=a.prediction_influence)
-    settings = {"model": a.model, "top_words": a.top_words, "examples_per_word": a.examples,
-                "influence": infl}
+    settings = {
+        "model": a.model,
+        "top_words": a.top_words,
+        "examples_per_word": a.examples,
+        "influence": infl,
+    }
     checks: dict[str, bool] = {}
     with tempfile.TemporaryDirectory(prefix="pairdots-bench-batch-sst2-") as tmp:
         inputs_root = Path(tmp) / "inputs"
@@ -98,8 +102,13 @@ def main() -> int:
         write_jsonl(inputs_root / "sst2-dev-cancel.jsonl", cancel_rows)
         root = Path(a.bundles) if a.bundles else tiny_root(Path(tmp) / "bundles")
         t_start = time.perf_counter()
-        server = Served(root, Path(tmp) / "jobs.sqlite3", "--batch-input-root", str(inputs_root),
-                        threads=a.threads)
+        server = Served(
+            root,
+            Path(tmp) / "jobs.sqlite3",
+            "--batch-input-root",
+            str(inputs_root),
+            threads=a.threads,
+        )
         serving_s = time.perf_counter() - t_start
         try:
             cfg = ClientConfig(address=server.address, default_timeout_s=600)
@@ -107,45 +116,61 @@ def main() -> int:
                 # -- 1. the batch, by file ---------------------------------------------------
                 seen: list[JobProgress] = []
                 t0 = time.perf_counter()
-                op = client.explain_batch(input_path="sst2-dev.jsonl", label_column="label",
-                                          id_column="id", **settings)  # type: ignore[arg-type]
+                op = client.explain_batch(
+                    input_path="sst2-dev.jsonl", label_column="label", id_column="id", **settings
+                )  # type: ignore[arg-type]
                 outcome = client.wait_operation(op.name, timeout=6 * 3600, progress=seen.append)
                 batch_wall = time.perf_counter() - t0
                 assert isinstance(outcome, ExplainBatchOutcome)
                 items, pages = read_pages(client, op.name, a.page_size)
-                lines = [json.loads(ln) for ln in
-                         Path(outcome.results_path).read_text(encoding="utf-8").splitlines()]
+                lines = [
+                    json.loads(ln)
+                    for ln in Path(outcome.results_path).read_text(encoding="utf-8").splitlines()
+                ]
                 explaining = [p for p in seen if p.stage == "explaining"]
                 done_counts = [p.done for p in explaining]
-                checks["all_explained"] = (outcome.succeeded_count == a.inputs
-                                           and outcome.failed_count == 0)
-                checks["jsonl_one_line_per_input_in_order"] = (
-                    [ln["index"] for ln in lines] == list(range(a.inputs))
-                    and all("response" in ln for ln in lines))
+                checks["all_explained"] = (
+                    outcome.succeeded_count == a.inputs and outcome.failed_count == 0
+                )
+                checks["jsonl_one_line_per_input_in_order"] = [ln["index"] for ln in lines] == list(
+                    range(a.inputs)
+                ) and all("response" in ln for ln in lines)
                 checks["pages_match_jsonl"] = (
                     [i.index for i in items] == list(range(a.inputs))
                     and [i.id for i in items] == [r["id"] for r in main_rows]
-                    and [ln["id"] for ln in lines] == [r["id"] for r in main_rows])
+                    and [ln["id"] for ln in lines] == [r["id"] for r in main_rows]
+                )
                 checks["progress_reported_and_monotone"] = (
-                    len(explaining) >= 2 and done_counts == sorted(done_counts)
+                    len(explaining) >= 2
+                    and done_counts == sorted(done_counts)
                     and all(p.total == a.inputs for p in explaining)
-                    and seen[-1].stage == "done")
+                    and seen[-1].stage == "done"
+                )
                 # gold labels from the file reach the answers: a wrong prediction gets the
                 # gold explanation too (error analysis)
-                wrong = [(i, r) for i, r in zip(items, main_rows, strict=True)
-                         if i.explanation is not None
-                         and i.explanation.prediction.label != r["label"]]
+                wrong = [
+                    (i, r)
+                    for i, r in zip(items, main_rows, strict=True)
+                    if i.explanation is not None and i.explanation.prediction.label != r["label"]
+                ]
                 checks["gold_explained_where_wrong"] = all(
-                    i.explanation is not None and i.explanation.gold is not None
-                    and i.explanation.gold.label == r["label"] for i, r in wrong)
-                per_input = [ln["response"]["diagnostics"].get("total_duration", "0s")
-                             for ln in lines]
+                    i.explanation is not None
+                    and i.explanation.gold is not None
+                    and i.explanation.gold.label == r["label"]
+                    for i, r in wrong
+                )
+                per_input = [
+                    ln["response"]["diagnostics"].get("total_duration", "0s") for ln in lines
+                ]
                 per_input_s = sorted(float(d.rstrip("s")) for d in per_input)
 
                 # -- 2. a second batch, cancelled mid-run ------------------------------------
-                cop = client.explain_batch(input_path="sst2-dev-cancel.jsonl",
-                                           label_column="label", id_column="id",
-                                           **settings)  # type: ignore[arg-type]
+                cop = client.explain_batch(
+                    input_path="sst2-dev-cancel.jsonl",
+                    label_column="label",
+                    id_column="id",
+                    **settings,
+                )  # type: ignore[arg-type]
                 cancelled_at: list[int] = []
 
                 def cancel_when_started(p: JobProgress) -> None:
@@ -164,13 +189,19 @@ def main() -> int:
                 citems, _ = read_pages(client, cop.name, a.page_size)
                 last = client.batch_results(cop.name, page_size=a.page_size)
                 checks["cancel_ends_cancelled"] = (
-                    cancel_raised and handle.done and handle.error is not None
-                    and handle.error.code.name == "CANCELLED")
+                    cancel_raised
+                    and handle.done
+                    and handle.error is not None
+                    and handle.error.code.name == "CANCELLED"
+                )
                 checks["cancel_keeps_partial_results"] = (
-                    bool(cancelled_at) and a.cancel_after <= len(citems) < a.cancel_inputs
+                    bool(cancelled_at)
+                    and a.cancel_after <= len(citems) < a.cancel_inputs
                     and [i.index for i in citems] == list(range(len(citems)))
                     and all(i.explanation is not None for i in citems)
-                    and last.done and last.total_size == len(citems))
+                    and last.done
+                    and last.total_size == len(citems)
+                )
             rss = server.rss_mb()
         finally:
             server.stop()
@@ -207,10 +238,12 @@ def main() -> int:
     ok = all(checks.values())
     for name, passed in checks.items():
         print(f"{'ok  ' if passed else 'FAIL'} {name}")
-    print(f"{outcome.succeeded_count}/{a.inputs} explained in {batch_wall:.1f} s "
-          f"({result['batch_inputs_per_s']} inputs/s, per input p50 {result['per_input_s_p50']} s), "
-          f"{len(lines)} JSONL lines, {pages} pages, {len(explaining)} progress reports; "
-          f"cancelled at {result['cancel_requested_at_done']} done, {len(citems)} kept")
+    print(
+        f"{outcome.succeeded_count}/{a.inputs} explained in {batch_wall:.1f} s "
+        f"({result['batch_inputs_per_s']} inputs/s, per input p50 {result['per_input_s_p50']} s), "
+        f"{len(lines)} JSONL lines, {pages} pages, {len(explaining)} progress reports; "
+        f"cancelled at {result['cancel_requested_at_done']} done, {len(citems)} kept"
+    )
     name = "explain_batch_sst2" if a.model == "tiny" else f"explain_batch_sst2_{a.model}"
     write_result(name, result)
     print(json.dumps(result))

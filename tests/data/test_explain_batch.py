@@ -183,7 +183,7 @@ def test_file_input_under_the_root_only(client: PairdotsClient) -> None:
         client.explain_batch(input_path="../in.jsonl", model="tiny")
     with pytest.raises(NotFoundError, match="does not exist"):
         client.explain_batch(input_path="missing.jsonl", model="tiny")
-    with pytest.raises(InvalidArgumentError, match="no column 'text'"):
+    with pytest.raises(InvalidArgumentError, match="missing key 'text'"):
         client.explain_batch(input_path="in.jsonl", model="tiny")
 
 
