@@ -2226,7 +2226,7 @@ Global___RepairResult: _TypeAlias = RepairResult  # noqa: Y015
 
 @_typing.final
 class JobMetadata(_message.Message):
-    """Metadata of Attack and Repair operations: progress while they run."""
+    """Metadata of Attack, Repair and ExplainBatch operations: progress while they run."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -102,10 +102,10 @@ class PairdotsServiceStub:
     """Explains many inputs as one long-running operation: each input is explained as Explain
     would, one after the other, and its answer (or its error) is appended to a JSON-lines
     results file next to the server's job store. Progress (JobMetadata, stage "explaining",
-    done/total inputs) while it runs; CancelOperation stops it between inputs (and inside an
-    input between solver iterations); the answers so far stay readable. Returns at once; the
-    operation's response is an ExplainBatchResult. Read the answers with
-    ListExplainBatchResults, page by page, while it runs or after.
+    done_count/total_count inputs) while it runs; CancelOperation stops it between inputs
+    (and inside an input between solver iterations); the answers so far stay readable.
+    Returns at once; the operation's response is an ExplainBatchResult. Read the answers
+    with ListExplainBatchResults, page by page, while it runs or after.
     """
     ListExplainBatchResults: _grpc.UnaryUnaryMultiCallable[_pairdots_pb2.ListExplainBatchResultsRequest, _pairdots_pb2.ListExplainBatchResultsResponse]
     """One page of an ExplainBatch operation's answers, in input order."""
@@ -140,10 +140,10 @@ class PairdotsServiceAsyncStub(PairdotsServiceStub):
     """Explains many inputs as one long-running operation: each input is explained as Explain
     would, one after the other, and its answer (or its error) is appended to a JSON-lines
     results file next to the server's job store. Progress (JobMetadata, stage "explaining",
-    done/total inputs) while it runs; CancelOperation stops it between inputs (and inside an
-    input between solver iterations); the answers so far stay readable. Returns at once; the
-    operation's response is an ExplainBatchResult. Read the answers with
-    ListExplainBatchResults, page by page, while it runs or after.
+    done_count/total_count inputs) while it runs; CancelOperation stops it between inputs
+    (and inside an input between solver iterations); the answers so far stay readable.
+    Returns at once; the operation's response is an ExplainBatchResult. Read the answers
+    with ListExplainBatchResults, page by page, while it runs or after.
     """
     ListExplainBatchResults: _aio.UnaryUnaryMultiCallable[_pairdots_pb2.ListExplainBatchResultsRequest, _pairdots_pb2.ListExplainBatchResultsResponse]  # type: ignore[assignment]
     """One page of an ExplainBatch operation's answers, in input order."""
@@ -211,10 +211,10 @@ class PairdotsServiceServicer(metaclass=_abc_1.ABCMeta):
         """Explains many inputs as one long-running operation: each input is explained as Explain
         would, one after the other, and its answer (or its error) is appended to a JSON-lines
         results file next to the server's job store. Progress (JobMetadata, stage "explaining",
-        done/total inputs) while it runs; CancelOperation stops it between inputs (and inside an
-        input between solver iterations); the answers so far stay readable. Returns at once; the
-        operation's response is an ExplainBatchResult. Read the answers with
-        ListExplainBatchResults, page by page, while it runs or after.
+        done_count/total_count inputs) while it runs; CancelOperation stops it between inputs
+        (and inside an input between solver iterations); the answers so far stay readable.
+        Returns at once; the operation's response is an ExplainBatchResult. Read the answers
+        with ListExplainBatchResults, page by page, while it runs or after.
         """
 
     @_abc_1.abstractmethod
