@@ -70,7 +70,7 @@ def solver(rng: random.Random, s: pb.SolverOptions) -> None:
 def influence(rng: random.Random, inf: pb.InfluenceOptions) -> None:
     solver(rng, inf.solver)
     inf.candidate_search = rng.choice([0, 1, 2, 3, 9])
-    inf.candidates = rng.choice([0, 5, 20, -1, 10**6])
+    inf.candidate_count = rng.choice([0, 5, 20, -1, 10**6])
     inf.token_influence = rng.choice([0, 1, 2, 3, 11])
 
 

@@ -10,9 +10,13 @@ pyproject.toml's dev extra; a different grpcio-tools/mypy-protobuf changes the o
 
 protos/third_party/ is the committed include tree for everyone else (buf, protoc for other
 languages, Node's @grpc/proto-loader): the transitive imports of the pairdots protos (plus
-google/rpc/error_details.proto, whose messages the errors carry, and google/api/resource.proto)
-copied from the same installed packages, so `-I protos -I protos/third_party` resolves every
-import offline.
+google/rpc/error_details.proto, whose messages the errors carry, google/api/resource.proto, and
+grpc/health/v1/health.proto, the standard health service the server implements) copied from
+the same installed packages, so `-I protos -I protos/third_party` resolves every import
+offline. No installed package ships health.proto as a file: grpcio-health-checking has only its
+compiled descriptor, so the file is written from that descriptor (render_proto) under its
+canonical path (package grpc.health.v1; the Python package registers it as
+grpc_health/v1/health.proto).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_ROOT = ROOT / "protos"
@@ -33,7 +38,87 @@ HAND_WRITTEN = {"__init__.py"}
 THIRD_PARTY_DIR = PROTO_ROOT / "third_party"
 #: Imported by no pairdots proto but needed by clients: the error details every error carries,
 #: and the resource annotations (AIP-123).
-THIRD_PARTY_EXTRA = ("google/rpc/error_details.proto", "google/api/resource.proto")
+THIRD_PARTY_EXTRA = ("google/rpc/error_details.proto", "google/api/resource.proto",
+                     "grpc/health/v1/health.proto")
+#: Where health.proto goes in the include tree (its canonical path in grpc/grpc-proto).
+HEALTH_PROTO = "grpc/health/v1/health.proto"
+
+_SCALARS = {
+    "TYPE_DOUBLE": "double", "TYPE_FLOAT": "float", "TYPE_INT64": "int64",
+    "TYPE_UINT64": "uint64", "TYPE_INT32": "int32", "TYPE_FIXED64": "fixed64",
+    "TYPE_FIXED32": "fixed32", "TYPE_BOOL": "bool", "TYPE_STRING": "string",
+    "TYPE_BYTES": "bytes", "TYPE_UINT32": "uint32", "TYPE_SFIXED32": "sfixed32",
+    "TYPE_SFIXED64": "sfixed64", "TYPE_SINT32": "sint32", "TYPE_SINT64": "sint64",
+}
+
+
+def render_proto(fd: Any) -> str:
+    """The .proto source of a proto3 FileDescriptorProto with messages (nested messages,
+    maps, nested enums), top-level enums, services (streaming included) and file options of
+    string/bool type. Anything else (oneofs, extensions, field options, imports, proto2) is
+    refused rather than dropped. Comments are not in a descriptor, so the file has none but
+    a header saying where it came from."""
+    from google.protobuf import descriptor_pb2 as d
+
+    if fd.syntax != "proto3" or fd.dependency or fd.extension:
+        raise SystemExit(f"render_proto: {fd.name} uses features it does not render")
+    pkg = "." + fd.package + "."
+    ftype = d.FieldDescriptorProto
+
+    def short(type_name: str) -> str:
+        return type_name.removeprefix(pkg)
+
+    def field_type(f: Any) -> str:
+        if f.type in (ftype.TYPE_MESSAGE, ftype.TYPE_ENUM):
+            return short(f.type_name)
+        return _SCALARS[ftype.Type.Name(f.type)]
+
+    def enum_lines(e: Any, indent: str) -> list[str]:
+        return [f"{indent}enum {e.name} {{",
+                *(f"{indent}  {v.name} = {v.number};" for v in e.value), f"{indent}}}"]
+
+    def message_lines(m: Any, scope: str, indent: str) -> list[str]:
+        if m.oneof_decl or m.extension or m.extension_range:
+            raise SystemExit(f"render_proto: {m.name} has oneofs or extensions")
+        full = f"{scope}.{m.name}"
+        maps = {f"{full}.{n.name}": n for n in m.nested_type if n.options.map_entry}
+        out = [f"{indent}message {m.name} {{"]
+        for e in m.enum_type:
+            out += enum_lines(e, indent + "  ")
+        for n in m.nested_type:
+            if not n.options.map_entry:
+                out += message_lines(n, full, indent + "  ")
+        for f in m.field:
+            if f.HasField("options") or f.proto3_optional:
+                raise SystemExit(f"render_proto: {full}.{f.name} has options")
+            if f.type_name in maps:
+                k, v = maps[f.type_name].field
+                decl = f"map<{field_type(k)}, {field_type(v)}>"
+            else:
+                label = "repeated " if f.label == ftype.LABEL_REPEATED else ""
+                decl = label + field_type(f)
+            out.append(f"{indent}  {decl} {f.name} = {f.number};")
+        return [*out, f"{indent}}}"]
+
+    lines = [f"// Written by protos/generate.py from the compiled descriptor of {fd.name} in",
+             "// the installed grpcio-health-checking package (no .proto file ships with it).",
+             "", f'syntax = "{fd.syntax}";', "", f"package {fd.package};", ""]
+    for opt, value in sorted(fd.options.ListFields(), key=lambda x: x[0].name):
+        text = f'"{value}"' if isinstance(value, str) else str(value).lower()
+        lines.append(f"option {opt.name} = {text};")
+    for e in fd.enum_type:
+        lines += ["", *enum_lines(e, "")]
+    for m in fd.message_type:
+        lines += ["", *message_lines(m, "." + fd.package, "")]
+    for svc in fd.service:
+        lines += ["", f"service {svc.name} {{"]
+        for meth in svc.method:
+            cs = "stream " if meth.client_streaming else ""
+            ss = "stream " if meth.server_streaming else ""
+            lines.append(f"  rpc {meth.name}({cs}{short(meth.input_type)}) returns "
+                         f"({ss}{short(meth.output_type)});")
+        lines.append("}")
+    return "\n".join(lines) + "\n"
 _IMPORT_RE = re.compile(r'^import\s+(?:public\s+|weak\s+)?"([^"]+)"\s*;', re.MULTILINE)
 
 
@@ -59,6 +144,13 @@ def _google_include_dir(tmp: Path) -> Path:
     lr_dir = include / "google" / "longrunning"
     lr_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(Path(ops.__file__).with_name("operations_proto.proto"), lr_dir / "operations.proto")
+    from google.protobuf import descriptor_pb2
+    from grpc_health.v1 import health_pb2
+
+    health = descriptor_pb2.FileDescriptorProto()
+    health_pb2.DESCRIPTOR.CopyToProto(health)
+    (include / HEALTH_PROTO).parent.mkdir(parents=True, exist_ok=True)
+    (include / HEALTH_PROTO).write_text(render_proto(health), encoding="utf-8")
     return include
 
 

@@ -150,18 +150,29 @@ class _Schemas:
         return dict(_SCALARS[fld.type])
 
     def _message(self, desc: Any) -> dict[str, Any]:
+        """A message's schema; google.api.field_behavior becomes OpenAPI's: OUTPUT_ONLY
+        fields are `readOnly`, REQUIRED ones are listed in `required`."""
+        from google.api import field_behavior_pb2 as fb
+
         props: dict[str, Any] = {}
+        required: list[str] = []
         for fld in desc.fields:
             schema = self.field(fld)
+            extra: dict[str, Any] = {}
             text = self.comments.get(f"{desc.full_name}.{fld.name}")
             if text:
-                schema = (
-                    {"allOf": [schema], "description": text}
-                    if "$ref" in schema
-                    else {**schema, "description": text}
-                )
+                extra["description"] = text
+            behavior = set(fld.GetOptions().Extensions[fb.field_behavior])
+            if fb.OUTPUT_ONLY in behavior:
+                extra["readOnly"] = True
+            if fb.REQUIRED in behavior:
+                required.append(fld.json_name)
+            if extra:
+                schema = {"allOf": [schema], **extra} if "$ref" in schema else {**schema, **extra}
             props[fld.json_name] = schema
         out: dict[str, Any] = {"type": "object", "properties": props}
+        if required:
+            out["required"] = required
         if self.comments.get(desc.full_name):
             out["description"] = self.comments[desc.full_name]
         return out

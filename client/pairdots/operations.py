@@ -7,16 +7,33 @@ An operation's ``metadata`` is a pairdots.v1.JobMetadata (`JobProgress` here), i
 
 google.longrunning ships without type information, so the Operation message is typed ``Any``
 at this boundary only; everything handed to callers is typed.
+
+As in pairdots.results, field names follow the proto (``*_count``, durations as
+`datetime.timedelta`) and the names before the v1 renames remain as read-only properties.
+The proto's closed sets that used to be strings (JobMetadata.kind, TrainingEdit.relation,
+TargetEffect.measurement) stay strings here: the enum's lower-case member name ("attack",
+"synonym", "prediction_margin"); the enums themselves are pairdots.JobKind,
+SubstitutionRelation and EffectMeasurement.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeAlias
 
+from google.rpc import code_pb2
+
 from pairdots.errors import PairdotsError, UnexpectedResponseError, error_from_status
-from pairdots.options import datetime_from_proto
+from pairdots.options import (
+    EffectMeasurement,
+    JobKind,
+    SubstitutionRelation,
+    datetime_from_proto,
+    enum_name,
+    model_id,
+    timedelta_from_proto,
+)
 from pairdots.results import Explanation
 from pairdots.v1 import pairdots_pb2
 
@@ -31,25 +48,37 @@ _TYPE_PREFIX = "type.googleapis.com/"
 
 @dataclass(frozen=True)
 class JobProgress:
-    """Progress of an Attack/Repair operation (pairdots.v1.JobMetadata)."""
+    """Progress of an operation (pairdots.v1.JobMetadata): `kind` "attack", "repair" or
+    "explain_batch", `model` the bare id."""
 
     kind: str
     model: str
     stage: str
-    done: int
-    total: int
+    done_count: int
+    total_count: int
     create_time: datetime | None
     update_time: datetime | None
 
     @classmethod
     def from_proto(cls, msg: pairdots_pb2.JobMetadata) -> JobProgress:
-        return cls(msg.kind, msg.model, msg.stage, msg.done, msg.total,
-                   datetime_from_proto(msg.create_time), datetime_from_proto(msg.update_time))
+        return cls(enum_name(JobKind, msg.kind), model_id(msg.model), msg.stage,
+                   msg.done_count, msg.total_count, datetime_from_proto(msg.create_time),
+                   datetime_from_proto(msg.update_time))
+
+    @property
+    def done(self) -> int:
+        """done_count (its name before the v1 renames)."""
+        return self.done_count
+
+    @property
+    def total(self) -> int:
+        """total_count (its name before the v1 renames)."""
+        return self.total_count
 
     @property
     def fraction(self) -> float | None:
         """done / total of the current stage, None when the total is unknown."""
-        return self.done / self.total if self.total > 0 else None
+        return self.done_count / self.total_count if self.total_count > 0 else None
 
 
 @dataclass(frozen=True)
@@ -90,9 +119,11 @@ class TrainingEdit:
     def from_proto(cls, msg: pairdots_pb2.TrainingEdit) -> TrainingEdit:
         return cls(msg.train_index, msg.original_text, msg.new_text, msg.label,
                    msg.example_index, msg.word_index, msg.original_word, msg.substitute,
-                   msg.relation, msg.influence_change, msg.objective, msg.influence_before,
-                   msg.influence_after, msg.predicted_change, msg.predicted_margin_change,
-                   tuple(Substitution(s.word_index, s.original_word, s.substitute, s.relation)
+                   enum_name(SubstitutionRelation, msg.relation), msg.influence_change,
+                   msg.objective, msg.influence_before, msg.influence_after,
+                   msg.predicted_change, msg.predicted_margin_change,
+                   tuple(Substitution(s.word_index, s.original_word, s.substitute,
+                                      enum_name(SubstitutionRelation, s.relation))
                          for s in msg.substitutions))
 
 
@@ -115,7 +146,7 @@ class ExampleEffect:
     example_index: int
     label: int
     margin: float
-    edits: int
+    edit_count: int
     predicted_margin_change: float
     flip_budget: int  # 0: the edits do not move the margin towards zero
     flip_budget_reached: bool
@@ -124,11 +155,17 @@ class ExampleEffect:
 
     @classmethod
     def from_proto(cls, msg: pairdots_pb2.ExampleEffect) -> ExampleEffect:
-        return cls(msg.example_index, msg.label, msg.margin, msg.edits,
+        return cls(msg.example_index, msg.label, msg.margin, msg.edit_count,
                    msg.predicted_margin_change, msg.flip_budget, msg.flip_budget_reached,
-                   tuple(TargetEffect(t.objective, t.word, t.measurement, t.value,
+                   tuple(TargetEffect(t.objective, t.word,
+                                      enum_name(EffectMeasurement, t.measurement), t.value,
                                       t.predicted_change) for t in msg.targets),
                    msg.measured_margin if msg.HasField("measured_margin") else None)
+
+    @property
+    def edits(self) -> int:
+        """edit_count (its name before the v1 renames)."""
+        return self.edit_count
 
 
 @dataclass(frozen=True)
@@ -137,14 +174,24 @@ class Evaluation:
 
     accuracy_before: float
     accuracy_after: float
-    examples: int
+    example_count: int
     saved_model: str
-    retrain_seconds: float
+    retrain_duration: timedelta
 
     @classmethod
     def from_proto(cls, msg: pairdots_pb2.Evaluation) -> Evaluation:
-        return cls(msg.accuracy_before, msg.accuracy_after, msg.examples, msg.saved_model,
-                   msg.retrain_seconds)
+        return cls(msg.accuracy_before, msg.accuracy_after, msg.example_count, msg.saved_model,
+                   timedelta_from_proto(msg.retrain_duration))
+
+    @property
+    def examples(self) -> int:
+        """example_count (its name before the v1 renames)."""
+        return self.example_count
+
+    @property
+    def retrain_seconds(self) -> float:
+        """The retraining wall time in seconds (the field before the v1 renames)."""
+        return self.retrain_duration.total_seconds()
 
 
 @dataclass(frozen=True)
@@ -170,7 +217,7 @@ class RepairOutcome:
     """The result of a finished Repair operation (paper §4.3)."""
 
     operation: str
-    errors_found: int
+    error_count: int
     edits: tuple[TrainingEdit, ...]
     evaluation: Evaluation | None
     notes: tuple[str, ...]
@@ -179,10 +226,15 @@ class RepairOutcome:
 
     @classmethod
     def from_proto(cls, operation: str, msg: pairdots_pb2.RepairResult) -> RepairOutcome:
-        return cls(operation, msg.errors_found,
+        return cls(operation, msg.error_count,
                    tuple(TrainingEdit.from_proto(e) for e in msg.edits),
                    Evaluation.from_proto(msg.evaluation) if msg.HasField("evaluation") else None,
                    tuple(msg.notes), msg, tuple(ExampleEffect.from_proto(x) for x in msg.effects))
+
+    @property
+    def errors_found(self) -> int:
+        """error_count (its name before the v1 renames)."""
+        return self.error_count
 
 
 @dataclass(frozen=True)
@@ -195,7 +247,7 @@ class ExplainBatchOutcome:
     succeeded_count: int
     failed_count: int
     results_path: str
-    seconds: float
+    duration: timedelta
     inputs_per_second: float
     raw: pairdots_pb2.ExplainBatchResult = field(repr=False, compare=False)
 
@@ -203,12 +255,19 @@ class ExplainBatchOutcome:
     def from_proto(cls, operation: str, msg: pairdots_pb2.ExplainBatchResult
                    ) -> ExplainBatchOutcome:
         return cls(operation, msg.input_count, msg.succeeded_count, msg.failed_count,
-                   msg.results_path, msg.seconds, msg.inputs_per_second, msg)
+                   msg.results_path, timedelta_from_proto(msg.duration),
+                   msg.inputs_per_second, msg)
+
+    @property
+    def seconds(self) -> float:
+        """The batch's wall time in seconds (the field before the v1 renames)."""
+        return self.duration.total_seconds()
 
 
 @dataclass(frozen=True)
 class BatchItem:
-    """One input's result: its index and id, and the Explanation or the error."""
+    """One input's result: its index and id, and the Explanation or the error
+    (`error_code` the google.rpc.Code name, e.g. "INVALID_ARGUMENT"; "" on success)."""
 
     index: int
     id: str
@@ -219,7 +278,8 @@ class BatchItem:
     @classmethod
     def from_proto(cls, msg: pairdots_pb2.ExplainBatchItem) -> BatchItem:
         expl = Explanation.from_proto(msg.response) if msg.HasField("response") else None
-        return cls(int(msg.index), msg.id, expl, msg.error_code, msg.error_message)
+        code = "" if msg.error_code == code_pb2.OK else code_pb2.Code.Name(msg.error_code)
+        return cls(int(msg.index), msg.id, expl, code, msg.error_message)
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TypeVar
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from pairdots.v1 import pairdots_pb2
 
@@ -105,6 +105,45 @@ class WordCandidates(enum.IntEnum):
     ALL = 2
 
 
+class SubstitutionRelation(enum.IntEnum):
+    """How a substitute relates to the word it replaces (the proto's TrainingEdit.relation;
+    TrainingEdit.relation / Substitution.relation here are its lower-case names)."""
+
+    UNSPECIFIED = 0
+    SYNONYM = 1
+    ANTONYM = 2
+
+
+class EffectMeasurement(enum.IntEnum):
+    """The quantity f an attack/repair objective moves (the proto's TargetEffect.measurement;
+    TargetEffect.measurement here is its lower-case name, e.g. "prediction_margin")."""
+
+    UNSPECIFIED = 0
+    PREDICTION_MARGIN = 1
+    WORD_OCCLUSION = 2
+    WORD_SALIENCY = 3
+
+
+class JobKind(enum.IntEnum):
+    """The kind of a long-running operation (the proto's JobMetadata.kind; JobProgress.kind
+    here is its lower-case name, e.g. "attack", as in the filter "kind=attack")."""
+
+    UNSPECIFIED = 0
+    ATTACK = 1
+    REPAIR = 2
+    EXPLAIN_BATCH = 3
+
+
+def enum_name(cls: type[enum.IntEnum], value: int) -> str:
+    """The lower-case member name of `value` in `cls` ("" for UNSPECIFIED or an unknown
+    value), e.g. enum_name(JobKind, 1) == "attack"."""
+    try:
+        member = cls(value)
+    except ValueError:
+        return ""
+    return "" if member.name == "UNSPECIFIED" else member.name.lower()
+
+
 class CandidateSearch(enum.IntEnum):
     """How training examples to score exactly are chosen."""
 
@@ -174,6 +213,22 @@ def datetime_from_proto(ts: timestamp_pb2.Timestamp) -> datetime | None:
     return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, tz=timezone.utc)
 
 
+def timedelta_from_proto(d: duration_pb2.Duration) -> timedelta:
+    """A google.protobuf.Duration as a datetime.timedelta (microsecond resolution)."""
+    return timedelta(seconds=d.seconds, microseconds=d.nanos / 1e3)
+
+
+#: The resource-name prefix of a model (AIP-122): the server returns "models/{model}".
+MODEL_PREFIX = "models/"
+
+
+def model_id(name: str) -> str:
+    """The bare model id of a resource name: "models/minilm-sst2" → "minilm-sst2" (a bare id
+    is returned unchanged). The dataclasses keep the bare id (ModelInfo.name,
+    Explanation.model, JobProgress.model), which every call accepts."""
+    return name.removeprefix(MODEL_PREFIX)
+
+
 # ---------------------------------------------------------------------------------------------
 # Request options
 
@@ -235,7 +290,7 @@ class InfluenceOptions:
         return pairdots_pb2.InfluenceOptions(
             solver=self.solver.to_proto(),
             candidate_search=pairdots_pb2.CandidateSearch.ValueType(int(self.candidate_search)),
-            candidates=self.candidates,
+            candidate_count=self.candidates,
             token_influence=pairdots_pb2.TokenInfluenceMethod.ValueType(int(self.token_influence)),
             word_measurement=pairdots_pb2.WordMeasurement.ValueType(int(self.word_measurement)),
             word_candidates=pairdots_pb2.WordCandidates.ValueType(int(self.word_candidates)),

@@ -8,7 +8,13 @@ derivative of w with respect to upweighting training example z. Positive: z is *
 is I(x_t, w) = I(z, w) - I(z̃(t, UNK), w) (paper Eq. 8).
 
 Repeated fields become tuples (the dataclasses are frozen and hashable-ish); enums are
-`enum.IntEnum`s with the proto's numbers, so ``Solver.LISSA == pairdots_pb2.SOLVER_LISSA``.
+`enum.IntEnum`s with the proto's numbers, so ``Solver.LISSA == pairdots_pb2.SOLVER_LISSA``;
+google.protobuf.Duration fields are `datetime.timedelta`s. Field names follow the proto (counts
+end in ``_count``); the names these fields had before the v1 renames (``training_examples``,
+``candidates_scored``, ``seconds``, ...) remain as read-only properties with the old meaning
+and type (float seconds for durations), so existing readers keep working. ``ModelInfo.name``
+and ``Explanation.model`` are the bare model id ("minilm-sst2", what every call takes); the
+proto carries the resource name "models/minilm-sst2" (``ModelInfo.resource_name``).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from pairdots.options import (
     CandidateSearch,
@@ -30,6 +36,8 @@ from pairdots.options import (
     WordMeasurement,
     datetime_from_proto,
     enum_from_proto,
+    model_id,
+    timedelta_from_proto,
 )
 from pairdots.v1 import pairdots_pb2
 
@@ -56,15 +64,17 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A served model bundle (pairdots.v1.Model). `dev_accuracy` is NaN when not measured."""
+    """A served model bundle (pairdots.v1.Model). `name` is the bare id ("minilm-sst2");
+    `resource_name` the proto's Model.name ("models/minilm-sst2"). `dev_accuracy` is NaN
+    when not measured."""
 
     name: str
     labels: tuple[str, ...]
     base_model: str
-    training_examples: int
+    training_example_count: int
     dev_accuracy: float
     scope: str
-    scope_parameters: int
+    scope_parameter_count: int
     has_index: bool
     has_low_rank: bool
     default_solver: Solver
@@ -78,15 +88,31 @@ class ModelInfo:
     @classmethod
     def from_proto(cls, msg: pairdots_pb2.Model) -> ModelInfo:
         return cls(
-            name=msg.name, labels=tuple(msg.labels), base_model=msg.base_model,
-            training_examples=msg.training_examples, dev_accuracy=msg.dev_accuracy,
-            scope=msg.scope, scope_parameters=msg.scope_parameters, has_index=msg.has_index,
+            name=model_id(msg.name), labels=tuple(msg.labels), base_model=msg.base_model,
+            training_example_count=msg.training_example_count, dev_accuracy=msg.dev_accuracy,
+            scope=msg.scope, scope_parameter_count=msg.scope_parameter_count,
+            has_index=msg.has_index,
             has_low_rank=msg.has_low_rank,
             default_solver=enum_from_proto(Solver, msg.default_solver),
             create_time=datetime_from_proto(msg.create_time) if msg.HasField("create_time") else None,
             format_version=msg.format_version, max_length=msg.max_length,
             has_ekfac=msg.has_ekfac, has_diagonal=msg.has_diagonal, raw=msg,
         )
+
+    @property
+    def resource_name(self) -> str:
+        """The model's resource name, "models/{model}" (AIP-122)."""
+        return f"models/{self.name}"
+
+    @property
+    def training_examples(self) -> int:
+        """training_example_count (its name before the v1 renames)."""
+        return self.training_example_count
+
+    @property
+    def scope_parameters(self) -> int:
+        """scope_parameter_count (its name before the v1 renames)."""
+        return self.scope_parameter_count
 
     @property
     def dev_accuracy_known(self) -> bool:
@@ -119,11 +145,16 @@ class Word:
     text: str
     char_start: int
     char_end: int
-    pieces: int
+    piece_count: int
 
     @classmethod
     def from_proto(cls, msg: pairdots_pb2.Word) -> Word:
-        return cls(msg.index, msg.text, msg.char_start, msg.char_end, msg.pieces)
+        return cls(msg.index, msg.text, msg.char_start, msg.char_end, msg.piece_count)
+
+    @property
+    def pieces(self) -> int:
+        """piece_count (its name before the v1 renames)."""
+        return self.piece_count
 
 
 @dataclass(frozen=True)
@@ -178,12 +209,12 @@ class SolverDiagnostics:
 
     solver: Solver
     curvature: Curvature
-    iterations: int
+    iteration_count: int
     relative_change: float
     norm: float
     effective_damping: float
     converged: bool
-    seconds: float
+    duration: timedelta
     cached: bool
     damping_rule: str = ""
 
@@ -192,10 +223,21 @@ class SolverDiagnostics:
         return cls(
             solver=enum_from_proto(Solver, msg.solver),
             curvature=enum_from_proto(Curvature, msg.curvature),
-            iterations=msg.iterations, relative_change=msg.relative_change, norm=msg.norm,
-            effective_damping=msg.effective_damping, converged=msg.converged,
-            seconds=msg.seconds, cached=msg.cached, damping_rule=msg.damping_rule,
+            iteration_count=msg.iteration_count, relative_change=msg.relative_change,
+            norm=msg.norm, effective_damping=msg.effective_damping, converged=msg.converged,
+            duration=timedelta_from_proto(msg.duration), cached=msg.cached,
+            damping_rule=msg.damping_rule,
         )
+
+    @property
+    def iterations(self) -> int:
+        """iteration_count (its name before the v1 renames)."""
+        return self.iteration_count
+
+    @property
+    def seconds(self) -> float:
+        """The solve's wall time in seconds (the field before the v1 renames)."""
+        return self.duration.total_seconds()
 
 
 @dataclass(frozen=True)
@@ -209,7 +251,7 @@ class PredictionInfluence:
     supporting: tuple[InfluentialExample, ...]
     opposing: tuple[InfluentialExample, ...]
     solver: SolverDiagnostics | None
-    candidates_scored: int
+    scored_candidate_count: int
 
     @classmethod
     def from_proto(cls, msg: pairdots_pb2.PredictionInfluence) -> PredictionInfluence:
@@ -218,8 +260,13 @@ class PredictionInfluence:
             supporting=tuple(InfluentialExample.from_proto(e) for e in msg.supporting),
             opposing=tuple(InfluentialExample.from_proto(e) for e in msg.opposing),
             solver=SolverDiagnostics.from_proto(msg.solver) if msg.HasField("solver") else None,
-            candidates_scored=msg.candidates_scored,
+            scored_candidate_count=msg.scored_candidate_count,
         )
+
+    @property
+    def candidates_scored(self) -> int:
+        """scored_candidate_count (its name before the v1 renames)."""
+        return self.scored_candidate_count
 
 
 @dataclass(frozen=True)
@@ -227,8 +274,8 @@ class SalientWord:
     """A salient input word with the training examples that raise (`supporting`, largest
     first) and lower (`opposing`, most negative first) its measurement (c_w under
     WordMeasurement.OCCLUSION, else its saliency). `contribution` is c_w, the word's
-    contribution to the logit margin; `containing_examples` the number of training examples
-    containing the word (same stem). `solver` is None when the server sent no diagnostics."""
+    contribution to the logit margin; `containing_example_count` the number of training
+    examples containing the word (same stem). `solver` is None when the server sent no diagnostics."""
 
     word_index: int
     text: str
@@ -237,7 +284,7 @@ class SalientWord:
     opposing: tuple[InfluentialExample, ...]
     solver: SolverDiagnostics | None
     contribution: float = 0.0
-    containing_examples: int = 0
+    containing_example_count: int = 0
 
     @classmethod
     def from_proto(cls, msg: pairdots_pb2.SalientWord) -> SalientWord:
@@ -246,8 +293,14 @@ class SalientWord:
             supporting=tuple(InfluentialExample.from_proto(e) for e in msg.supporting),
             opposing=tuple(InfluentialExample.from_proto(e) for e in msg.opposing),
             solver=SolverDiagnostics.from_proto(msg.solver) if msg.HasField("solver") else None,
-            contribution=msg.contribution, containing_examples=msg.containing_examples,
+            contribution=msg.contribution,
+            containing_example_count=msg.containing_example_count,
         )
+
+    @property
+    def containing_examples(self) -> int:
+        """containing_example_count (its name before the v1 renames)."""
+        return self.containing_example_count
 
 
 @dataclass(frozen=True)
@@ -280,10 +333,15 @@ class LabelExplanation:
 
 @dataclass(frozen=True)
 class StageTiming:
-    """Wall time of one pipeline stage, seconds."""
+    """Wall time of one pipeline stage."""
 
     stage: str
-    seconds: float
+    duration: timedelta
+
+    @property
+    def seconds(self) -> float:
+        """The wall time in seconds (the field before the v1 renames)."""
+        return self.duration.total_seconds()
 
 
 @dataclass(frozen=True)
@@ -292,23 +350,40 @@ class Diagnostics:
 
     influence_computed: bool
     candidate_search: CandidateSearch
-    candidates_scored: int
-    training_examples: int
+    scored_candidate_count: int
+    training_example_count: int
     timings: tuple[StageTiming, ...]
     warnings: tuple[str, ...]
     notes: tuple[str, ...]
-    total_seconds: float
+    total_duration: timedelta
 
     @classmethod
     def from_proto(cls, msg: pairdots_pb2.Diagnostics) -> Diagnostics:
         return cls(
             influence_computed=msg.influence_computed,
             candidate_search=enum_from_proto(CandidateSearch, msg.candidate_search),
-            candidates_scored=msg.candidates_scored, training_examples=msg.training_examples,
-            timings=tuple(StageTiming(t.stage, t.seconds) for t in msg.timings),
+            scored_candidate_count=msg.scored_candidate_count,
+            training_example_count=msg.training_example_count,
+            timings=tuple(StageTiming(t.stage, timedelta_from_proto(t.duration))
+                          for t in msg.timings),
             warnings=tuple(msg.warnings), notes=tuple(msg.notes),
-            total_seconds=msg.total_seconds,
+            total_duration=timedelta_from_proto(msg.total_duration),
         )
+
+    @property
+    def candidates_scored(self) -> int:
+        """scored_candidate_count (its name before the v1 renames)."""
+        return self.scored_candidate_count
+
+    @property
+    def training_examples(self) -> int:
+        """training_example_count (its name before the v1 renames)."""
+        return self.training_example_count
+
+    @property
+    def total_seconds(self) -> float:
+        """The total server-side wall time in seconds (the field before the v1 renames)."""
+        return self.total_duration.total_seconds()
 
 
 #: Token scores that are signed (the word raises or lowers S_y); L2_NORM is unsigned (≥ 0).
@@ -331,7 +406,7 @@ class ExplainSettings:
     solver: Solver
     curvature: Curvature
     candidate_search: CandidateSearch
-    candidates: int
+    candidate_count: int
     token_influence: TokenInfluenceMethod
     prediction_influence: bool
 
@@ -345,10 +420,15 @@ class ExplainSettings:
             solver=enum_from_proto(Solver, msg.solver),
             curvature=enum_from_proto(Curvature, msg.curvature),
             candidate_search=enum_from_proto(CandidateSearch, msg.candidate_search),
-            candidates=msg.candidates,
+            candidate_count=msg.candidate_count,
             token_influence=enum_from_proto(TokenInfluenceMethod, msg.token_influence),
             prediction_influence=msg.prediction_influence,
         )
+
+    @property
+    def candidates(self) -> int:
+        """candidate_count (its name before the v1 renames)."""
+        return self.candidate_count
 
     @property
     def signed_saliency(self) -> bool:
@@ -360,7 +440,8 @@ class ExplainSettings:
 class Explanation:
     """An Explain answer: the prediction, the input's words, one LabelExplanation per
     explained label (target first, then gold for error analysis), diagnostics and the settings
-    used (`settings`; None from a server that does not report them)."""
+    used (`settings`; None from a server that does not report them). `model` is the bare id
+    of the resource name ExplainResponse.model."""
 
     model: str
     prediction: Prediction
@@ -373,7 +454,7 @@ class Explanation:
     @classmethod
     def from_proto(cls, msg: pairdots_pb2.ExplainResponse) -> Explanation:
         return cls(
-            model=msg.model,
+            model=model_id(msg.model),
             prediction=Prediction.from_proto(msg.prediction),
             words=tuple(Word.from_proto(w) for w in msg.words),
             explanations=tuple(LabelExplanation.from_proto(e) for e in msg.explanations),

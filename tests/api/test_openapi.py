@@ -44,3 +44,17 @@ def test_paths_keep_the_resource_prefix() -> None:
         [("model", "model", "models/*")],
     )
     assert openapi.openapi_path("/v1/{name=operations}") == ("/v1/operations", [])
+
+
+def test_field_behavior_becomes_read_only_and_required() -> None:
+    """OUTPUT_ONLY (every field of a message the server returns) is OpenAPI's readOnly;
+    REQUIRED request fields are listed in `required`."""
+    schemas = json.loads(openapi.OUT.read_text(encoding="utf-8"))["components"]["schemas"]
+    for name in ("pairdots.v1.Model", "pairdots.v1.ExplainResponse", "pairdots.v1.Diagnostics"):
+        props = schemas[name]["properties"]
+        assert props and all(p.get("readOnly") is True for p in props.values()), name
+    assert "required" not in schemas["pairdots.v1.Model"]
+    request = schemas["pairdots.v1.ExplainRequest"]
+    assert request["required"] == ["model", "text"]
+    assert not any(p.get("readOnly") for p in request["properties"].values())
+    assert schemas["pairdots.v1.Model"]["properties"]["trainingExampleCount"]["format"] == "int64"

@@ -6,6 +6,7 @@ import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,6 +86,42 @@ def test_protoc_compiles_from_the_committed_tree_alone(tmp_path: Path) -> None:
     assert "google/api/annotations.proto" in files and "google/protobuf/descriptor.proto" in files
     assert files["pairdots/v1/pairdots.proto"].options.java_package == "dev.pairdots.v1"
     assert (tmp_path / "pairdots" / "v1" / "pairdots_pb2.py").is_file()
+
+
+def test_health_proto_in_the_tree_is_the_installed_health_service(tmp_path: Path) -> None:
+    """protos/third_party/grpc/health/v1/health.proto (written from the installed
+    grpcio-health-checking descriptor, which ships no .proto file) compiles from the tree
+    alone to exactly that descriptor: the same messages, fields, enums, service and options,
+    so a client generated from it talks to the server's grpc.health.v1.Health."""
+    from google.protobuf import descriptor_pb2
+    from grpc_health.v1 import health_pb2
+    from grpc_tools import protoc
+
+    out = tmp_path / "health.pb"
+    rc = protoc.main(
+        [
+            "protoc",
+            f"-I{ROOT / 'protos' / 'third_party'}",
+            f"--descriptor_set_out={out}",
+            generate.HEALTH_PROTO,
+        ]
+    )
+    assert rc == 0
+    (compiled,) = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
+    installed = descriptor_pb2.FileDescriptorProto()
+    health_pb2.DESCRIPTOR.CopyToProto(installed)
+    assert compiled.name == generate.HEALTH_PROTO and installed.name != compiled.name
+    compiled.name = installed.name  # the Python package registers it as grpc_health/v1/...
+
+    def drop_json_names(messages: Any) -> None:  # protoc adds them; compiled-in ones lack them
+        for m in messages:
+            for f in m.field:
+                f.ClearField("json_name")
+            drop_json_names(m.nested_type)
+
+    drop_json_names(compiled.message_type)
+    assert compiled == installed
+    assert [m.name for m in compiled.service[0].method] == ["Check", "List", "Watch"]
 
 
 def test_without_third_party_protoc_fails(tmp_path: Path) -> None:

@@ -55,10 +55,18 @@ def rich_status(code: int, message: str, *, reason: str = "", violations: tuple[
     return st
 
 
+def seconds(s: float) -> duration_pb2.Duration:
+    """A google.protobuf.Duration of `s` seconds."""
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(s * 1e9))
+    return d
+
+
 def model_proto(name: str = "tiny-sst2") -> pairdots_pb2.Model:
     m = pairdots_pb2.Model(
-        name=name, labels=["negative", "positive"], base_model="tiny-bert",
-        training_examples=100, dev_accuracy=0.875, scope="classifier", scope_parameters=1538,
+        name=f"models/{name}", labels=["negative", "positive"], base_model="tiny-bert",
+        training_example_count=100, dev_accuracy=0.875, scope="classifier",
+        scope_parameter_count=1538,
         has_index=True, has_low_rank=False, default_solver=pairdots_pb2.SOLVER_LISSA,
         format_version=1, max_length=64)
     m.create_time.CopyFrom(timestamp_pb2.Timestamp(seconds=1_700_000_000))
@@ -84,7 +92,7 @@ def explain_response(text: str = "a gripping , funny film") -> pairdots_pb2.Expl
     wprotos = []
     for i, w in enumerate(words):
         wprotos.append(pairdots_pb2.Word(index=i, text=w, char_start=pos, char_end=pos + len(w),
-                                         pieces=1))
+                                         piece_count=1))
         pos += len(w) + 1
     sal = [0.5 - 0.3 * i for i in range(len(words))]
     target = pairdots_pb2.LabelExplanation(
@@ -97,8 +105,8 @@ def explain_response(text: str = "a gripping , funny film") -> pairdots_pb2.Expl
             opposing=[example_proto(11, "dull and slow", -0.5, 0, label=0)],
             solver=pairdots_pb2.SolverDiagnostics(
                 solver=pairdots_pb2.SOLVER_LISSA, curvature=pairdots_pb2.CURVATURE_GAUSS_NEWTON,
-                iterations=200, relative_change=1e-4, norm=3.5, effective_damping=0.01,
-                converged=True, seconds=0.75, cached=False))])
+                iteration_count=200, relative_change=1e-4, norm=3.5, effective_damping=0.01,
+                converged=True, duration=seconds(0.75), cached=False))])
     gold = pairdots_pb2.LabelExplanation(
         label=0, label_name="negative", role=pairdots_pb2.EXPLANATION_ROLE_GOLD,
         word_saliency=[-s for s in sal],
@@ -106,21 +114,23 @@ def explain_response(text: str = "a gripping , funny film") -> pairdots_pb2.Expl
             word_index=1, text=words[1], saliency=-sal[1],
             supporting=[example_proto(5, "no responsible word", 0.0625, -1)])])
     return pairdots_pb2.ExplainResponse(
-        model="tiny-sst2",
+        model="models/tiny-sst2",
         prediction=pairdots_pb2.Prediction(label=1, label_name="positive",
                                            probabilities=[0.25, 0.75]),
         words=wprotos, explanations=[target, gold],
         diagnostics=pairdots_pb2.Diagnostics(
             influence_computed=True, candidate_search=pairdots_pb2.CANDIDATE_SEARCH_EXHAUSTIVE,
-            candidates_scored=100, training_examples=100,
-            timings=[pairdots_pb2.StageTiming(stage="saliency", seconds=0.01),
-                     pairdots_pb2.StageTiming(stage="solve", seconds=0.5)],
-            warnings=["solver note " + HOSTILE], notes=["a note"], total_seconds=0.6))
+            scored_candidate_count=100, training_example_count=100,
+            timings=[pairdots_pb2.StageTiming(stage="saliency", duration=seconds(0.01)),
+                     pairdots_pb2.StageTiming(stage="solve", duration=seconds(0.5))],
+            warnings=["solver note " + HOSTILE], notes=["a note"],
+            total_duration=seconds(0.6)))
 
 
 def job_metadata(stage: str, done: int, total: int, kind: str = "attack") -> any_pb2.Any:
-    return pack(pairdots_pb2.JobMetadata(kind=kind, model="tiny-sst2", stage=stage, done=done,
-                                         total=total))
+    return pack(pairdots_pb2.JobMetadata(
+        kind=pairdots_pb2.JobKind.Value("JOB_KIND_" + kind.upper()), model="models/tiny-sst2",
+        stage=stage, done_count=done, total_count=total))
 
 
 def attack_result() -> pairdots_pb2.AttackResult:
@@ -128,10 +138,11 @@ def attack_result() -> pairdots_pb2.AttackResult:
         edits=[pairdots_pb2.TrainingEdit(
             train_index=7, original_text="truly gripping story", new_text="truly riveting story",
             label=1, example_index=0, word_index=1, original_word="gripping",
-            substitute="riveting", relation="synonym", influence_change=-0.2,
+            substitute="riveting", relation=pairdots_pb2.SUBSTITUTION_RELATION_SYNONYM,
+            influence_change=-0.2,
             objective="decrease I(z, w_y)")],
-        evaluation=pairdots_pb2.Evaluation(accuracy_before=0.9, accuracy_after=0.6, examples=10,
-                                           retrain_seconds=1.5),
+        evaluation=pairdots_pb2.Evaluation(accuracy_before=0.9, accuracy_after=0.6,
+                                           example_count=10, retrain_duration=seconds(1.5)),
         notes=["ok"])
 
 
@@ -187,7 +198,7 @@ class FakePairdots(pairdots_pb2_grpc.PairdotsServiceServicer):
 
     def Repair(self, request: Any, context: Any) -> operations_pb2.Operation:
         self._step("Repair", request, context)
-        result = pairdots_pb2.RepairResult(errors_found=2, notes=["repaired"])
+        result = pairdots_pb2.RepairResult(error_count=2, notes=["repaired"])
         return self.ops.start("repair", [("explaining", 0, 1)], result)
 
 

@@ -10,7 +10,14 @@ import re
 from html.parser import HTMLParser
 
 import pytest
-from pairdots_client_fakes import HOSTILE, Harness, example_proto, explain_response, model_proto
+from pairdots_client_fakes import (
+    HOSTILE,
+    Harness,
+    example_proto,
+    explain_response,
+    model_proto,
+    seconds,
+)
 
 import pairdots
 from pairdots import (
@@ -133,15 +140,16 @@ def paired_response() -> pairdots_pb2.ExplainResponse:
     target = msg.explanations[0]
     target.word_contribution.extend(CONTRIB)
     sw = target.salient_words[0]
-    sw.contribution, sw.containing_examples = CONTRIB[0], 42
+    sw.contribution, sw.containing_example_count = CONTRIB[0], 42
     target.prediction.CopyFrom(pairdots_pb2.PredictionInfluence(
         margin=2.5,
         supporting=[example_proto(21, "a riveting tale", 0.875, 1)],
         opposing=[example_proto(22, "boring " + HOSTILE, -0.375, 0, label=0)],
         solver=pairdots_pb2.SolverDiagnostics(
             solver=pairdots_pb2.SOLVER_EKFAC, curvature=pairdots_pb2.CURVATURE_GAUSS_NEWTON,
-            iterations=0, norm=1.5, effective_damping=0.1, converged=True, seconds=0.25),
-        candidates_scored=77))
+            iteration_count=0, norm=1.5, effective_damping=0.1, converged=True,
+            duration=seconds(0.25)),
+        scored_candidate_count=77))
     # the settings that ran: c_w as the word measurement, a signed token score
     msg.settings.CopyFrom(pairdots_pb2.ExplainSettings(
         target_function=pairdots_pb2.TARGET_FUNCTION_LOG_PROBABILITY,

@@ -127,8 +127,8 @@ def test_write_html_atomic(tmp_path) -> None:
 def test_text_rebuilt_from_offsets() -> None:
     msg = explain_response("a fine film")
     # "film" followed by a touching "." and a spaced "!" (offsets decide the spacing)
-    msg.words.add(index=3, text=".", char_start=11, char_end=12, pieces=1)
-    msg.words.add(index=4, text="!", char_start=13, char_end=14, pieces=1)
+    msg.words.add(index=3, text=".", char_start=11, char_end=12, piece_count=1)
+    msg.words.add(index=4, text="!", char_start=13, char_end=14, piece_count=1)
     for lab in msg.explanations:
         lab.word_saliency.extend([0.0, 0.0])
     expl = Explanation.from_proto(msg)
@@ -152,7 +152,7 @@ def _with_settings(**fields: object) -> pairdots_pb2.ExplainResponse:
         "solver": pairdots_pb2.SOLVER_DIAGONAL,
         "curvature": pairdots_pb2.CURVATURE_GAUSS_NEWTON,
         "candidate_search": pairdots_pb2.CANDIDATE_SEARCH_INDEX,
-        "candidates": 138,
+        "candidate_count": 138,
         "token_influence": pairdots_pb2.TOKEN_INFLUENCE_METHOD_EXACT,
         "prediction_influence": True,
     }

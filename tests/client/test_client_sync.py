@@ -51,7 +51,8 @@ def test_list_and_get_models(harness: Harness, make_config) -> None:
     assert m.default_solver is Solver.LISSA
     assert m.dev_accuracy == 0.875 and m.training_examples == 100 and m.has_index
     assert m.create_time is not None and m.create_time.timestamp() == 1_700_000_000
-    assert m.raw.name == "tiny-sst2"
+    assert m.raw.name == "models/tiny-sst2" and m.resource_name == "models/tiny-sst2"
+    assert m.name == "tiny-sst2" and m.scope_parameters == 1538  # the bare id, as before
 
 
 def test_explain_converts_every_field(harness: Harness, make_config) -> None:
@@ -110,7 +111,7 @@ def test_explain_request_fields(harness: Harness, make_config) -> None:
     assert not req.influence.solver.HasField("scale")
     assert req.influence.solver.max_iterations == 50 and req.influence.solver.seed == 3
     assert req.influence.candidate_search == pairdots_pb2.CANDIDATE_SEARCH_INDEX
-    assert req.influence.candidates == 200
+    assert req.influence.candidate_count == 200
     assert req.influence.token_influence == pairdots_pb2.TOKEN_INFLUENCE_METHOD_EXACT
     # defaults: model from ClientConfig.default_model, no options sent
     assert plain.model == "tiny-sst2" and not plain.HasField("influence")

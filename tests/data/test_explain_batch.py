@@ -110,7 +110,7 @@ def _comparable(raw: object) -> object:
 
     def strip(x: object) -> object:
         if isinstance(x, dict):
-            return {k: strip(v) for k, v in x.items() if k not in ("seconds", "cached")}
+            return {k: strip(v) for k, v in x.items() if k not in ("duration", "cached")}
         if isinstance(x, list):
             return [strip(v) for v in x]
         return x
@@ -183,7 +183,7 @@ def test_file_input_under_the_root_only(client: PairdotsClient) -> None:
         client.explain_batch(input_path="../in.jsonl", model="tiny")
     with pytest.raises(NotFoundError, match="does not exist"):
         client.explain_batch(input_path="missing.jsonl", model="tiny")
-    with pytest.raises(InvalidArgumentError, match="no column 'text'"):
+    with pytest.raises(InvalidArgumentError, match="missing key 'text'"):
         client.explain_batch(input_path="in.jsonl", model="tiny")
 
 
@@ -246,7 +246,7 @@ def test_cli_explain_input_output(
     assert rc == 0
     lines = [json.loads(ln) for ln in out.read_text(encoding="utf-8").splitlines()]
     assert [ln["id"] for ln in lines] == ["1", "2", "3", "4"]  # .txt: the line numbers
-    assert all("response" in ln and ln["response"]["model"] == "tiny" for ln in lines)
+    assert all("response" in ln and ln["response"]["model"] == "models/tiny" for ln in lines)
     assert "4 results written" in capsys.readouterr().out
     assert main(["explain", "--input", str(src), "--address", server.address]) == 2
     assert "--output" in capsys.readouterr().err

@@ -70,8 +70,8 @@ CASES: list[tuple[str, Req, grpc.StatusCode, str]] = [
      INVALID, "saliency.target_function"),
     ("unknown token score", lambda: _req(saliency=pb.SaliencyOptions(token_score=-5)), INVALID,
      "saliency.token_score"),
-    ("negative candidates", lambda: _req(influence=pb.InfluenceOptions(candidates=-1)), INVALID,
-     "influence.candidates"),
+    ("negative candidates", lambda: _req(influence=pb.InfluenceOptions(candidate_count=-1)),
+     INVALID, "influence.candidate_count"),
     ("unknown model", lambda: _req(model="nope"), grpc.StatusCode.NOT_FOUND, ""),
 ]
 
@@ -145,7 +145,7 @@ def test_auth_tokens(bundle_root: Path, tmp_path: Path) -> None:
         assert malformed.value.code() == grpc.StatusCode.UNAUTHENTICATED
         ok = stub.ListModels(pb.ListModelsRequest(), timeout=10,
                              metadata=(("authorization", "Bearer s3cret"),))
-        assert [m.name for m in ok.models] == ["tiny"]
+        assert [m.name for m in ok.models] == ["models/tiny"]
         health = health_pb2_grpc.HealthStub(channel)  # probes need no token
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
             health_pb2.HealthCheckResponse.SERVING
@@ -167,7 +167,7 @@ def test_corrupted_bundle_refused_healthy_served(bundle_root: Path, tmp_path: Pa
     try:
         stub = pbg.PairdotsServiceStub(grpc.insecure_channel(running.address))
         names = [m.name for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models]
-        assert names == ["tiny"]
+        assert names == ["models/tiny"]
         errors = running.app.service.registry.errors
         assert len(errors) == 1 and "broken" in next(iter(errors))
     finally:

@@ -104,7 +104,7 @@ def test_deadline_shorter_than_solve_frees_the_worker(limited: RunningServer,
     assert wait_until(lambda: depth(limited) == 0, LIVENESS_S), "the worker was not freed"
     print(f"deadline 1.0 s: worker free {time.monotonic() - start - 1.0:.2f} s after it")
     ok = stub.Explain(lissa(5), timeout=120)  # the next request is served, influence and all
-    assert ok.explanations[0].salient_words[0].solver.iterations >= 1
+    assert ok.explanations[0].salient_words[0].solver.iteration_count >= 1
 
 
 def test_client_cancellation_stops_the_solve(limited: RunningServer,
@@ -188,7 +188,7 @@ def test_tls_server_is_probed_on_the_plaintext_health_port(bundle_root: Path,
         options = [("grpc.ssl_target_name_override", "localhost")]
         with grpc.secure_channel(running.address, creds, options=options) as ch:
             models = pbg.PairdotsServiceStub(ch).ListModels(pb.ListModelsRequest(), timeout=10)
-            assert [m.name for m in models.models] == ["tiny"]
+            assert "models/tiny" in [m.name for m in models.models]
     finally:
         running.stop()
 

@@ -141,7 +141,7 @@ def explain_requests(draw: st.DrawFn) -> pb.ExplainRequest:
     req.saliency.token_score = v["token_score"]
     req.influence.solver.CopyFrom(v["solver"])
     req.influence.candidate_search = v["candidate_search"]
-    req.influence.candidates = v["candidates"]
+    req.influence.candidate_count = v["candidates"]
     req.influence.token_influence = v["token_influence"]
     return req
 

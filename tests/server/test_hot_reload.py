@@ -57,7 +57,7 @@ def tamper(bundle: Path) -> None:
 def listed(address: str) -> list[str]:
     with grpc.insecure_channel(address) as ch:
         resp = pbg.PairdotsServiceStub(ch).ListModels(pb.ListModelsRequest(), timeout=10)
-    return [m.name for m in resp.models]
+    return [m.name.removeprefix("models/") for m in resp.models]  # the bare ids
 
 
 def explain(address: str, model: str) -> pb.ExplainResponse:
@@ -109,7 +109,7 @@ def test_bundle_dropped_into_a_running_server_is_listed_and_served(
         seconds = time.monotonic() - start
         print(f"new bundle listed {seconds:.2f} s after the copy finished (interval 0.5 s)")
         answer = explain(address, "fresh")
-        assert answer.model == "fresh" and answer.explanations[0].salient_words
+        assert answer.model == "models/fresh" and answer.explanations[0].salient_words
         assert health_of(address, model_service_name("fresh")) == SERVING
         assert health_of(address, SERVICE_NAME) == SERVING
 
@@ -157,7 +157,7 @@ def test_corrupted_bundle_is_refused_and_health_says_so(reloading: RunningServer
     assert health_of(address, SERVICE_NAME) == NOT_SERVING  # readiness: a bundle is refused
     assert health_of(address, "") == SERVING  # liveness: a restart would not fix it
     assert health_of(address, model_service_name("tiny")) == SERVING
-    assert explain(address, "tiny").model == "tiny"  # the healthy model still serves
+    assert explain(address, "tiny").model == "models/tiny"  # the healthy model still serves
     metrics = reloading.app.metrics
     assert metrics.bad_bundles._value.get() == 1
     assert metrics.reloads.labels("refused")._value.get() == 1
@@ -199,9 +199,9 @@ def test_changed_bundle_is_reloaded_without_dropping_the_call_in_flight(
     t.join(120)
     assert "error" not in result, result
     answer = result["answer"]
-    assert isinstance(answer, pb.ExplainResponse) and answer.model == "tiny"
+    assert isinstance(answer, pb.ExplainResponse) and answer.model == "models/tiny"
     assert reloading.app.metrics.reloads.labels("replaced")._value.get() == 1
-    assert explain(address, "tiny").model == "tiny"  # and the new version answers
+    assert explain(address, "tiny").model == "models/tiny"  # and the new version answers
 
 
 def test_removed_bundle_is_unlisted(reloading: RunningServer) -> None:

@@ -91,10 +91,10 @@ def stable(resp: pb.ExplainResponse) -> pb.ExplainResponse:
     out = pb.ExplainResponse()
     out.CopyFrom(resp)
     out.diagnostics.ClearField("timings")
-    out.diagnostics.ClearField("total_seconds")
+    out.diagnostics.ClearField("total_duration")
     for expl in out.explanations:
         for solver in [expl.prediction.solver, *(w.solver for w in expl.salient_words)]:
-            solver.ClearField("seconds")
+            solver.ClearField("duration")
             solver.ClearField("cached")
     return out
 
@@ -161,9 +161,9 @@ def test_curl_explain_is_the_grpc_answer(base: str, channel: grpc.Channel) -> No
 
 def test_models_and_resource_names(base: str) -> None:
     status, body, _ = call(base, "GET", "/v1/models")
-    assert status == 200 and [m["name"] for m in body["models"]] == ["tiny"]
+    assert status == 200 and [m["name"] for m in body["models"]] == ["models/tiny"]
     status, body, _ = call(base, "GET", "/v1/models/tiny")  # the Model itself (AIP-131)
-    assert status == 200 and body["name"] == "tiny"
+    assert status == 200 and body["name"] == "models/tiny"
     assert body["labels"] == ["negative", "positive"]
     status, body, _ = call(base, "GET", "/v1/models?pageSize=1")
     assert status == 200 and len(body["models"]) == 1 and body["nextPageToken"] == ""
@@ -174,13 +174,13 @@ def test_models_and_resource_names(base: str) -> None:
 def test_grpc_accepts_resource_names(channel: grpc.Channel) -> None:
     stub = pb_grpc.PairdotsServiceStub(channel)
     model = stub.GetModel(pb.GetModelRequest(name="models/tiny"), metadata=GRPC_AUTH, timeout=30)
-    assert isinstance(model, pb.Model) and model.name == "tiny"
+    assert isinstance(model, pb.Model) and model.name == "models/tiny"  # AIP-122
     expl = stub.Explain(
         pb.ExplainRequest(model="models/tiny", text="good", top_words=0),
         metadata=GRPC_AUTH,
         timeout=120,
     )
-    assert expl.model == "tiny"
+    assert expl.model == "models/tiny"
     with pytest.raises(grpc.RpcError) as err:
         stub.GetModel(pb.GetModelRequest(name="models/"), metadata=GRPC_AUTH, timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -327,7 +327,7 @@ def test_https_under_tls(bundle_root: Path, tmp_path: Path) -> None:
         with urllib.request.urlopen(
             f"https://localhost:{port}/v1/models/tiny", context=ctx, timeout=60
         ) as resp:
-            assert resp.status == 200 and json.loads(resp.read())["name"] == "tiny"
+            assert resp.status == 200 and json.loads(resp.read())["name"] == "models/tiny"
         with pytest.raises((urllib.error.URLError, ConnectionError)):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10)
     finally:

@@ -228,7 +228,8 @@ def test_item11_operation_metadata_from_the_start(stub: Any) -> None:
     op = stub.Attack(req, timeout=60)
     meta = pb.JobMetadata()
     assert op.metadata.Unpack(meta)
-    assert meta.kind == "attack" and meta.model == "tiny" and meta.stage == "queued"
+    assert meta.kind == pb.JOB_KIND_ATTACK and meta.model == "models/tiny"
+    assert meta.stage == "queued" and (meta.done_count, meta.total_count) == (0, 0)
     assert meta.create_time.seconds > 0
 
 
@@ -236,7 +237,8 @@ def test_item11_interrupted_operation_metadata(bundle_root: Path, tmp_path: Path
     db = tmp_path / "jobs.sqlite3"
     store = JobStore(db)
     rec = store.create("attack", "pairdots.v1.AttackRequest", b"")
-    stale = pb.JobMetadata(kind="attack", model="tiny", stage="perturbing", done=1, total=4)
+    stale = pb.JobMetadata(kind=pb.JOB_KIND_ATTACK, model="models/tiny", stage="perturbing",
+                           done_count=1, total_count=4)
     stale.update_time.FromSeconds(1_000)
     store.set_running(rec.name)
     store.update_metadata(rec.name, "type.googleapis.com/pairdots.v1.JobMetadata",

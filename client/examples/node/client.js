@@ -6,9 +6,11 @@
 //   node client.js --address localhost:50051 --model minilm-sst2 --text "i loved it !"
 //   PAIRDOTS_TOKEN=... node client.js ...     # bearer token when the server requires one
 //
-// Prints one JSON object: the served models, GetModel of "models/<model>", the Explain
-// answer, and the error a bad request gets (gRPC code, message and the google.rpc.Status
-// details decoded from the grpc-status-details-bin trailer).
+// Prints one JSON object: the server's health (grpc.health.v1.Health/Check, from the
+// committed protos/third_party/grpc/health/v1/health.proto), the served models' resource
+// names, GetModel of "models/<model>", the Explain answer, and the error a bad request gets
+// (gRPC code, message and the google.rpc.Status details decoded from the
+// grpc-status-details-bin trailer).
 "use strict";
 
 const path = require("node:path");
@@ -58,7 +60,11 @@ function statusDetails(err, root) {
 
 async function main() {
   const args = parseArgs(process.argv.slice(2));
-  const files = ["pairdots/v1/pairdots.proto", "google/rpc/error_details.proto"];
+  const files = [
+    "pairdots/v1/pairdots.proto",
+    "google/rpc/error_details.proto",
+    "grpc/health/v1/health.proto",
+  ];
   const definition = protoLoader.loadSync(files, LOADER_OPTIONS);
   const api = grpc.loadPackageDefinition(definition);
   // The same files as protobufjs types, to decode error details.
@@ -72,6 +78,11 @@ async function main() {
   const metadata = new grpc.Metadata();
   if (process.env.PAIRDOTS_TOKEN) metadata.set("authorization", `Bearer ${process.env.PAIRDOTS_TOKEN}`);
 
+  // Standard gRPC health checking: "" is the whole server.
+  const health = new api.grpc.health.v1.Health(args.address, grpc.credentials.createInsecure());
+  const serving = await unary(health, "check", { service: "" }, metadata);
+  health.close();
+
   const models = [];
   let pageToken = "";
   do {
@@ -79,8 +90,9 @@ async function main() {
     models.push(...page.models);
     pageToken = page.nextPageToken;
   } while (pageToken);
-  const model = args.model || models[0].name;
-  // GetModel returns the Model resource itself; "models/<id>" and "<id>" both name it.
+  // Model.name is the resource name "models/<id>"; requests take it or the bare id.
+  const model = args.model || models[0].name.replace(/^models\//, "");
+  // GetModel returns the Model resource itself.
   const got = await unary(client, "getModel", { name: `models/${model}` }, metadata);
   const explain = await unary(
     client, "explain", { model, text: args.text, topWords: args.topWords }, metadata,
@@ -92,7 +104,7 @@ async function main() {
     error = { code: err.code, codeName: grpc.status[err.code], message: err.details, details: statusDetails(err, root) };
   }
   client.close();
-  process.stdout.write(JSON.stringify({ models: models.map((m) => m.name), model: got, explain, error }) + "\n");
+  process.stdout.write(JSON.stringify({ health: serving.status, models: models.map((m) => m.name), model: got, explain, error }) + "\n");
 }
 
 main().catch((err) => {

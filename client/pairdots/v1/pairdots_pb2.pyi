@@ -34,14 +34,26 @@ an error is this google.rpc.Status as JSON and the HTTP status follows the code:
 INVALID_ARGUMENT / FAILED_PRECONDITION, 401, 403, 404, 409 ALREADY_EXISTS, 429
 RESOURCE_EXHAUSTED (with Retry-After), 499 CANCELLED, 503 UNAVAILABLE, 504
 DEADLINE_EXCEEDED, 500 INTERNAL.
+
+Conventions (AIP-122/141/142/203/216). A model is named by its resource name
+"models/{model}" wherever the server returns it (Model.name, ExplainResponse.model,
+JobMetadata.model); requests take that or the bare id. Fields that count things end in
+`_count` (request knobs that bound how many things to return or do, such as top_words,
+examples_per_word or max_words, keep their names: they are limits, not counts). Durations
+are google.protobuf.Duration. Closed sets of values are enums; JobMetadata.stage and
+TrainingEdit.objective stay strings because new job stages and objectives are added without
+an API change. Every field of a message the server returns is OUTPUT_ONLY.
+Changing a field's type took a new field number; the old number and name are reserved.
 """
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import code_pb2 as _code_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -545,6 +557,93 @@ RETRAIN_MODE_SCOPE_ONLY: RetrainMode.ValueType  # 2
 """Fine-tune only the influence scope, starting from the served model (fast)."""
 Global___RetrainMode: _TypeAlias = RetrainMode  # noqa: Y015
 
+class _SubstitutionRelation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SubstitutionRelationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SubstitutionRelation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SUBSTITUTION_RELATION_UNSPECIFIED: _SubstitutionRelation.ValueType  # 0
+    """Not used."""
+    SUBSTITUTION_RELATION_SYNONYM: _SubstitutionRelation.ValueType  # 1
+    """A synonym: the attack's substitutes, and repair's for the gold label's words."""
+    SUBSTITUTION_RELATION_ANTONYM: _SubstitutionRelation.ValueType  # 2
+    """An antonym: repair only."""
+
+class SubstitutionRelation(_SubstitutionRelation, metaclass=_SubstitutionRelationEnumTypeWrapper):
+    """How a substitute relates to the word it replaces (WordNet)."""
+
+SUBSTITUTION_RELATION_UNSPECIFIED: SubstitutionRelation.ValueType  # 0
+"""Not used."""
+SUBSTITUTION_RELATION_SYNONYM: SubstitutionRelation.ValueType  # 1
+"""A synonym: the attack's substitutes, and repair's for the gold label's words."""
+SUBSTITUTION_RELATION_ANTONYM: SubstitutionRelation.ValueType  # 2
+"""An antonym: repair only."""
+Global___SubstitutionRelation: _TypeAlias = SubstitutionRelation  # noqa: Y015
+
+class _EffectMeasurement:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EffectMeasurementEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EffectMeasurement.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EFFECT_MEASUREMENT_UNSPECIFIED: _EffectMeasurement.ValueType  # 0
+    """Not used."""
+    EFFECT_MEASUREMENT_PREDICTION_MARGIN: _EffectMeasurement.ValueType  # 1
+    """f = m_y(x) = z_y − max_{c≠y} z_c, the margin of the prediction (WORD_MEASUREMENT_MARGIN
+    and ATTACK_MODE_PREDICTION_MARGIN).
+    """
+    EFFECT_MEASUREMENT_WORD_OCCLUSION: _EffectMeasurement.ValueType  # 2
+    """f = c_w = m_y(x) − m_y(x with w → [UNK]) (WORD_MEASUREMENT_OCCLUSION)."""
+    EFFECT_MEASUREMENT_WORD_SALIENCY: _EffectMeasurement.ValueType  # 3
+    """f = the word's saliency score (WORD_MEASUREMENT_SALIENCY, paper Eq. 5)."""
+
+class EffectMeasurement(_EffectMeasurement, metaclass=_EffectMeasurementEnumTypeWrapper):
+    """The quantity f an attack or repair objective moves (TargetEffect.measurement)."""
+
+EFFECT_MEASUREMENT_UNSPECIFIED: EffectMeasurement.ValueType  # 0
+"""Not used."""
+EFFECT_MEASUREMENT_PREDICTION_MARGIN: EffectMeasurement.ValueType  # 1
+"""f = m_y(x) = z_y − max_{c≠y} z_c, the margin of the prediction (WORD_MEASUREMENT_MARGIN
+and ATTACK_MODE_PREDICTION_MARGIN).
+"""
+EFFECT_MEASUREMENT_WORD_OCCLUSION: EffectMeasurement.ValueType  # 2
+"""f = c_w = m_y(x) − m_y(x with w → [UNK]) (WORD_MEASUREMENT_OCCLUSION)."""
+EFFECT_MEASUREMENT_WORD_SALIENCY: EffectMeasurement.ValueType  # 3
+"""f = the word's saliency score (WORD_MEASUREMENT_SALIENCY, paper Eq. 5)."""
+Global___EffectMeasurement: _TypeAlias = EffectMeasurement  # noqa: Y015
+
+class _JobKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_KIND_UNSPECIFIED: _JobKind.ValueType  # 0
+    """Not used."""
+    JOB_KIND_ATTACK: _JobKind.ValueType  # 1
+    """An Attack operation."""
+    JOB_KIND_REPAIR: _JobKind.ValueType  # 2
+    """A Repair operation."""
+    JOB_KIND_EXPLAIN_BATCH: _JobKind.ValueType  # 3
+    """An ExplainBatch operation."""
+
+class JobKind(_JobKind, metaclass=_JobKindEnumTypeWrapper):
+    """The kind of a long-running operation (JobMetadata.kind); the name of an operation starts
+    with it in lower case ("operations/attack-…"), and ListOperations filters on that
+    (filter "kind=attack").
+    """
+
+JOB_KIND_UNSPECIFIED: JobKind.ValueType  # 0
+"""Not used."""
+JOB_KIND_ATTACK: JobKind.ValueType  # 1
+"""An Attack operation."""
+JOB_KIND_REPAIR: JobKind.ValueType  # 2
+"""A Repair operation."""
+JOB_KIND_EXPLAIN_BATCH: JobKind.ValueType  # 3
+"""An ExplainBatch operation."""
+Global___JobKind: _TypeAlias = JobKind  # noqa: Y015
+
 @_typing.final
 class ListModelsRequest(_message.Message):
     """---------------------------------------------------------------------------------------------
@@ -639,10 +738,10 @@ class Model(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     BASE_MODEL_FIELD_NUMBER: _builtins.int
-    TRAINING_EXAMPLES_FIELD_NUMBER: _builtins.int
+    TRAINING_EXAMPLE_COUNT_FIELD_NUMBER: _builtins.int
     DEV_ACCURACY_FIELD_NUMBER: _builtins.int
     SCOPE_FIELD_NUMBER: _builtins.int
-    SCOPE_PARAMETERS_FIELD_NUMBER: _builtins.int
+    SCOPE_PARAMETER_COUNT_FIELD_NUMBER: _builtins.int
     HAS_INDEX_FIELD_NUMBER: _builtins.int
     HAS_LOW_RANK_FIELD_NUMBER: _builtins.int
     DEFAULT_SOLVER_FIELD_NUMBER: _builtins.int
@@ -652,19 +751,18 @@ class Model(_message.Message):
     HAS_EKFAC_FIELD_NUMBER: _builtins.int
     HAS_DIAGONAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Unique name, from the bundle's manifest. Lower-case letters, digits, '.', '_', '-'.
-    This is the bare id, not the resource name ("models/" + name): AIP-122 would put the
-    resource name here; that change is left for later (clients compare it today).
+    """The resource name, "models/{model}" (AIP-122), where {model} is the bundle's unique id
+    from its manifest (lower-case letters, digits, '.', '_', '-'), e.g. "models/minilm-sst2".
     """
     base_model: _builtins.str
     """Where the model was fine-tuned from (a path or hub id, informational)."""
-    training_examples: _builtins.int
+    training_example_count: _builtins.int
     """Number of training examples the model was trained on (influence is over these)."""
     dev_accuracy: _builtins.float
     """Accuracy on the bundle's dev set at prepare time, in [0, 1]; NaN when not measured."""
     scope: _builtins.str
     """The parameters influence is computed over, e.g. "last encoder layer + pooler + classifier"."""
-    scope_parameters: _builtins.int
+    scope_parameter_count: _builtins.int
     """Number of scoped parameters (the dimension of every gradient in Eq. 5)."""
     has_index: _builtins.bool
     """True when the bundle has a candidate index (CANDIDATE_SEARCH_INDEX is available)."""
@@ -694,10 +792,10 @@ class Model(_message.Message):
         name: _builtins.str = ...,
         labels: _abc.Iterable[_builtins.str] | None = ...,
         base_model: _builtins.str = ...,
-        training_examples: _builtins.int = ...,
+        training_example_count: _builtins.int = ...,
         dev_accuracy: _builtins.float = ...,
         scope: _builtins.str = ...,
-        scope_parameters: _builtins.int = ...,
+        scope_parameter_count: _builtins.int = ...,
         has_index: _builtins.bool = ...,
         has_low_rank: _builtins.bool = ...,
         default_solver: Global___Solver.ValueType = ...,
@@ -709,7 +807,7 @@ class Model(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "create_time", b"create_time", "default_solver", b"default_solver", "dev_accuracy", b"dev_accuracy", "format_version", b"format_version", "has_diagonal", b"has_diagonal", "has_ekfac", b"has_ekfac", "has_index", b"has_index", "has_low_rank", b"has_low_rank", "labels", b"labels", "max_length", b"max_length", "name", b"name", "scope", b"scope", "scope_parameters", b"scope_parameters", "training_examples", b"training_examples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "create_time", b"create_time", "default_solver", b"default_solver", "dev_accuracy", b"dev_accuracy", "format_version", b"format_version", "has_diagonal", b"has_diagonal", "has_ekfac", b"has_ekfac", "has_index", b"has_index", "has_low_rank", b"has_low_rank", "labels", b"labels", "max_length", b"max_length", "name", b"name", "scope", b"scope", "scope_parameter_count", b"scope_parameter_count", "training_example_count", b"training_example_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -834,14 +932,14 @@ class InfluenceOptions(_message.Message):
 
     SOLVER_FIELD_NUMBER: _builtins.int
     CANDIDATE_SEARCH_FIELD_NUMBER: _builtins.int
-    CANDIDATES_FIELD_NUMBER: _builtins.int
+    CANDIDATE_COUNT_FIELD_NUMBER: _builtins.int
     TOKEN_INFLUENCE_FIELD_NUMBER: _builtins.int
     WORD_MEASUREMENT_FIELD_NUMBER: _builtins.int
     WORD_CANDIDATES_FIELD_NUMBER: _builtins.int
     PREDICTION_INFLUENCE_FIELD_NUMBER: _builtins.int
     candidate_search: Global___CandidateSearch.ValueType
     """How candidates are chosen."""
-    candidates: _builtins.int
+    candidate_count: _builtins.int
     """Number of candidates scored exactly per direction when CANDIDATE_SEARCH_INDEX; 0 = server
     default (2 % of the training set, at least 50, at most 2000). At most 20000.
     """
@@ -862,7 +960,7 @@ class InfluenceOptions(_message.Message):
         *,
         solver: Global___SolverOptions | None = ...,
         candidate_search: Global___CandidateSearch.ValueType = ...,
-        candidates: _builtins.int = ...,
+        candidate_count: _builtins.int = ...,
         token_influence: Global___TokenInfluenceMethod.ValueType = ...,
         word_measurement: Global___WordMeasurement.ValueType = ...,
         word_candidates: Global___WordCandidates.ValueType = ...,
@@ -870,7 +968,7 @@ class InfluenceOptions(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_prediction_influence", b"_prediction_influence", "prediction_influence", b"prediction_influence", "solver", b"solver"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prediction_influence", b"_prediction_influence", "candidate_search", b"candidate_search", "candidates", b"candidates", "prediction_influence", b"prediction_influence", "solver", b"solver", "token_influence", b"token_influence", "word_candidates", b"word_candidates", "word_measurement", b"word_measurement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prediction_influence", b"_prediction_influence", "candidate_count", b"candidate_count", "candidate_search", b"candidate_search", "prediction_influence", b"prediction_influence", "solver", b"solver", "token_influence", b"token_influence", "word_candidates", b"word_candidates", "word_measurement", b"word_measurement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__prediction_influence: _TypeAlias = _typing.Literal["prediction_influence"]  # noqa: Y015
     _WhichOneofArgType__prediction_influence: _TypeAlias = _typing.Literal["_prediction_influence", b"_prediction_influence"]  # noqa: Y015
@@ -974,7 +1072,7 @@ class ExplainResponse(_message.Message):
     DIAGNOSTICS_FIELD_NUMBER: _builtins.int
     SETTINGS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """The model that answered."""
+    """The model that answered: its resource name, "models/{model}"."""
     @_builtins.property
     def prediction(self) -> Global___Prediction:
         """The model's prediction for the input."""
@@ -1031,7 +1129,7 @@ class ExplainSettings(_message.Message):
     SOLVER_FIELD_NUMBER: _builtins.int
     CURVATURE_FIELD_NUMBER: _builtins.int
     CANDIDATE_SEARCH_FIELD_NUMBER: _builtins.int
-    CANDIDATES_FIELD_NUMBER: _builtins.int
+    CANDIDATE_COUNT_FIELD_NUMBER: _builtins.int
     TOKEN_INFLUENCE_FIELD_NUMBER: _builtins.int
     PREDICTION_INFLUENCE_FIELD_NUMBER: _builtins.int
     target_function: Global___TargetFunction.ValueType
@@ -1054,7 +1152,7 @@ class ExplainSettings(_message.Message):
     """How the candidates were chosen (the answer's Diagnostics.candidate_search says whether
     influence was computed at all).
     """
-    candidates: _builtins.int
+    candidate_count: _builtins.int
     """Candidates scored exactly per direction when CANDIDATE_SEARCH_INDEX."""
     token_influence: Global___TokenInfluenceMethod.ValueType
     """How the responsible word of each training example was found (Eq. 8)."""
@@ -1070,13 +1168,13 @@ class ExplainSettings(_message.Message):
         solver: Global___Solver.ValueType = ...,
         curvature: Global___Curvature.ValueType = ...,
         candidate_search: Global___CandidateSearch.ValueType = ...,
-        candidates: _builtins.int = ...,
+        candidate_count: _builtins.int = ...,
         token_influence: Global___TokenInfluenceMethod.ValueType = ...,
         prediction_influence: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_search", b"candidate_search", "candidates", b"candidates", "curvature", b"curvature", "prediction_influence", b"prediction_influence", "solver", b"solver", "target_function", b"target_function", "token_influence", b"token_influence", "token_score", b"token_score", "word_candidates", b"word_candidates", "word_measurement", b"word_measurement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_count", b"candidate_count", "candidate_search", b"candidate_search", "curvature", b"curvature", "prediction_influence", b"prediction_influence", "solver", b"solver", "target_function", b"target_function", "token_influence", b"token_influence", "token_score", b"token_score", "word_candidates", b"word_candidates", "word_measurement", b"word_measurement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1130,7 +1228,7 @@ class Word(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     CHAR_START_FIELD_NUMBER: _builtins.int
     CHAR_END_FIELD_NUMBER: _builtins.int
-    PIECES_FIELD_NUMBER: _builtins.int
+    PIECE_COUNT_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Position in ExplainResponse.words."""
     text: _builtins.str
@@ -1138,7 +1236,7 @@ class Word(_message.Message):
     char_start: _builtins.int
     """Character offsets [start, end) in the input text (Unicode code points)."""
     char_end: _builtins.int
-    pieces: _builtins.int
+    piece_count: _builtins.int
     """Number of word pieces the tokenizer split it into (0 when truncated away)."""
     def __init__(
         self,
@@ -1147,11 +1245,11 @@ class Word(_message.Message):
         text: _builtins.str = ...,
         char_start: _builtins.int = ...,
         char_end: _builtins.int = ...,
-        pieces: _builtins.int = ...,
+        piece_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["char_end", b"char_end", "char_start", b"char_start", "index", b"index", "pieces", b"pieces", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["char_end", b"char_end", "char_start", b"char_start", "index", b"index", "piece_count", b"piece_count", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1228,10 +1326,10 @@ class PredictionInfluence(_message.Message):
     SUPPORTING_FIELD_NUMBER: _builtins.int
     OPPOSING_FIELD_NUMBER: _builtins.int
     SOLVER_FIELD_NUMBER: _builtins.int
-    CANDIDATES_SCORED_FIELD_NUMBER: _builtins.int
+    SCORED_CANDIDATE_COUNT_FIELD_NUMBER: _builtins.int
     margin: _builtins.float
     """m_y(x) for this label."""
-    candidates_scored: _builtins.int
+    scored_candidate_count: _builtins.int
     """Training examples scored exactly."""
     @_builtins.property
     def supporting(self) -> _containers.RepeatedCompositeFieldContainer[Global___InfluentialExample]:
@@ -1252,11 +1350,11 @@ class PredictionInfluence(_message.Message):
         supporting: _abc.Iterable[Global___InfluentialExample] | None = ...,
         opposing: _abc.Iterable[Global___InfluentialExample] | None = ...,
         solver: Global___SolverDiagnostics | None = ...,
-        candidates_scored: _builtins.int = ...,
+        scored_candidate_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["solver", b"solver"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates_scored", b"candidates_scored", "margin", b"margin", "opposing", b"opposing", "solver", b"solver", "supporting", b"supporting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["margin", b"margin", "opposing", b"opposing", "scored_candidate_count", b"scored_candidate_count", "solver", b"solver", "supporting", b"supporting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1275,7 +1373,7 @@ class SalientWord(_message.Message):
     OPPOSING_FIELD_NUMBER: _builtins.int
     SOLVER_FIELD_NUMBER: _builtins.int
     CONTRIBUTION_FIELD_NUMBER: _builtins.int
-    CONTAINING_EXAMPLES_FIELD_NUMBER: _builtins.int
+    CONTAINING_EXAMPLE_COUNT_FIELD_NUMBER: _builtins.int
     word_index: _builtins.int
     """Index into ExplainResponse.words."""
     text: _builtins.str
@@ -1284,7 +1382,7 @@ class SalientWord(_message.Message):
     """Its saliency s(x_t) for this label."""
     contribution: _builtins.float
     """The word's contribution c_w to the margin (see LabelExplanation.word_contribution)."""
-    containing_examples: _builtins.int
+    containing_example_count: _builtins.int
     """Training examples that contain the word (same stem); the candidates under
     WORD_CANDIDATES_CONTAINING.
     """
@@ -1312,11 +1410,11 @@ class SalientWord(_message.Message):
         opposing: _abc.Iterable[Global___InfluentialExample] | None = ...,
         solver: Global___SolverDiagnostics | None = ...,
         contribution: _builtins.float = ...,
-        containing_examples: _builtins.int = ...,
+        containing_example_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["solver", b"solver"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["containing_examples", b"containing_examples", "contribution", b"contribution", "opposing", b"opposing", "saliency", b"saliency", "solver", b"solver", "supporting", b"supporting", "text", b"text", "word_index", b"word_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["containing_example_count", b"containing_example_count", "contribution", b"contribution", "opposing", b"opposing", "saliency", b"saliency", "solver", b"solver", "supporting", b"supporting", "text", b"text", "word_index", b"word_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1410,19 +1508,19 @@ class SolverDiagnostics(_message.Message):
 
     SOLVER_FIELD_NUMBER: _builtins.int
     CURVATURE_FIELD_NUMBER: _builtins.int
-    ITERATIONS_FIELD_NUMBER: _builtins.int
+    ITERATION_COUNT_FIELD_NUMBER: _builtins.int
     RELATIVE_CHANGE_FIELD_NUMBER: _builtins.int
     NORM_FIELD_NUMBER: _builtins.int
     EFFECTIVE_DAMPING_FIELD_NUMBER: _builtins.int
     CONVERGED_FIELD_NUMBER: _builtins.int
-    SECONDS_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
     CACHED_FIELD_NUMBER: _builtins.int
     DAMPING_RULE_FIELD_NUMBER: _builtins.int
     solver: Global___Solver.ValueType
     """The solver that ran."""
     curvature: Global___Curvature.ValueType
     """The curvature used."""
-    iterations: _builtins.int
+    iteration_count: _builtins.int
     """Iterations run (LiSSA: recursion steps summed over repeats; low-rank: 0)."""
     relative_change: _builtins.float
     """Relative change of the estimate at the last iteration (LiSSA) or relative residual (CG)."""
@@ -1432,31 +1530,33 @@ class SolverDiagnostics(_message.Message):
     """Damping actually applied to the curvature (λ in (H + λI)⁻¹)."""
     converged: _builtins.bool
     """Whether the stopping tolerance was met."""
-    seconds: _builtins.float
-    """Wall time of the solve in seconds."""
     cached: _builtins.bool
     """True when s_test came from the server's cache of identical queries."""
     damping_rule: _builtins.str
     """How the damping was chosen, e.g. "heuristic: 0.1 × mean eigenvalue per block" (EK-FAC),
     "relative: 0.01 × λ_max", "absolute" (the request's value).
     """
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """Wall time of the solve."""
+
     def __init__(
         self,
         *,
         solver: Global___Solver.ValueType = ...,
         curvature: Global___Curvature.ValueType = ...,
-        iterations: _builtins.int = ...,
+        iteration_count: _builtins.int = ...,
         relative_change: _builtins.float = ...,
         norm: _builtins.float = ...,
         effective_damping: _builtins.float = ...,
         converged: _builtins.bool = ...,
-        seconds: _builtins.float = ...,
+        duration: _duration_pb2.Duration | None = ...,
         cached: _builtins.bool = ...,
         damping_rule: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "converged", b"converged", "curvature", b"curvature", "damping_rule", b"damping_rule", "effective_damping", b"effective_damping", "iterations", b"iterations", "norm", b"norm", "relative_change", b"relative_change", "seconds", b"seconds", "solver", b"solver"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "converged", b"converged", "curvature", b"curvature", "damping_rule", b"damping_rule", "duration", b"duration", "effective_damping", b"effective_damping", "iteration_count", b"iteration_count", "norm", b"norm", "relative_change", b"relative_change", "solver", b"solver"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1469,22 +1569,24 @@ class StageTiming(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     STAGE_FIELD_NUMBER: _builtins.int
-    SECONDS_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
     stage: _builtins.str
     """Stage name: "saliency", "grad_score", "solve", "candidates", "exact_scoring",
     "token_influence", ...
     """
-    seconds: _builtins.float
-    """Wall time in seconds, summed over explained words."""
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """Wall time, summed over explained words."""
+
     def __init__(
         self,
         *,
         stage: _builtins.str = ...,
-        seconds: _builtins.float = ...,
+        duration: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["seconds", b"seconds", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "stage", b"stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1498,22 +1600,20 @@ class Diagnostics(_message.Message):
 
     INFLUENCE_COMPUTED_FIELD_NUMBER: _builtins.int
     CANDIDATE_SEARCH_FIELD_NUMBER: _builtins.int
-    CANDIDATES_SCORED_FIELD_NUMBER: _builtins.int
-    TRAINING_EXAMPLES_FIELD_NUMBER: _builtins.int
+    SCORED_CANDIDATE_COUNT_FIELD_NUMBER: _builtins.int
+    TRAINING_EXAMPLE_COUNT_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
     NOTES_FIELD_NUMBER: _builtins.int
-    TOTAL_SECONDS_FIELD_NUMBER: _builtins.int
+    TOTAL_DURATION_FIELD_NUMBER: _builtins.int
     influence_computed: _builtins.bool
     """False when no influence was computed (top_words = 0); `notes` says why."""
     candidate_search: Global___CandidateSearch.ValueType
     """How candidates were chosen."""
-    candidates_scored: _builtins.int
+    scored_candidate_count: _builtins.int
     """Training examples scored exactly per salient word."""
-    training_examples: _builtins.int
+    training_example_count: _builtins.int
     """Size of the training set."""
-    total_seconds: _builtins.float
-    """Total server-side wall time in seconds."""
     @_builtins.property
     def timings(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageTiming]:
         """Per-stage wall times."""
@@ -1526,21 +1626,25 @@ class Diagnostics(_message.Message):
     def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Other notes a caller may show."""
 
+    @_builtins.property
+    def total_duration(self) -> _duration_pb2.Duration:
+        """Total server-side wall time."""
+
     def __init__(
         self,
         *,
         influence_computed: _builtins.bool = ...,
         candidate_search: Global___CandidateSearch.ValueType = ...,
-        candidates_scored: _builtins.int = ...,
-        training_examples: _builtins.int = ...,
+        scored_candidate_count: _builtins.int = ...,
+        training_example_count: _builtins.int = ...,
         timings: _abc.Iterable[Global___StageTiming] | None = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
         notes: _abc.Iterable[_builtins.str] | None = ...,
-        total_seconds: _builtins.float = ...,
+        total_duration: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["total_duration", b"total_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_search", b"candidate_search", "candidates_scored", b"candidates_scored", "influence_computed", b"influence_computed", "notes", b"notes", "timings", b"timings", "total_seconds", b"total_seconds", "training_examples", b"training_examples", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_search", b"candidate_search", "influence_computed", b"influence_computed", "notes", b"notes", "scored_candidate_count", b"scored_candidate_count", "timings", b"timings", "total_duration", b"total_duration", "training_example_count", b"training_example_count", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1749,7 +1853,7 @@ class TrainingEdit(_message.Message):
     original_word: _builtins.str
     """The replaced word and its substitute."""
     substitute: _builtins.str
-    relation: _builtins.str
+    relation: Global___SubstitutionRelation.ValueType
     """Whether the substitute is a synonym or an antonym."""
     influence_change: _builtins.float
     """Change of the optimised influence, I(z̃, w) - I(z, w) (paper Eq. 7), in the sign
@@ -1783,7 +1887,7 @@ class TrainingEdit(_message.Message):
         word_index: _builtins.int = ...,
         original_word: _builtins.str = ...,
         substitute: _builtins.str = ...,
-        relation: _builtins.str = ...,
+        relation: Global___SubstitutionRelation.ValueType = ...,
         influence_change: _builtins.float = ...,
         objective: _builtins.str = ...,
         influence_before: _builtins.float = ...,
@@ -1815,15 +1919,15 @@ class Substitution(_message.Message):
     original_word: _builtins.str
     """The word and its substitute."""
     substitute: _builtins.str
-    relation: _builtins.str
-    """"synonym" or "antonym"."""
+    relation: Global___SubstitutionRelation.ValueType
+    """Synonym or antonym."""
     def __init__(
         self,
         *,
         word_index: _builtins.int = ...,
         original_word: _builtins.str = ...,
         substitute: _builtins.str = ...,
-        relation: _builtins.str = ...,
+        relation: Global___SubstitutionRelation.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -1844,7 +1948,7 @@ class ExampleEffect(_message.Message):
     EXAMPLE_INDEX_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
     MARGIN_FIELD_NUMBER: _builtins.int
-    EDITS_FIELD_NUMBER: _builtins.int
+    EDIT_COUNT_FIELD_NUMBER: _builtins.int
     PREDICTED_MARGIN_CHANGE_FIELD_NUMBER: _builtins.int
     FLIP_BUDGET_FIELD_NUMBER: _builtins.int
     FLIP_BUDGET_REACHED_FIELD_NUMBER: _builtins.int
@@ -1856,7 +1960,7 @@ class ExampleEffect(_message.Message):
     """The label whose margin is reported (the example's gold label)."""
     margin: _builtins.float
     """Its margin m_y(x) = z_y - max_{c != y} z_c on the served model."""
-    edits: _builtins.int
+    edit_count: _builtins.int
     """Edits made for it."""
     predicted_margin_change: _builtins.float
     """Sum of the edits' predicted_margin_change."""
@@ -1879,7 +1983,7 @@ class ExampleEffect(_message.Message):
         example_index: _builtins.int = ...,
         label: _builtins.int = ...,
         margin: _builtins.float = ...,
-        edits: _builtins.int = ...,
+        edit_count: _builtins.int = ...,
         predicted_margin_change: _builtins.float = ...,
         flip_budget: _builtins.int = ...,
         flip_budget_reached: _builtins.bool = ...,
@@ -1888,7 +1992,7 @@ class ExampleEffect(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_measured_margin", b"_measured_margin", "measured_margin", b"measured_margin"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_measured_margin", b"_measured_margin", "edits", b"edits", "example_index", b"example_index", "flip_budget", b"flip_budget", "flip_budget_reached", b"flip_budget_reached", "label", b"label", "margin", b"margin", "measured_margin", b"measured_margin", "predicted_margin_change", b"predicted_margin_change", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_measured_margin", b"_measured_margin", "edit_count", b"edit_count", "example_index", b"example_index", "flip_budget", b"flip_budget", "flip_budget_reached", b"flip_budget_reached", "label", b"label", "margin", b"margin", "measured_margin", b"measured_margin", "predicted_margin_change", b"predicted_margin_change", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__measured_margin: _TypeAlias = _typing.Literal["measured_margin"]  # noqa: Y015
     _WhichOneofArgType__measured_margin: _TypeAlias = _typing.Literal["_measured_margin", b"_measured_margin"]  # noqa: Y015
@@ -1911,8 +2015,8 @@ class TargetEffect(_message.Message):
     """The objective, as in TrainingEdit.objective."""
     word: _builtins.str
     """The targeted word (empty for the prediction margin)."""
-    measurement: _builtins.str
-    """What f is: "prediction_margin", "word_occlusion" or "word_saliency"."""
+    measurement: Global___EffectMeasurement.ValueType
+    """What f is."""
     value: _builtins.float
     """f(x) on the served model."""
     predicted_change: _builtins.float
@@ -1922,7 +2026,7 @@ class TargetEffect(_message.Message):
         *,
         objective: _builtins.str = ...,
         word: _builtins.str = ...,
-        measurement: _builtins.str = ...,
+        measurement: Global___EffectMeasurement.ValueType = ...,
         value: _builtins.float = ...,
         predicted_change: _builtins.float = ...,
     ) -> None: ...
@@ -1942,31 +2046,33 @@ class Evaluation(_message.Message):
 
     ACCURACY_BEFORE_FIELD_NUMBER: _builtins.int
     ACCURACY_AFTER_FIELD_NUMBER: _builtins.int
-    EXAMPLES_FIELD_NUMBER: _builtins.int
+    EXAMPLE_COUNT_FIELD_NUMBER: _builtins.int
     SAVED_MODEL_FIELD_NUMBER: _builtins.int
-    RETRAIN_SECONDS_FIELD_NUMBER: _builtins.int
+    RETRAIN_DURATION_FIELD_NUMBER: _builtins.int
     accuracy_before: _builtins.float
     """Accuracy of the served model on the evaluation examples, in [0, 1]."""
     accuracy_after: _builtins.float
     """Accuracy of the retrained model on the same examples."""
-    examples: _builtins.int
+    example_count: _builtins.int
     """Number of evaluation examples."""
     saved_model: _builtins.str
     """Name of the saved bundle, if RetrainOptions.save_as was set."""
-    retrain_seconds: _builtins.float
-    """Retraining wall time in seconds."""
+    @_builtins.property
+    def retrain_duration(self) -> _duration_pb2.Duration:
+        """Retraining wall time."""
+
     def __init__(
         self,
         *,
         accuracy_before: _builtins.float = ...,
         accuracy_after: _builtins.float = ...,
-        examples: _builtins.int = ...,
+        example_count: _builtins.int = ...,
         saved_model: _builtins.str = ...,
-        retrain_seconds: _builtins.float = ...,
+        retrain_duration: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retrain_duration", b"retrain_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy_after", b"accuracy_after", "accuracy_before", b"accuracy_before", "examples", b"examples", "retrain_seconds", b"retrain_seconds", "saved_model", b"saved_model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy_after", b"accuracy_after", "accuracy_before", b"accuracy_before", "example_count", b"example_count", "retrain_duration", b"retrain_duration", "saved_model", b"saved_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2092,12 +2198,12 @@ class RepairResult(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    ERRORS_FOUND_FIELD_NUMBER: _builtins.int
+    ERROR_COUNT_FIELD_NUMBER: _builtins.int
     EDITS_FIELD_NUMBER: _builtins.int
     EVALUATION_FIELD_NUMBER: _builtins.int
     NOTES_FIELD_NUMBER: _builtins.int
     EFFECTS_FIELD_NUMBER: _builtins.int
-    errors_found: _builtins.int
+    error_count: _builtins.int
     """Examples the served model got wrong."""
     @_builtins.property
     def edits(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrainingEdit]:
@@ -2118,7 +2224,7 @@ class RepairResult(_message.Message):
     def __init__(
         self,
         *,
-        errors_found: _builtins.int = ...,
+        error_count: _builtins.int = ...,
         edits: _abc.Iterable[Global___TrainingEdit] | None = ...,
         evaluation: Global___Evaluation | None = ...,
         notes: _abc.Iterable[_builtins.str] | None = ...,
@@ -2126,7 +2232,7 @@ class RepairResult(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["edits", b"edits", "effects", b"effects", "errors_found", b"errors_found", "evaluation", b"evaluation", "notes", b"notes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["edits", b"edits", "effects", b"effects", "error_count", b"error_count", "evaluation", b"evaluation", "notes", b"notes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2134,30 +2240,30 @@ Global___RepairResult: _TypeAlias = RepairResult  # noqa: Y015
 
 @_typing.final
 class JobMetadata(_message.Message):
-    """Metadata of Attack and Repair operations: progress while they run."""
+    """Metadata of Attack, Repair and ExplainBatch operations: progress while they run."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     KIND_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     STAGE_FIELD_NUMBER: _builtins.int
-    DONE_FIELD_NUMBER: _builtins.int
-    TOTAL_FIELD_NUMBER: _builtins.int
+    DONE_COUNT_FIELD_NUMBER: _builtins.int
+    TOTAL_COUNT_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
-    kind: _builtins.str
-    """"attack" or "repair"."""
+    kind: Global___JobKind.ValueType
+    """What the operation does."""
     model: _builtins.str
-    """The model."""
+    """The model's resource name, "models/{model}"."""
     stage: _builtins.str
     """Current stage: "queued" (in the Operation that Attack/Repair return), then e.g.
     "explaining", "perturbing", "retraining", "evaluating", "done"; "interrupted" when the
     server or worker running the job stopped, or was killed and its lease (30 s by default)
     ran out (update_time is then when that was recorded; the error says which process).
     """
-    done: _builtins.int
+    done_count: _builtins.int
     """Units done and total in the current stage (total 0 when unknown)."""
-    total: _builtins.int
+    total_count: _builtins.int
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the operation was created and last updated."""
@@ -2167,17 +2273,17 @@ class JobMetadata(_message.Message):
     def __init__(
         self,
         *,
-        kind: _builtins.str = ...,
+        kind: Global___JobKind.ValueType = ...,
         model: _builtins.str = ...,
         stage: _builtins.str = ...,
-        done: _builtins.int = ...,
-        total: _builtins.int = ...,
+        done_count: _builtins.int = ...,
+        total_count: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "done", b"done", "kind", b"kind", "model", b"model", "stage", b"stage", "total", b"total", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "done_count", b"done_count", "kind", b"kind", "model", b"model", "stage", b"stage", "total_count", b"total_count", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2303,7 +2409,7 @@ class ExplainBatchResult(_message.Message):
     SUCCEEDED_COUNT_FIELD_NUMBER: _builtins.int
     FAILED_COUNT_FIELD_NUMBER: _builtins.int
     RESULTS_PATH_FIELD_NUMBER: _builtins.int
-    SECONDS_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
     INPUTS_PER_SECOND_FIELD_NUMBER: _builtins.int
     input_count: _builtins.int
     """Inputs in the request."""
@@ -2315,9 +2421,11 @@ class ExplainBatchResult(_message.Message):
     {"index", "id", "response": <ExplainResponse in protobuf's JSON mapping>} or
     {"index", "id", "error": {"code": "<google.rpc.Code name>", "message"}}.
     """
-    seconds: _builtins.float
-    """Wall time of the whole batch, seconds, and inputs explained per second."""
     inputs_per_second: _builtins.float
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """Wall time of the whole batch, and inputs explained per second."""
+
     def __init__(
         self,
         *,
@@ -2325,12 +2433,12 @@ class ExplainBatchResult(_message.Message):
         succeeded_count: _builtins.int = ...,
         failed_count: _builtins.int = ...,
         results_path: _builtins.str = ...,
-        seconds: _builtins.float = ...,
+        duration: _duration_pb2.Duration | None = ...,
         inputs_per_second: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_count", b"failed_count", "input_count", b"input_count", "inputs_per_second", b"inputs_per_second", "results_path", b"results_path", "seconds", b"seconds", "succeeded_count", b"succeeded_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "failed_count", b"failed_count", "input_count", b"input_count", "inputs_per_second", b"inputs_per_second", "results_path", b"results_path", "succeeded_count", b"succeeded_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2380,9 +2488,10 @@ class ExplainBatchItem(_message.Message):
     index: _builtins.int
     """Position of the input in the request (0-based) and the caller's id."""
     id: _builtins.str
-    error_code: _builtins.str
-    """The error of a failed input: its google.rpc.Code name (e.g. "INVALID_ARGUMENT") and a
-    message saying what to fix. Empty on success.
+    error_code: _code_pb2.Code.ValueType
+    """The error of a failed input: its code (OK on success; in JSON its name, e.g.
+    "INVALID_ARGUMENT", as in the results file) and a message saying what to fix (empty on
+    success).
     """
     error_message: _builtins.str
     @_builtins.property
@@ -2395,7 +2504,7 @@ class ExplainBatchItem(_message.Message):
         index: _builtins.int = ...,
         id: _builtins.str = ...,
         response: Global___ExplainResponse | None = ...,
-        error_code: _builtins.str = ...,
+        error_code: _code_pb2.Code.ValueType = ...,
         error_message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015

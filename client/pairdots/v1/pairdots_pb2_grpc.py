@@ -125,10 +125,10 @@ class PairdotsServiceServicer:
         """Explains many inputs as one long-running operation: each input is explained as Explain
         would, one after the other, and its answer (or its error) is appended to a JSON-lines
         results file next to the server's job store. Progress (JobMetadata, stage "explaining",
-        done/total inputs) while it runs; CancelOperation stops it between inputs (and inside an
-        input between solver iterations); the answers so far stay readable. Returns at once; the
-        operation's response is an ExplainBatchResult. Read the answers with
-        ListExplainBatchResults, page by page, while it runs or after.
+        done_count/total_count inputs) while it runs; CancelOperation stops it between inputs
+        (and inside an input between solver iterations); the answers so far stay readable.
+        Returns at once; the operation's response is an ExplainBatchResult. Read the answers
+        with ListExplainBatchResults, page by page, while it runs or after.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

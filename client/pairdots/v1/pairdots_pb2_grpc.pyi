@@ -34,6 +34,16 @@ an error is this google.rpc.Status as JSON and the HTTP status follows the code:
 INVALID_ARGUMENT / FAILED_PRECONDITION, 401, 403, 404, 409 ALREADY_EXISTS, 429
 RESOURCE_EXHAUSTED (with Retry-After), 499 CANCELLED, 503 UNAVAILABLE, 504
 DEADLINE_EXCEEDED, 500 INTERNAL.
+
+Conventions (AIP-122/141/142/203/216). A model is named by its resource name
+"models/{model}" wherever the server returns it (Model.name, ExplainResponse.model,
+JobMetadata.model); requests take that or the bare id. Fields that count things end in
+`_count` (request knobs that bound how many things to return or do, such as top_words,
+examples_per_word or max_words, keep their names: they are limits, not counts). Durations
+are google.protobuf.Duration. Closed sets of values are enums; JobMetadata.stage and
+TrainingEdit.objective stay strings because new job stages and objectives are added without
+an API change. Every field of a message the server returns is OUTPUT_ONLY.
+Changing a field's type took a new field number; the old number and name are reserved.
 """
 
 from collections import abc as _abc
@@ -92,10 +102,10 @@ class PairdotsServiceStub:
     """Explains many inputs as one long-running operation: each input is explained as Explain
     would, one after the other, and its answer (or its error) is appended to a JSON-lines
     results file next to the server's job store. Progress (JobMetadata, stage "explaining",
-    done/total inputs) while it runs; CancelOperation stops it between inputs (and inside an
-    input between solver iterations); the answers so far stay readable. Returns at once; the
-    operation's response is an ExplainBatchResult. Read the answers with
-    ListExplainBatchResults, page by page, while it runs or after.
+    done_count/total_count inputs) while it runs; CancelOperation stops it between inputs
+    (and inside an input between solver iterations); the answers so far stay readable.
+    Returns at once; the operation's response is an ExplainBatchResult. Read the answers
+    with ListExplainBatchResults, page by page, while it runs or after.
     """
     ListExplainBatchResults: _grpc.UnaryUnaryMultiCallable[_pairdots_pb2.ListExplainBatchResultsRequest, _pairdots_pb2.ListExplainBatchResultsResponse]
     """One page of an ExplainBatch operation's answers, in input order."""
@@ -130,10 +140,10 @@ class PairdotsServiceAsyncStub(PairdotsServiceStub):
     """Explains many inputs as one long-running operation: each input is explained as Explain
     would, one after the other, and its answer (or its error) is appended to a JSON-lines
     results file next to the server's job store. Progress (JobMetadata, stage "explaining",
-    done/total inputs) while it runs; CancelOperation stops it between inputs (and inside an
-    input between solver iterations); the answers so far stay readable. Returns at once; the
-    operation's response is an ExplainBatchResult. Read the answers with
-    ListExplainBatchResults, page by page, while it runs or after.
+    done_count/total_count inputs) while it runs; CancelOperation stops it between inputs
+    (and inside an input between solver iterations); the answers so far stay readable.
+    Returns at once; the operation's response is an ExplainBatchResult. Read the answers
+    with ListExplainBatchResults, page by page, while it runs or after.
     """
     ListExplainBatchResults: _aio.UnaryUnaryMultiCallable[_pairdots_pb2.ListExplainBatchResultsRequest, _pairdots_pb2.ListExplainBatchResultsResponse]  # type: ignore[assignment]
     """One page of an ExplainBatch operation's answers, in input order."""
@@ -201,10 +211,10 @@ class PairdotsServiceServicer(metaclass=_abc_1.ABCMeta):
         """Explains many inputs as one long-running operation: each input is explained as Explain
         would, one after the other, and its answer (or its error) is appended to a JSON-lines
         results file next to the server's job store. Progress (JobMetadata, stage "explaining",
-        done/total inputs) while it runs; CancelOperation stops it between inputs (and inside an
-        input between solver iterations); the answers so far stay readable. Returns at once; the
-        operation's response is an ExplainBatchResult. Read the answers with
-        ListExplainBatchResults, page by page, while it runs or after.
+        done_count/total_count inputs) while it runs; CancelOperation stops it between inputs
+        (and inside an input between solver iterations); the answers so far stay readable.
+        Returns at once; the operation's response is an ExplainBatchResult. Read the answers
+        with ListExplainBatchResults, page by page, while it runs or after.
         """
 
     @_abc_1.abstractmethod

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format
+from google.rpc import code_pb2
 
 from pairdots.v1 import pairdots_pb2 as pb
 from pairdots_server.config import ServerConfig
@@ -149,7 +150,7 @@ def _result(s: BatchSummary) -> tuple[str, bytes]:
         succeeded_count=s.succeeded,
         failed_count=s.failed,
         results_path=str(s.results_path),
-        seconds=s.seconds,
+        duration=convert.duration(s.seconds),
         inputs_per_second=(s.input_count / s.seconds) if s.seconds > 0 else 0.0,
     )
     return RESULT_TYPE, result.SerializeToString()
@@ -210,7 +211,8 @@ def list_results(
         if "response" in obj:
             json_format.ParseDict(obj["response"], item.response)
         else:
-            item.error_code = str(obj["error"]["code"])
+            name = str(obj["error"]["code"])  # a google.rpc.Code name
+            item.error_code = dict(code_pb2.Code.items()).get(name, code_pb2.UNKNOWN)
             item.error_message = str(obj["error"]["message"])
         resp.items.append(item)
     end = start + len(page)

@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from pairdots.v1 import pairdots_pb2 as pb
 from pairdots_server.config import ExplainLimits
@@ -24,8 +24,21 @@ from pairdots_server.influence.runtime import ModelRuntime
 from pairdots_server.influence.settings import InfluenceSettings, WordCandidates, WordMeasurement
 from pairdots_server.influence.solver_policy import SolverChoice
 from pairdots_server.rpc.validation import SOLVERS, Violations, solver_settings
+from pairdots_server.service.registry import MODEL_PREFIX
 
 E = TypeVar("E", bound=enum.Enum)
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    """A google.protobuf.Duration of `seconds` (rounded to the nanosecond)."""
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
+
+
+def model_name(model: str) -> str:
+    """The resource name "models/{model}" of a served model's bare id (AIP-122)."""
+    return model if model.startswith(MODEL_PREFIX) else MODEL_PREFIX + model
 
 
 def enum_table(pb_enum: Any, prefix: str, members: Iterable[E], *,
@@ -107,9 +120,9 @@ def explain_query(req: pb.ExplainRequest, limits: ExplainLimits) -> ExplainQuery
     solver = solver_settings(v, infl.solver, "influence.solver")
     use_index = v.enum("influence.candidate_search", infl.candidate_search, SEARCH,
                        "CandidateSearch")
-    if not 0 <= infl.candidates <= limits.max_candidates:
-        v.add("influence.candidates", f"must be in 0..{limits.max_candidates}, got "
-              f"{infl.candidates}")
+    if not 0 <= infl.candidate_count <= limits.max_candidates:
+        v.add("influence.candidate_count", f"must be in 0..{limits.max_candidates}, got "
+              f"{infl.candidate_count}")
     token_infl = v.enum("influence.token_influence", infl.token_influence, TOKEN_INFLUENCE,
                         "TokenInfluenceMethod")
     word_measurement = v.enum("influence.word_measurement", infl.word_measurement,
@@ -129,7 +142,7 @@ def explain_query(req: pb.ExplainRequest, limits: ExplainLimits) -> ExplainQuery
             token_score=score,  # type: ignore[arg-type]
             solver=solver,
             use_index=use_index,  # type: ignore[arg-type]
-            candidates=infl.candidates,
+            candidates=infl.candidate_count,
             word_measurement=word_measurement,  # type: ignore[arg-type]
             word_candidates=word_candidates,  # type: ignore[arg-type]
             prediction_influence=(infl.prediction_influence
@@ -155,12 +168,12 @@ def _solver_diagnostics(d: dict[str, float | int | bool | str]) -> pb.SolverDiag
     return pb.SolverDiagnostics(
         solver=SOLVER_TO_PB.get(SolverChoice(d["method"]), pb.SOLVER_UNSPECIFIED),
         curvature=CURVATURE_TO_PB.get(str(d["curvature"]), pb.CURVATURE_UNSPECIFIED),
-        iterations=int(d["iterations"]),
+        iteration_count=int(d["iterations"]),
         relative_change=float(d["rel_change"]),
         norm=float(d["norm"]),
         effective_damping=float(d["effective_damping"]),
         converged=bool(d["converged"]),
-        seconds=float(d["seconds"]),
+        duration=duration(float(d["seconds"])),
         cached=bool(d["cached"]),
         damping_rule=str(d.get("damping_rule") or ""),
     )
@@ -190,7 +203,7 @@ def explain_settings(a: ExplainAnswer) -> pb.ExplainSettings | None:
                    if curvature is not None else pb.CURVATURE_UNSPECIFIED),
         candidate_search=(pb.CANDIDATE_SEARCH_INDEX if s.use_index
                           else pb.CANDIDATE_SEARCH_EXHAUSTIVE),
-        candidates=s.candidates,
+        candidate_count=s.candidates,
         token_influence=pb.TokenInfluenceMethod.ValueType(
             _inverse(TOKEN_INFLUENCE)[a.token_influence]),
         prediction_influence=s.prediction_influence,
@@ -211,7 +224,7 @@ def explain_response(rt: ModelRuntime, a: ExplainAnswer) -> pb.ExplainResponse:
                 opposing=[_example(rt, x) for x in s.opposing],
                 solver=_solver_diagnostics(s.solver),
                 contribution=s.contribution,
-                containing_examples=s.containing_examples,
+                containing_example_count=s.containing_examples,
             )
             for s in e.salient_words
         ]
@@ -221,7 +234,7 @@ def explain_response(rt: ModelRuntime, a: ExplainAnswer) -> pb.ExplainResponse:
             supporting=[_example(rt, x) for x in p.supporting],
             opposing=[_example(rt, x) for x in p.opposing],
             solver=_solver_diagnostics(p.solver),
-            candidates_scored=p.candidates_scored,
+            scored_candidate_count=p.candidates_scored,
         )
         explanations.append(pb.LabelExplanation(
             label=e.label, label_name=labels[e.label], role=roles[e.role],
@@ -229,14 +242,14 @@ def explain_response(rt: ModelRuntime, a: ExplainAnswer) -> pb.ExplainResponse:
             word_contribution=e.word_contribution, prediction=prediction,
         ))
     return pb.ExplainResponse(
-        model=rt.name,
+        model=model_name(rt.name),
         prediction=pb.Prediction(
             label=a.predicted, label_name=labels[a.predicted], probabilities=a.probabilities,
             label_names=labels,
         ),
         words=[
             pb.Word(index=w.index, text=w.text, char_start=w.char_start, char_end=w.char_end,
-                    pieces=w.pieces)
+                    piece_count=w.pieces)
             for w in a.words
         ],
         explanations=explanations,
@@ -245,12 +258,12 @@ def explain_response(rt: ModelRuntime, a: ExplainAnswer) -> pb.ExplainResponse:
             candidate_search=(pb.CANDIDATE_SEARCH_INDEX if a.used_index
                               else pb.CANDIDATE_SEARCH_EXHAUSTIVE)
             if a.influence_computed else pb.CANDIDATE_SEARCH_UNSPECIFIED,
-            candidates_scored=a.candidates_scored,
-            training_examples=a.training_examples,
-            timings=[pb.StageTiming(stage=k, seconds=v) for k, v in a.timings.items()],
+            scored_candidate_count=a.candidates_scored,
+            training_example_count=a.training_examples,
+            timings=[pb.StageTiming(stage=k, duration=duration(v)) for k, v in a.timings.items()],
             warnings=a.warnings,
             notes=a.notes,
-            total_seconds=a.total_seconds,
+            total_duration=duration(a.total_seconds),
         ),
         settings=explain_settings(a),
     )
@@ -269,14 +282,14 @@ def model_proto(rt: ModelRuntime) -> pb.Model:
     has_lowrank = rt.has_lowrank
     default_solver = SOLVER_TO_PB[default_method(rt)]
     return pb.Model(
-        name=rt.name,
+        name=model_name(rt.name),
         labels=rt.bundle.labels,
         base_model=str((m.get("model") or {}).get("source", "")
                        if isinstance(m.get("model"), dict) else m.get("model", "")),
-        training_examples=rt.n_train,
+        training_example_count=rt.n_train,
         dev_accuracy=float(dev) if isinstance(dev, (int, float)) else math.nan,
         scope=rt.task.scope.describe(),
-        scope_parameters=rt.num_params,
+        scope_parameter_count=rt.num_params,
         has_index=rt.has_index,
         has_low_rank=has_lowrank,
         has_ekfac=rt.has_ekfac,

@@ -70,9 +70,10 @@ def _influence(
     solver = solver_settings(v, inf.solver, "influence.solver")
     use_index = v.enum("influence.candidate_search", inf.candidate_search, SEARCH,
                        "CandidateSearch")
-    candidates = inf.candidates
+    candidates = inf.candidate_count
     if not 0 <= candidates <= limits.max_candidates:
-        v.add("influence.candidates", f"must be in 0..{limits.max_candidates}, got {candidates}")
+        v.add("influence.candidate_count", f"must be in 0..{limits.max_candidates}, got "
+              f"{candidates}")
         candidates = 0
     if target is None or score is None:
         return InfluenceSettings()

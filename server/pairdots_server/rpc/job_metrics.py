@@ -16,6 +16,7 @@ from typing import Any
 from pairdots.v1 import pairdots_pb2 as pb
 from pairdots_server.metrics import Metrics
 from pairdots_server.rpc.job_results import METADATA_TYPE
+from pairdots_server.service.registry import model_id
 
 log = logging.getLogger("pairdots.rpc")
 
@@ -55,7 +56,7 @@ def _model_of(record: Any) -> str:
     if record.metadata_type_url != METADATA_TYPE or not record.metadata:
         return ""
     try:
-        return str(pb.JobMetadata.FromString(record.metadata).model)
+        return model_id(str(pb.JobMetadata.FromString(record.metadata).model))
     except Exception:  # noqa: BLE001 (a label never breaks a job)
         log.debug("unreadable JobMetadata on %s", record.name)
         return ""

@@ -51,9 +51,8 @@ def idempotency(
 
 def queued_metadata(kind: str, model: str) -> tuple[str, bytes]:
     """The JobMetadata of a just-created operation (stage "queued")."""
-    now = job_results.timestamp(time.time())
-    meta = pb.JobMetadata(kind=kind, model=model, stage="queued", create_time=now,
-                          update_time=now)
+    now = time.time()
+    meta = job_results.metadata_proto(kind, model, "queued", 0, 0, now, now)
     return job_results.METADATA_TYPE, meta.SerializeToString()
 
 

@@ -9,7 +9,8 @@ Formats:
   * ``.parquet`` those columns (needs the optional ``pyarrow``: ``pip install pairdots[parquet]``)
 Labels are integers in [0, C) or names mapped through ``label_names``; `read_labelled` also
 reads the label set from the data itself (storage/labels.py: integers 0..C-1, names, or
-1-based integers with a classes file); storage/inputs.py reads texts to explain. Any malformed row raises DataError("file:line: what is wrong;
+1-based integers with a classes file). `read_records` is the one file reader: storage/inputs.py
+reads texts to explain with it. Any malformed row raises DataError("file:line: what is wrong;
 what is expected").
 """
 
@@ -76,6 +77,14 @@ class RawRow:
     where: str
 
 
+@dataclass(frozen=True)
+class Record:
+    """One row of a data file: the raw values of the columns asked for, and "file:line"."""
+
+    values: dict[str, Any]
+    where: str
+
+
 def _columns_hint(text_col: str, label_col: str) -> str:
     return (
         f"expected {text_col!r} and {label_col!r}; pass --text-column/--label-column "
@@ -83,49 +92,60 @@ def _columns_hint(text_col: str, label_col: str) -> str:
     )
 
 
-def _rows_from_header(
+def _records_from_header(
     path: Path,
     reader: Iterable[list[str]],
     line_of: Callable[[], int],
-    text_col: str,
-    label_col: str,
+    columns: Sequence[str],
     limit: int | None,
-) -> list[RawRow]:
+    hint: str,
+) -> list[Record]:
     it = iter(reader)
     try:
         header = next(it)
     except StopIteration:
         raise DataError(
-            f"{path}:1: empty file; expected a header row with {text_col!r} and {label_col!r}"
+            f"{path}:1: empty file; expected a header row naming {list(columns)}"
         ) from None
-    missing = [c for c in (text_col, label_col) if c not in header]
+    missing = [c for c in columns if c not in header]
     if missing:
-        raise DataError(
-            f"{path}:1: header {header} lacks column(s) {missing}; "
-            + _columns_hint(text_col, label_col)
-        )
-    ti, li = header.index(text_col), header.index(label_col)
-    out: list[RawRow] = []
+        raise DataError(f"{path}:1: header {header} lacks column(s) {missing}; {hint}")
+    idx = {c: header.index(c) for c in columns}
+    out: list[Record] = []
     for row in it:
         if limit is not None and len(out) >= limit:
             break
         where = f"{path}:{line_of()}"
         if len(row) != len(header):
             raise DataError(f"{where}: {len(row)} columns; expected {len(header)} like the header")
-        out.append(RawRow(check_text(row[ti], where, text_col), row[li], where))
+        out.append(Record({c: row[i] for c, i in idx.items()}, where))
     return out
 
 
-def _read_tsv(path: Path, text_col: str, label_col: str, limit: int | None) -> list[RawRow]:
-    with path.open("r", encoding="utf-8", newline="") as f:
-        first = f.readline().rstrip("\r\n").split("\t")
-    if text_col in first and label_col in first:  # a header row names the columns
+def _read_delimited(
+    path: Path, fmt: str, columns: Sequence[str], limit: int | None, hint: str,
+    headerless: Sequence[str],
+) -> list[Record]:
+    """CSV, or TSV (no quoting: SST-2's texts contain bare quotes). A TSV whose first line does
+    not name the columns is read as headerless rows of the `headerless` columns, in order
+    (``text<TAB>label``), when `headerless` is given."""
+    tsv = fmt == "tsv"
+    if tsv and headerless:
         with path.open("r", encoding="utf-8", newline="") as f:
-            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            return _rows_from_header(
-                path, reader, lambda: reader.line_num, text_col, label_col, limit
-            )
-    out: list[RawRow] = []
+            first = f.readline().rstrip("\r\n").split("\t")
+        if not all(c in first for c in columns):
+            return _read_headerless_tsv(path, columns, limit, headerless)
+    with path.open("r", encoding="utf-8", newline="") as f:
+        reader = (csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv
+                  else csv.reader(f))
+        return _records_from_header(path, reader, lambda: reader.line_num, columns, limit, hint)
+
+
+def _read_headerless_tsv(
+    path: Path, columns: Sequence[str], limit: int | None, headerless: Sequence[str]
+) -> list[Record]:
+    layout = "<TAB>".join(headerless)
+    out: list[Record] = []
     with path.open("r", encoding="utf-8", newline="") as f:
         for lineno, line in enumerate(f, start=1):
             if limit is not None and len(out) >= limit:
@@ -133,25 +153,20 @@ def _read_tsv(path: Path, text_col: str, label_col: str, limit: int | None) -> l
             line = line.rstrip("\r\n")
             where = f"{path}:{lineno}"
             if not line.strip():
-                raise DataError(f"{where}: empty line; expected 'text<TAB>label'")
+                raise DataError(f"{where}: empty line; expected '{layout}'")
             cols = line.split("\t")
-            if len(cols) != 2:
+            if len(cols) != len(headerless):
                 raise DataError(
-                    f"{where}: {len(cols)} tab-separated columns; expected 2 ('text<TAB>label', "
-                    f"no header) or a header row naming {text_col!r} and {label_col!r}"
+                    f"{where}: {len(cols)} tab-separated columns; expected {len(headerless)} "
+                    f"('{layout}', no header) or a header row naming {list(columns)}"
                 )
-            out.append(RawRow(check_text(cols[0], where, "text"), cols[1], where))
+            values = dict(zip(headerless, cols, strict=True))
+            out.append(Record({c: values[c] for c in columns}, where))
     return out
 
 
-def _read_csv(path: Path, text_col: str, label_col: str, limit: int | None) -> list[RawRow]:
-    with path.open("r", encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        return _rows_from_header(path, reader, lambda: reader.line_num, text_col, label_col, limit)
-
-
-def _read_jsonl(path: Path, text_col: str, label_col: str, limit: int | None) -> list[RawRow]:
-    out: list[RawRow] = []
+def _read_jsonl(path: Path, columns: Sequence[str], limit: int | None, hint: str) -> list[Record]:
+    out: list[Record] = []
     with path.open("r", encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if limit is not None and len(out) >= limit:
@@ -167,17 +182,16 @@ def _read_jsonl(path: Path, text_col: str, label_col: str, limit: int | None) ->
                 ) from None
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: a JSON {type(obj).__name__}; expected an object")
-            for col in (text_col, label_col):
+            for col in columns:
                 if col not in obj:
-                    raise DataError(
-                        f"{where}: missing key {col!r} (keys: {sorted(obj)}); "
-                        + _columns_hint(text_col, label_col)
-                    )
-            out.append(RawRow(check_text(obj[text_col], where, text_col), obj[label_col], where))
+                    raise DataError(f"{where}: missing key {col!r} (keys: {sorted(obj)}); {hint}")
+            out.append(Record({c: obj[c] for c in columns}, where))
     return out
 
 
-def _read_parquet(path: Path, text_col: str, label_col: str, limit: int | None) -> list[RawRow]:
+def _read_parquet(
+    path: Path, columns: Sequence[str], limit: int | None, hint: str
+) -> list[Record]:
     try:
         import pyarrow.parquet as pq  # type: ignore[import-untyped]
     except ImportError:
@@ -189,23 +203,50 @@ def _read_parquet(path: Path, text_col: str, label_col: str, limit: int | None) 
         schema = pq.read_schema(path)
     except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError, ArrowIOError an OSError
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-    missing = [c for c in (text_col, label_col) if c not in schema.names]
+    missing = [c for c in columns if c not in schema.names]
     if missing:
-        raise DataError(
-            f"{path}: columns {schema.names} lack {missing}; " + _columns_hint(text_col, label_col)
+        raise DataError(f"{path}: columns {schema.names} lack {missing}; {hint}")
+    table = pq.read_table(path, columns=list(dict.fromkeys(columns)))
+    values = {c: table.column(c).to_pylist() for c in columns}
+    n = table.num_rows if limit is None else min(limit, table.num_rows)
+    return [Record({c: values[c][i] for c in columns}, f"{path}:row {i}") for i in range(n)]
+
+
+def read_records(
+    path: str | Path,
+    fmt: str | None = None,
+    *,
+    columns: Sequence[str],
+    limit: int | None = None,
+    hint: str = "",
+    headerless: Sequence[str] = (),
+) -> list[Record]:
+    """The given columns of every row of a TSV/CSV/JSONL/Parquet file (format from the suffix
+    unless given; at most `limit` rows): the one reader behind `read_rows` (labelled
+    examples) and storage/inputs.py (texts to explain). A TSV without a header is read as
+    rows of the `headerless` columns when given. NotFound for a missing file, DataError naming
+    file:line (with `hint` on what to pass) for a bad row or a missing column."""
+    p = Path(path)
+    fmt = (fmt or infer_format(p)).lower()
+    if fmt not in FORMATS:
+        raise InvalidArgument.for_field(
+            "format", f"unknown format {fmt!r}; use tsv, csv, jsonl or parquet"
         )
-    table = pq.read_table(path, columns=[text_col, label_col])
-    texts = table.column(text_col).to_pylist()
-    labels = table.column(label_col).to_pylist()
-    n = len(texts) if limit is None else min(limit, len(texts))
-    out = []
-    for i in range(n):
-        where = f"{path}:row {i}"
-        out.append(RawRow(check_text(texts[i], where, text_col), labels[i], where))
-    return out
-
-
-_READERS = {"tsv": _read_tsv, "csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}
+    if limit is not None and limit < 0:
+        raise InvalidArgument.for_field("limit", f"must be >= 0, got {limit}")
+    if not p.is_file():
+        raise NotFound(f"dataset file {p} does not exist; check the path")
+    hint = hint or f"expected columns {list(columns)}"
+    try:
+        if fmt in ("csv", "tsv"):
+            return _read_delimited(p, fmt, columns, limit, hint, headerless)
+        if fmt == "jsonl":
+            return _read_jsonl(p, columns, limit, hint)
+        return _read_parquet(p, columns, limit, hint)
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8"
+        ) from None
 
 
 def read_rows(
@@ -217,25 +258,19 @@ def read_rows(
     limit: int | None = None,
 ) -> list[RawRow]:
     """The rows of a TSV/CSV/JSONL/Parquet file with their raw labels (format from the suffix
-    unless given). NotFound for a missing file, DataError naming file:line for a bad row."""
-    p = Path(path)
-    fmt = (fmt or infer_format(p)).lower()
-    if fmt not in FORMATS:
-        raise InvalidArgument.for_field(
-            "format", f"unknown format {fmt!r}; use tsv, csv, jsonl or parquet"
-        )
-    if limit is not None and limit < 0:
-        raise InvalidArgument.for_field("limit", f"must be >= 0, got {limit}")
-    if not p.is_file():
-        raise NotFound(f"dataset file {p} does not exist; check the path")
-    try:
-        out = _READERS[fmt](p, text_column, label_column, limit)
-    except UnicodeDecodeError as exc:
-        raise DataError(
-            f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8"
-        ) from None
+    unless given; a TSV may be headerless ``text<TAB>label``). NotFound for a missing file,
+    DataError naming file:line for a bad row."""
+    records = read_records(
+        path, fmt, columns=(text_column, label_column), limit=limit,
+        hint=_columns_hint(text_column, label_column), headerless=(text_column, label_column),
+    )
+    out = [
+        RawRow(check_text(r.values[text_column], r.where, text_column), r.values[label_column],
+               r.where)
+        for r in records
+    ]
     if not out and limit != 0:
-        raise DataError(f"{p}: no examples; expected at least one row")
+        raise DataError(f"{path}: no examples; expected at least one row")
     return out
 
 

@@ -1,17 +1,15 @@
 """Inputs to explain (ExplainBatch, `pairdots explain --input`): texts with an optional gold
-label and id, from a .txt file (one text a line) or a headed CSV/TSV, JSONL or Parquet file."""
+label and id, from a .txt file (one text a line) or a headed CSV/TSV, JSONL or Parquet file
+(read by storage/data.read_records, the same reader as the training data)."""
 
 from __future__ import annotations
 
-import csv
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from pairdots_server.errors import DataError, FailedPrecondition, InvalidArgument, NotFound
-from pairdots_server.storage.data import check_text, infer_format
+from pairdots_server.errors import DataError, InvalidArgument, NotFound
+from pairdots_server.storage.data import check_text, infer_format, read_records
 from pairdots_server.storage.labels import LabelParser
 
 
@@ -22,44 +20,6 @@ class TextInput:
     text: str
     gold_label: int | None = None
     id: str = ""
-
-
-def _records(path: Path, fmt: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, record) for each row of a headed CSV/TSV, a JSONL or a Parquet file."""
-    if fmt in ("csv", "tsv"):
-        with path.open("r", encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
-            for row in reader:
-                yield f"{path}:{reader.line_num}", dict(row)
-    elif fmt == "jsonl":
-        with path.open("r", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(
-                        f"{where}: invalid JSON ({exc.msg}); expected one object a line"
-                    ) from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{where}: a JSON {type(obj).__name__}; expected an object")
-                yield where, obj
-    else:
-        try:
-            import pyarrow.parquet as pq  # type: ignore[import-untyped]
-        except ImportError:
-            raise FailedPrecondition(
-                f"{path}: reading Parquet needs the optional 'pyarrow' package; "
-                "`pip install pairdots[parquet]`"
-            ) from None
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-        for i, row in enumerate(rows):
-            yield f"{path}:row {i}", row
 
 
 def read_text_inputs(
@@ -96,18 +56,16 @@ def read_text_inputs(
                     if line.strip():
                         add(TextInput(line.rstrip("\r\n"), None, str(lineno)))
         else:
-            for where, rec in _records(p, fmt):
-                if text_column not in rec:
-                    raise DataError(
-                        f"{where}: no column {text_column!r} (columns: {sorted(rec)}); pass "
-                        "the text column's name (--text-column / text_column)"
-                    )
-                for col in (label_column, id_column):
-                    if col and col not in rec:
-                        raise DataError(f"{where}: no column {col!r} (columns: {sorted(rec)})")
-                text = check_text(rec[text_column], where, text_column)
-                gold = parse(rec[label_column], where) if label_column else None
-                rid = str(rec[id_column]) if id_column else str(len(out))
+            columns = list(dict.fromkeys(c for c in (text_column, label_column, id_column) if c))
+            hint = ("pass the names of your columns (--text-column/--label-column/--id-column; "
+                    "text_column/label_column/id_column)")
+            # one row over the limit is read, so that more than `limit` is an error
+            records = read_records(p, fmt, columns=columns, hint=hint,
+                                   limit=None if limit is None else limit + 1)
+            for rec in records:
+                text = check_text(rec.values[text_column], rec.where, text_column)
+                gold = parse(rec.values[label_column], rec.where) if label_column else None
+                rid = str(rec.values[id_column]) if id_column else str(len(out))
                 add(TextInput(text, gold, rid))
     except UnicodeDecodeError as exc:
         raise DataError(
