@@ -22,7 +22,9 @@ fire under ``torch.func.functional_call``); δ = ∂(Σ_n sqrt(w_n) L_n)/∂y co
 zeroed in a and δ and not counted, so they contribute nothing. Inputs that are [B,I] (pooler,
 classifier) count as one token per example. Pass 1 accumulates A, S and the diagonal of the
 other parameters (per-example gradients from ``core.grads.per_example_loss_grads``, hooks
-off); pass 2 (EK-FAC only) accumulates Λ = Σ_n (Q_Sᵀ G_n Q_A)² with G_n = Σ_t δ_t a_tᵀ.
+off); pass 2 (EK-FAC only) accumulates Λ = Σ_n (Q_Sᵀ G_n Q_A)² with G_n = Σ_t δ_t a_tᵀ,
+computed as Σ_t (Q_Sᵀ δ_t)(Q_Aᵀ a_t)ᵀ (rotate per token, then contract: no [O, I] rotation per
+example).
 The sampled labels are drawn from a generator reset to ``seed`` at the start of each pass, so
 both passes see the same labels. The hooks and the recorded pass are in ``core.kfac_capture``,
 the Fisher label terms in ``core.fisher_terms``; this module runs the two passes.
@@ -194,16 +196,20 @@ def fit_kfac(
                     acts.append(with_bias_column(a, m, has_bias[name]).to(accum_dtype))  # [B,T,I']
                 for y, w in terms:
                     deltas = output_deltas(logits, y, w, records)
+                    # Q_Sᵀ G_n Q_A = Σ_t (Q_Sᵀ δ_t)(Q_Aᵀ a_t)ᵀ: rotate each token's δ and a,
+                    # then contract over tokens (T·(O² + I'²) + T·O·I' flops per example,
+                    # instead of O²·I' + O·I'² for rotating G_n itself)
                     g_n: dict[str, Tensor] = {}
                     for (name, _, _), a, delta in zip(records, acts, deltas, strict=True):
                         if delta is None:
                             continue
-                        d, _ = masked_tokens(delta, mask)
-                        g = torch.einsum("bto,bti->boi", d.to(accum_dtype), a)  # G_n [B,O,I']
-                        g_n[name] = g_n[name] + g if name in g_n else g
-                    for name, g in g_n.items():
                         qa, _, qs, _ = eig[name]
-                        rot = qs.T @ g @ qa  # [B,O,I']
+                        d, _ = masked_tokens(delta, mask)
+                        rot = torch.einsum(
+                            "bto,bti->boi", d.to(accum_dtype) @ qs, a @ qa
+                        )  # Q_Sᵀ G_n Q_A [B,O,I']
+                        g_n[name] = g_n[name] + rot if name in g_n else rot
+                    for name, rot in g_n.items():
                         lam_sum[name] += rot.square().sum(0)
                 del logits, records
             stats["pass2_seconds"] = time.perf_counter() - t0

@@ -21,8 +21,10 @@ import torch
 from torch import Tensor
 
 from pairdots_server.compute import ComputeGate
+from pairdots_server.core.aliases import LogitsFn
 from pairdots_server.core.batches import Batch
 from pairdots_server.core.curvature import Curvature
+from pairdots_server.core.scoring import Row, pad_rows
 from pairdots_server.errors import BundleError
 from pairdots_server.influence.scope_inputs import SCOPE_INPUTS_FILE, ScopeInputs, cache_key
 from pairdots_server.model.scope_split import ScopeSplit
@@ -74,8 +76,11 @@ class EncodedExamples:
 
 class TrainingSample:
     """A BatchProvider (core.batches) over a fixed, seeded sample of training examples
-    (curvature H = mean over the sample). Encoded once on first use; each minibatch is
-    trimmed to its own longest example so short sentences don't pay for long ones."""
+    (curvature H = mean over the sample), for the runtime's curvature_logits_fn: with the scope
+    split, batches of h_L from the scope-input cache (the frozen layers below the scope run
+    once per example, not once per curvature-vector product); else the word embeddings,
+    encoded once on first use. Each minibatch is trimmed to its own longest example so short
+    sentences don't pay for long ones."""
 
     def __init__(self, runtime: ModelRuntime, size: int, batch_size: int, seed: int) -> None:
         n = len(runtime.bundle.train)
@@ -89,7 +94,14 @@ class TrainingSample:
     def __len__(self) -> int:
         return len(self.indices)
 
+    @property
+    def logits_fn(self) -> LogitsFn:
+        """What the batches feed: the runtime's curvature_logits_fn."""
+        return self._runtime.curvature_logits_fn
+
     def _rows(self, rows: Sequence[int]) -> Batch:
+        if self._runtime.split is not None:
+            return self._runtime.train_batch([self.indices[r] for r in rows])
         with self._lock:
             if self._encoded is None:
                 self._encoded = self._runtime.encode_train(self.indices)
@@ -109,9 +121,11 @@ class TrainingSample:
 
 
 class TrainingPass:
-    """A BatchProvider (``full()`` only) over EVERY training example, encoded batch by batch
-    (memory: one batch), in order of text length so each batch pads little. What the EK-FAC
-    and diagonal fits run over (the curvature of the whole training set)."""
+    """A BatchProvider over EVERY training example in order of text length (each batch pads
+    little), for the runtime's curvature_logits_fn (train_batch: h_L from the scope-input
+    cache with the scope split, which then holds every example's rows; else encoded batch by
+    batch). What the EK-FAC and diagonal fits run over (the curvature of the whole training
+    set)."""
 
     def __init__(self, runtime: ModelRuntime, batch_size: int) -> None:
         if batch_size < 1:
@@ -131,17 +145,18 @@ class TrainingPass:
     def __iter__(self) -> Iterator[Batch]:
         return self.full()
 
+    @property
+    def logits_fn(self) -> LogitsFn:
+        """What the batches feed: the runtime's curvature_logits_fn."""
+        return self._runtime.curvature_logits_fn
+
     def full(self) -> Iterator[Batch]:
         for start in range(0, len(self.indices), self.batch_size):
-            enc = self._runtime.encode_train(self.indices[start : start + self.batch_size])
-            t = int(enc.mask.sum(dim=1).max())
-            yield Batch(enc.embeds[:, :t], enc.mask[:, :t], enc.labels)
+            yield self._runtime.train_batch(self.indices[start : start + self.batch_size])
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         pick = torch.randperm(len(self.indices), generator=generator)[:batch_size].tolist()
-        enc = self._runtime.encode_train([self.indices[i] for i in pick])
-        t = int(enc.mask.sum(dim=1).max())
-        return Batch(enc.embeds[:, :t], enc.mask[:, :t], enc.labels)
+        return self._runtime.train_batch([self.indices[i] for i in pick])
 
 
 class LRUCache:
@@ -238,6 +253,32 @@ class ModelRuntime:
         examples = [self.bundle.train[i] for i in indices]
         enc = self.encode_texts([e.text for e in examples], [e.label for e in examples])
         return replace(enc, indices=list(indices))
+
+    @property
+    def curvature_logits_fn(self) -> LogitsFn:
+        """The LogitsFn that train_batch's batches feed: the scoped top over h_L with the scope
+        split (model/scope_split.py), else Task.logits_fn over word embeddings. Gradients and
+        curvature with respect to θ_scope are the same either way (up to round-off)."""
+        return self.task.logits_fn if self.split is None else self.split.top
+
+    def train_batch(self, indices: Sequence[int]) -> Batch:
+        """Training examples `indices` as one Batch for curvature_logits_fn, trimmed to the
+        longest: with the split, h_L rows of the scope-input cache (computed on first use,
+        in the model's dtype) padded [B,t,D] with mask [B,t]; else the embedded texts."""
+        if self.split is None:
+            enc = self.encode_train(indices)
+            t = int(enc.mask.sum(dim=1).max())
+            return Batch(enc.embeds[:, :t], enc.mask[:, :t], enc.labels)
+        cache = self.scope_inputs()
+        assert cache is not None
+        train = self.bundle.train
+        dtype = self.task.dtype
+        rows = [Row(h.to(dtype), torch.ones(h.shape[0], dtype=torch.long, device=h.device),
+                    train[i].label)
+                for i, h in zip(indices, cache.rows(indices, [len(train[i].text) for i in indices]),
+                                strict=True)]
+        hidden, mask, labels = pad_rows(rows)  # [B,t,D], [B,t], [B]
+        return Batch(hidden, mask, labels)
 
     def training_pass(self, batch_size: int = 32) -> TrainingPass:
         """Every training example, batch by batch (the EK-FAC / diagonal fits)."""

@@ -34,7 +34,7 @@ def curvature_operator(rt: ModelRuntime, curvature: Curvature, seed: int) -> Cur
     sample = rt.curvature_sample(
         int(setting(rt, "curvature_sample")), int(setting(rt, "curvature_batch_size")), seed
     )
-    return CurvatureOperator(rt.task.logits_fn, rt.params, sample, curvature=curvature)
+    return CurvatureOperator(sample.logits_fn, rt.params, sample, curvature=curvature)
 
 
 def lambda_max(rt: ModelRuntime, op: CurvatureOperator, seed: int) -> float:
