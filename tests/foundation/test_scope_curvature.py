@@ -88,3 +88,26 @@ def test_lowrank_fit_matches_the_full_model(pair: tuple[ModelRuntime, ModelRunti
     assert a["eigvals"].numel() == 4 and float(b["eigvals"].max()) > 0
     torch.testing.assert_close(a["eigvals"], b["eigvals"], rtol=1e-3,
                                atol=1e-6 * float(b["eigvals"].abs().max()))
+
+
+def test_prepare_takes_the_diagonal_from_the_index_pass(
+    pair: tuple[ModelRuntime, ModelRuntime], tmp_path: Path,
+) -> None:
+    """build_bundle_artifacts (what prepare runs) accumulates the diagonal empirical Fisher
+    from the index's per-example gradients: the same d as its own pass (fit_diagonal)."""
+    from pairdots_server.influence.artifacts import ArtifactConfig, build_bundle_artifacts
+    from pairdots_server.influence.runtime import DIAGONAL_FILE
+
+    split, full = pair
+    cfg = ArtifactConfig(index_dim=16, low_rank=0, ekfac=False, diagonal=True, curvature=CFG)
+    built = build_bundle_artifacts(split, cfg, tmp_path, progress=False)
+    content = built.files[DIAGONAL_FILE]
+    assert isinstance(content, bytes)
+    got = _tensors(content)
+    ref = _tensors(fit_diagonal_artifact(full, CFG, progress=False).content)
+    assert float(ref["diag"].max()) > 0
+    torch.testing.assert_close(got["diag"], ref["diag"], rtol=1e-4,
+                               atol=1e-6 * float(ref["diag"].max()))
+    torch.testing.assert_close(got["meta"], ref["meta"])
+    info = built.manifest["curvature"]["diagonal"]
+    assert info["num_examples"] == split.n_train and info["fisher"] == "empirical"

@@ -128,3 +128,40 @@ def test_evaluate_matches_predict(tiny_task: Task) -> None:
     assert ev.accuracy == want
     nll = -torch.log(probs[torch.arange(10), torch.tensor([e.label for e in exs])]).mean()
     assert ev.loss == pytest.approx(float(nll), rel=1e-9)
+
+
+def _dropout_zero_patterns(task: Task, train: list, cfg: TrainConfig) -> list[list[torch.Tensor]]:
+    """Per training step, the zero pattern of every dropout module's output (= its mask:
+    the inputs are never exactly 0)."""
+    steps: list[list[torch.Tensor]] = [[]]
+    mods = [m for m in task.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert mods and all(m.p > 0 for m in mods)
+    hooks = [m.register_forward_hook(lambda _m, _i, out: steps[-1].append(out == 0))
+             for m in mods]
+    try:
+        fine_tune(task, train, cfg, progress=lambda s, total, loss: steps.append([]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return steps[:-1]
+
+
+def test_a_changed_example_changes_only_its_own_steps_dropout(tiny_dir: Path) -> None:
+    """Lengthening one training example (an attack's longer synonym) changes the dropout masks
+    of the steps whose batch holds it and of no other step: a retrain's difference is the
+    edit's, not a reshuffled random stream."""
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-3, max_length=32, seed=4)
+    train = synthetic_examples(32, seed=5)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    first = order[0]  # in step 1's batch
+    longer = list(train)
+    longer[first] = type(train[first])(train[first].text + " and then some more words here",
+                                       train[first].label)
+    a = _dropout_zero_patterns(_task(tiny_dir), train, cfg)
+    b = _dropout_zero_patterns(_task(tiny_dir), longer, cfg)
+    assert len(a) == len(b) == 4
+    assert a[0][0].shape != b[0][0].shape  # step 1's batch got longer
+    for step in range(1, 4):  # the later batches are the same texts: the same masks
+        assert len(a[step]) == len(b[step])
+        for x, y in zip(a[step], b[step], strict=True):
+            assert torch.equal(x, y), f"step {step + 1}: other dropout masks"

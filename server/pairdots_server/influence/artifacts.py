@@ -135,14 +135,16 @@ def _meta(rt: ModelRuntime, cfg: ArtifactConfig) -> Any:
 def build_index_dir(
     rt: ModelRuntime, cfg: ArtifactConfig, out_dir: Path, progress: bool = True,
     should_stop: Callable[[], None] | None = None,
+    grad_fn: Callable[[Sequence[int]], Tensor] | None = None,
 ) -> Path:
-    """Project every training gradient and write an index directory."""
+    """Project every training gradient and write an index directory (grad_fn: the gradient
+    rows to project, default train_grad_fn(rt); prepare passes a DiagonalFromGradients)."""
     from pairdots_server.index.build import compute_projected
     from pairdots_server.index.store import save_index_data
 
     meta = _meta(rt, cfg)
     ids, vectors = compute_projected(
-        train_grad_fn(rt), range(rt.n_train), _projection(meta),
+        grad_fn or train_grad_fn(rt), range(rt.n_train), _projection(meta),
         cfg.grad_batch_size, progress, should_stop,
     )
     return save_index_data(out_dir, ids, vectors, meta)
@@ -169,6 +171,46 @@ def merge_index_parts(parts_dir: Path, out_dir: Path) -> Path:
 
     ids, vectors, meta = merge_shards(parts_dir)
     return save_index_data(out_dir, ids, vectors, meta)
+
+
+class DiagonalFromGradients:
+    """A gradient function that also accumulates the diagonal empirical Fisher of the rows it
+    returns: d = (1/N) Σ_i ∇θL(z_i)², the gold-label per-example gradients the index projects
+    (the same quantity as fit_diagonal(fisher="empirical"), without a second pass over the
+    training set). Call it on every training example once, then artifact()."""
+
+    def __init__(self, grad_fn: Callable[[Sequence[int]], Tensor]) -> None:
+        self.grad_fn = grad_fn
+        self.total: Tensor | None = None  # Σ_i g_i² [P] (float64)
+        self.count = 0
+        self.seconds = 0.0  # time spent accumulating (the gradients are the index's)
+        self.dtype: torch.dtype | None = None
+
+    def __call__(self, indices: Sequence[int]) -> Tensor:
+        grads = self.grad_fn(indices)  # [B, P]
+        t0 = time.perf_counter()
+        part = grads.double().square().sum(0)  # [P]
+        self.total = part if self.total is None else self.total + part
+        self.count += int(grads.shape[0])
+        self.dtype = grads.dtype
+        self.seconds += time.perf_counter() - t0
+        return grads
+
+    def artifact(self, rt: ModelRuntime, batch_size: int) -> FittedArtifact:
+        """The diagonal.safetensors artifact of the accumulated rows."""
+        from pairdots_server.core.ihvp.diagonal import DiagonalFactors
+
+        if self.total is None or self.count != rt.n_train:
+            raise RuntimeError(f"diagonal: {self.count} of {rt.n_train} gradients accumulated")
+        assert self.dtype is not None
+        factors = DiagonalFactors((self.total / self.count).to(self.dtype), "empirical",
+                                  self.count)
+        content = _safetensors(factors.to_tensors())
+        return FittedArtifact("diagonal", DIAGONAL_FILE, content, _info(
+            rt, DIAGONAL_FILE, self.seconds, content, num_examples=factors.num_examples,
+            fisher=factors.fisher, batch_size=batch_size, seed=None,
+            factor_bytes=factors.num_bytes, fitted_with="the index's per-example gradients",
+        ))
 
 
 def index_files(index_dir: Path) -> dict[str, Path]:
@@ -392,16 +434,23 @@ def build_bundle_artifacts(
     should_stop: Callable[[], None] | None = None,
 ) -> BuiltArtifacts:
     """The index, low-rank, EK-FAC and diagonal artifacts `cfg` asks for, with their fit
-    records for manifest["curvature"]."""
+    records for manifest["curvature"]. With the index, the diagonal empirical Fisher comes
+    from the index's per-example gradients (DiagonalFromGradients) instead of its own pass."""
     files: dict[str, bytes | Path] = {}
     fitted: list[FittedArtifact] = []
+    kinds = [k for k, on in (("ekfac", cfg.ekfac), ("diagonal", cfg.diagonal)) if on]
+    diagonal: DiagonalFromGradients | None = None
     if cfg.index:
+        if "diagonal" in kinds and cfg.curvature.diagonal_fisher == "empirical":
+            diagonal = DiagonalFromGradients(train_grad_fn(rt))  # d from the index's pass
+            kinds.remove("diagonal")
         files.update(index_files(build_index_dir(rt, cfg, scratch / INDEX_DIR, progress,
-                                                 should_stop)))
+                                                 should_stop, grad_fn=diagonal)))
+    if diagonal is not None:
+        fitted.append(diagonal.artifact(rt, cfg.grad_batch_size))
     if cfg.low_rank > 0:
         fitted.append(fit_lowrank_artifact(rt, cfg.low_rank, cfg.low_rank_seed, progress,
                                            should_stop))
-    kinds = [k for k, on in (("ekfac", cfg.ekfac), ("diagonal", cfg.diagonal)) if on]
     if kinds:
         fitted.extend(fit_curvature(rt, kinds, cfg.curvature, progress, should_stop))
     more, manifest = curvature_files_and_manifest(fitted)

@@ -3,8 +3,16 @@ attack and §4.3 repair perturb the training set).
 
 Objective: mean cross-entropy (1/|B|) Σ_{z∈B} -log p(y|x; θ) minimised with AdamW
 (decoupled weight decay, biases and LayerNorm weights excluded) under a linear warm-up /
-linear decay learning-rate schedule. Seeded: the batch order and dropout masks come from
-``torch.Generator``/``torch.manual_seed(seed)``, so a CPU run is repeatable bit for bit.
+linear decay learning-rate schedule. Seeded: the batch order comes from a
+``torch.Generator`` seeded by ``seed``, and the dropout masks of step s from the global RNG
+re-seeded to ``step_seed(seed, s)`` before that step, so a CPU run is repeatable bit for bit.
+
+Why per step: a dropout mask has the shape of its batch ([b, T, D], T the batch's longest
+text), so with one seed for the whole run, a training example whose length changes (an
+attack's synonym with another number of word pieces) changes how many random numbers its
+batch draws, and every later step of the retrain then gets other masks: the retrained model
+differs by a fresh dropout draw, not by the edit. Re-seeded per step, only the edited
+example's own batch sees other masks, so a retrain responds to what was changed.
 """
 
 from __future__ import annotations
@@ -115,6 +123,12 @@ def _param_groups(
     return decay + no_decay, groups
 
 
+def step_seed(seed: int, step: int) -> int:
+    """The global RNG seed of training step `step` of a run seeded by `seed` (its dropout
+    masks): distinct per (seed, step), independent of what earlier steps drew."""
+    return (seed * 1_000_003 + step) % 2**63
+
+
 def fine_tune(
     task: Task,
     examples: Sequence[Example],
@@ -150,7 +164,7 @@ def fine_tune(
             return (step + 1) / (warmup + 1)
         return max(0.0, (total - step) / max(1, total - warmup))
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(step_seed(cfg.seed, 0))
     gen = torch.Generator().manual_seed(cfg.seed)
     params, groups = _param_groups(task, cfg.scope_only, cfg.weight_decay)
     for p in params:
@@ -178,6 +192,7 @@ def fine_tune(
                 if should_stop is not None:
                     should_stop()
                 batch = [examples[i] for i in order[start : start + cfg.batch_size]]
+                torch.manual_seed(step_seed(cfg.seed, step))  # this step's dropout masks
                 enc = task.encode([ex.text for ex in batch], max_length=cfg.max_length)
                 y = torch.tensor([ex.label for ex in batch], device=task.device)  # [b]
                 logits = task.forward_ids(enc.input_ids, enc.attention_mask)  # [b, C]
