@@ -27,7 +27,7 @@ from collections.abc import Mapping
 import pytest
 import torch
 import torch.nn.functional as F
-from core_tiny import explicit_ggn
+from core_tiny import explicit_ggn, make_logits_fn
 from torch import Tensor, nn
 
 from pairdots_server.core.batches import Batch, TensorBatches
@@ -532,3 +532,22 @@ def test_matches_kronfluence(tiny, params, fitted, tmp_path) -> None:
     x = torch.stack([solver.solve(row).x for row in g])
     ours = g[:, keep] @ x[:, keep].T
     torch.testing.assert_close(ours, scores_kf, rtol=1e-10, atol=1e-10 * float(ours.abs().max()))
+
+
+def test_float32_products_match_the_float64_fit(tiny, params, fitted) -> None:
+    """A float32 model computes aᵀa, δᵀδ and the rotated gradients in float32 (sums in
+    float64): the eigenvalues Λ and the Kronecker eigenvalues stay within 1e-4 of the float64
+    fit of the same model."""
+    model32 = copy.deepcopy(tiny.model).float()
+    names = dict(model32.named_parameters())
+    p32 = {k: names[k].detach() for k in params}
+    b32 = [Batch(b.embeds.float(), b.mask, b.labels) for b in batches_of(tiny)]
+
+    got = fit_ekfac(model32, p32, make_logits_fn(model32), b32, fisher="expected")
+    ref = fitted["expected"]
+    for g, r in zip(got.linear, ref.linear, strict=True):
+        assert g.module == r.module and g.lam.dtype == torch.float32
+        scale = float(r.lam.abs().max())
+        torch.testing.assert_close(g.lam.double(), r.lam, rtol=1e-4, atol=1e-5 * scale)
+        torch.testing.assert_close(g.eig_a.double(), r.eig_a, rtol=1e-4,
+                                   atol=1e-5 * float(r.eig_a.abs().max()))

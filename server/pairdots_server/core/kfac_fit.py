@@ -88,7 +88,8 @@ def fit_kfac(
     the flat-θ order); logits_fn(params, embeds [B,T,D], mask [B,T]) -> logits [B,C] (it is also
     called with a subset of ``params`` — the non-Linear ones — under vmap, as in core.grads);
     batches: a list of ``Batch`` / (embeds, mask, labels) tuples, or a BatchProvider.
-    Accumulates in ``accum_dtype`` (float64), eigendecomposes in float64, stores the factors in
+    Products (aᵀa, δᵀδ, the rotated per-example gradients) are computed in the params' dtype
+    and summed in ``accum_dtype`` (float64); eigendecomposes in float64, stores the factors in
     ``factor_dtype`` (default: the params' dtype). Cost: pass 1 = one forward + (terms) backward
     passes per batch + per-example gradients of the non-Linear parameters; pass 2 (EK-FAC) the
     same without the per-example gradients.
@@ -132,8 +133,8 @@ def fit_kfac(
             capture.records = []
             for name, a_raw, _ in records:
                 a, m = masked_tokens(a_raw, mask)
-                a = with_bias_column(a, m, has_bias[name]).to(accum_dtype).reshape(-1, a_sum[name].shape[0])
-                a_sum[name] += a.T @ a
+                a = with_bias_column(a, m, has_bias[name]).reshape(-1, a_sum[name].shape[0])
+                a_sum[name] += (a.T @ a).to(accum_dtype)  # product in compute dtype, sum in accum
                 tokens[name] += float(m.sum())
             for y, w in terms:
                 deltas = output_deltas(logits, y, w, records)
@@ -141,8 +142,8 @@ def fit_kfac(
                     if delta is None:
                         continue
                     d, _ = masked_tokens(delta, mask)
-                    d = d.to(accum_dtype).reshape(-1, d.shape[-1])
-                    s_sum[name] += d.T @ d
+                    d = d.reshape(-1, d.shape[-1])
+                    s_sum[name] += (d.T @ d).to(accum_dtype)
             if other:
                 sq = squared_grad_sum(logits_fn, other, embeds, mask, terms, chunk_size, vmap_mask)
                 offset = 0
@@ -181,6 +182,7 @@ def fit_kfac(
                 for n in linears
             }
             gen = torch.Generator().manual_seed(seed)
+            bases = {n: (eig[n][0].to(first.dtype), eig[n][2].to(first.dtype)) for n in linears}
             for batch in get_batches():
                 if should_stop is not None:
                     should_stop()
@@ -193,7 +195,7 @@ def fit_kfac(
                 acts = []
                 for name, a_raw, _ in records:
                     a, m = masked_tokens(a_raw, mask)
-                    acts.append(with_bias_column(a, m, has_bias[name]).to(accum_dtype))  # [B,T,I']
+                    acts.append(with_bias_column(a, m, has_bias[name]))  # [B,T,I']
                 for y, w in terms:
                     deltas = output_deltas(logits, y, w, records)
                     # Q_Sᵀ G_n Q_A = Σ_t (Q_Sᵀ δ_t)(Q_Aᵀ a_t)ᵀ: rotate each token's δ and a,
@@ -203,14 +205,12 @@ def fit_kfac(
                     for (name, _, _), a, delta in zip(records, acts, deltas, strict=True):
                         if delta is None:
                             continue
-                        qa, _, qs, _ = eig[name]
+                        qa, qs = bases[name]
                         d, _ = masked_tokens(delta, mask)
-                        rot = torch.einsum(
-                            "bto,bti->boi", d.to(accum_dtype) @ qs, a @ qa
-                        )  # Q_Sᵀ G_n Q_A [B,O,I']
+                        rot = torch.einsum("bto,bti->boi", d @ qs, a @ qa)  # Q_Sᵀ G_n Q_A [B,O,I']
                         g_n[name] = g_n[name] + rot if name in g_n else rot
                     for name, rot in g_n.items():
-                        lam_sum[name] += rot.square().sum(0)
+                        lam_sum[name] += rot.square().sum(0).to(accum_dtype)
                 del logits, records
             stats["pass2_seconds"] = time.perf_counter() - t0
     finally:
