@@ -34,11 +34,11 @@ from _results import write_result
 ROOT = Path(__file__).resolve().parent.parent
 # the first progress line of each stage (cli prepare / model.train / influence.artifacts)
 STAGE_LINES = {
-    "fine_tune": re.compile(r"^(epoch|step|fine-tun|training)", re.I),
-    "index": re.compile(r"index|projected gradients", re.I),
-    "lowrank": re.compile(r"low-?rank|Lanczos", re.I),
-    "ekfac": re.compile(r"fitting ekfac", re.I),
-    "diagonal": re.compile(r"fitting diagonal", re.I),
+    "fine_tune": re.compile(r"^(epoch|step|fine-tun|training)", re.IGNORECASE),
+    "index": re.compile(r"index|projected gradients", re.IGNORECASE),
+    "lowrank": re.compile(r"low-?rank|Lanczos", re.IGNORECASE),
+    "ekfac": re.compile(r"fitting ekfac", re.IGNORECASE),
+    "diagonal": re.compile(r"fitting diagonal", re.IGNORECASE),
 }
 
 

@@ -15,7 +15,7 @@ plus an optional L2 term: H v + l2·v.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +121,33 @@ class CurvatureOperator:
         return flatten(hv).detach()
 
 
+def power_iteration(
+    apply: Callable[[Tensor], Tensor], dim: int, *, iters: int, seed: int,
+    dtype: torch.dtype, device: torch.device | str, rayleigh: bool,
+) -> float:
+    """The dominant eigenvalue of the linear map `apply` on R^dim by power iteration from a
+    seeded Gaussian start: y ← A y / ‖A y‖; the estimate is the Rayleigh quotient yᵀA y
+    (rayleigh, for a symmetric A: its sign is kept) or ‖A y‖ (for A similar to an SPD matrix,
+    e.g. M⁻¹(H + δI)) at the last step. Stops early when A y is 0 or not finite."""
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randn(dim, generator=gen, dtype=dtype).to(device)
+    y /= y.norm()
+    lam = 0.0
+    for _ in range(iters):
+        z = apply(y)
+        norm = z.norm()
+        if rayleigh:
+            lam = float(y @ z)
+        if not torch.isfinite(norm) or norm == 0:
+            break
+        if not rayleigh:
+            lam = float(norm)
+        y = z / norm
+    return lam
+
+
 def estimate_lambda_max(
     op: CurvatureOperator, iters: int = 20, seed: int = 0, batch: Batch | None = None
 ) -> float:
@@ -128,17 +155,5 @@ def estimate_lambda_max(
 
     For the PSD GGN this is λ_max; for an indefinite Hessian it may be the most negative one.
     """
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
-    gen = torch.Generator().manual_seed(seed)
-    v = torch.randn(op.num_params, generator=gen, dtype=op.dtype).to(op.device)
-    v /= v.norm()
-    lam = 0.0
-    for _ in range(iters):
-        hv = op.matvec(v, batch)
-        lam = float(v @ hv)
-        norm = hv.norm()
-        if not torch.isfinite(norm) or norm == 0:
-            break
-        v = hv / norm
-    return lam
+    return power_iteration(lambda v: op.matvec(v, batch), op.num_params, iters=iters,
+                           seed=seed, dtype=op.dtype, device=op.device, rayleigh=True)

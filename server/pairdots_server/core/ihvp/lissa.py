@@ -53,7 +53,7 @@ from torch import Tensor
 
 from pairdots_server.core.aliases import ShouldStop
 from pairdots_server.core.batches import Batch
-from pairdots_server.core.curvature import CurvatureOperator, estimate_lambda_max
+from pairdots_server.core.curvature import CurvatureOperator, estimate_lambda_max, power_iteration
 from pairdots_server.core.exceptions import SolverDiverged, SolverError
 from pairdots_server.core.ihvp.base import (
     InverseHVPSolver,
@@ -97,20 +97,9 @@ def estimate_preconditioned_lambda_max(
     """μ̃_max, the largest eigenvalue of M⁻¹(H + δI) (H on ``batch``, or the full data), by power
     iteration: y ← M⁻¹A y / ‖M⁻¹A y‖, estimate ‖M⁻¹A y‖ / ‖y‖ at the last step. M⁻¹A is
     similar to the symmetric M^{-1/2} A M^{-1/2}, so its eigenvalues are real and positive."""
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
-    gen = torch.Generator().manual_seed(seed)
-    y = torch.randn(op.num_params, generator=gen, dtype=op.dtype).to(op.device)
-    y /= y.norm()
-    lam = 0.0
-    for _ in range(iters):
-        z = apply_inverse(m_inv, op.matvec(y, batch) + damping * y)
-        norm = z.norm()
-        if not torch.isfinite(norm) or norm == 0:
-            break
-        lam = float(norm)
-        y = z / norm
-    return lam
+    return power_iteration(
+        lambda y: apply_inverse(m_inv, op.matvec(y, batch) + damping * y), op.num_params,
+        iters=iters, seed=seed, dtype=op.dtype, device=op.device, rayleigh=False)
 
 
 class LissaSolver(InverseHVPSolver):
