@@ -2,9 +2,10 @@
 
 The curvature operator is the served one (GGN over the bundle's seeded curvature sample,
 δ = damping_ratio · λ_max as the server resolves it), evaluated on the hidden states entering
-the scope, cached once (faithfulness.ScopeModel; the frozen layers below the scope are constant,
-so H is the same: the relative difference to the full-model product on one batch is reported).
-The served code path (solver_policy.solve_s_test, SOLVER_LISSA with no options) runs on it.
+the scope, cached once (the served operator does this itself since runtime.train_batch: the
+frozen layers below the scope are constant, so H is the same; the relative difference to the
+full-model product of the same bundle without the split, on one batch, is reported). The
+served code path (solver_policy.solve_s_test, SOLVER_LISSA with no options) runs on it.
 For each query (an SST-2 test sentence; v = ∇θ m_y, the prediction-level measurement):
 
   * the served LiSSA: iterations, relative change, converged, time (and the wall time with
@@ -27,18 +28,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from _common import load_runtime, log, no_stop, sample_sentences
-from _influence import _pad, training_pass
+from _influence import training_pass
 from _results import write_result
 from faithfulness import ScopeModel
 from torch import Tensor
 
-from pairdots_server.core.batches import Batch
-from pairdots_server.core.curvature import Curvature, CurvatureOperator
+from pairdots_server.core.curvature import Curvature
 from pairdots_server.core.ihvp.base import InverseHVPSolver
 from pairdots_server.core.ihvp.cg import CGSolver
 from pairdots_server.core.ihvp.lissa import (
@@ -218,35 +217,6 @@ def served(rt: ModelRuntime, v: Tensor) -> tuple[Tensor, dict[str, Any]]:
     return x, out
 
 
-class CachedScopeBatches:
-    """A BatchProvider over the served curvature sample with the hidden states entering the
-    scope cached (faithfulness.ScopeModel): the same batches in the same order as the sample's
-    own ``full()``, each trimmed to its longest example; ``sample`` draws random rows."""
-
-    def __init__(self, rt: ModelRuntime, sm: ScopeModel, sample: Any) -> None:
-        self.batch_size = sample.batch_size
-        self.rows: list[tuple[Tensor, int]] = []
-        for b in sample.full():
-            h = sm.hidden(b.embeds, b.mask)
-            for j in range(b.size):
-                self.rows.append((h[j, : int(b.mask[j].sum())].clone(), int(b.labels[j])))
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def _batch(self, idx: list[int]) -> Batch:
-        h, m = _pad([self.rows[i][0] for i in idx])
-        return Batch(h, m, torch.tensor([self.rows[i][1] for i in idx]))
-
-    def full(self) -> Iterator[Batch]:
-        for start in range(0, len(self.rows), self.batch_size):
-            yield self._batch(list(range(start, min(start + self.batch_size, len(self.rows)))))
-
-    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
-        pick = torch.randperm(len(self.rows), generator=generator)[:batch_size].tolist()
-        return self._batch(pick)
-
-
 def timed(fn: Any, *a: Any) -> tuple[Any, float]:
     t = time.perf_counter()
     out = fn(*a)
@@ -278,31 +248,30 @@ def main() -> None:
 
     rt, load_s = load_runtime(args.bundle, args.threads)
     log(f"loaded {rt.name} in {load_s:.1f} s: P = {rt.num_params}, N = {rt.n_train}")
-    served_op = solvers_iterative.curvature_operator(rt, Curvature.GGN, args.seed)
-    b0 = next(iter(served_op.batches.full()))
+    # the served curvature operator feeds the scoped top from cached h_L (runtime.train_batch);
+    # the same bundle without the split runs every layer per product: the reference
+    op = solvers_iterative.curvature_operator(rt, Curvature.GGN, args.seed)
+    full_rt = ModelRuntime(rt.bundle, scope_inputs=False, warm_words=False)
+    full_op = solvers_iterative.curvature_operator(full_rt, Curvature.GGN, args.seed)
     probe = torch.randn(rt.num_params, generator=torch.Generator().manual_seed(1))
-    served_op.matvec(probe, b0)  # first call pays one-off costs
-    hv_full_model, t_served_batch = timed(served_op.matvec, probe, b0)
-    sm = ScopeModel(rt)
-    cached, t_cache = timed(CachedScopeBatches, rt, sm, served_op.batches)
-    op = CurvatureOperator(sm.logits, rt.params, cached, Curvature.GGN)
-    hv_scope, t_scope_batch = timed(op.matvec, probe, next(iter(cached.full())))
+    b_full = next(iter(full_op.batches.full()))
+    full_op.matvec(probe, b_full)  # first call pays one-off costs
+    hv_full_model, t_served_batch = timed(full_op.matvec, probe, b_full)
+    b0, t_cache = timed(lambda: next(iter(op.batches.full())))
+    hv_scope, t_scope_batch = timed(op.matvec, probe, b0)
     scope_diff = rel_err(hv_scope, hv_full_model)
     log(
         f"batch of {b0.size}: full-model GGN-vector product {t_served_batch:.2f} s, on cached "
         f"scope inputs {t_scope_batch:.2f} s (caching {t_cache:.1f} s), relative difference "
         f"{scope_diff:.2g}"
     )
-    # the served code path (solver_policy) runs on the cached-input operator: the same H
-    solvers_iterative.curvature_operator = lambda _rt, curvature, seed: CurvatureOperator(  # type: ignore[assignment]
-        sm.logits, rt.params, cached, curvature
-    )
+    sm = ScopeModel(rt)
     lam, lam_s = timed(lambda_max, rt, op, args.seed)
     damping = 0.01 * lam
     _, full_mv_s = timed(op.matvec, probe)
     log(
         f"λ_max {lam:.4g} ({lam_s:.1f} s), δ {damping:.4g}; one full-sample matvec "
-        f"({len(cached)} examples) {full_mv_s:.1f} s"
+        f"({len(op.batches)} examples) {full_mv_s:.1f} s"
     )
     gen = torch.Generator().manual_seed(args.seed)
     rank_idx = torch.randperm(rt.n_train, generator=gen)[: args.rank_examples].tolist()
@@ -322,7 +291,7 @@ def main() -> None:
         "bundle": rt.name,
         "n_train": rt.n_train,
         "scope_parameters": rt.num_params,
-        "curvature_sample": len(cached),
+        "curvature_sample": len(op.batches),
         "threads": args.threads,
         "budget_s": args.budget_s,
         "operator": "GGN on the served curvature sample, evaluated on cached hidden states "
@@ -372,7 +341,7 @@ def main() -> None:
             if name == "served":
                 continue
             cfg = CONFIGS[name]
-            cost = cfg.depth * (cfg.batch_size or len(cached)) / len(cached) * full_mv_s
+            cost = cfg.depth * (cfg.batch_size or len(op.batches)) / len(op.batches) * full_mv_s
             if left() < cost + ranking_s + 10:
                 log(f"  budget: {name} skipped (≈ {cost:.0f} s, {left():.0f} s left)")
                 continue
