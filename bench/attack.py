@@ -1,6 +1,7 @@
 """Attack benchmark (paper §4.2, Table 4 analogue) on SST-2 with a MiniLM bundle.
 
-A fixed seeded sample of correctly classified SST-2 test sentences is attacked with each mode
+A fixed seeded sample of correctly classified SST-2 test sentences (--select low_margin: the
+correctly classified ones with the smallest margin under the served model) is attacked with each mode
 (DEMOTE_SALIENT ↓I(z, f_y), PROMOTE_WRONG ↑I(z, f_y'), COMBINED, PREDICTION_MARGIN ↓I(z, m_y))
 and the RANDOM baseline at n ∈ --ns training examples per test sentence; f is the Explain
 default measurement (m_y among the training examples that contain the top-c_w word) unless
@@ -155,6 +156,10 @@ def main() -> None:
     p.add_argument("--modes", default="demote,promote,combined,margin,random")
     p.add_argument("--measurement", choices=[m.value for m in WordMeasurement], default="margin")
     p.add_argument("--tag", default="", help="suffix of the JSON name (attack<tag>.json)")
+    p.add_argument("--select", choices=["random", "low_margin"], default="random",
+                   help="random: a seeded sample of the correctly classified test sentences; "
+                   "low_margin: the correctly classified ones with the smallest margin m_y "
+                   "under the served model (the predictions an attack can flip at small n)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     ns = sorted({int(x) for x in a.ns.split(",")} | {0})
@@ -165,14 +170,21 @@ def main() -> None:
     test = read_examples(SST2 / "test.tsv")
     random.Random(a.seed).shuffle(test)
     sample: list[Example] = []
-    for i in range(0, len(test), 64):
-        batch = test[i : i + 64]
-        preds = evaluate(rt.task, batch, max_length=rt.max_length).predictions
-        sample += [x for x, y in zip(batch, preds, strict=True) if y == x.label]
-        if len(sample) >= a.sample:
-            break
+    if a.select == "low_margin":
+        from pairdots_server.perturb.objectives import margins
+
+        m_all = margins(rt.task, test, rt.max_length)  # > 0: correctly classified
+        ranked = sorted((m, k) for k, m in enumerate(m_all) if m > 0)
+        sample = [test[k] for _, k in ranked[: a.sample]]
+    else:
+        for i in range(0, len(test), 64):
+            batch = test[i : i + 64]
+            preds = evaluate(rt.task, batch, max_length=rt.max_length).predictions
+            sample += [x for x, y in zip(batch, preds, strict=True) if y == x.label]
+            if len(sample) >= a.sample:
+                break
     sample = sample[: a.sample]
-    log(f"{len(sample)} correctly classified test sentences; model {rt.name}, "
+    log(f"{len(sample)} correctly classified test sentences ({a.select}); model {rt.name}, "
         f"{rt.n_train} training examples, index={rt.has_index}")
     import dataclasses
 
@@ -224,6 +236,7 @@ def main() -> None:
     def save(rows: list[dict[str, Any]]) -> Any:
         return write_result(out_name, {
             "benchmark": "attack", "bundle": str(a.bundle), "sample": len(sample),
+            "select": a.select, "sample_margins_served": margins0,
             "retrain": spec0.mode.value, "epochs": a.epochs, "max_steps": a.max_steps,
             "solver": a.solver, "measurement": a.measurement, "max_words": a.max_words,
             "candidates": a.candidates, "random_candidates": a.random_candidates,

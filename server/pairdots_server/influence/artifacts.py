@@ -189,7 +189,7 @@ class DiagonalFromGradients:
     def __call__(self, indices: Sequence[int]) -> Tensor:
         grads = self.grad_fn(indices)  # [B, P]
         t0 = time.perf_counter()
-        part = grads.double().square().sum(0)  # [P]
+        part = torch.einsum("bp,bp->p", grads, grads).double()  # [P]: Σ_b g_b² in their dtype
         self.total = part if self.total is None else self.total + part
         self.count += int(grads.shape[0])
         self.dtype = grads.dtype
