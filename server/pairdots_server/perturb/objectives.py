@@ -111,11 +111,17 @@ class SalientTarget:
 
         Replacing z (attack) gains d·(I(z̃) - I(z)), most where d·I(z) is lowest: d < 0 starts
         from the largest positive I (supporting), d > 0 from the most negative (opposing).
-        Adding z̃ (repair, `additive`) gains d·I(z̃) ≈ d·I(z): largest d·I(z) first."""
+        Adding z̃ (repair, `additive`) gains d·I(z̃) ≈ d·I(z): largest d·I(z) first, and only
+        the sources with d·I(z) > 0 (whose influence already points the wanted way; an
+        opposing source would need its sign flipped by the substitutions)."""
         sign = -1.0 if direction < 0 else 1.0
         if additive:
             sign = -sign
-        return [i for i, _ in sorted(self.scores.items(), key=lambda p: (sign * p[1], p[0]))]
+        items = self.scores.items()
+        if additive:
+            d = 1.0 if direction > 0 else -1.0
+            items = [(i, v) for i, v in items if d * v > 0]
+        return [i for i, _ in sorted(items, key=lambda p: (sign * p[1], p[0]))]
 
 
 @dataclass
