@@ -4,6 +4,8 @@ equals the reported value; substitutions keep the rest of the text intact."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from nltk.stem.porter import PorterStemmer
@@ -322,3 +324,45 @@ def test_adaptive_n_stops_at_the_predicted_flip(rt: ModelRuntime) -> None:
     assert f0[: len(a0)] == a0
     assert fixed.reports[0].flip_budget == (len(a0) if adaptive.reports[0].flip_budget_reached
                                             else fixed.reports[0].flip_budget)
+
+
+def test_the_margin_prediction_uses_the_bundles_low_rank_curvature(
+    rt: ModelRuntime, tmp_path: Path,
+) -> None:
+    """With a low-rank GGN in the bundle, predicted_margin_change (and the flip budget) come
+    from the low-rank s_test of m_y whatever solver the search used (CG here): the edits are
+    CG's, their margin prediction (I_lr(z̃) − I_lr(z))/N."""
+    import shutil
+
+    from pairdots_server.testing import add_index_and_lowrank
+
+    path = tmp_path / "tiny-lr"
+    shutil.copytree(rt.bundle.path, path)
+    add_index_and_lowrank(path, index_dim=16, low_rank=4)
+    rt_lr = ModelRuntime(load_bundle(path))
+    assert rt_lr.has_lowrank
+    out = run_attack(rt_lr, AttackQuery(TESTS[:2], AttackMode.PREDICTION_MARGIN, 2,
+                                        random_candidates=2, influence=DEFAULT),
+                     lambda: None, default_candidates=N_TRAIN)
+    assert out.edits, out.notes
+    low = SolverSettings(method=SolverChoice.LOW_RANK)
+    differs = 0
+    for e in out.edits:
+        ex = TESTS[e.example_index]
+        enc = rt_lr.task.encode([ex.text], max_length=rt_lr.max_length)
+        emb = rt_lr.task.embed(enc.input_ids).detach()
+        g = grad_theta_margin(rt_lr.task.logits_fn, rt_lr.params, emb, enc.attention_mask,
+                              ex.label)
+        s_lr, _ = solve_s_test(rt_lr, g, low, lambda: None)
+        lr_change = eq7_change(rt_lr, s_lr, e)
+        assert e.predicted_margin_change == pytest.approx(lr_change / rt_lr.n_train, rel=1e-6,
+                                                          abs=1e-15)
+        # the search's own objective stays CG's
+        cg_change = eq7_change(rt_lr, margin_s_test(rt_lr, ex.text, ex.label), e)
+        assert e.influence_change == pytest.approx(cg_change, rel=1e-6, abs=1e-12)
+        differs += abs(lr_change - cg_change) > 1e-6 * max(abs(cg_change), 1e-12)
+    assert differs > 0
+    for rep in out.reports:
+        mine = [e for e in out.edits if e.example_index == rep.example_index]
+        assert rep.predicted_margin_change == pytest.approx(
+            sum(e.predicted_margin_change for e in mine))

@@ -1871,7 +1871,11 @@ class TrainingEdit(_message.Message):
     (replacement), I(z̃, f) / N for repair (addition); N = training examples. 0 for RANDOM.
     """
     predicted_margin_change: _builtins.float
-    """The same for the served example's margin m_y (its gold label). 0 for RANDOM."""
+    """The same for the served example's margin m_y (its gold label), with the s_test of m_y
+    solved by the bundle's low-rank GGN when it has one (whatever solver the search used:
+    measured closest to scope-only retrains, README "Attack and Repair"), else by the
+    request's solver. 0 for RANDOM.
+    """
     @_builtins.property
     def substitutions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Substitution]:
         """Every substituted word (the first is word_index / original_word / substitute)."""
