@@ -36,7 +36,6 @@ import torch
 from torch import Tensor
 
 from pairdots_server.core.grads import per_example_loss_grads
-from pairdots_server.core.scoring import Row, pad_rows
 from pairdots_server.errors import InvalidArgument
 from pairdots_server.index.sketch import DEFAULT_PROJECTION
 from pairdots_server.influence.runtime import (
@@ -102,18 +101,9 @@ def train_grad_fn(rt: ModelRuntime) -> Callable[[Sequence[int]], Tensor]:
     gradients up to round-off (float16 rows from a file: their rounding)."""
 
     def grads(indices: Sequence[int]) -> Tensor:
-        if rt.split is None:
-            enc = rt.encode_train(indices)
-            return per_example_loss_grads(rt.task.logits_fn, rt.params, enc.embeds, enc.mask,
-                                          enc.labels)
-        labels_all = [rt.bundle.train[i].label for i in indices]
-        cache = rt.scope_inputs()
-        assert cache is not None
-        dtype = rt.task.dtype
-        rows = [Row(h.to(dtype), torch.ones(h.shape[0], dtype=torch.long, device=h.device), y)
-                for h, y in zip(cache.rows(indices), labels_all, strict=True)]
-        hidden, mask, labels = pad_rows(rows)  # [B,t,D], [B,t], [B]
-        return per_example_loss_grads(rt.split.top, rt.params, hidden, mask, labels)
+        b = rt.train_batch(indices)  # h_L rows [B,t,D] with the split, else embeddings
+        return per_example_loss_grads(rt.curvature_logits_fn, rt.params, b.embeds, b.mask,
+                                      b.labels)
 
     return grads
 

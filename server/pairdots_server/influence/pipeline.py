@@ -362,11 +362,8 @@ def _influence_cached(
     """-⟨s_test, ∇θL(z_i)⟩ for training indices from their cached h_L, one jvp of the scoped
     top per batch of `batch` rows -> [B] (the model's dtype)."""
     assert rt.split is not None
-    dtype = rt.task.dtype
-    hidden = cache.rows(indices, [len(rt.bundle.train[i].text) for i in indices])
-    rows = [Row(h.to(dtype), torch.ones(h.shape[0], dtype=torch.long, device=h.device),
-                rt.bundle.train[i].label) for i, h in zip(indices, hidden, strict=True)]
-    return score_rows(rt.split.top, rt.params, s_test, rows, batch_size=batch)
+    return score_rows(rt.split.top, rt.params, s_test, rt.scope_rows(indices, cache),
+                      batch_size=batch)
 
 
 def score_texts(

@@ -261,23 +261,27 @@ class ModelRuntime:
         curvature with respect to θ_scope are the same either way (up to round-off)."""
         return self.task.logits_fn if self.split is None else self.split.top
 
+    def scope_rows(self, indices: Sequence[int], cache: ScopeInputs | None = None) -> list[Row]:
+        """Training examples `indices` as unpadded rows of h_L [T_i, D] (from `cache`, default
+        the runtime's scope-input cache; computed on first use; in the model's dtype) with
+        all-ones masks and their labels: what the scoped top takes (needs the scope split)."""
+        cache = cache if cache is not None else self.scope_inputs()
+        assert cache is not None
+        train = self.bundle.train
+        dtype = self.task.dtype
+        hidden = cache.rows(indices, [len(train[i].text) for i in indices])
+        return [Row(h.to(dtype), torch.ones(h.shape[0], dtype=torch.long, device=h.device),
+                    train[i].label) for i, h in zip(indices, hidden, strict=True)]
+
     def train_batch(self, indices: Sequence[int]) -> Batch:
         """Training examples `indices` as one Batch for curvature_logits_fn, trimmed to the
-        longest: with the split, h_L rows of the scope-input cache (computed on first use,
-        in the model's dtype) padded [B,t,D] with mask [B,t]; else the embedded texts."""
+        longest: with the split, scope_rows padded [B,t,D] with mask [B,t]; else the
+        embedded texts."""
         if self.split is None:
             enc = self.encode_train(indices)
             t = int(enc.mask.sum(dim=1).max())
             return Batch(enc.embeds[:, :t], enc.mask[:, :t], enc.labels)
-        cache = self.scope_inputs()
-        assert cache is not None
-        train = self.bundle.train
-        dtype = self.task.dtype
-        rows = [Row(h.to(dtype), torch.ones(h.shape[0], dtype=torch.long, device=h.device),
-                    train[i].label)
-                for i, h in zip(indices, cache.rows(indices, [len(train[i].text) for i in indices]),
-                                strict=True)]
-        hidden, mask, labels = pad_rows(rows)  # [B,t,D], [B,t], [B]
+        hidden, mask, labels = pad_rows(self.scope_rows(indices))  # [B,t,D], [B,t], [B]
         return Batch(hidden, mask, labels)
 
     def training_pass(self, batch_size: int = 32) -> TrainingPass:
