@@ -141,7 +141,10 @@ class TargetEffect:
 @dataclass(frozen=True)
 class ExampleEffect:
     """What the edits for one request example are predicted to move (first order) and the
-    flip budget; `measured_margin` after a retrain (None without one)."""
+    flip budget; `measured_margin` after a retrain (None without one);
+    `request_predicted_margin_change`: the predicted change under every edit of the request
+    (what a retrain on the whole edited set is predicted to do), `predicted_flip`: that
+    change flips the prediction."""
 
     example_index: int
     label: int
@@ -152,6 +155,8 @@ class ExampleEffect:
     flip_budget_reached: bool
     targets: tuple[TargetEffect, ...]
     measured_margin: float | None
+    request_predicted_margin_change: float | None = None  # None: not computed (RANDOM)
+    predicted_flip: bool = False
 
     @classmethod
     def from_proto(cls, msg: pairdots_pb2.ExampleEffect) -> ExampleEffect:
@@ -160,7 +165,10 @@ class ExampleEffect:
                    tuple(TargetEffect(t.objective, t.word,
                                       enum_name(EffectMeasurement, t.measurement), t.value,
                                       t.predicted_change) for t in msg.targets),
-                   msg.measured_margin if msg.HasField("measured_margin") else None)
+                   msg.measured_margin if msg.HasField("measured_margin") else None,
+                   msg.request_predicted_margin_change
+                   if msg.HasField("request_predicted_margin_change") else None,
+                   msg.predicted_flip)
 
     @property
     def edits(self) -> int:

@@ -111,3 +111,28 @@ def test_prepare_takes_the_diagonal_from_the_index_pass(
     torch.testing.assert_close(got["meta"], ref["meta"])
     info = built.manifest["curvature"]["diagonal"]
     assert info["num_examples"] == split.n_train and info["fisher"] == "empirical"
+
+
+def test_texts_scored_against_many_s_tests(pair: tuple[ModelRuntime, ModelRuntime]) -> None:
+    """pipeline.score_texts_many: -⟨s_j, ∇θL(z_i)⟩ for labelled texts against J s_tests at
+    once, with and without the split, equals the loop reference gradient of each text through
+    the whole model (core/grads.per_example_loss_grads_loop) dotted with each s_j."""
+    from pairdots_server.core.grads import per_example_loss_grads_loop
+    from pairdots_server.influence.pipeline import score_texts_many
+
+    split, full = pair
+    train = split.bundle.train
+    texts = [train[i].text for i in (0, 3, 5)] + ["a short one", train[1].text + " again"]
+    labels = [train[i].label for i in (0, 3, 5)] + [1, 0]
+    s = torch.randn(3, split.num_params, generator=torch.Generator().manual_seed(2))
+    s = s.to(next(iter(split.params.values())).dtype)
+    ref = torch.zeros(len(texts), 3, dtype=torch.float64)
+    for i, (text, y) in enumerate(zip(texts, labels, strict=True)):
+        enc = full.task.encode([text], max_length=full.max_length)
+        g = per_example_loss_grads_loop(full.task.logits_fn, full.params,
+                                        full.task.embed(enc.input_ids).detach(),
+                                        enc.attention_mask, torch.tensor([y]))  # [1,P]
+        ref[i] = -(g.double() @ s.double().T)[0]
+    for rt in (split, full):
+        got = score_texts_many(rt, s, texts, labels, batch_size=2)  # [N,J]
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))

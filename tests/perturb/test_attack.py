@@ -137,6 +137,9 @@ def test_random_baseline_same_budget(rt: ModelRuntime) -> None:
     again = run_attack(rt, AttackQuery(TESTS, AttackMode.RANDOM, 3, seed=7), lambda: None,
                        default_candidates=N_TRAIN)
     assert again.edits == out.edits  # seeded
+    # no low-rank GGN in this bundle: the baseline solves no s_test, so no request effect
+    assert all(r.request_predicted_margin_change is None and not r.predicted_flip
+               for r in out.reports)
 
 
 def test_perturbed_training_set_replaces(rt: ModelRuntime) -> None:
@@ -326,6 +329,30 @@ def test_adaptive_n_stops_at_the_predicted_flip(rt: ModelRuntime) -> None:
                                             else fixed.reports[0].flip_budget)
 
 
+def test_request_effect_sums_every_edit_of_the_request(rt: ModelRuntime) -> None:
+    """A retrain sees every edit, so each example's request_predicted_margin_change is
+    Σ over ALL the request's edits of (I(z̃, m_k) − I(z, m_k))/N, recomputed here with the loop
+    reference gradients and an independent CG s_test of m_k; predicted_flip is its sign
+    change. The other examples' edits count: the sum differs from the own-edit sum."""
+    out = run_attack(rt, AttackQuery(TESTS, AttackMode.PREDICTION_MARGIN, 2, random_candidates=2,
+                                     influence=DEFAULT),
+                     lambda: None, default_candidates=N_TRAIN)
+    assert len(out.edits) == 2 * len(TESTS)
+    cross = 0
+    for rep in out.reports:
+        ex = TESTS[rep.example_index]
+        s = margin_s_test(rt, ex.text, ex.label)
+        changes = [eq7_change(rt, s, e) / rt.n_train for e in out.edits]
+        want = sum(changes)
+        assert rep.request_predicted_margin_change == pytest.approx(want, rel=1e-6, abs=1e-15)
+        assert rep.predicted_flip == ((rep.margin + want) * rep.margin < 0)
+        own = sum(c for c, e in zip(changes, out.edits, strict=True)
+                  if e.example_index == rep.example_index)
+        assert rep.predicted_margin_change == pytest.approx(own, rel=1e-6, abs=1e-15)
+        cross += abs(want - own) > 1e-6 * max(abs(want), 1e-12)
+    assert cross > 0
+
+
 def test_the_margin_prediction_uses_the_bundles_low_rank_curvature(
     rt: ModelRuntime, tmp_path: Path,
 ) -> None:
@@ -362,7 +389,24 @@ def test_the_margin_prediction_uses_the_bundles_low_rank_curvature(
         assert e.influence_change == pytest.approx(cg_change, rel=1e-6, abs=1e-12)
         differs += abs(lr_change - cg_change) > 1e-6 * max(abs(cg_change), 1e-12)
     assert differs > 0
+    s_by_example: dict[int, torch.Tensor] = {}
     for rep in out.reports:
         mine = [e for e in out.edits if e.example_index == rep.example_index]
         assert rep.predicted_margin_change == pytest.approx(
             sum(e.predicted_margin_change for e in mine))
+        ex = TESTS[rep.example_index]
+        enc = rt_lr.task.encode([ex.text], max_length=rt_lr.max_length)
+        g = grad_theta_margin(rt_lr.task.logits_fn, rt_lr.params,
+                              rt_lr.task.embed(enc.input_ids).detach(), enc.attention_mask,
+                              ex.label)
+        s_lr, _ = solve_s_test(rt_lr, g, low, lambda: None)
+        want = sum(eq7_change(rt_lr, s_lr, e) for e in out.edits) / rt_lr.n_train
+        assert rep.request_predicted_margin_change == pytest.approx(want, rel=1e-6, abs=1e-15)
+        s_by_example[rep.example_index] = s_lr
+    # the RANDOM baseline gets the same low-rank prediction of its (random) edits
+    rnd = run_attack(rt_lr, AttackQuery(TESTS[:2], AttackMode.RANDOM, 2, seed=3),
+                     lambda: None, default_candidates=N_TRAIN)
+    for rep in rnd.reports:
+        want = sum(eq7_change(rt_lr, s_by_example[rep.example_index], e)
+                   for e in rnd.edits) / rt_lr.n_train
+        assert rep.request_predicted_margin_change == pytest.approx(want, rel=1e-6, abs=1e-15)

@@ -125,6 +125,14 @@ def test_repair_adds_examples_that_push_the_wanted_way(
         assert mine[0] in ranked[: 3 + len(out.edits)]
         assert after == pytest.approx(e.influence_after, rel=1e-6, abs=1e-12)
         assert e.predicted_change == pytest.approx(after / rt.n_train, rel=1e-6, abs=1e-15)
+    # every added example counts for every error: Σ_e I(z̃_e, m_k)/N with m_k's s_test
+    for rep in out.reports:
+        ex = dev[rep.example_index]
+        s_m, _ = cache.margins[(ex.text, ex.label)]
+        want = sum(reference_influence(rt, s_m, e.new_text, e.label)
+                   for e in out.edits) / rt.n_train
+        assert rep.request_predicted_margin_change == pytest.approx(want, rel=1e-6, abs=1e-15)
+        assert rep.predicted_flip == ((rep.margin + want) * rep.margin < 0)
 
 
 def test_repair_nothing_to_do_on_correct_examples(rt: ModelRuntime) -> None:

@@ -75,6 +75,10 @@ def test_attack_operation_end_to_end(client: PairdotsClient, server: RunningServ
         assert x.measured_margin is not None and x.targets[0].objective == "decrease I(z, w_y)"
         assert all(e.substitutions and e.substitutions[0].substitute == e.substitute
                    for e in mine)
+        # the whole request's predicted change comes over the wire with its flip verdict
+        assert x.predicted_flip == (
+            (x.margin + x.request_predicted_margin_change) * x.margin < 0)
+    assert any(x.request_predicted_margin_change != 0 for x in outcome.effects)
     final = client.get_operation(handle.name)
     assert final.done and final.progress is not None
     assert final.progress.kind == "attack" and final.progress.model == "tiny"

@@ -11,6 +11,7 @@
   score_examples         I(z_i, f) = -⟨s_test, ∇θL(z_i)⟩ (Eq. 5) for training indices, one
                          jvp per batch (core/scoring.py), skipping those a ScoreMemo holds
   score_texts            the same for arbitrary labelled texts (perturbed examples)
+  score_texts_many       the same against many s_tests at once (per-example gradients)
   word_attribution       I(x_t, f) (Eq. 8) per word of one text
   word_attributions      the same for several training examples, every [UNK] copy batched
 
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from pairdots_server import telemetry
 from pairdots_server.core import influence as infl
+from pairdots_server.core.grads import per_example_loss_grads
 from pairdots_server.core.measure import (
     grad_theta_margin,
     grad_theta_occlusion,
@@ -377,6 +379,39 @@ def score_texts(
         enc = rt.encode_texts(texts[b : b + batch_size], labels[b : b + batch_size])
         out.append(_influence(rt, s_test, enc).double().cpu())  # [B]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def score_texts_many(
+    rt: ModelRuntime, s_tests: Tensor, texts: Sequence[str], labels: Sequence[int],
+    batch_size: int = 32, should_stop: StopFn = no_stop,
+) -> Tensor:
+    """I(z_i, f_j) = -⟨s_test_j, ∇θL(z_i)⟩ (Eq. 5) for labelled texts against many s_tests:
+    s_tests [J,P] -> [N,J] (float64).
+
+    One per-example gradient per text, G [B,P] per batch, then -G S_tᵀ: the cost does not grow
+    with J (score_texts runs one jvp per s_test instead; cheaper for J of 1 or 2). With the
+    scope split the trunk runs without gradient and the per-example gradients are those of
+    the scoped top. Texts are batched in order of length (little padding)."""
+    out = torch.zeros(len(texts), s_tests.shape[0], dtype=torch.float64)
+    if not texts or s_tests.shape[0] == 0:
+        return out
+    order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
+    for b in range(0, len(order), batch_size):
+        should_stop()
+        chunk = order[b : b + batch_size]
+        enc = rt.encode_texts([texts[i] for i in chunk], [labels[i] for i in chunk])
+        t = int(enc.mask.sum(dim=1).max())
+        emb, mask = enc.embeds[:, :t], enc.mask[:, :t]  # [B,t,D], [B,t]
+        if rt.split is None:
+            grads = per_example_loss_grads(rt.task.logits_fn, rt.params, emb, mask, enc.labels)
+        else:
+            with torch.no_grad():
+                hidden = rt.split.trunk(emb, mask)  # h_L [B,t,D]
+            grads = per_example_loss_grads(rt.split.top, rt.params, hidden, mask, enc.labels)
+        # grads [B,P] @ S [P,J] -> [B,J]
+        scores = -(grads.double() @ s_tests.to(grads.device, torch.float64).T)
+        out[torch.tensor(chunk, dtype=torch.long)] = scores.cpu()
+    return out
 
 
 # -- token attribution -----------------------------------------------------------------------

@@ -19,7 +19,9 @@ over the training examples containing the word w with the largest contribution c
                          a random synonym each (no influence computed; influence_change 0).
 Every edit carries its first-order predicted change of the test example's margin m_y; with
 `adaptive` the search for a test example stops once Σ Δm_y < -m_y (the prediction is predicted
-to flip); the report gives the flip budget (objectives.flip_budget).
+to flip); the report gives the flip budget (objectives.flip_budget) and, once every example's
+edits are made, the predicted change of its margin under all the request's edits together
+(objectives.request_effects: what a retrain on the perturbed set is predicted to do).
 A training example is perturbed at most once per attack (no duplicates across modes or test
 examples), so the perturbed set is the training set with those examples replaced.
 """
@@ -49,6 +51,7 @@ from pairdots_server.perturb.objectives import (
     example_report,
     no_progress,
     random_edits,
+    request_effects,
 )
 from pairdots_server.perturb.search import SearchSettings, StopFn
 from pairdots_server.storage.data import Example
@@ -187,4 +190,7 @@ def run_attack(
             )
         edits += got
         progress("perturbing", k + 1, total)
+    request_effects(rt, q.examples, reports, edits, targets, additive=False,
+                    should_stop=should_stop, progress=progress,
+                    baseline=q.mode is AttackMode.RANDOM)
     return AttackOutcome(edits, notes, apply_replacements(train, edits), reports)

@@ -133,7 +133,13 @@ class ExampleReport:
     m_y + ΣΔm_y changes sign, extrapolated at the mean Δm_y per edit beyond the edits made,
     0 when no edit moves the margin towards zero ("never"); targets: per objective, the
     targeted word, the measurement, f(x) and the predicted Δf; measured_margin: m_y after
-    retraining (None without retraining)."""
+    retraining (None without retraining).
+
+    request_predicted_margin_change: the first-order Δm_y of every edit of the request, not
+    only this example's own (a retrain sees them all; request_effects): Σ_e ΔI(e, m_y)/N,
+    None when not computed (a RANDOM baseline on a bundle without a low-rank GGN: it would
+    need an s_test solve per example); predicted_flip: m_y + that sum has the other sign
+    than m_y (the retrain is predicted to flip the prediction)."""
 
     example_index: int
     label: int
@@ -144,6 +150,8 @@ class ExampleReport:
     flip_budget_reached: bool = False  # the budget lies within the edits made
     targets: list[TargetReport] = field(default_factory=list)
     measured_margin: float | None = None
+    request_predicted_margin_change: float | None = None  # None: not computed (RANDOM)
+    predicted_flip: bool = False
 
 
 @dataclass
@@ -473,6 +481,56 @@ def example_report(
         rep.targets.append(TargetReport(objective, tgt.word, tgt.measurement, tgt.value,
                                         float(moved)))
     return rep
+
+
+def request_margin_changes(
+    rt: ModelRuntime, edits: Sequence[Edit], s_tests: Tensor, *, additive: bool,
+    should_stop: StopFn, batch_size: int = 32,
+) -> Tensor:
+    """First-order Δm_k of every test example k under all the request's edits at once:
+    s_tests [K,P] (the s_test of each example's margin m_k) -> [K] (float64),
+
+        replace (attack)  Δm_k ≈ Σ_e (I(z̃_e, m_k) - I(z_e, m_k)) / N   (Eq. 6–7, summed),
+        add (repair)      Δm_k ≈ Σ_e I(z̃_e, m_k) / N,
+
+    with I(z, f) = -s_testᵀ∇θL(z) (Eq. 5) and N the training examples. Each edited text (and,
+    replacing, its original) gets one per-example gradient scored against all K s_tests
+    (pipeline.score_texts_many), so the cost is that of 2E gradients whatever K is."""
+    k = s_tests.shape[0]
+    if not edits or k == 0:
+        return torch.zeros(k, dtype=torch.float64)
+    texts = [e.new_text for e in edits]
+    labels = [e.label for e in edits]
+    if not additive:
+        texts += [e.original_text for e in edits]
+        labels += [e.label for e in edits]
+    scores = steps.score_texts_many(rt, s_tests, texts, labels, batch_size,
+                                    should_stop)  # [E or 2E, K]
+    e = len(edits)
+    delta = scores[:e] if additive else scores[:e] - scores[e:]  # [E,K]
+    return delta.sum(dim=0) / rt.n_train
+
+
+def request_effects(
+    rt: ModelRuntime, examples: Sequence[Example], reports: Sequence[ExampleReport],
+    edits: Sequence[Edit], targets: Targets, *, additive: bool, should_stop: StopFn,
+    progress: ProgressFn = no_progress, baseline: bool = False,
+) -> None:
+    """Fill every report's request_predicted_margin_change and predicted_flip
+    (request_margin_changes with the margin s_tests of Targets.margin: the tracking solver).
+    Nothing to do without reports; `baseline` (the RANDOM modes, which solve no s_test of their
+    own): only when the tracking solver is the bundle's low-rank GGN (cheap), else the reports
+    keep None."""
+    if not reports or (baseline and not rt.has_lowrank):
+        return
+    progress("predicting", 0, 1)
+    s_tests = torch.stack([targets.margin(ex.text, ex.label)[0] for ex in examples])  # [K,P]
+    changes = request_margin_changes(rt, edits, s_tests, additive=additive,
+                                     should_stop=should_stop).tolist()
+    for rep, dm in zip(reports, changes, strict=True):
+        rep.request_predicted_margin_change = float(dm)
+        rep.predicted_flip = rep.margin != 0 and (rep.margin + dm) * rep.margin < 0
+    progress("predicting", 1, 1)
 
 
 RANDOM_OBJECTIVE = "random substitution (baseline, no influence objective)"

@@ -42,6 +42,7 @@ from pairdots_server.perturb.objectives import (
     example_report,
     no_progress,
     random_edits,
+    request_effects,
 )
 from pairdots_server.perturb.search import RELATIONS, SearchSettings, StopFn
 from pairdots_server.storage.data import Example
@@ -151,5 +152,8 @@ def run_repair(
             notes.append(f"example {k}: {len(got)} of {n} new training examples found")
         edits += got
         progress("perturbing", done + 1, len(errors))
+    request_effects(rt, [q.examples[r.example_index] for r in reports], reports, edits,
+                    targets, additive=True, should_stop=should_stop, progress=progress,
+                    baseline=q.mode is RepairMode.RANDOM)
     added = [Example(e.new_text, e.label) for e in edits]
     return RepairOutcome(len(errors), edits, notes, list(train) + added, reports)

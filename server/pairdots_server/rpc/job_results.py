@@ -75,6 +75,7 @@ def effect_proto(r: ExampleReport) -> pb.ExampleEffect:
         example_index=r.example_index, label=r.label, margin=r.margin, edit_count=r.edits,
         predicted_margin_change=r.predicted_margin_change, flip_budget=r.flip_budget,
         flip_budget_reached=r.flip_budget_reached,
+        predicted_flip=r.predicted_flip,
         targets=[
             pb.TargetEffect(
                 objective=t.objective, word=t.word,
@@ -85,6 +86,8 @@ def effect_proto(r: ExampleReport) -> pb.ExampleEffect:
     )
     if r.measured_margin is not None:
         out.measured_margin = r.measured_margin
+    if r.request_predicted_margin_change is not None:
+        out.request_predicted_margin_change = r.request_predicted_margin_change
     return out
 
 

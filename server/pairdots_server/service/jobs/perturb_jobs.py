@@ -1,7 +1,8 @@
 """Attack and Repair as job functions for the JobRunner: validated query in, encoded result out.
 
 A job reports progress (kind, model, stage, done/total, create/update time) — stages
-"explaining"/"perturbing" (per test example or error), "evaluating", "retraining" (per
+"explaining"/"perturbing" (per test example or error), "predicting" (the request-wide
+effects, perturb/objectives.request_effects), "evaluating", "retraining" (per
 optimiser step), "saving", "done" — at most every `min_interval_s` seconds except on stage
 changes, and returns its AttackOutcome / RepairOutcome with the retraining's Evaluation. How
 progress and outcomes become stored bytes is the JobEncoding the caller passes (the rpc layer
