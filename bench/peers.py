@@ -6,7 +6,9 @@ What is the same for every method:
   (last encoder layer + pooler + classifier; 1.92 M parameters), as one nn.Module on the cached
   hidden states entering the scope (bench/_peers_scope.ScopeNet; the frozen layers below never
   change, so every library does one transformer layer per example instead of six).
-* training set: all N examples of the bundle (6,920), every one scored (no prefilter).
+* training set: all N examples of the bundle (6,920), every one scored (no prefilter), except
+  by pairdots_prefilter (below), which scores exactly only the index's candidates, and by
+  pairdots_sketch (below), which scores none exactly (every one by the index's estimate).
 * queries: the first --queries SST-2 test sentences that bench/faithfulness.py picks (seed 1),
   measurement f = m_y, the logit margin of the predicted label (pairdots' prediction level).
 * influence I(z_i, f) = −∇θf(x)ᵀ (H + δI)⁻¹ ∇θL(z_i) in pairdots' sign (positive = supporting;
@@ -28,6 +30,51 @@ What is the same for every method:
   the fine-tuned model is indefinite, docs/DESIGN.md §2) and is what EK-FAC and the Fisher
   approximate.
 
+pairdots_prefilter is the served Explain path for one prediction-level query, by the service's
+own functions (influence/pipeline.py), from the cached query gradient ∇θf:
+  s_test      pipeline.s_test with the bundle's low-rank solver (as pairdots_low_rank: the same
+              vector, checked against its cached one);
+  candidates  pipeline.candidates: the bundle's FAISS index of sparse-sign projected training
+              gradients (k = 1024) searched with ∓Pᵀs_test, the top C per direction, C =
+              --prefilter-candidates (0: the served default, config.ExplainLimits:
+              clamp(2 % · N, 50, 2000) = 138 here), their union scored;
+  exact       pipeline.score_examples on the union: the scope-input jvp path (one jvp of the
+              scoped top per batch, from cached h_L). The bundle has no scope_inputs file, so
+              the runtime's ScopeInputs cache is filled with this bench's cached h_L through
+              ScopeInputs.load (what the bundle file would give; a few rows checked against
+              the trunk) before timing, like the low-rank factors and the index (loaded
+              first, not charged: prepare-time artifacts).
+Timed per query, wall clock in the child: s_test + candidates + exact scoring (score_s =
+candidates + exact, summed over the queries, so s/query amortised = the mean end to end).
+For the agreement metrics every training example needs a score: candidates get their exact
+score, every other example its projected estimate −⟨Pᵀs_test, Pᵀg_i⟩ (the index's own inner
+product, from one search of all N with −Pᵀs_test, outside the timed path), NOT rescaled: the
+sketch is unbiased, E⟨Sx, Sy⟩ = ⟨x, y⟩ (index/sparse_sign.py), so the estimate is on the exact
+score's scale. Recorded as fill_in: the least-squares slope of exact on estimate over the
+candidates and their Pearson r (the slope is below 1 on them because they were picked for
+extreme estimates, so it is no rescale for the rest), and how many non-candidates the filled
+ranking puts in its top 10 (they are not clamped, so one may outrank a candidate); the report
+also gives top10_overlap_candidates_only, the overlap of the reference's top 10 with the top
+10 among the candidates by exact score (what Explain returns). One record per (C, --threads):
+methods/pairdots_prefilter[_c<C>]_t<threads>.pt; the report lists every one cached.
+
+pairdots_sketch is the fast approximate mode for a ranking of the whole training set: the same
+pipeline.s_test (low-rank), then the projection Pᵀs_test and one search of the bundle's index
+with −Pᵀs_test over all N (what pipeline.candidates does, with K = N), and the index's estimate
+−⟨Pᵀs_test, Pᵀg_i⟩ (not rescaled) is every example's score; no exact scoring. Timed per query,
+wall clock in the child, end to end: s_test + projection + search (and the scatter of the N
+scores into training-set order); score_s = projection + search, summed over the queries.
+Warm-up (index, projection, low-rank factors loaded) is not charged. Also recorded: the
+agreement of the estimate with the exact scores of the same s_test (pairdots_low_rank in the
+shared pass), and its largest difference from pairdots_prefilter's fill-in of the
+non-candidates (the same estimate). One record per --threads: methods/pairdots_sketch_t<t>.pt.
+
+Versus the peers (pairdots_vs_fastest_peer in the JSON): pairdots_diagonal against the fastest
+peer, and every pairdots_prefilter* and pairdots_sketch* record against every peer: the speed-up
+(the peer's amortised s/query over the record's), whether the record's agreement is equal or
+better on all three metrics (and which metrics are worse), and whether it is ≥ 2× faster than
+the fastest peer at equal or better agreement.
+
 Figures per method: fit seconds (once, amortised over its queries), seconds per query of the
 solve (transform), seconds of scoring all N examples (a pass of per-example gradients serves
 every query at once, so it is amortised as well; pairdots' Explain path scores one query by one
@@ -45,6 +92,9 @@ Phases, resumable (everything lands under --cache, default /var/tmp/pairdots-pee
                 --budget-min minutes (rerun to continue)
 
   flock /work/heavy.lock python3 bench/peers.py --bundle bundles/minilm-sst2 --budget-min 18
+  python3 bench/peers.py --phase method --method pairdots_prefilter --threads 1 \
+      --prefilter-candidates 346        # 5 % of N per direction, one thread
+  python3 bench/peers.py --phase method --method pairdots_sketch --threads 1
 
 Needs the `peers` extra (dattri, captum) and kronfluence installed with --no-deps (its
 requirements pull torchvision and a CUDA torch): pip install --no-deps kronfluence==1.0.1.
@@ -85,13 +135,16 @@ from _peers_scope import (
 from _results import write_result
 from torch import Tensor
 
+from pairdots_server.config import ExplainLimits
 from pairdots_server.core.batches import TensorBatches
 from pairdots_server.core.curvature import Curvature, CurvatureOperator
 from pairdots_server.core.grads import VmapMask, per_example_loss_grads
 from pairdots_server.core.measure import grad_theta_margin
 from pairdots_server.core.params import flatten_batched
 from pairdots_server.core.scoring import Row, score_rows
+from pairdots_server.influence import pipeline as steps
 from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.settings import InfluenceSettings
 from pairdots_server.influence.solver_policy import (
     SolverChoice,
     SolverSettings,
@@ -105,8 +158,15 @@ HERE = Path(__file__).resolve().parent
 PAIRDOTS = ("pairdots_diagonal", "pairdots_identity", "pairdots_ekfac", "pairdots_low_rank")
 VECTOR_METHODS = PAIRDOTS + ("dattri_lissa", "dattri_cg", "dattri_arnoldi")
 OWN_PASS = ("kronfluence_ekfac", "captum_tracincpfast")
+# the served path (index prefilter + exact scoring of the candidates); one record per C, threads
+PREFILTER = "pairdots_prefilter"
+# the index's estimate alone for every training example (no exact scoring); one record per threads
+SKETCH = "pairdots_sketch"
+PER_CONFIG = (PREFILTER, SKETCH)
 # in the order they run (the cheap and the default first)
-DEFAULT_METHODS = ",".join(PAIRDOTS + OWN_PASS + VECTOR_METHODS[len(PAIRDOTS) :])
+DEFAULT_METHODS = ",".join(
+    PAIRDOTS + OWN_PASS + VECTOR_METHODS[len(PAIRDOTS) :] + (PREFILTER, SKETCH)
+)
 # peers not wired into this bench, with the reason recorded in the JSON
 NOT_RUN = {
     "dattri_ekfac": "fails on this model: dattri 0.3.0's EK-FAC covariance update "
@@ -181,6 +241,30 @@ def versions() -> dict[str, str]:
             out[d] = metadata.version(d)
         except metadata.PackageNotFoundError:
             out[d] = "not installed"
+    return out
+
+
+def record_name(args: argparse.Namespace, method: str) -> str:
+    """The cached record's name: the method's, with C (when not the default) and the threads
+    for pairdots_prefilter, with the threads for pairdots_sketch (one record per
+    configuration)."""
+    if method == SKETCH:
+        return f"{SKETCH}_t{args.threads}"
+    if method != PREFILTER:
+        return method
+    c = f"_c{args.prefilter_candidates}" if args.prefilter_candidates else ""
+    return f"{PREFILTER}{c}_t{args.threads}"
+
+
+def expand_names(cache: Path, names: list[str]) -> list[str]:
+    """`names` with pairdots_prefilter / pairdots_sketch replaced by every cached record of
+    that method (pairdots_prefilter*, pairdots_sketch*)."""
+    out: list[str] = []
+    for n in names:
+        found = (
+            sorted(p.stem for p in (cache / "methods").glob(f"{n}_*.pt")) if n in PER_CONFIG else []
+        )
+        out += found or [n]
     return out
 
 
@@ -396,6 +480,248 @@ def method_pairdots(ctx: Context, name: str) -> dict[str, Any]:
         t0 = time.perf_counter()
         rec["jvp_scores"] = jvp_scores(ctx, rec["vectors"][:, : ctx.args.jvp_queries])
         rec["score_s_per_query"] = (time.perf_counter() - t0) / ctx.args.jvp_queries
+    return rec
+
+
+def fill_scope_inputs(ctx: Context, check_rows: int = 3) -> dict[str, Any]:
+    """The runtime's scope-input cache filled with this bench's cached h_L through
+    ScopeInputs.load (what a bundle's scope_inputs file gives the service), and the largest
+    relative difference of `check_rows` rows against the runtime's own trunk."""
+    rt = ctx.rt
+    cache = rt.scope_inputs()
+    if cache is None:
+        raise SystemExit("pairdots_prefilter needs the runtime's scope split")
+    offsets = torch.tensor([0] + [int(h.shape[0]) for h in ctx.hidden]).cumsum(0)
+    dtype = str(ctx.hidden[0].dtype).removeprefix("torch.")
+    why = cache.load(
+        {"hidden": torch.cat(ctx.hidden), "offsets": offsets}, {"key": cache.key, "dtype": dtype}
+    )
+    if why is not None:
+        raise SystemExit(f"scope inputs not taken: {why}")
+    few = [0, ctx.n // 2, ctx.n - 1][:check_rows]
+    assert rt.split is not None
+    fresh = type(cache)(rt.split, rt.encode_train, rt.n_train, cache.key).rows(few)
+    diff = max(float((a - b).norm() / b.norm()) for a, b in zip(cache.rows(few), fresh))
+    return {
+        "rows": len(cache),
+        "dtype": dtype,
+        "trunk_check_rows": few,
+        "trunk_check_max_rel_diff": diff,
+    }
+
+
+def served_settings(ctx: Context) -> Any:
+    """The service's resolved settings for a prediction-level query: the low-rank solver, C =
+    --prefilter-candidates (0: config.ExplainLimits' default), its scoring batch size."""
+    rt, limits = ctx.rt, ExplainLimits()
+    return InfluenceSettings(
+        solver=SolverSettings(method=SolverChoice.LOW_RANK),
+        candidates=ctx.args.prefilter_candidates,
+    ).resolve(
+        rt,
+        default_candidates=limits.default_candidates(rt.n_train),
+        scoring_batch_size=limits.scoring_batch_size,
+    )
+
+
+def index_estimates(rt: ModelRuntime, s_test: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """The index's own estimate of every training example's score, −⟨Pᵀs, Pᵀg_i⟩ ≈ −⟨s, g_i⟩
+    = I(z_i, f) -> [N] float64 in training-set order (the projection and the search of
+    pipeline.candidates, with −Pᵀs and K = N), and the seconds of its two steps."""
+    index, projection = rt.index()
+    n = rt.n_train
+    t0 = time.perf_counter()
+    q = projection.project(s_test[None].float()).cpu().numpy()  # [1,k]
+    t1 = time.perf_counter()
+    est_sc, est_ids = index.search(-q, n)  # ⟨−Pᵀs, Pᵀg_i⟩, all N, best first
+    ids = torch.from_numpy(est_ids[0])
+    full = torch.full((n,), math.nan, dtype=torch.float64)
+    full[ids[ids >= 0]] = torch.from_numpy(est_sc[0][est_ids[0] >= 0]).double()
+    t2 = time.perf_counter()
+    return full, {"project": t1 - t0, "search": t2 - t1}
+
+
+def s_test_check(ctx: Context, xs: list[Tensor]) -> dict[str, float]:
+    """Largest relative difference of the s_test vectors from pairdots_low_rank's cached ones."""
+    low = ctx.cache / "methods" / "pairdots_low_rank.pt"
+    if not low.exists():
+        return {}
+    v = torch.load(low, weights_only=False)["vectors"]
+    x = torch.stack(xs, 1)
+    return {
+        "s_test_vs_pairdots_low_rank_max_rel_diff": float(
+            ((x - v).norm(dim=0) / v.norm(dim=0)).max()
+        )
+    }
+
+
+def method_prefilter(ctx: Context, name: str) -> dict[str, Any]:
+    """The served Explain path (module docstring): pipeline.s_test (low-rank), then
+    pipeline.candidates (the bundle's index, C per direction) and pipeline.score_examples (the
+    scope-input jvp path) on their union, timed per query; non-candidates get the projected
+    estimate −⟨Pᵀs, Pᵀg_i⟩ for the agreement metrics."""
+    rt, args = ctx.rt, ctx.args
+    if not rt.has_index or not is_available(rt, SolverChoice.LOW_RANK):
+        return {"skipped": "the bundle has no index or no low-rank factors"}
+    settings = served_settings(ctx)
+    prep = ctx.prep()
+    qg = prep["qgrads"].to(rt.task.dtype)
+    # what a warm server holds: scope inputs, the index and its projection, low-rank factors
+    t0 = time.perf_counter()
+    scope = fill_scope_inputs(ctx)
+    index, projection = rt.index()
+    rt.lowrank()
+    warm_s = time.perf_counter() - t0
+    n, nq = rt.n_train, qg.shape[1]
+    scores = torch.empty(n, nq)
+    walls: list[float] = []
+    parts: dict[str, list[float]] = {"solve": [], "candidates": [], "exact": []}
+    cands: list[list[int]] = []
+    xs: list[Tensor] = []
+    fill: dict[str, list[float]] = {"slope": [], "pearson": [], "non_candidates_in_top10": []}
+    for j in range(nq):
+        t0 = time.perf_counter()
+        x, _ = steps.s_test(rt, qg[:, j], settings, steps.no_stop)
+        t1 = time.perf_counter()
+        ids = steps.candidates(rt, x, settings)
+        t2 = time.perf_counter()
+        exact = steps.score_examples(rt, x, ids, settings, steps.no_stop)  # [K] float64
+        t3 = time.perf_counter()
+        walls.append(t3 - t0)
+        for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+            parts[k].append(v)
+        # outside the timed path: the estimate of every example, one search over all N
+        full, _ = index_estimates(rt, x)
+        at = torch.tensor(ids)
+        e = full[at]
+        fill["slope"].append(float((e * exact).sum() / (e * e).sum()))
+        fill["pearson"].append(float(torch.corrcoef(torch.stack([e, exact]))[0, 1]))
+        full[at] = exact
+        top = set(full.argsort(descending=True)[:10].tolist())
+        fill["non_candidates_in_top10"].append(float(len(top - set(ids))))
+        scores[:, j] = full.float()
+        cands.append(ids)
+        xs.append(x.float())
+    rec: dict[str, Any] = {
+        "scores": scores,
+        "candidates": cands,
+        "fit_s": 0.0,
+        "solve_s_per_query": statistics.fmean(parts["solve"]),
+        "score_s": sum(parts["candidates"]) + sum(parts["exact"]),
+        "score_is_per_query": True,
+        "queries": nq,
+        "threads": args.threads,
+        "s_per_query_end_to_end": statistics.fmean(walls),
+        "s_per_query_end_to_end_per_query": walls,
+        "breakdown_s_per_query": {k: statistics.fmean(v) for k, v in parts.items()},
+        "candidates_per_direction": settings.candidates,
+        "candidates_scored_mean": statistics.fmean(len(c) for c in cands),
+        "fill_in": {
+            "rule": "non-candidates: −⟨Pᵀs, Pᵀg_i⟩ from the index, not rescaled (unbiased "
+            "sketch); slope = least squares of exact on estimate over the candidates",
+            **{k: statistics.fmean(v) for k, v in fill.items()},
+        },
+        "scope_inputs": scope,
+        "warm_s": warm_s,
+        "settings": {
+            "solver": "low_rank",
+            "candidates_per_direction": settings.candidates,
+            "scoring_batch_size": settings.scoring_batch_size,
+            "index": index.describe(),
+            "projection": projection.describe(),
+        },
+        "fit_note": "the bundle's low-rank factors and index, fitted / built at prepare time",
+        "score_note": "per query: index search (pipeline.candidates) + exact scoring of the "
+        "union (pipeline.score_examples); non-candidates scored by the projected estimate",
+    }
+    # the same s_test as pairdots_low_rank, and the same exact scores as the shared pass
+    rec.update(s_test_check(ctx, xs))
+    if (ctx.cache / "pass.pt").exists():
+        ref = torch.load(ctx.cache / "pass.pt", weights_only=False)["scores"]
+        if "pairdots_low_rank" in ref:
+            sc = ref["pairdots_low_rank"]
+            rec["exact_vs_pass_max_rel_diff"] = max(
+                float((scores[c, j] - sc[c, j]).abs().max() / sc[:, j].abs().max())
+                for j, c in enumerate(torch.tensor(c) for c in cands)
+            )
+    return rec
+
+
+def method_sketch(ctx: Context, name: str) -> dict[str, Any]:
+    """The index's estimate alone (module docstring): pipeline.s_test (low-rank), then the
+    projection of s_test and one search of the bundle's index over all N (index_estimates),
+    whose −⟨Pᵀs, Pᵀg_i⟩ is every example's score; no exact scoring. Timed per query end to
+    end."""
+    rt, args = ctx.rt, ctx.args
+    if not rt.has_index or not is_available(rt, SolverChoice.LOW_RANK):
+        return {"skipped": "the bundle has no index or no low-rank factors"}
+    settings = served_settings(ctx)
+    qg = ctx.prep()["qgrads"].to(rt.task.dtype)
+    # what a warm server holds: the index and its projection, the low-rank factors
+    t0 = time.perf_counter()
+    index, projection = rt.index()
+    rt.lowrank()
+    warm_s = time.perf_counter() - t0
+    n, nq = rt.n_train, qg.shape[1]
+    scores = torch.empty(n, nq)
+    walls: list[float] = []
+    parts: dict[str, list[float]] = {"solve": [], "project": [], "search": []}
+    xs: list[Tensor] = []
+    for j in range(nq):
+        t0 = time.perf_counter()
+        x, _ = steps.s_test(rt, qg[:, j], settings, steps.no_stop)
+        t1 = time.perf_counter()
+        est, split = index_estimates(rt, x)
+        t2 = time.perf_counter()
+        walls.append(t2 - t0)
+        parts["solve"].append(t1 - t0)
+        for k, v in split.items():
+            parts[k].append(v)
+        if bool(est.isnan().any()):
+            raise SystemExit(f"the index returned {int(est.isnan().sum())} of {n} examples short")
+        scores[:, j] = est.float()
+        xs.append(x.float())
+    rec: dict[str, Any] = {
+        "scores": scores,
+        "fit_s": 0.0,
+        "solve_s_per_query": statistics.fmean(parts["solve"]),
+        "score_s": sum(w - s for w, s in zip(walls, parts["solve"])),
+        "score_is_per_query": True,
+        "queries": nq,
+        "threads": args.threads,
+        "s_per_query_end_to_end": statistics.fmean(walls),
+        "s_per_query_end_to_end_per_query": walls,
+        "breakdown_s_per_query": {k: statistics.fmean(v) for k, v in parts.items()},
+        "warm_s": warm_s,
+        "settings": {
+            "solver": "low_rank",
+            "index": index.describe(),
+            "projection": projection.describe(),
+        },
+        "fit_note": "the bundle's low-rank factors and index, fitted / built at prepare time",
+        "score_note": "per query: Pᵀs_test and one search of the index over all N "
+        "(index_estimates); every score is the projected estimate −⟨Pᵀs, Pᵀg_i⟩, not rescaled",
+    }
+    rec.update(s_test_check(ctx, xs))
+    # how well the estimate ranks like the exact scores of the same s_test (the shared pass)
+    if (ctx.cache / "pass.pt").exists():
+        ref = torch.load(ctx.cache / "pass.pt", weights_only=False)["scores"]
+        if "pairdots_low_rank" in ref:
+            sc = ref["pairdots_low_rank"]
+            per_q = [agreement(sc[:, j], scores[:, j]) for j in range(nq)]
+            rec["vs_exact_low_rank_scores"] = {
+                k: statistics.fmean(a[k] for a in per_q)
+                for k in ("spearman_top100", "spearman_all", "top10_overlap")
+            }
+    # the same estimates pairdots_prefilter fills its non-candidates with
+    pre = ctx.cache / "methods" / f"{PREFILTER}_t{args.threads}.pt"
+    if pre.exists():
+        r = torch.load(pre, weights_only=False)
+        mask = torch.ones(n, nq, dtype=torch.bool)
+        for j, c in enumerate(r["candidates"][:nq]):
+            mask[torch.tensor(c), j] = False
+        d = (r["scores"][:, :nq] - scores)[mask].abs().max()
+        rec["vs_prefilter_fill_in_max_rel_diff"] = float(d / scores.abs().max())
     return rec
 
 
@@ -662,6 +988,8 @@ def method_tracincpfast(ctx: Context, name: str) -> dict[str, Any]:
 
 METHODS: dict[str, Callable[[Context, str], dict[str, Any]]] = {
     **{m: method_pairdots for m in PAIRDOTS},
+    PREFILTER: method_prefilter,
+    SKETCH: method_sketch,
     "dattri_cg": method_dattri,
     "dattri_arnoldi": method_dattri,
     "dattri_lissa": method_dattri,
@@ -753,7 +1081,7 @@ def phase_report(args: argparse.Namespace) -> dict[str, Any]:
     ref = shared["scores"]["reference"]  # [N, Q]
     nq = ref.shape[1]
     rows: dict[str, Any] = {}
-    for name in args.methods.split(",") + list(NOT_RUN):
+    for name in expand_names(cache, args.methods.split(",")) + list(NOT_RUN):
         if name in NOT_RUN:
             rows[name] = {"status": NOT_RUN[name]}
             continue
@@ -791,8 +1119,10 @@ def phase_report(args: argparse.Namespace) -> dict[str, Any]:
             vals = [a[key] for a in per_q]
             row[key] = statistics.fmean(vals)
             row[key + "_per_query"] = vals
-        # one query alone: fit + solve + a scoring pass; amortised over the run's queries
-        row["s_per_query_single"] = rec["fit_s"] + rec["solve_s_per_query"] + score_s
+        # one query alone: fit + solve + a scoring pass (its own share where scoring is per
+        # query: pairdots_prefilter); amortised over the run's queries
+        one_score_s = score_s / q if rec.get("score_is_per_query") else score_s
+        row["s_per_query_single"] = rec["fit_s"] + rec["solve_s_per_query"] + one_score_s
         row["s_per_query_amortised"] = (rec["fit_s"] + score_s) / q + rec["solve_s_per_query"]
         if name == "pairdots_diagonal" and "jvp_scores" in rec:
             row["explain_path_score_s_per_query"] = rec["score_s_per_query"]
@@ -801,7 +1131,33 @@ def phase_report(args: argparse.Namespace) -> dict[str, Any]:
             row["jvp_vs_pass_max_rel_diff"] = float(
                 (jv - sc[:, : jv.shape[1]]).abs().max() / sc[:, : jv.shape[1]].abs().max()
             )
-        for k in ("query_grad_check", "curvature", "fit_note", "score_note"):
+        if "candidates" in rec:  # what Explain returns: the top 10 among the candidates
+            vals = []
+            for j, ids in enumerate(rec["candidates"]):
+                at = torch.tensor(ids)
+                got = at[sc[at, j].argsort(descending=True)[:10]].tolist()
+                want = ref[:, j].argsort(descending=True)[:10].tolist()
+                vals.append(len(set(got) & set(want)) / 10)
+            row["top10_overlap_candidates_only"] = statistics.fmean(vals)
+        for k in (
+            "query_grad_check",
+            "curvature",
+            "fit_note",
+            "score_note",
+            "threads",
+            "s_per_query_end_to_end",
+            "breakdown_s_per_query",
+            "candidates_per_direction",
+            "candidates_scored_mean",
+            "fill_in",
+            "scope_inputs",
+            "warm_s",
+            "s_test_vs_pairdots_low_rank_max_rel_diff",
+            "exact_vs_pass_max_rel_diff",
+            "vs_exact_low_rank_scores",
+            "vs_prefilter_fill_in_max_rel_diff",
+            "load_average_after",
+        ):
             if k in rec:
                 row[k] = rec[k]
         rows[name] = row
@@ -825,6 +1181,30 @@ def phase_report(args: argparse.Namespace) -> dict[str, Any]:
             "fastest_peer_single_query_s": peers[fastest]["s_per_query_single"],
             "pairdots_explain_path_single_query_s": base.get("s_per_query_explain_path"),
         }
+    # the served path and the sketch against every peer (fastest first): speed-up (the peer's
+    # amortised s/query over this row's) and whether its agreement is equal or better on all
+    # three metrics, with the metrics where it is worse
+    metrics = ("spearman_top100", "spearman_all", "top10_overlap")
+    for family in PER_CONFIG:
+        own = {k: v for k, v in done.items() if k.startswith(family + "_")}
+        if not (own and peers):
+            continue
+        versus[family] = {}
+        for k, v in own.items():
+            vs: dict[str, Any] = {}
+            for peer in sorted(peers, key=lambda p: peers[p]["s_per_query_amortised"]):
+                worse = [m for m in metrics if v[m] < peers[peer][m]]
+                vs[peer] = {
+                    "speedup_amortised": peers[peer]["s_per_query_amortised"]
+                    / v["s_per_query_amortised"],
+                    "agreement_as_good": not worse,
+                    "worse_on": worse,
+                }
+            fast = vs[min(peers, key=lambda p: peers[p]["s_per_query_amortised"])]
+            vs["at_least_2x_faster_than_fastest_peer_at_as_good_agreement"] = (
+                fast["speedup_amortised"] >= 2.0 and fast["agreement_as_good"]
+            )
+            versus[family][k] = vs
     return {
         "pairdots_vs_fastest_peer": versus,
         "bundle": args.bundle,
@@ -845,17 +1225,17 @@ def phase_report(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_table(result: dict[str, Any]) -> None:
     log(
-        f"{'method':22} {'q':>3} {'fit s':>8} {'solve s/q':>9} {'score s':>8} {'s/q amort':>9} "
+        f"{'method':27} {'q':>3} {'fit s':>8} {'solve s/q':>9} {'score s':>8} {'s/q amort':>9} "
         f"{'×pd':>6} {'RSS MB':>7} {'ρ top100':>8} {'ρ all':>6} {'top10':>5}"
     )
     if result["pairdots_vs_fastest_peer"]:
         log(f"pairdots (diagonal) vs the fastest peer: {result['pairdots_vs_fastest_peer']}")
     for name, r in result["methods"].items():
         if "fit_s" not in r:
-            log(f"{name:22} {r['status']}")
+            log(f"{name:27} {r['status']}")
             continue
         log(
-            f"{name:22} {r['queries']:>3} {r['fit_s']:>8.1f} {r['solve_s_per_query']:>9.2f} "
+            f"{name:27} {r['queries']:>3} {r['fit_s']:>8.1f} {r['solve_s_per_query']:>9.2f} "
             f"{r['score_s_all_queries']:>8.1f} {r['s_per_query_amortised']:>9.2f} "
             f"{r.get('amortised_time_vs_pairdots_diagonal', math.nan):>6.2f} "
             f"{r['peak_rss_mb']:>7.0f} {r['spearman_top100']:>8.3f} {r['spearman_all']:>6.3f} "
@@ -886,6 +1266,7 @@ def child(args: argparse.Namespace, phase: str, method: str | None = None) -> in
         "arnoldi_iters",
         "lissa_batch",
         "lissa_depth",
+        "prefilter_candidates",
     ):
         cmd += ["--" + k.replace("_", "-"), str(getattr(args, k))]
     log(f"--- {phase} {method or ''}")
@@ -933,6 +1314,13 @@ def main() -> None:
     ap.add_argument("--arnoldi-iters", type=int, default=40)
     ap.add_argument("--lissa-batch", type=int, default=8)
     ap.add_argument("--lissa-depth", type=int, default=100)
+    ap.add_argument(
+        "--prefilter-candidates",
+        type=int,
+        default=0,
+        help="pairdots_prefilter: index candidates per direction (0: the served default, "
+        "clamp(2 %% · N, 50, 2000))",
+    )
     ap.add_argument("--budget-min", type=float, default=16.0, help="start no method after it")
     ap.add_argument("--name", default="peers")
     args = ap.parse_args()
@@ -949,7 +1337,7 @@ def main() -> None:
             phase_prepare(ctx)
         torch.manual_seed(0)
         for name in PAIRDOTS if args.method == "pairdots" else [args.method]:
-            save(ctx, name, METHODS[name](ctx, name))
+            save(ctx, record_name(args, name), METHODS[name](ctx, name))
     elif args.phase == "pass":
         phase_pass(Context(args))
     elif args.phase == "all":
@@ -973,7 +1361,7 @@ def main() -> None:
             elif step == "pairdots":
                 if all((cache / "methods" / f"{n}.pt").exists() for n in PAIRDOTS):
                     continue
-            elif (cache / "methods" / f"{step}.pt").exists():
+            elif (cache / "methods" / f"{record_name(args, step)}.pt").exists():
                 continue
             if spent():
                 log(f"budget spent before {step}: rerun to continue")
