@@ -157,6 +157,8 @@ class ExampleEffect:
     measured_margin: float | None
     request_predicted_margin_change: float | None = None  # None: not computed (RANDOM)
     predicted_flip: bool = False
+    request_flip_budget: int = 0  # edits per example (in rounds) to flip it; 0: never/absent
+    request_flip_budget_reached: bool = False
 
     @classmethod
     def from_proto(cls, msg: pairdots_pb2.ExampleEffect) -> ExampleEffect:
@@ -168,7 +170,8 @@ class ExampleEffect:
                    msg.measured_margin if msg.HasField("measured_margin") else None,
                    msg.request_predicted_margin_change
                    if msg.HasField("request_predicted_margin_change") else None,
-                   msg.predicted_flip)
+                   msg.predicted_flip, msg.request_flip_budget,
+                   msg.request_flip_budget_reached)
 
     @property
     def edits(self) -> int:

@@ -4,6 +4,7 @@ equals the reported value; substitutions keep the rest of the text intact."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -261,8 +262,15 @@ def test_multi_word_edits_go_further_than_one_word(rt: ModelRuntime) -> None:
                      influence=DEFAULT)
     q3 = AttackQuery(TESTS[:1], AttackMode.PREDICTION_MARGIN, 4, random_candidates=3,
                      influence=DEFAULT, max_words=3)
-    one = run_attack(rt, q1, lambda: None, default_candidates=N_TRAIN).edits
+    out1 = run_attack(rt, q1, lambda: None, default_candidates=N_TRAIN)
+    one = out1.edits
     three = run_attack(rt, q3, lambda: None, default_candidates=N_TRAIN).edits
+    # one request example: the request-wide effect and budget are its own
+    rep = out1.reports[0]
+    assert rep.request_predicted_margin_change == pytest.approx(rep.predicted_margin_change,
+                                                                rel=1e-6, abs=1e-15)
+    assert (rep.request_flip_budget, rep.request_flip_budget_reached) == (
+        rep.flip_budget, rep.flip_budget_reached)
     assert one[0].train_index == three[0].train_index
     assert three[0].influence_change <= one[0].influence_change
     s_test = margin_s_test(rt, TESTS[0].text, TESTS[0].label)
@@ -350,6 +358,20 @@ def test_request_effect_sums_every_edit_of_the_request(rt: ModelRuntime) -> None
                   if e.example_index == rep.example_index)
         assert rep.predicted_margin_change == pytest.approx(own, rel=1e-6, abs=1e-15)
         cross += abs(want - own) > 1e-6 * max(abs(want), 1e-12)
+        # the request budget: rounds j = 1, 2 add every example's j-th edit
+        mine: dict[int, list[float]] = {}
+        for c, e in zip(changes, out.edits, strict=True):
+            mine.setdefault(e.example_index, []).append(c)
+        after = [rep.margin + sum(v[j] for v in mine.values()) for j in range(1)]
+        after.append(rep.margin + want)
+        flipped = [j + 1 for j, m in enumerate(after) if m * rep.margin < 0]
+        if flipped:
+            assert (rep.request_flip_budget, rep.request_flip_budget_reached) == (flipped[0], True)
+        else:
+            assert not rep.request_flip_budget_reached
+            rate = -want / 2 if rep.margin > 0 else want / 2
+            assert rep.request_flip_budget == (max(3, math.ceil(abs(rep.margin) / rate))
+                                               if rate > 0 else 0)
     assert cross > 0
 
 

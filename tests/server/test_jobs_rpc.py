@@ -4,6 +4,7 @@ restart, cancel stops the job, and bad requests get the documented status codes.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -78,6 +79,11 @@ def test_attack_operation_end_to_end(client: PairdotsClient, server: RunningServ
         # the whole request's predicted change comes over the wire with its flip verdict
         assert x.predicted_flip == (
             (x.margin + x.request_predicted_margin_change) * x.margin < 0)
+        # one edit per example: one round, so the request budget is 1 or extrapolated
+        rate = -math.copysign(1.0, x.margin) * x.request_predicted_margin_change
+        want = 1 if x.predicted_flip else (
+            max(2, math.ceil(abs(x.margin) / rate)) if rate > 0 else 0)
+        assert (x.request_flip_budget, x.request_flip_budget_reached) == (want, x.predicted_flip)
     assert any(x.request_predicted_margin_change != 0 for x in outcome.effects)
     final = client.get_operation(handle.name)
     assert final.done and final.progress is not None

@@ -1960,6 +1960,8 @@ class ExampleEffect(_message.Message):
     MEASURED_MARGIN_FIELD_NUMBER: _builtins.int
     REQUEST_PREDICTED_MARGIN_CHANGE_FIELD_NUMBER: _builtins.int
     PREDICTED_FLIP_FIELD_NUMBER: _builtins.int
+    REQUEST_FLIP_BUDGET_FIELD_NUMBER: _builtins.int
+    REQUEST_FLIP_BUDGET_REACHED_FIELD_NUMBER: _builtins.int
     example_index: _builtins.int
     """Index of the request example."""
     label: _builtins.int
@@ -1994,6 +1996,15 @@ class ExampleEffect(_message.Message):
     the edited training set is predicted to flip this example's prediction (false when the
     change is absent).
     """
+    request_flip_budget: _builtins.int
+    """The flip budget under the whole request: edits per example, applied in rounds (round j
+    adds every example's (j+1)-th edit, in search order), after which the margin plus the
+    predicted change of all the edits so far changes sign; beyond the rounds made,
+    extrapolated at their mean change per round. 0: the request's edits do not move the margin
+    towards zero, or the change is absent. With one request example it equals flip_budget.
+    """
+    request_flip_budget_reached: _builtins.bool
+    """request_flip_budget lies within the rounds made (not extrapolated)."""
     @_builtins.property
     def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___TargetEffect]:
         """Per objective: the targeted word and measurement and its predicted change."""
@@ -2012,10 +2023,12 @@ class ExampleEffect(_message.Message):
         measured_margin: _builtins.float | None = ...,
         request_predicted_margin_change: _builtins.float | None = ...,
         predicted_flip: _builtins.bool = ...,
+        request_flip_budget: _builtins.int = ...,
+        request_flip_budget_reached: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_measured_margin", b"_measured_margin", "_request_predicted_margin_change", b"_request_predicted_margin_change", "measured_margin", b"measured_margin", "request_predicted_margin_change", b"request_predicted_margin_change"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_measured_margin", b"_measured_margin", "_request_predicted_margin_change", b"_request_predicted_margin_change", "edit_count", b"edit_count", "example_index", b"example_index", "flip_budget", b"flip_budget", "flip_budget_reached", b"flip_budget_reached", "label", b"label", "margin", b"margin", "measured_margin", b"measured_margin", "predicted_flip", b"predicted_flip", "predicted_margin_change", b"predicted_margin_change", "request_predicted_margin_change", b"request_predicted_margin_change", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_measured_margin", b"_measured_margin", "_request_predicted_margin_change", b"_request_predicted_margin_change", "edit_count", b"edit_count", "example_index", b"example_index", "flip_budget", b"flip_budget", "flip_budget_reached", b"flip_budget_reached", "label", b"label", "margin", b"margin", "measured_margin", b"measured_margin", "predicted_flip", b"predicted_flip", "predicted_margin_change", b"predicted_margin_change", "request_flip_budget", b"request_flip_budget", "request_flip_budget_reached", b"request_flip_budget_reached", "request_predicted_margin_change", b"request_predicted_margin_change", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__measured_margin: _TypeAlias = _typing.Literal["measured_margin"]  # noqa: Y015
     _WhichOneofArgType__measured_margin: _TypeAlias = _typing.Literal["_measured_margin", b"_measured_margin"]  # noqa: Y015

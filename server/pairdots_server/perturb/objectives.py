@@ -139,7 +139,9 @@ class ExampleReport:
     only this example's own (a retrain sees them all; request_effects): Σ_e ΔI(e, m_y)/N,
     None when not computed (a RANDOM baseline on a bundle without a low-rank GGN: it would
     need an s_test solve per example); predicted_flip: m_y + that sum has the other sign
-    than m_y (the retrain is predicted to flip the prediction)."""
+    than m_y (the retrain is predicted to flip the prediction); request_flip_budget (and
+    _reached): the flip budget over rounds of the request, round j adding every example's
+    (j+1)-th edit (request_flip_budget)."""
 
     example_index: int
     label: int
@@ -152,6 +154,8 @@ class ExampleReport:
     measured_margin: float | None = None
     request_predicted_margin_change: float | None = None  # None: not computed (RANDOM)
     predicted_flip: bool = False
+    request_flip_budget: int = 0
+    request_flip_budget_reached: bool = False
 
 
 @dataclass
@@ -483,22 +487,23 @@ def example_report(
     return rep
 
 
-def request_margin_changes(
+def edit_margin_changes(
     rt: ModelRuntime, edits: Sequence[Edit], s_tests: Tensor, *, additive: bool,
     should_stop: StopFn, batch_size: int = 32,
 ) -> Tensor:
-    """First-order Δm_k of every test example k under all the request's edits at once:
-    s_tests [K,P] (the s_test of each example's margin m_k) -> [K] (float64),
+    """First-order change of every test example's margin m_k by each edit e of the request:
+    s_tests [K,P] (the s_test of each example's margin m_k) -> [E,K] (float64),
 
-        replace (attack)  Δm_k ≈ Σ_e (I(z̃_e, m_k) - I(z_e, m_k)) / N   (Eq. 6–7, summed),
-        add (repair)      Δm_k ≈ Σ_e I(z̃_e, m_k) / N,
+        replace (attack)  Δm_k(e) ≈ (I(z̃_e, m_k) - I(z_e, m_k)) / N   (Eq. 6–7),
+        add (repair)      Δm_k(e) ≈ I(z̃_e, m_k) / N,
 
-    with I(z, f) = -s_testᵀ∇θL(z) (Eq. 5) and N the training examples. Each edited text (and,
-    replacing, its original) gets one per-example gradient scored against all K s_tests
-    (pipeline.score_texts_many), so the cost is that of 2E gradients whatever K is."""
+    with I(z, f) = -s_testᵀ∇θL(z) (Eq. 5) and N the training examples; the retrained set holds
+    every edit, so m_k moves by Σ_e Δm_k(e). Each edited text (and, replacing, its original)
+    gets one per-example gradient scored against all K s_tests (pipeline.score_texts_many),
+    so the cost is that of 2E gradients whatever K is."""
     k = s_tests.shape[0]
     if not edits or k == 0:
-        return torch.zeros(k, dtype=torch.float64)
+        return torch.zeros(len(edits), k, dtype=torch.float64)
     texts = [e.new_text for e in edits]
     labels = [e.label for e in edits]
     if not additive:
@@ -508,7 +513,20 @@ def request_margin_changes(
                                     should_stop)  # [E or 2E, K]
     e = len(edits)
     delta = scores[:e] if additive else scores[:e] - scores[e:]  # [E,K]
-    return delta.sum(dim=0) / rt.n_train
+    return delta / rt.n_train
+
+
+def request_flip_budget(margin: float, per_edit: Sequence[float],
+                        ranks: Sequence[int]) -> tuple[int, bool]:
+    """flip_budget over rounds of the request: round j applies every example's (j+1)-th edit
+    (ranks[e]: edit e's place among its own example's edits, in search order), so the budget
+    is the edits per example after which margin + Σ_{e: rank_e < j} Δm(e) changes sign,
+    extrapolated at the mean change per round beyond the rounds made."""
+    rounds = max(ranks, default=-1) + 1
+    changes = [0.0] * rounds
+    for dm, r in zip(per_edit, ranks, strict=True):
+        changes[r] += dm
+    return flip_budget(margin, changes)
 
 
 def request_effects(
@@ -516,20 +534,29 @@ def request_effects(
     edits: Sequence[Edit], targets: Targets, *, additive: bool, should_stop: StopFn,
     progress: ProgressFn = no_progress, baseline: bool = False,
 ) -> None:
-    """Fill every report's request_predicted_margin_change and predicted_flip
-    (request_margin_changes with the margin s_tests of Targets.margin: the tracking solver).
-    Nothing to do without reports; `baseline` (the RANDOM modes, which solve no s_test of their
-    own): only when the tracking solver is the bundle's low-rank GGN (cheap), else the reports
-    keep None."""
+    """Fill every report's request_predicted_margin_change, predicted_flip and request flip
+    budget (edit_margin_changes with the margin s_tests of Targets.margin: the tracking
+    solver; request_flip_budget). Nothing to do without reports; `baseline` (the RANDOM modes,
+    which solve no s_test of their own): only when the tracking solver is the bundle's
+    low-rank GGN (cheap), else the reports keep None."""
     if not reports or (baseline and not rt.has_lowrank):
         return
     progress("predicting", 0, 1)
     s_tests = torch.stack([targets.margin(ex.text, ex.label)[0] for ex in examples])  # [K,P]
-    changes = request_margin_changes(rt, edits, s_tests, additive=additive,
-                                     should_stop=should_stop).tolist()
-    for rep, dm in zip(reports, changes, strict=True):
-        rep.request_predicted_margin_change = float(dm)
+    per_edit = edit_margin_changes(rt, edits, s_tests, additive=additive,
+                                   should_stop=should_stop)  # [E,K]
+    seen: dict[int, int] = {}
+    ranks = []
+    for e in edits:
+        ranks.append(seen.get(e.example_index, 0))
+        seen[e.example_index] = ranks[-1] + 1
+    for k, rep in enumerate(reports):
+        col = per_edit[:, k].tolist()
+        dm = float(sum(col))
+        rep.request_predicted_margin_change = dm
         rep.predicted_flip = rep.margin != 0 and (rep.margin + dm) * rep.margin < 0
+        rep.request_flip_budget, rep.request_flip_budget_reached = request_flip_budget(
+            rep.margin, col, ranks)
     progress("predicting", 1, 1)
 
 

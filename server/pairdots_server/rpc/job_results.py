@@ -75,7 +75,8 @@ def effect_proto(r: ExampleReport) -> pb.ExampleEffect:
         example_index=r.example_index, label=r.label, margin=r.margin, edit_count=r.edits,
         predicted_margin_change=r.predicted_margin_change, flip_budget=r.flip_budget,
         flip_budget_reached=r.flip_budget_reached,
-        predicted_flip=r.predicted_flip,
+        predicted_flip=r.predicted_flip, request_flip_budget=r.request_flip_budget,
+        request_flip_budget_reached=r.request_flip_budget_reached,
         targets=[
             pb.TargetEffect(
                 objective=t.objective, word=t.word,
