@@ -190,3 +190,33 @@ def test_faiss_gpu_matches_exact() -> None:
     _, got = ivf.search(q, 10)
     _, ref = exact.search(q, 10)
     assert np.mean([recall_at(got[r], ref[r], 10) for r in range(20)]) >= 0.9
+
+
+@pytest.mark.parametrize("make", [
+    lambda k: ExactIndex(k),
+    lambda k: FaissIndex(k, kind="flat", use_gpu=False),  # IDSelectorBatch scan
+    lambda k: FaissIndex(k, kind="ivf", nlist=4, nprobe=4, use_gpu=False),  # deepening (base)
+], ids=["exact", "faiss-flat", "faiss-ivf-all-probed"])
+@pytest.mark.parametrize("share", [0.01, 0.02, 0.4])
+def test_search_within_is_the_top_k_of_the_allowed(make: object, share: float) -> None:
+    """search_within(q, top, allowed) = the `top` allowed ids with the largest ⟨q, v⟩, by brute
+    force in float64 over the allowed vectors only; padded when fewer are allowed; ids that are
+    not stored are ignored. The IVF probes every list, so its search is exact too."""
+    vectors, ids = _data(1500, 16, seed=3)
+    rng = np.random.default_rng(4)
+    allowed = rng.choice(ids, size=int(share * len(ids)), replace=False)
+    queries = rng.standard_normal((3, 16)).astype(np.float32)
+    index = make(16)  # type: ignore[operator]
+    index.add(vectors, ids)
+    top = 20
+    scores, got = index.search_within(queries, top, np.concatenate([allowed, [10**9]]))
+    rows = np.flatnonzero(np.isin(ids, allowed))
+    full = queries.astype(np.float64) @ vectors[rows].T.astype(np.float64)  # [Q, M]
+    want = ids[rows][np.argsort(-full, axis=1)[:, : min(top, rows.size)]]
+    np.testing.assert_array_equal(got[:, : want.shape[1]], want)
+    np.testing.assert_allclose(scores[:, : want.shape[1]],
+                               np.sort(full, axis=1)[:, ::-1][:, : want.shape[1]],
+                               rtol=1e-5, atol=1e-5)
+    assert (got[:, want.shape[1]:] == PAD_ID).all()
+    assert index.search_within(queries, 5, np.array([], dtype=np.int64))[1].tolist() == \
+        [[PAD_ID] * 5] * 3

@@ -49,6 +49,37 @@ class CandidateIndex(ABC):
     def describe(self) -> dict[str, object]:
         """JSON-serialisable description (backend, kind, dim, ntotal, parameters)."""
 
+    def search_within(
+        self, queries: np.ndarray, top: int, allowed: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`search` restricted to the stored ids in `allowed` [M] int64: per query the `top`
+        allowed ids maximising <q, v>, padded like `search` when fewer are allowed.
+
+        This default deepens a plain search (depth top·N/M, doubled until every query has
+        `top` allowed ids or the depth reaches N) and filters it: exact wherever `search` is
+        exact, at a cost that grows with N/M. Backends override it with a direct scan."""
+        allowed = np.unique(np.asarray(allowed, dtype=np.int64))
+        nq = np.asarray(queries).shape[0]
+        out_s = np.full((nq, top), PAD_SCORE, dtype=np.float32)
+        out_i = np.full((nq, top), PAD_ID, dtype=np.int64)
+        n = self.ntotal
+        if n == 0 or allowed.size == 0:
+            check_search(queries, top, self.dim)
+            return out_s, out_i
+        depth = min(n, max(top, -(-top * n // allowed.size)))
+        while True:
+            scores, ids = self.search(queries, depth)  # [Q, depth]
+            keep = np.isin(ids, allowed)
+            counts = keep.sum(axis=1)
+            if depth >= n or bool((counts >= min(top, allowed.size)).all()):
+                break
+            depth = min(n, 2 * depth)
+        for r in range(nq):
+            sel = np.flatnonzero(keep[r])[:top]
+            out_s[r, : sel.size] = scores[r, sel]
+            out_i[r, : sel.size] = ids[r, sel]
+        return out_s, out_i
+
 
 def check_add(vectors: np.ndarray, ids: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """Validate an `add` call; return (vectors float32 C-contiguous [N, dim], ids int64 [N])."""

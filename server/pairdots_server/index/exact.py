@@ -83,6 +83,17 @@ class ExactIndex(CandidateIndex):
             )
         return best_s.astype(np.float32), best_i
 
+    def search_within(
+        self, queries: np.ndarray, top: int, allowed: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-K among `allowed`: a scan of those vectors only (float64)."""
+        queries64 = check_search(queries, top, self._dim).astype(np.float64)  # [Q, k]
+        rows = np.flatnonzero(np.isin(self._ids, np.asarray(allowed, dtype=np.int64)))
+        scores = queries64 @ self._vectors[rows].astype(np.float64).T  # [Q, M]
+        ids = np.broadcast_to(self._ids[rows], scores.shape)
+        best_s, best_i = topk_rows(scores, ids, top)
+        return best_s.astype(np.float32), best_i
+
     def describe(self) -> dict[str, object]:
         return {
             "backend": "exact",

@@ -219,6 +219,29 @@ class FaissIndex(CandidateIndex):
         ids[:, :k] = np.where(found, self._ids[np.maximum(rows, 0)], PAD_ID)
         return scores, ids
 
+    def search_within(
+        self, queries: np.ndarray, top: int, allowed: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Flat on the CPU: one scan restricted to the allowed rows (a FAISS IDSelectorBatch
+        over row numbers), exact. IVF and GPU indexes: the base class's deepening search."""
+        if self._kind != "flat" or self._gpu or self._index is None:
+            return super().search_within(queries, top, allowed)
+        queries = check_search(queries, top, self._dim)
+        nq = queries.shape[0]
+        rows = np.flatnonzero(np.isin(self._ids, np.asarray(allowed, dtype=np.int64)))
+        scores = np.full((nq, top), PAD_SCORE, dtype=np.float32)
+        ids = np.full((nq, top), PAD_ID, dtype=np.int64)
+        if rows.size == 0:
+            return scores, ids
+        k = min(top, int(rows.size))
+        sel = self._faiss.IDSelectorBatch(rows.astype(np.int64))
+        params = self._faiss.SearchParameters(sel=sel)
+        dist, found_rows = self._index.search(queries, k, params=params)  # [Q, k]
+        found = found_rows >= 0
+        scores[:, :k] = np.where(found, dist, PAD_SCORE)
+        ids[:, :k] = np.where(found, self._ids[np.maximum(found_rows, 0)], PAD_ID)
+        return scores, ids
+
     def describe(self) -> dict[str, object]:
         info: dict[str, object] = {
             "backend": "faiss",

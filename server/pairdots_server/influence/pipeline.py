@@ -22,12 +22,12 @@ needs; `Timer` sums wall time per stage.
 from __future__ import annotations
 
 import enum
-import math
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -285,7 +285,7 @@ def candidates(
     """Training indices to score exactly: all of them (or `allowed`), or, with the index,
     the union of the top-K supporting (⟨-s_test, g⟩ large) and opposing (⟨s_test, g⟩ large)
     neighbours of the projected query. With `allowed`, only those: all of them when they are at
-    most 2K, else the index searched K·N/|allowed| deep and filtered to them."""
+    most 2K, else the top K of each direction among them (CandidateIndex.search_within)."""
     check_index(rt, settings)
     keep = None if allowed is None else set(allowed)
     if not settings.use_index:
@@ -296,15 +296,15 @@ def candidates(
     start = time.perf_counter()
     index, projection = rt.index()
     q = projection.project(s_test[None].float()).cpu().numpy()  # [1,k]
-    k = settings.candidates
-    if keep is not None:  # search deep enough that about K of the allowed come back
-        k = math.ceil(k * rt.n_train / len(keep))
-    k = min(k, rt.n_train)
-    _, sup_ids = index.search(-q, k)  # supporting: ⟨-s_test, g⟩ large
-    _, opp_ids = index.search(q, k)  # opposing: ⟨s_test, g⟩ large
+    k = min(settings.candidates, rt.n_train)
+    if keep is None:
+        _, sup_ids = index.search(-q, k)  # supporting: ⟨-s_test, g⟩ large
+        _, opp_ids = index.search(q, k)  # opposing: ⟨s_test, g⟩ large
+    else:
+        within = np.fromiter(keep, dtype=np.int64, count=len(keep))
+        _, sup_ids = index.search_within(-q, k, within)
+        _, opp_ids = index.search_within(q, k, within)
     ids = sorted({int(i) for i in sup_ids[0].tolist() + opp_ids[0].tolist() if i >= 0})
-    if keep is not None:
-        ids = [i for i in ids if i in keep]
     if timer is not None:
         timer.add("candidates", time.perf_counter() - start)
     return ids

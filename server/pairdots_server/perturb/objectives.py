@@ -117,7 +117,7 @@ class SalientTarget:
         sign = -1.0 if direction < 0 else 1.0
         if additive:
             sign = -sign
-        items = self.scores.items()
+        items: list[tuple[int, float]] = list(self.scores.items())
         if additive:
             d = 1.0 if direction > 0 else -1.0
             items = [(i, v) for i, v in items if d * v > 0]
