@@ -636,15 +636,21 @@ def method_prefilter(ctx: Context, name: str) -> dict[str, Any]:
     }
     # the same s_test as pairdots_low_rank, and the same exact scores as the shared pass
     rec.update(s_test_check(ctx, xs))
-    if (ctx.cache / "pass.pt").exists():
-        ref = torch.load(ctx.cache / "pass.pt", weights_only=False)["scores"]
-        if "pairdots_low_rank" in ref:
-            sc = ref["pairdots_low_rank"]
-            rec["exact_vs_pass_max_rel_diff"] = max(
-                float((scores[c, j] - sc[c, j]).abs().max() / sc[:, j].abs().max())
-                for j, c in enumerate(torch.tensor(c) for c in cands)
-            )
+    sc = pass_low_rank_scores(ctx)
+    if sc is not None:
+        rec["exact_vs_pass_max_rel_diff"] = max(
+            float((scores[c, j] - sc[c, j]).abs().max() / sc[:, j].abs().max())
+            for j, c in enumerate(torch.tensor(c) for c in cands)
+        )
     return rec
+
+
+def pass_low_rank_scores(ctx: Context) -> Tensor | None:
+    """The shared pass's exact scores of pairdots_low_rank's s_tests [N, q], if cached."""
+    if not (ctx.cache / "pass.pt").exists():
+        return None
+    ref = torch.load(ctx.cache / "pass.pt", weights_only=False)["scores"]
+    return ref.get("pairdots_low_rank")
 
 
 def method_sketch(ctx: Context, name: str) -> dict[str, Any]:
@@ -704,15 +710,13 @@ def method_sketch(ctx: Context, name: str) -> dict[str, Any]:
     }
     rec.update(s_test_check(ctx, xs))
     # how well the estimate ranks like the exact scores of the same s_test (the shared pass)
-    if (ctx.cache / "pass.pt").exists():
-        ref = torch.load(ctx.cache / "pass.pt", weights_only=False)["scores"]
-        if "pairdots_low_rank" in ref:
-            sc = ref["pairdots_low_rank"]
-            per_q = [agreement(sc[:, j], scores[:, j]) for j in range(nq)]
-            rec["vs_exact_low_rank_scores"] = {
-                k: statistics.fmean(a[k] for a in per_q)
-                for k in ("spearman_top100", "spearman_all", "top10_overlap")
-            }
+    sc = pass_low_rank_scores(ctx)
+    if sc is not None:
+        per_q = [agreement(sc[:, j], scores[:, j]) for j in range(nq)]
+        rec["vs_exact_low_rank_scores"] = {
+            k: statistics.fmean(a[k] for a in per_q)
+            for k in ("spearman_top100", "spearman_all", "top10_overlap")
+        }
     # the same estimates pairdots_prefilter fills its non-candidates with
     pre = ctx.cache / "methods" / f"{PREFILTER}_t{args.threads}.pt"
     if pre.exists():
