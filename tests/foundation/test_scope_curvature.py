@@ -136,3 +136,9 @@ def test_texts_scored_against_many_s_tests(pair: tuple[ModelRuntime, ModelRuntim
     for rt in (split, full):
         got = score_texts_many(rt, s, texts, labels, batch_size=2)  # [N,J]
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    # separate vectors, stacked once or (a stack budget of 2 rows) in groups per batch
+    whole = score_texts_many(split, s, texts, labels, batch_size=2)
+    for budget in (1 << 30, 2 * s.shape[1] * 8):
+        listed = score_texts_many(split, list(s), texts, labels, batch_size=2,
+                                  max_stack_bytes=budget)
+        torch.testing.assert_close(listed, whole, rtol=1e-12, atol=0.0)

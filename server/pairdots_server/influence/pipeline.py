@@ -382,19 +382,31 @@ def score_texts(
 
 
 def score_texts_many(
-    rt: ModelRuntime, s_tests: Tensor, texts: Sequence[str], labels: Sequence[int],
-    batch_size: int = 32, should_stop: StopFn = no_stop,
+    rt: ModelRuntime, s_tests: Tensor | Sequence[Tensor], texts: Sequence[str],
+    labels: Sequence[int], batch_size: int = 32, should_stop: StopFn = no_stop,
+    *, max_stack_bytes: int = 1 << 30,
 ) -> Tensor:
     """I(z_i, f_j) = -⟨s_test_j, ∇θL(z_i)⟩ (Eq. 5) for labelled texts against many s_tests:
-    s_tests [J,P] -> [N,J] (float64).
+    s_tests [J,P] (or J vectors [P]) -> [N,J] (float64).
 
     One per-example gradient per text, G [B,P] per batch, then -G S_tᵀ: the cost does not grow
     with J (score_texts runs one jvp per s_test instead; cheaper for J of 1 or 2). With the
     scope split the trunk runs without gradient and the per-example gradients are those of
-    the scoped top. Texts are batched in order of length (little padding)."""
-    out = torch.zeros(len(texts), s_tests.shape[0], dtype=torch.float64)
-    if not texts or s_tests.shape[0] == 0:
+    the scoped top. Texts are batched in order of length (little padding). Given as separate
+    vectors, the s_tests are stacked once when J·P fits max_stack_bytes, else in groups of
+    that size for every batch (memory stays bounded for a request of many examples)."""
+    count = int(s_tests.shape[0]) if isinstance(s_tests, Tensor) else len(s_tests)
+    out = torch.zeros(len(texts), count, dtype=torch.float64)
+    if not texts or count == 0:
         return out
+    first = s_tests[0]
+    per_row = first.numel() * 8  # float64 contraction
+    group = max(1, min(count, max_stack_bytes // max(1, per_row)))
+    fixed: list[Tensor] | None = None
+    if isinstance(s_tests, Tensor) and group >= count:
+        fixed = [s_tests.to(torch.float64)]
+    elif group >= count:
+        fixed = [torch.stack([x.to(torch.float64) for x in s_tests])]
     order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
     for b in range(0, len(order), batch_size):
         should_stop()
@@ -408,9 +420,13 @@ def score_texts_many(
             with torch.no_grad():
                 hidden = rt.split.trunk(emb, mask)  # h_L [B,t,D]
             grads = per_example_loss_grads(rt.split.top, rt.params, hidden, mask, enc.labels)
-        # grads [B,P] @ S [P,J] -> [B,J]
-        scores = -(grads.double() @ s_tests.to(grads.device, torch.float64).T)
-        out[torch.tensor(chunk, dtype=torch.long)] = scores.cpu()
+        g = grads.double()  # [B,P]
+        idx = torch.tensor(chunk, dtype=torch.long)
+        for c0 in range(0, count, group):
+            s = fixed[0] if fixed is not None else torch.stack(
+                [s_tests[j].to(torch.float64) for j in range(c0, min(count, c0 + group))])
+            # [B,P] @ [P,J_c] -> [B,J_c]
+            out[idx, c0 : c0 + s.shape[0]] = -(g @ s.to(g.device).T).cpu()
     return out
 
 

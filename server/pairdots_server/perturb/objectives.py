@@ -488,11 +488,13 @@ def example_report(
 
 
 def edit_margin_changes(
-    rt: ModelRuntime, edits: Sequence[Edit], s_tests: Tensor, *, additive: bool,
+    rt: ModelRuntime, edits: Sequence[Edit], s_tests: Tensor | Sequence[Tensor], *,
+    additive: bool,
     should_stop: StopFn, batch_size: int = 32,
 ) -> Tensor:
     """First-order change of every test example's margin m_k by each edit e of the request:
-    s_tests [K,P] (the s_test of each example's margin m_k) -> [E,K] (float64),
+    s_tests [K,P] or K vectors [P] (the s_test of each example's margin m_k) -> [E,K]
+    (float64),
 
         replace (attack)  Δm_k(e) ≈ (I(z̃_e, m_k) - I(z_e, m_k)) / N   (Eq. 6–7),
         add (repair)      Δm_k(e) ≈ I(z̃_e, m_k) / N,
@@ -501,7 +503,7 @@ def edit_margin_changes(
     every edit, so m_k moves by Σ_e Δm_k(e). Each edited text (and, replacing, its original)
     gets one per-example gradient scored against all K s_tests (pipeline.score_texts_many),
     so the cost is that of 2E gradients whatever K is."""
-    k = s_tests.shape[0]
+    k = int(s_tests.shape[0]) if isinstance(s_tests, Tensor) else len(s_tests)
     if not edits or k == 0:
         return torch.zeros(len(edits), k, dtype=torch.float64)
     texts = [e.new_text for e in edits]
@@ -542,7 +544,7 @@ def request_effects(
     if not reports or (baseline and not rt.has_lowrank):
         return
     progress("predicting", 0, 1)
-    s_tests = torch.stack([targets.margin(ex.text, ex.label)[0] for ex in examples])  # [K,P]
+    s_tests = [targets.margin(ex.text, ex.label)[0] for ex in examples]  # K × [P]
     per_edit = edit_margin_changes(rt, edits, s_tests, additive=additive,
                                    should_stop=should_stop)  # [E,K]
     seen: dict[int, int] = {}
