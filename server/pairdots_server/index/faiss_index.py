@@ -210,11 +210,18 @@ class FaissIndex(CandidateIndex):
                 if self._kind == "ivf":
                     self._cpu_copy.nprobe = self._nprobe
             index = self._cpu_copy
-        k = min(top, self.ntotal)
-        dist, rows = index.search(queries, k)  # [Q, k] each
+        dist, rows = index.search(queries, min(top, self.ntotal))  # [Q, k] each
+        return self._padded(dist, rows, top)
+
+    def _padded(self, dist: np.ndarray, rows: np.ndarray, top: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS's (scores, row numbers) [Q, k] as (scores, ids) [Q, top]: rows mapped to ids,
+        row -1 (IVF may return fewer than k when the probed lists are short) and the slots
+        beyond k padded with (PAD_SCORE, PAD_ID)."""
+        nq, k = rows.shape
         scores = np.full((nq, top), PAD_SCORE, dtype=np.float32)
         ids = np.full((nq, top), PAD_ID, dtype=np.int64)
-        found = rows >= 0  # IVF may return fewer than k when the probed lists are short
+        found = rows >= 0
         scores[:, :k] = np.where(found, dist, PAD_SCORE)
         ids[:, :k] = np.where(found, self._ids[np.maximum(rows, 0)], PAD_ID)
         return scores, ids
@@ -227,20 +234,14 @@ class FaissIndex(CandidateIndex):
         if self._kind != "flat" or self._gpu or self._index is None:
             return super().search_within(queries, top, allowed)
         queries = check_search(queries, top, self._dim)
-        nq = queries.shape[0]
         rows = np.flatnonzero(np.isin(self._ids, np.asarray(allowed, dtype=np.int64)))
-        scores = np.full((nq, top), PAD_SCORE, dtype=np.float32)
-        ids = np.full((nq, top), PAD_ID, dtype=np.int64)
-        if rows.size == 0:
-            return scores, ids
-        k = min(top, int(rows.size))
+        if rows.size == 0:  # nothing allowed is stored: all padding
+            nq = queries.shape[0]
+            return self._padded(np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64), top)
         sel = self._faiss.IDSelectorBatch(rows.astype(np.int64))
         params = self._faiss.SearchParameters(sel=sel)
-        dist, found_rows = self._index.search(queries, k, params=params)  # [Q, k]
-        found = found_rows >= 0
-        scores[:, :k] = np.where(found, dist, PAD_SCORE)
-        ids[:, :k] = np.where(found, self._ids[np.maximum(found_rows, 0)], PAD_ID)
-        return scores, ids
+        dist, found = self._index.search(queries, min(top, int(rows.size)), params=params)
+        return self._padded(dist, found, top)  # [Q, top] each
 
     def describe(self) -> dict[str, object]:
         info: dict[str, object] = {

@@ -399,32 +399,27 @@ def score_texts_many(
     out = torch.zeros(len(texts), count, dtype=torch.float64)
     if not texts or count == 0:
         return out
-    first = s_tests[0]
-    per_row = first.numel() * 8  # float64 contraction
-    group = max(1, min(count, max_stack_bytes // max(1, per_row)))
-    fixed: list[Tensor] | None = None
-    if isinstance(s_tests, Tensor) and group >= count:
-        fixed = [s_tests.to(torch.float64)]
-    elif group >= count:
-        fixed = [torch.stack([x.to(torch.float64) for x in s_tests])]
+    group = max(1, min(count, max_stack_bytes // max(1, s_tests[0].numel() * 8)))  # float64
+
+    def stacked(lo: int, hi: int) -> Tensor:  # s_tests lo..hi-1 as [J_c,P] float64
+        return torch.stack([s_tests[j] for j in range(lo, hi)]).double()
+
+    whole = stacked(0, count) if group >= count else None
     order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
     for b in range(0, len(order), batch_size):
         should_stop()
         chunk = order[b : b + batch_size]
         enc = rt.encode_texts([texts[i] for i in chunk], [labels[i] for i in chunk])
         t = int(enc.mask.sum(dim=1).max())
-        emb, mask = enc.embeds[:, :t], enc.mask[:, :t]  # [B,t,D], [B,t]
-        if rt.split is None:
-            grads = per_example_loss_grads(rt.task.logits_fn, rt.params, emb, mask, enc.labels)
-        else:
+        x, mask = enc.embeds[:, :t], enc.mask[:, :t]  # [B,t,D], [B,t]
+        if rt.split is not None:
             with torch.no_grad():
-                hidden = rt.split.trunk(emb, mask)  # h_L [B,t,D]
-            grads = per_example_loss_grads(rt.split.top, rt.params, hidden, mask, enc.labels)
-        g = grads.double()  # [B,P]
+                x = rt.split.trunk(x, mask)  # h_L [B,t,D]
+        g = per_example_loss_grads(rt.curvature_logits_fn, rt.params, x, mask,
+                                   enc.labels).double()  # [B,P]
         idx = torch.tensor(chunk, dtype=torch.long)
         for c0 in range(0, count, group):
-            s = fixed[0] if fixed is not None else torch.stack(
-                [s_tests[j].to(torch.float64) for j in range(c0, min(count, c0 + group))])
+            s = whole if whole is not None else stacked(c0, min(count, c0 + group))
             # [B,P] @ [P,J_c] -> [B,J_c]
             out[idx, c0 : c0 + s.shape[0]] = -(g @ s.to(g.device).T).cpu()
     return out

@@ -556,7 +556,7 @@ def request_effects(
         col = per_edit[:, k].tolist()
         dm = float(sum(col))
         rep.request_predicted_margin_change = dm
-        rep.predicted_flip = rep.margin != 0 and (rep.margin + dm) * rep.margin < 0
+        rep.predicted_flip = (rep.margin + dm) * rep.margin < 0
         rep.request_flip_budget, rep.request_flip_budget_reached = request_flip_budget(
             rep.margin, col, ranks)
     progress("predicting", 1, 1)
