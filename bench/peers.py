@@ -623,14 +623,8 @@ def method_prefilter(ctx: Context, name: str) -> dict[str, Any]:
         },
         "scope_inputs": scope,
         "warm_s": warm_s,
-        "settings": {
-            "solver": "low_rank",
-            "candidates_per_direction": settings.candidates,
-            "scoring_batch_size": settings.scoring_batch_size,
-            "index": index.describe(),
-            "projection": projection.describe(),
-        },
-        "fit_note": "the bundle's low-rank factors and index, fitted / built at prepare time",
+        **index_record(index, projection, candidates_per_direction=settings.candidates,
+                       scoring_batch_size=settings.scoring_batch_size),
         "score_note": "per query: index search (pipeline.candidates) + exact scoring of the "
         "union (pipeline.score_examples); non-candidates scored by the projected estimate",
     }
@@ -643,6 +637,15 @@ def method_prefilter(ctx: Context, name: str) -> dict[str, Any]:
             for j, c in enumerate(torch.tensor(c) for c in cands)
         )
     return rec
+
+
+def index_record(index: Any, projection: Any, **settings: Any) -> dict[str, Any]:
+    """The settings and fit note shared by the index-based pairdots records."""
+    return {
+        "settings": {"solver": "low_rank", **settings, "index": index.describe(),
+                     "projection": projection.describe()},
+        "fit_note": "the bundle's low-rank factors and index, fitted / built at prepare time",
+    }
 
 
 def pass_low_rank_scores(ctx: Context) -> Tensor | None:
@@ -699,12 +702,7 @@ def method_sketch(ctx: Context, name: str) -> dict[str, Any]:
         "s_per_query_end_to_end_per_query": walls,
         "breakdown_s_per_query": {k: statistics.fmean(v) for k, v in parts.items()},
         "warm_s": warm_s,
-        "settings": {
-            "solver": "low_rank",
-            "index": index.describe(),
-            "projection": projection.describe(),
-        },
-        "fit_note": "the bundle's low-rank factors and index, fitted / built at prepare time",
+        **index_record(index, projection),
         "score_note": "per query: Pᵀs_test and one search of the index over all N "
         "(index_estimates); every score is the projected estimate −⟨Pᵀs, Pᵀg_i⟩, not rescaled",
     }
