@@ -39,6 +39,10 @@ class ExplainLimits:
     s_test_cache_size: int = 256
     # Batch size for exact scoring of candidates (per-example gradients).
     scoring_batch_size: int = 32
+    # Scope-input cache (influence/scope_inputs.py): at most this many MiB of h_L rows computed
+    # on demand per served bundle, least recently used evicted; 0 = unbounded. Rows from a
+    # bundle's scope_inputs.safetensors are not counted (loaded whole at start).
+    scope_input_cache_mb: int = 1024
 
     def __post_init__(self) -> None:
         _require(self.max_text_chars > 0, "max_text_chars", "must be > 0")
@@ -54,6 +58,13 @@ class ExplainLimits:
         _require(self.min_candidates > 0, "min_candidates", "must be > 0")
         _require(self.s_test_cache_size >= 0, "s_test_cache_size", "must be >= 0")
         _require(self.scoring_batch_size > 0, "scoring_batch_size", "must be > 0")
+        _require(self.scope_input_cache_mb >= 0, "scope_input_cache_mb",
+                 "must be >= 0 (MiB; 0 = unbounded)")
+
+    @property
+    def scope_input_max_bytes(self) -> int | None:
+        """scope_input_cache_mb in bytes; None when unbounded (0)."""
+        return self.scope_input_cache_mb * 2**20 if self.scope_input_cache_mb else None
 
     def default_candidates(self, n_train: int) -> int:
         """clamp(fraction·N, min, max), never more than N."""

@@ -111,6 +111,64 @@ def test_cached_scoring_equals_the_full_model_path(root64: Path) -> None:
     assert _close(steps.score_examples(plain, s_test, IDX, settings, steps.no_stop), got)
 
 
+def _row_bytes(rt: ModelRuntime, idx: list[int]) -> list[int]:
+    """Bytes of each training example's h_L row, from an unbounded cache (independent)."""
+    free = _rt(rt.bundle.path, scope_input_max_bytes=None).scope_inputs()
+    assert free is not None
+    return [r.numel() * r.element_size() for r in free.rows(idx)]
+
+
+def test_bounded_cache_scores_the_same_and_stays_within_its_bytes(root64: Path) -> None:
+    probe = _rt(root64 / "t64")
+    cap = sum(sorted(_row_bytes(probe, list(range(probe.n_train))))[-3:])  # ≥ any 3 rows
+    rt = _rt(root64 / "t64", scope_input_max_bytes=cap)
+    s_test, settings = _s_test(rt)
+    ref = _full_path(rt, s_test, IDX)
+    got = steps.score_examples(rt, s_test, IDX, settings, steps.no_stop)
+    assert _close(got, ref)  # one call needing more rows than the bound still gets them all
+    cache = rt.scope_inputs()
+    assert cache is not None
+    assert cache.nbytes <= cap and 3 <= len(cache) < len(set(IDX))
+    assert cache.evicted == cache.computed - len(cache) > 0
+    # again: evicted rows are recomputed, the answer is the same
+    before = cache.computed
+    again = steps.score_examples(rt, s_test, IDX, settings, steps.no_stop)
+    assert _close(again, ref) and cache.computed > before and cache.nbytes <= cap
+
+
+def test_bounded_cache_evicts_the_least_recently_used_row(root64: Path) -> None:
+    probe = _rt(root64 / "t64")
+    sizes = _row_bytes(probe, list(range(probe.n_train)))
+    by_size = sorted(range(probe.n_train), key=lambda i: (sizes[i], i))
+    d, b = by_size[0], by_size[-1]  # d is no larger than b: adding d evicts b alone
+    a, c = by_size[1], by_size[2]
+    rt = _rt(root64 / "t64", scope_input_max_bytes=sizes[a] + sizes[b] + sizes[c])
+    cache = rt.scope_inputs()
+    assert cache is not None
+    for i in (a, b, c):  # held: a, b, c (a least recent)
+        cache.rows([i])
+    assert cache.computed == 3 and cache.evicted == 0
+    cache.rows([a])  # a hit: a becomes the most recent, b the least recent
+    assert cache.computed == 3
+    cache.rows([d])
+    assert cache.evicted == 1
+    cache.rows([a, c, d])
+    assert cache.computed == 4  # a, c and d still held
+    cache.rows([b])
+    assert cache.computed == 5  # b was the one evicted
+    with pytest.raises(ValueError, match="max_bytes None"):
+        cache.to_tensors()  # a bounded cache cannot write the bundle file
+
+
+def test_zero_byte_cache_still_answers(root64: Path) -> None:
+    rt = _rt(root64 / "t64", scope_input_max_bytes=0)
+    s_test, settings = _s_test(rt)
+    got = steps.score_examples(rt, s_test, IDX, settings, steps.no_stop)
+    assert _close(got, _full_path(rt, s_test, IDX))
+    cache = rt.scope_inputs()
+    assert cache is not None and len(cache) == 0 and cache.nbytes == 0
+
+
 def test_float16_rows_within_stated_tolerance(root64: Path) -> None:
     rt = _rt(root64 / "t64", scope_input_dtype="float16")
     s_test, settings = _s_test(rt)

@@ -207,6 +207,28 @@ def test_health_port_config_and_flag(bundle_root: Path) -> None:
         ServerConfig(bundles=bundle_root, health_port=70000)
 
 
+def test_scope_input_cache_bound_reaches_the_served_runtime(bundle_root: Path) -> None:
+    from pairdots_server.cli.main import build_parser, server_config
+    from pairdots_server.service.registry import ModelRegistry
+
+    def parsed(*flags: str) -> ServerConfig:
+        return server_config(build_parser().parse_args(["serve", "--bundles", str(bundle_root),
+                                                        *flags]))
+
+    assert parsed().explain.scope_input_max_bytes == 1024 * 2**20
+    assert parsed("--scope-input-cache-mb", "3").explain.scope_input_max_bytes == 3 * 2**20
+    assert parsed("--scope-input-cache-mb", "0").explain.scope_input_max_bytes is None
+    with pytest.raises(InvalidArgument, match="scope_input_cache_mb"):
+        parsed("--scope-input-cache-mb", "-1")
+    registry = ModelRegistry(bundle_root, scope_input_max_bytes=5 * 2**20)
+    registry.load_all()
+    runtimes = [registry.get(name) for name in registry.names()]
+    assert runtimes
+    for rt in runtimes:
+        cache = rt.scope_inputs()
+        assert cache is not None and cache.max_bytes == 5 * 2**20
+
+
 # -- SIGTERM under load (the real `pairdots serve` process) ---------------------------------
 
 

@@ -198,7 +198,7 @@ def cmd_index_scope_inputs(args: argparse.Namespace) -> int:
 
 
 def server_config(args: argparse.Namespace) -> Any:
-    from pairdots_server.config import JobLimits, ServerConfig, TelemetrySettings
+    from pairdots_server.config import ExplainLimits, JobLimits, ServerConfig, TelemetrySettings
 
     def path(v: str | None) -> Path | None:
         return Path(v) if v else None
@@ -226,6 +226,7 @@ def server_config(args: argparse.Namespace) -> Any:
         grace_s=float(args.grace_s),
         log_format=args.log_format,
         jobs=JobLimits(lease_s=float(args.lease_s)),
+        explain=ExplainLimits(scope_input_cache_mb=int(args.scope_input_cache_mb)),
         watch_interval_s=float(args.watch_interval_s),
         telemetry=TelemetrySettings(
             otlp_endpoint=args.otlp_endpoint or None,
@@ -480,6 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grace-s", default=_env("GRACE_S", 10))
     s.add_argument("--log-format", default=_env("LOG_FORMAT", "text"), choices=["text", "json"])
     # hot reload and telemetry (rpc/app.py, telemetry.py)
+    s.add_argument("--scope-input-cache-mb", default=_env("SCOPE_INPUT_CACHE_MB", 1024),
+                   help="MiB of scope inputs (hidden states below the influence scope) kept "
+                   "per bundle when computed on demand, least recently used dropped first; "
+                   "0 = unbounded; a bundle's scope_inputs.safetensors is not counted")
     s.add_argument("--watch-interval-s", default=_env("WATCH_INTERVAL_S", 10),
                    help="seconds between scans of --bundles for new, changed and removed "
                    "bundles (loaded verified, without a restart); 0 = load at start only")

@@ -66,7 +66,8 @@ def run_worker(config: Any, kinds: list[str] | None, stop: threading.Event) -> i
             f"{','.join(sorted(JOB_KINDS))}",
         )
     registry = ModelRegistry(
-        config.bundles, device=config.resolve_device(), cache_size=config.explain.s_test_cache_size
+        config.bundles, device=config.resolve_device(), cache_size=config.explain.s_test_cache_size,
+        scope_input_max_bytes=config.explain.scope_input_max_bytes,
     )
     registry.load_all()
     store = JobStore(config.jobs_db_spec)

@@ -298,6 +298,7 @@ def _ranked_examples(
         attributions = steps.word_attributions(
             rt, s_test, [it.train_index for it in items], q.token_influence, memo=memo,
             top_words=settings.eq8_top_words, keep_word=keep_word,
+            max_tokens=settings.eq8_batch_tokens,
         )
         for item, att in zip(items, attributions, strict=True):
             _responsible_word(item, att)

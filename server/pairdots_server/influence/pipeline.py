@@ -48,6 +48,7 @@ from pairdots_server.core.saliency import (
 )
 from pairdots_server.core.scoring import (
     Row,
+    batch_tokens_for,
     influence_jvp,
     score_rows,
     token_influence_first_order_many,
@@ -472,7 +473,7 @@ class WordAttribution:
 
 def word_attributions(
     rt: ModelRuntime, s_test: Tensor, indices: Sequence[int],
-    method: TokenInfluence = TokenInfluence.EXACT, *, max_tokens: int = 4096,
+    method: TokenInfluence = TokenInfluence.EXACT, *, max_tokens: int | None = None,
     memo: ScoreMemo | None = None, top_words: int = 0, keep_word: str | None = None,
 ) -> list[WordAttribution]:
     """Eq. 8 per word for each training example in `indices`, labelled with its own label.
@@ -485,9 +486,12 @@ def word_attributions(
     example's influence when memo holds its score; only the k best and the words matching
     `keep_word` (same Porter stem: the explained word) are scored exactly, the others keep the
     estimate (exact False). FIRST_ORDER: the estimate for every word. Results accumulate in
-    memo (by training index), so a word scored exactly once is not scored again."""
+    memo (by training index), so a word scored exactly once is not scored again. max_tokens
+    None: core/scoring.batch_tokens_for the model's device."""
     from pairdots_server.influence.wordmatch import stem
 
+    if max_tokens is None:
+        max_tokens = batch_tokens_for(rt.task.device)
     known = memo.words if memo is not None else {}
     order = [int(i) for i in dict.fromkeys(int(i) for i in indices)]
     out: dict[int, WordAttribution] = {}

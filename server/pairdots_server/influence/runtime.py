@@ -192,12 +192,14 @@ class ModelRuntime:
 
     scope_inputs: keep h_L(z_i) (influence/scope_inputs.py) so exact scoring runs through the
     scoped top only; scope_input_dtype the storage dtype of rows computed here ("float32",
-    "float16"; default the model's dtype; rows from the bundle's file keep the file's).
+    "float16"; default the model's dtype; rows from the bundle's file keep the file's);
+    scope_input_max_bytes bounds the rows computed here (LRU; None = unbounded).
     warm_words: build the training set's word index (influence/words.py) now, at load, not in
     the first Explain (importing nltk for its Porter stemmer alone took 2.6 s of it)."""
 
     def __init__(self, bundle: Bundle, *, cache_size: int = 256, scope_inputs: bool = True,
-                 scope_input_dtype: str | None = None, warm_words: bool = True) -> None:
+                 scope_input_dtype: str | None = None, warm_words: bool = True,
+                 scope_input_max_bytes: int | None = 2**30) -> None:
         self.bundle = bundle
         self.task = bundle.task
         self.name = bundle.name
@@ -218,6 +220,7 @@ class ModelRuntime:
         self.split = ScopeSplit.for_task(self.task) if scope_inputs else None
         self.scope_input_dtype = scope_input_dtype or str(self.task.dtype).removeprefix("torch.")
         self._scope_inputs: ScopeInputs | None = None
+        self.scope_input_max_bytes = scope_input_max_bytes
         self.scope_inputs_note = ""  # why the bundle's scope-input file was not used
         # every torch computation on this model (Explain, each job step) holds this gate
         self.compute = ComputeGate(self.name)
@@ -404,7 +407,8 @@ class ModelRuntime:
         with self._lock:
             if self._scope_inputs is None:
                 cache = ScopeInputs(self.split, self.encode_train, self.n_train,
-                                    self.scope_inputs_key(), self.scope_input_dtype)
+                                    self.scope_inputs_key(), self.scope_input_dtype,
+                                    max_bytes=self.scope_input_max_bytes)
                 if self.bundle.has_artifact(SCOPE_INPUTS_FILE):
                     self.scope_inputs_note = self._load_scope_inputs(cache) or ""
                 self._scope_inputs = cache

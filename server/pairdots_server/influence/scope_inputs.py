@@ -9,7 +9,11 @@ runs through the scoped top only once h_L of a candidate is known:
 Rows are kept unpadded ([T_i, D], T_i = attended tokens of example i) in `dtype` (float32 by
 default; float16 halves the memory, bench/scope_inputs.py measures what it costs in exactness).
 Missing rows are computed on first use (one plain forward of the layers below the scope,
-batched in order of length) and kept in memory. A bundle may carry them precomputed
+batched in order of length) and kept in memory, at most `max_bytes` of them (least recently
+used evicted first; None = unbounded): words like "the" touch most of the training set, so
+without a bound the rows of a 700k-example set computed lazily would grow to
+700k · 26 tokens · 384 · 4 B ≈ 28 GB on a MiniLM. Rows from the bundle's file are one tensor
+loaded at start and are never evicted (dropping a view frees nothing). A bundle may carry them precomputed
 (SCOPE_INPUTS_FILE, written by `pairdots index scope-inputs`, influence/artifacts.py); that
 file is used only when its key matches the served bundle: the SHA-256 of the model files and
 train.jsonl as the manifest lists them, the max_length and the split point (`cache_key`); its
@@ -26,6 +30,7 @@ import hashlib
 import json
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -54,7 +59,8 @@ class ScopeInputs:
     """h_L per training index, computed on first use and kept (thread-safe).
 
     encode(indices) -> EncodedExamples of those training examples (the runtime's encoder);
-    batch_size rows per trunk forward (sorted by text length: little padding)."""
+    batch_size rows per trunk forward (sorted by text length: little padding); max_bytes
+    bounds the rows computed here (LRU; None = unbounded), not those loaded from the file."""
 
     def __init__(
         self,
@@ -64,45 +70,79 @@ class ScopeInputs:
         key: str,
         dtype: str = "float32",
         batch_size: int = 64,
+        max_bytes: int | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
         self.split = split
         self.count = count
         self.key = key
         self.dtype = dtype
         self.batch_size = batch_size
+        self.max_bytes = max_bytes
         self._encode = encode
-        self._rows: dict[int, Tensor] = {}
+        self._file: dict[int, Tensor] = {}  # rows of the bundle's file (never evicted)
+        self._lru: OrderedDict[int, Tensor] = OrderedDict()  # rows computed here, LRU first
+        self._lru_bytes = 0
         self._lock = threading.Lock()
-        self.computed = 0  # rows computed here (not loaded)
+        self.computed = 0  # rows computed here (not loaded), evicted ones included
         self.loaded = 0  # rows loaded from the bundle's file
+        self.evicted = 0  # computed rows dropped to stay within max_bytes
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._file) + len(self._lru)
 
     @property
     def nbytes(self) -> int:
-        return sum(r.numel() * r.element_size() for r in self._rows.values())
+        """Bytes of the rows held (file rows + computed rows)."""
+        with self._lock:
+            return sum(_nbytes(r) for r in self._file.values()) + self._lru_bytes
 
     def rows(self, indices: Sequence[int], lengths: Sequence[int] | None = None) -> list[Tensor]:
         """h_L(z_i) [T_i, D] (storage dtype) for every index, computing the missing ones.
-        lengths (optional, e.g. text lengths) order the missing ones into batches."""
+        lengths (optional, e.g. text lengths) order the missing ones into batches. Every row
+        asked for is returned even when the call alone needs more than max_bytes (the rows
+        beyond the bound are then evicted once the call has them)."""
+        want = [int(i) for i in indices]
+        got: dict[int, Tensor] = {}
         with self._lock:
-            missing = sorted({int(i) for i in indices if int(i) not in self._rows})
+            for i in dict.fromkeys(want):
+                r = self._file.get(i)
+                if r is None and (r := self._lru.get(i)) is not None:
+                    self._lru.move_to_end(i)
+                if r is not None:
+                    got[i] = r
+        missing = sorted(i for i in dict.fromkeys(want) if i not in got)
         if missing:
             if lengths is not None:
-                by = dict(zip((int(i) for i in indices), lengths, strict=True))
+                by = dict(zip(want, lengths, strict=True))
                 missing.sort(key=lambda i: (by.get(i, 0), i))
             for b in range(0, len(missing), self.batch_size):
                 chunk = missing[b : b + self.batch_size]
                 fresh = self._compute(chunk)
                 with self._lock:
                     for i, r in zip(chunk, fresh, strict=True):
-                        self._rows.setdefault(i, r)
+                        got[i] = self._keep(i, r)
                     self.computed += len(chunk)
-        with self._lock:
-            return [self._rows[int(i)] for i in indices]
+        return [got[i] for i in want]
+
+    def _keep(self, index: int, row: Tensor) -> Tensor:
+        """Hold a computed row (lock held), evicting the least recently used beyond max_bytes;
+        returns the row held for `index` (an earlier one when another call computed it)."""
+        held = self._file.get(index)
+        if held is None:
+            held = self._lru.get(index)
+        if held is not None:
+            return held
+        self._lru[index] = row
+        self._lru_bytes += _nbytes(row)
+        while self.max_bytes is not None and self._lru_bytes > self.max_bytes and self._lru:
+            _, old = self._lru.popitem(last=False)
+            self._lru_bytes -= _nbytes(old)
+            self.evicted += 1
+        return row
 
     def _compute(self, chunk: Sequence[int]) -> list[Tensor]:
         enc = self._encode(chunk)
@@ -131,11 +171,14 @@ class ScopeInputs:
 
     def to_tensors(self) -> tuple[dict[str, Tensor], dict[str, str]]:
         """(tensors, metadata) of the file; every row must be present (compute_all)."""
-        if len(self._rows) != self.count:
+        with self._lock:
+            held = {**self._lru, **self._file}
+        if len(held) != self.count:
             raise ValueError(
-                f"{len(self._rows)} of {self.count} rows computed; run compute_all() first"
+                f"{len(held)} of {self.count} rows held; run compute_all() first, with "
+                "max_bytes None (a bounded cache cannot hold every row)"
             )
-        rows = [self._rows[i] for i in range(self.count)]
+        rows = [held[i] for i in range(self.count)]
         lens = torch.tensor([0] + [int(r.shape[0]) for r in rows], dtype=torch.long)
         meta = {
             "key": self.key,
@@ -163,7 +206,13 @@ class ScopeInputs:
         bounds = offsets.tolist()
         with self._lock:
             for i in range(self.count):
-                self._rows.setdefault(i, hidden[bounds[i] : bounds[i + 1]])
+                self._file[i] = hidden[bounds[i] : bounds[i + 1]]
+            self._lru.clear()  # the file holds every row
+            self._lru_bytes = 0
             self.loaded = self.count
             self.dtype = meta.get("dtype", self.dtype)
         return None
+
+
+def _nbytes(row: Tensor) -> int:
+    return row.numel() * row.element_size()

@@ -18,6 +18,8 @@ server's limits, and the pipeline steps take the resolved `PipelineSettings` who
                       (0: every word of a returned example gets exact Eq. 8; k > 0: only
                       the k words the first-order estimate ranks highest and the explained
                       word's matches, pipeline.word_attributions)
+  eq8_batch_tokens    by the model's device (core/scoring.BATCH_TOKENS) resolve() below
+                      (padded tokens per batch of Eq. 8's [UNK] copies)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import enum
 from dataclasses import dataclass, field
 
 from pairdots_server.core.saliency import Target, TokenScore
+from pairdots_server.core.scoring import batch_tokens_for
 from pairdots_server.influence.runtime import ModelRuntime
 from pairdots_server.influence.solver_policy import SolverSettings, resolve_solver
 
@@ -87,6 +90,7 @@ class InfluenceSettings:
                 if self.eq8_top_words is not None
                 else int(rt.defaults.get("eq8_top_words", 0) or 0)
             ),
+            eq8_batch_tokens=batch_tokens_for(rt.task.device),
         )
 
 
@@ -104,3 +108,4 @@ class PipelineSettings:
     word_candidates: WordCandidates = WordCandidates.CONTAINING
     prediction_influence: bool = True
     eq8_top_words: int = 0  # 0: exact Eq. 8 for every word; k: the top k + the explained word
+    eq8_batch_tokens: int = 1024  # padded tokens per batch of [UNK] copies (core/scoring)

@@ -35,7 +35,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from pairdots_server.core.scoring import Row, influence_jvp, token_influence_many
+from pairdots_server.core.scoring import (
+    Row,
+    batch_tokens_for,
+    influence_jvp,
+    token_influence_many,
+)
 from pairdots_server.influence import pipeline as steps
 from pairdots_server.influence.runtime import EncodedExamples, ModelRuntime
 from pairdots_server.perturb.lexicon import Lexicon
@@ -141,17 +146,25 @@ def score_texts_multi(
     """I(z_i, f_j) = -⟨s_test_j, ∇θL(z_i)⟩ (Eq. 5) for labelled texts and several s_tests:
     s_tests [J,P] -> [N,J] (float64). No per-example gradient: each batch is encoded once and
     scored by one jvp per s_test (core/scoring.influence_jvp, a directional derivative of the
-    per-example losses); texts are batched in order of length (little padding)."""
+    per-example losses); texts are batched in order of length (little padding). With the
+    runtime's scope split each batch goes through the trunk once (no tangent) and only the
+    scoped top is differentiated, once per s_test."""
     out = torch.zeros(len(texts), s_tests.shape[0], dtype=torch.float64)
     order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
+    logits_fn = rt.task.logits_fn if rt.split is None else rt.split.top
     for b in range(0, len(order), batch_size):
         should_stop()
         chunk = order[b : b + batch_size]
         enc = rt.encode_texts([texts[i] for i in chunk], [labels[i] for i in chunk])
+        t = int(enc.mask.sum(dim=1).max())  # trim to the longest attended length
+        inputs, mask = enc.embeds[:, :t], enc.mask[:, :t]  # [B,t,D], [B,t]
+        if rt.split is not None:
+            with torch.no_grad():
+                inputs = rt.split.trunk(inputs, mask)  # [B,t,D']
         idx = torch.tensor(chunk, dtype=torch.long)
         for j in range(s_tests.shape[0]):
-            out[idx, j] = influence_jvp(rt.task.logits_fn, rt.params, s_tests[j], enc.embeds,
-                                        enc.mask, enc.labels).double().cpu()
+            out[idx, j] = influence_jvp(logits_fn, rt.params, s_tests[j], inputs, mask,
+                                        enc.labels).double().cpu()
     return out
 
 
@@ -235,15 +248,19 @@ def _eq11_words(rt: ModelRuntime, s_test: Tensor, direction: int, states: Sequen
                 enc: EncodedExamples, need: Sequence[int], max_tokens: int) -> None:
     """Eq. 8 for the substitutable words of the examples `need` (indices into states / enc),
     every example's base and [UNK] copies in one core/scoring.token_influence_many pass, then
-    Eq. 11's word first in each one's candidate list."""
+    Eq. 11's word first in each one's candidate list (with the runtime's scope split the copies
+    go through the trunk without tangent and the jvp through the scoped top only)."""
     rows, positions = [], []
     for b in need:
         n = int(enc.mask[b].sum())
         rows.append(Row(enc.embeds[b, :n], enc.mask[b, :n], states[b].example.label))
         positions.append([t for t, w in enumerate(enc.word_ids[b][:n])
                           if w is not None and w in states[b].subs])
-    per_token = token_influence_many(rt.task.logits_fn, rt.params, s_test, rows, positions,
-                                     rt.unk_embed, batch_size=max_tokens, max_tokens=max_tokens)
+    logits_fn = rt.task.logits_fn if rt.split is None else rt.split.top
+    trunk = None if rt.split is None else rt.split.trunk
+    per_token = token_influence_many(logits_fn, rt.params, s_test, rows, positions,
+                                     rt.unk_embed, batch_size=max_tokens, max_tokens=max_tokens,
+                                     trunk=trunk)
     for b, pos, vals in zip(need, positions, per_token, strict=True):
         totals = dict.fromkeys(states[b].subs, 0.0)
         for t in pos:
@@ -265,7 +282,7 @@ def greedy_edits(
     should_stop: StopFn | None = None,
     *,
     track: Tensor | None = None,
-    max_tokens: int = 4096,
+    max_tokens: int | None = None,
 ) -> list[ScoredEdit | None]:
     """For each training example, its best substitution of up to `search.max_words` words for
     the objective d · (I(z̃, f) - I(z, f)) (replacing z), or d · I(z̃, f) when
@@ -277,7 +294,11 @@ def greedy_edits(
     (one jvp per batch) over every example's substituted copies and bases (Eq. 12, exact Eq. 7),
     and, for the chosen edits only, one pass with the `track` s_tests [J,P] (I(z, ·), I(z̃, ·)).
     None for an example with no substitutable word, or no candidate of positive objective.
+    max_tokens: padded tokens per Eq. 8 batch (None: core/scoring.batch_tokens_for the
+    model's device).
     """
+    if max_tokens is None:
+        max_tokens = batch_tokens_for(rt.task.device)
     if direction not in (-1, 1):
         raise ValueError(f"direction must be +1 or -1, got {direction}")
     if len(rngs) != len(examples):

@@ -198,6 +198,7 @@ async def create_server(config: ServerConfig, registry: ModelRegistry | None = N
         registry = ModelRegistry(
             config.bundles, device=config.resolve_device(),
             cache_size=config.explain.s_test_cache_size,
+            scope_input_max_bytes=config.explain.scope_input_max_bytes,
         )
         await asyncio.to_thread(registry.load_all)
     served = registry  # bound for the label lambda below

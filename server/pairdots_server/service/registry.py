@@ -90,10 +90,12 @@ class ModelRegistry:
     its directory, and logged) while the healthy ones serve.
     """
 
-    def __init__(self, root: Path, *, device: str = "cpu", cache_size: int = 256) -> None:
+    def __init__(self, root: Path, *, device: str = "cpu", cache_size: int = 256,
+                 scope_input_max_bytes: int | None = 2**30) -> None:
         self.root = root
         self.device = device
         self.cache_size = cache_size
+        self.scope_input_max_bytes = scope_input_max_bytes  # per bundle (None = unbounded)
         self._models: dict[str, ModelRuntime] = {}
         self.errors: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -179,7 +181,8 @@ class ModelRegistry:
                              tuple(cleared))
 
     def _load(self, d: Path) -> ModelRuntime:
-        return ModelRuntime(load_bundle(d, device=self.device), cache_size=self.cache_size)
+        return ModelRuntime(load_bundle(d, device=self.device), cache_size=self.cache_size,
+                            scope_input_max_bytes=self.scope_input_max_bytes)
 
     def _name_clash(self, d: Path, name: str) -> str | None:
         other = next((p for p, e in self._loaded.items() if e.name == name and p != d), None)
