@@ -319,3 +319,25 @@ def test_index_gradients_through_the_split_equal_the_full_model(rt64: ModelRunti
     ref = per_example_loss_grads(rt.task.logits_fn, rt.params, enc.embeds, enc.mask, enc.labels)
     assert got.shape == ref.shape
     assert float((got - ref).abs().max()) <= TOL * float(ref.abs().max())
+
+
+def test_index_build_by_length_keeps_every_vector_on_its_example(rt64: ModelRuntime,
+                                                                 tmp_path: Path) -> None:
+    """build_index_dir batches the training set in order of text length; each stored vector
+    must still be the projection of its own example's full-model gradient."""
+    from pairdots_server.core.grads import per_example_loss_grads
+    from pairdots_server.influence.artifacts import ArtifactConfig, build_index_dir
+    from pairdots_server.index.store import load_index_data
+
+    rt = rt64
+    lengths = [len(ex.text) for ex in rt.bundle.train]
+    assert lengths != sorted(lengths)  # the length order really differs from index order
+    cfg = ArtifactConfig(grad_batch_size=5)
+    ids, vectors, meta = load_index_data(build_index_dir(rt, cfg, tmp_path / "index",
+                                                         progress=False))
+    assert ids.tolist() == list(range(rt.n_train))
+    enc = rt.encode_train(list(range(rt.n_train)))
+    ref = per_example_loss_grads(rt.task.logits_fn, rt.params, enc.embeds, enc.mask, enc.labels)
+    want = meta.projection().project(ref).float().numpy()  # [N,k]
+    scale = float(abs(want).max())
+    assert float(abs(vectors - want).max()) <= 1e-5 * scale  # float32 storage

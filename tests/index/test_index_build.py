@@ -49,6 +49,28 @@ def test_compute_projected_matches_direct_projection() -> None:
     np.testing.assert_allclose(vectors, one_batch, rtol=1e-5, atol=1e-5 * np.abs(direct).max())
 
 
+def test_compute_projected_by_length_batches_short_rows_together_same_vectors() -> None:
+    proj = GaussianProjection(P, K, seed=1)
+    lengths = [(7 * i) % 13 for i in range(len(INDICES))]  # one per index, many ties
+    seen: list[list[int]] = []
+
+    def recording(batch: Sequence[int]) -> torch.Tensor:
+        seen.append(list(batch))
+        return grad_fn(batch)
+
+    ids, vectors = compute_projected(recording, INDICES, proj, batch_size=7, progress=False,
+                                     lengths=lengths)
+    assert ids.tolist() == INDICES  # the caller's order, whatever the batching
+    direct = proj.project(grad_fn(INDICES)).numpy()
+    np.testing.assert_allclose(vectors, direct, rtol=1e-5, atol=1e-5 * np.abs(direct).max())
+    by_index = dict(zip(INDICES, lengths, strict=True))
+    flat = [by_index[i] for b in seen for i in b]
+    assert flat == sorted(lengths) and sorted(i for b in seen for i in b) == sorted(INDICES)
+    assert all(len(b) <= 7 for b in seen)
+    with pytest.raises(InvalidArgument, match="lengths"):
+        compute_projected(grad_fn, INDICES, proj, 7, progress=False, lengths=lengths[:-1])
+
+
 def test_compute_projected_checks_and_cancels() -> None:
     proj = GaussianProjection(P, K, seed=1)
     with pytest.raises(InvalidArgument, match="in_dim"):
