@@ -207,6 +207,25 @@ def test_health_port_config_and_flag(bundle_root: Path) -> None:
         ServerConfig(bundles=bundle_root, health_port=70000)
 
 
+@pytest.mark.parametrize("flag,env", [("--port", "PAIRDOTS_PORT"),
+                                      ("--scope-input-cache-mb", "PAIRDOTS_SCOPE_INPUT_CACHE_MB"),
+                                      ("--grace-s", "PAIRDOTS_GRACE_S"),
+                                      ("--health-port", "PAIRDOTS_HEALTH_PORT")])
+def test_non_numeric_serve_flag_is_a_usage_error_naming_it(
+    bundle_root: Path, flag: str, env: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from pairdots_server.cli.main import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", "--bundles", str(bundle_root), flag, "ten"])
+    assert exit_info.value.code == 2 and f"argument {flag}:" in capsys.readouterr().err
+    monkeypatch.setenv(env, "ten")  # the PAIRDOTS_* fallback is checked the same way
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", "--bundles", str(bundle_root)])
+    assert exit_info.value.code == 2 and f"argument {flag}:" in capsys.readouterr().err
+
+
 def test_scope_input_cache_bound_reaches_the_served_runtime(bundle_root: Path) -> None:
     from pairdots_server.cli.main import build_parser, server_config
     from pairdots_server.service.registry import ModelRegistry
