@@ -207,22 +207,26 @@ def test_health_port_config_and_flag(bundle_root: Path) -> None:
         ServerConfig(bundles=bundle_root, health_port=70000)
 
 
-@pytest.mark.parametrize("flag,env", [("--port", "PAIRDOTS_PORT"),
-                                      ("--scope-input-cache-mb", "PAIRDOTS_SCOPE_INPUT_CACHE_MB"),
-                                      ("--grace-s", "PAIRDOTS_GRACE_S"),
-                                      ("--health-port", "PAIRDOTS_HEALTH_PORT")])
-def test_non_numeric_serve_flag_is_a_usage_error_naming_it(
-    bundle_root: Path, flag: str, env: str, monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("command,flag,env", [
+    ("serve", "--port", "PAIRDOTS_PORT"),
+    ("serve", "--scope-input-cache-mb", "PAIRDOTS_SCOPE_INPUT_CACHE_MB"),
+    ("serve", "--grace-s", "PAIRDOTS_GRACE_S"),
+    ("serve", "--health-port", "PAIRDOTS_HEALTH_PORT"),
+    ("worker", "--poll-s", "PAIRDOTS_POLL_S"),
+    ("worker", "--max-concurrent", "PAIRDOTS_MAX_CONCURRENT_JOBS"),
+])
+def test_non_numeric_flag_is_a_usage_error_naming_it(
+    bundle_root: Path, command: str, flag: str, env: str, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from pairdots_server.cli.main import build_parser
 
     with pytest.raises(SystemExit) as exit_info:
-        build_parser().parse_args(["serve", "--bundles", str(bundle_root), flag, "ten"])
+        build_parser().parse_args([command, "--bundles", str(bundle_root), flag, "ten"])
     assert exit_info.value.code == 2 and f"argument {flag}:" in capsys.readouterr().err
     monkeypatch.setenv(env, "ten")  # the PAIRDOTS_* fallback is checked the same way
     with pytest.raises(SystemExit) as exit_info:
-        build_parser().parse_args(["serve", "--bundles", str(bundle_root)])
+        build_parser().parse_args([command, "--bundles", str(bundle_root)])
     assert exit_info.value.code == 2 and f"argument {flag}:" in capsys.readouterr().err
 
 

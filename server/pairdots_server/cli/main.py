@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pairdots_server.cli.demo import cmd_demo
+from pairdots_server.cli.flags import float_value, int_value, optional_int_value
 from pairdots_server.cli.logs import setup_logging
 from pairdots_server.cli.render import print_explanation
 from pairdots_server.errors import InvalidArgument, PairdotsError
@@ -37,27 +38,6 @@ DEFAULT_TEXT = "i loved it !"
 
 def _env(name: str, default: Any = None) -> Any:
     return os.environ.get(f"PAIRDOTS_{name}", default)
-
-
-def _int_value(text: str) -> int:
-    """argparse type of an integer flag (its PAIRDOTS_* default too): a clean usage error."""
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-
-
-def _optional_int_value(text: str) -> int | None:
-    """An integer flag where "" (an empty PAIRDOTS_* variable) means unset."""
-    return None if text == "" else _int_value(text)
-
-
-def _float_value(text: str) -> float:
-    """argparse type of a number flag (its PAIRDOTS_* default too)."""
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
 
 
 # -- prepare / index -------------------------------------------------------------------------
@@ -458,21 +438,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the gRPC server")
     s.add_argument("--bundles", default=_env("BUNDLES", "bundles"))
     s.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    s.add_argument("--port", default=_env("PORT", 50051), type=_int_value)
-    s.add_argument("--metrics-port", default=_env("METRICS_PORT"), type=_optional_int_value)
-    s.add_argument("--health-port", default=_env("HEALTH_PORT"), type=_optional_int_value,
+    s.add_argument("--port", default=_env("PORT", 50051), type=int_value)
+    s.add_argument("--metrics-port", default=_env("METRICS_PORT"), type=optional_int_value)
+    s.add_argument("--health-port", default=_env("HEALTH_PORT"), type=optional_int_value,
                    help="plaintext port serving only grpc.health.v1 (for kubelet probes when "
                    "--tls-cert is set); same status as the main port")
-    s.add_argument("--http-port", default=_env("HTTP_PORT"), type=_optional_int_value,
+    s.add_argument("--http-port", default=_env("HTTP_PORT"), type=optional_int_value,
                    help="also serve the API as HTTP/JSON on this port (the google.api.http "
                    "routes, e.g. POST /v1/models/NAME:explain; HTTPS under --tls-cert); off "
                    "by default")
     s.add_argument("--device", default=_env("DEVICE", "auto"))
-    s.add_argument("--max-workers", default=_env("MAX_WORKERS", 1), type=_int_value,
+    s.add_argument("--max-workers", default=_env("MAX_WORKERS", 1), type=int_value,
                    help="Explain requests handled at once; one model runs one computation at "
                    "a time (Explain and Attack/Repair steps take turns), so more workers than "
                    "served models only wait for their model's turn")
-    s.add_argument("--max-queue", default=_env("MAX_QUEUE", 8), type=_int_value,
+    s.add_argument("--max-queue", default=_env("MAX_QUEUE", 8), type=int_value,
                    help="requests waiting for a worker; beyond that RESOURCE_EXHAUSTED with "
                    "RetryInfo")
     s.add_argument("--tls-cert", default=_env("TLS_CERT"))
@@ -491,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=_env("NO_WORKER", "") in ("1", "true"),
                    help="run no jobs here: Attack/Repair are queued in the (shared) job store "
                    "for `pairdots worker` processes; this replica accepts, answers and reads")
-    s.add_argument("--lease-s", default=_env("LEASE_S", 30), type=_float_value,
+    s.add_argument("--lease-s", default=_env("LEASE_S", 30), type=float_value,
                    help="lease of a job this process holds (renewed every lease/3)")
     s.add_argument("--batch-input-root", default=_env("BATCH_INPUT_ROOT"),
                    help="ExplainBatch may read input files under this directory (default: "
@@ -499,14 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-results-dir", default=_env("BATCH_RESULTS_DIR"),
                    help="where ExplainBatch writes its JSON-lines results (default: "
                         "batch-results/ beside the job store)")
-    s.add_argument("--grace-s", default=_env("GRACE_S", 10), type=_float_value)
+    s.add_argument("--grace-s", default=_env("GRACE_S", 10), type=float_value)
     s.add_argument("--log-format", default=_env("LOG_FORMAT", "text"), choices=["text", "json"])
     # hot reload and telemetry (rpc/app.py, telemetry.py)
-    s.add_argument("--scope-input-cache-mb", default=_env("SCOPE_INPUT_CACHE_MB", 1024), type=_int_value,
+    s.add_argument("--scope-input-cache-mb", default=_env("SCOPE_INPUT_CACHE_MB", 1024), type=int_value,
                    help="MiB of scope inputs (hidden states below the influence scope) kept "
                    "per bundle when computed on demand, least recently used dropped first; "
                    "0 = unbounded; a bundle's scope_inputs.safetensors is not counted")
-    s.add_argument("--watch-interval-s", default=_env("WATCH_INTERVAL_S", 10), type=_float_value,
+    s.add_argument("--watch-interval-s", default=_env("WATCH_INTERVAL_S", 10), type=float_value,
                    help="seconds between scans of --bundles for new, changed and removed "
                    "bundles (loaded verified, without a restart); 0 = load at start only")
     s.add_argument("--otlp-endpoint", default=_env("OTLP_ENDPOINT", ""),
@@ -516,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=_env("OTLP_TLS", "") in ("1", "true"),
                    help="use TLS to the OTLP collector (default plaintext)")
     s.add_argument("--otel-service-name", default=_env("OTEL_SERVICE_NAME", "pairdots"))
-    s.add_argument("--trace-sample-ratio", default=_env("TRACE_SAMPLE_RATIO", 1.0), type=_float_value,
+    s.add_argument("--trace-sample-ratio", default=_env("TRACE_SAMPLE_RATIO", 1.0), type=float_value,
                    help="fraction of traces sampled (parent-based), 0..1")
     s.set_defaults(fn=cmd_serve)
 

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pairdots_server.cli.flags import float_value, int_value
+
 log = logging.getLogger("pairdots.worker")
 
 
@@ -147,17 +149,17 @@ def add_worker_parser(sub: Any, env: Callable[..., Any]) -> None:
     )
     w.add_argument(
         "--max-concurrent",
-        default=env("MAX_CONCURRENT_JOBS", 1),
+        default=env("MAX_CONCURRENT_JOBS", 1), type=int_value,
         help="jobs run at once by this worker",
     )
     w.add_argument(
         "--lease-s",
-        default=env("LEASE_S", 30),
+        default=env("LEASE_S", 30), type=float_value,
         help="lease of a running job; renewed every lease/3; a job whose worker "
         "died is marked interrupted this long after its last renewal",
     )
-    w.add_argument("--poll-s", default=env("POLL_S", 1), help="how often to look for jobs")
+    w.add_argument("--poll-s", default=env("POLL_S", 1), type=float_value, help="how often to look for jobs")
     w.add_argument("--device", default=env("DEVICE", "auto"))
-    w.add_argument("--grace-s", default=env("GRACE_S", 10))
+    w.add_argument("--grace-s", default=env("GRACE_S", 10), type=float_value)
     w.add_argument("--log-format", default=env("LOG_FORMAT", "text"), choices=["text", "json"])
     w.set_defaults(fn=cmd_worker)
