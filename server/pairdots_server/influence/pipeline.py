@@ -410,14 +410,9 @@ def score_texts_many(
     for b in range(0, len(order), batch_size):
         should_stop()
         chunk = order[b : b + batch_size]
-        enc = rt.encode_texts([texts[i] for i in chunk], [labels[i] for i in chunk])
-        t = int(enc.mask.sum(dim=1).max())
-        x, mask = enc.embeds[:, :t], enc.mask[:, :t]  # [B,t,D], [B,t]
-        if rt.split is not None:
-            with torch.no_grad():
-                x = rt.split.trunk(x, mask)  # h_L [B,t,D]
-        g = per_example_loss_grads(rt.curvature_logits_fn, rt.params, x, mask,
-                                   enc.labels).double()  # [B,P]
+        batch = rt.text_batch([texts[i] for i in chunk], [labels[i] for i in chunk])
+        g = per_example_loss_grads(rt.curvature_logits_fn, rt.params, batch.embeds, batch.mask,
+                                   batch.labels).double()  # [B,P]
         idx = torch.tensor(chunk, dtype=torch.long)
         for c0 in range(0, count, group):
             s = whole if whole is not None else stacked(c0, min(count, c0 + group))
@@ -587,10 +582,9 @@ def _exact_words(
     rows = [Row(encs[i].embeds[0], encs[i].mask[0], rt.bundle.train[i].label) for i in ids]
     positions = [[t for t in encs[i].word_positions if encs[i].word_ids[t] in set(words[i])]
                  for i in ids]
-    logits_fn = rt.task.logits_fn if rt.split is None else rt.split.top
     trunk = None if rt.split is None else rt.split.trunk
     per_token = token_influence_many(
-        logits_fn, rt.params, s_test, rows, positions, rt.unk_embed,
+        rt.curvature_logits_fn, rt.params, s_test, rows, positions, rt.unk_embed,
         batch_size=max_tokens, max_tokens=max_tokens, trunk=trunk,
     )  # [T_r] each
     out: dict[int, dict[int, float]] = {}

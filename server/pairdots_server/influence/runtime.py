@@ -26,7 +26,12 @@ from pairdots_server.core.batches import Batch
 from pairdots_server.core.curvature import Curvature
 from pairdots_server.core.scoring import Row, pad_rows
 from pairdots_server.errors import BundleError
-from pairdots_server.influence.scope_inputs import SCOPE_INPUTS_FILE, ScopeInputs, cache_key
+from pairdots_server.influence.scope_inputs import (
+    SCOPE_INPUT_MAX_BYTES,
+    SCOPE_INPUTS_FILE,
+    ScopeInputs,
+    cache_key,
+)
 from pairdots_server.model.scope_split import ScopeSplit
 from pairdots_server.storage.bundle import Bundle
 
@@ -199,7 +204,7 @@ class ModelRuntime:
 
     def __init__(self, bundle: Bundle, *, cache_size: int = 256, scope_inputs: bool = True,
                  scope_input_dtype: str | None = None, warm_words: bool = True,
-                 scope_input_max_bytes: int | None = 2**30) -> None:
+                 scope_input_max_bytes: int | None = SCOPE_INPUT_MAX_BYTES) -> None:
         self.bundle = bundle
         self.task = bundle.task
         self.name = bundle.name
@@ -286,6 +291,18 @@ class ModelRuntime:
             return Batch(enc.embeds[:, :t], enc.mask[:, :t], enc.labels)
         hidden, mask, labels = pad_rows(self.scope_rows(indices))  # [B,t,D], [B,t], [B]
         return Batch(hidden, mask, labels)
+
+    def text_batch(self, texts: Sequence[str], labels: Sequence[int]) -> Batch:
+        """Labelled texts as one Batch for curvature_logits_fn, trimmed to the longest: with
+        the split, the trunk's h_L [B,t,D'] (plain forward, no gradient); else the embedded
+        texts [B,t,D]."""
+        enc = self.encode_texts(texts, labels)
+        t = int(enc.mask.sum(dim=1).max())  # trim to the longest attended length
+        x, mask = enc.embeds[:, :t], enc.mask[:, :t]  # [B,t,D], [B,t]
+        if self.split is not None:
+            with torch.no_grad():
+                x = self.split.trunk(x, mask)  # h_L [B,t,D']
+        return Batch(x, mask, enc.labels)
 
     def training_pass(self, batch_size: int = 32) -> TrainingPass:
         """Every training example, batch by batch (the EK-FAC / diagonal fits)."""

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCOPE_INPUTS_FILE = "scope_inputs.safetensors"
+SCOPE_INPUT_MAX_BYTES = 2**30  # the runtime's default bound (config.ExplainLimits: 1024 MiB)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
 
 

@@ -151,20 +151,14 @@ def score_texts_multi(
     scoped top is differentiated, once per s_test."""
     out = torch.zeros(len(texts), s_tests.shape[0], dtype=torch.float64)
     order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
-    logits_fn = rt.task.logits_fn if rt.split is None else rt.split.top
     for b in range(0, len(order), batch_size):
         should_stop()
         chunk = order[b : b + batch_size]
-        enc = rt.encode_texts([texts[i] for i in chunk], [labels[i] for i in chunk])
-        t = int(enc.mask.sum(dim=1).max())  # trim to the longest attended length
-        inputs, mask = enc.embeds[:, :t], enc.mask[:, :t]  # [B,t,D], [B,t]
-        if rt.split is not None:
-            with torch.no_grad():
-                inputs = rt.split.trunk(inputs, mask)  # [B,t,D']
+        batch = rt.text_batch([texts[i] for i in chunk], [labels[i] for i in chunk])
         idx = torch.tensor(chunk, dtype=torch.long)
         for j in range(s_tests.shape[0]):
-            out[idx, j] = influence_jvp(logits_fn, rt.params, s_tests[j], inputs, mask,
-                                        enc.labels).double().cpu()
+            out[idx, j] = influence_jvp(rt.curvature_logits_fn, rt.params, s_tests[j],
+                                        batch.embeds, batch.mask, batch.labels).double().cpu()
     return out
 
 
@@ -256,9 +250,8 @@ def _eq11_words(rt: ModelRuntime, s_test: Tensor, direction: int, states: Sequen
         rows.append(Row(enc.embeds[b, :n], enc.mask[b, :n], states[b].example.label))
         positions.append([t for t, w in enumerate(enc.word_ids[b][:n])
                           if w is not None and w in states[b].subs])
-    logits_fn = rt.task.logits_fn if rt.split is None else rt.split.top
     trunk = None if rt.split is None else rt.split.trunk
-    per_token = token_influence_many(logits_fn, rt.params, s_test, rows, positions,
+    per_token = token_influence_many(rt.curvature_logits_fn, rt.params, s_test, rows, positions,
                                      rt.unk_embed, batch_size=max_tokens, max_tokens=max_tokens,
                                      trunk=trunk)
     for b, pos, vals in zip(need, positions, per_token, strict=True):

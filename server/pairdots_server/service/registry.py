@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pairdots_server.errors import InvalidArgument, NotFound, PairdotsError
 from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.influence.scope_inputs import SCOPE_INPUT_MAX_BYTES
 from pairdots_server.storage.bundle import load_bundle, validate_bundle_name
 from pairdots_server.storage.manifest import MANIFEST
 
@@ -91,7 +92,7 @@ class ModelRegistry:
     """
 
     def __init__(self, root: Path, *, device: str = "cpu", cache_size: int = 256,
-                 scope_input_max_bytes: int | None = 2**30) -> None:
+                 scope_input_max_bytes: int | None = SCOPE_INPUT_MAX_BYTES) -> None:
         self.root = root
         self.device = device
         self.cache_size = cache_size
