@@ -290,7 +290,7 @@ def fit_ekfac_artifact(
     hook = Progress("ekfac (pass 1 + pass 2)", 2 * data.num_batches, progress, should_stop=should_stop)
     t0 = time.perf_counter()
     factors = fit_ekfac(
-        rt.task.model, rt.params, data.logits_fn, data,
+        rt.task.model, rt.params, rt.capture_logits_fn, data,
         fisher=cfg.ekfac_fisher, seed=cfg.seed, should_stop=hook,
     )
     content = _safetensors(factors.to_tensors())

@@ -269,6 +269,13 @@ class ModelRuntime:
         curvature with respect to θ_scope are the same either way (up to round-off)."""
         return self.task.logits_fn if self.split is None else self.split.top
 
+    @property
+    def capture_logits_fn(self) -> LogitsFn:
+        """curvature_logits_fn with every scoped layer run at every position through its own
+        modules (ScopeSplit.top_every_token): what the K-FAC fit's forward hooks record. The
+        logits are the same; curvature_logits_fn may run the last layer at [CLS] only."""
+        return self.task.logits_fn if self.split is None else self.split.top_every_token
+
     def scope_rows(self, indices: Sequence[int], cache: ScopeInputs | None = None) -> list[Row]:
         """Training examples `indices` as unpadded rows of h_L [T_i, D] (from `cache`, default
         the runtime's scope-input cache; computed on first use; in the model's dtype) with

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
+
+from pairdots_server.model import cls_layer
 
 if TYPE_CHECKING:
     import torch
@@ -60,6 +62,7 @@ class ScopeSplit:
     num_layers: int
     layer_prefix: str  # e.g. "bert.encoder.layer."
     pooler_prefix: str  # e.g. "bert.pooler."
+    cls_only: bool = False  # the last layer at position 0 only (set by for_task)
 
     @property
     def key(self) -> str:
@@ -93,7 +96,8 @@ class ScopeSplit:
                 first = min(first, int(m.group("i")))
             elif not nm.startswith((pooler_prefix, "classifier.")):
                 return None  # a scoped parameter below the encoder layers or elsewhere
-        return cls(task, first, n, layer_prefix, pooler_prefix)
+        split = cls(task, first, n, layer_prefix, pooler_prefix)
+        return replace(split, cls_only=split._cls_only())
 
     # -- the two halves --------------------------------------------------------------------------
 
@@ -124,10 +128,40 @@ class ScopeSplit:
             handle.remove()
         raise RuntimeError("the scope split's capture hook did not run")  # pragma: no cover
 
+    def _cls_only(self) -> bool:
+        """Whether `top` may compute the last encoder layer at the first position only: a
+        scoped BERT-style encoder layer (cls_layer.supports) under a pooler that reads
+        position 0 alone (cls_layer.reads_first_position_only)."""
+        layers, pooler, _, _ = self._modules()
+        return (
+            self.first_layer < self.num_layers
+            and cls_layer.supports(layers[-1])
+            and cls_layer.reads_first_position_only(pooler)
+        )
+
     def top(self, params: Mapping[str, Tensor], hidden: Tensor, attention_mask: Tensor) -> Tensor:
         """logits = top(h_L; θ_scope) with θ_scope replaced by `params` (names as in
         Task.scope_params; others are the model's own): [B,T,D], [B,T] -> [B,C]. A LogitsFn
-        over h_L instead of the word embeddings."""
+        over h_L instead of the word embeddings.
+
+        The pooler reads the last layer's output at position 0 only, so that layer runs for
+        the first position's query (model/cls_layer.py): the same logits and the same
+        derivatives with respect to every parameter as the whole layer, for ~1/6 of its
+        work on the other positions (their keys and values). `top_every_token` runs the
+        whole layer, for callers that observe the layer's modules (the K-FAC capture)."""
+        return self._top(params, hidden, attention_mask, cls_only=self.cls_only)
+
+    def top_every_token(
+        self, params: Mapping[str, Tensor], hidden: Tensor, attention_mask: Tensor
+    ) -> Tensor:
+        """`top` with every scoped layer run at every position through its own modules, so
+        forward hooks on the scoped Linear modules see every token: [B,T,D], [B,T] -> [B,C]."""
+        return self._top(params, hidden, attention_mask, cls_only=False)
+
+    def _top(
+        self, params: Mapping[str, Tensor], hidden: Tensor, attention_mask: Tensor,
+        cls_only: bool,
+    ) -> Tensor:
         from torch.func import functional_call
 
         if attention_mask.dim() == 4:
@@ -137,23 +171,19 @@ class ScopeSplit:
         layers, pooler, dropout, classifier = self._modules()
         h = hidden
         for i in range(self.first_layer, self.num_layers):
-            out = functional_call(
-                layers[i],
-                _sub(params, f"{self.layer_prefix}{i}."),
-                args=(h, mask4),
-                strict=False,
-            )
+            sub = cls_layer.subparams(params, f"{self.layer_prefix}{i}.")
+            if cls_only and i == self.num_layers - 1:
+                h = cls_layer.first_position(layers[i], sub, h, mask4)  # [B,1,D]
+                continue
+            out = functional_call(layers[i], sub, args=(h, mask4), strict=False)
             h = out[0] if isinstance(out, tuple) else out
-        pooled = functional_call(pooler, _sub(params, self.pooler_prefix), args=(h,), strict=False)
+        pooled = functional_call(
+            pooler, cls_layer.subparams(params, self.pooler_prefix), args=(h,), strict=False
+        )
         if dropout is not None:
             pooled = dropout(pooled)
         logits: Tensor = functional_call(
-            classifier, _sub(params, "classifier."), args=(pooled,), strict=False
+            classifier, cls_layer.subparams(params, "classifier."), args=(pooled,), strict=False
         )
         return logits
 
-
-def _sub(params: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The entries of params under `prefix`, with the prefix removed (a submodule's names)."""
-    n = len(prefix)
-    return {k[n:]: v for k, v in params.items() if k.startswith(prefix)}
