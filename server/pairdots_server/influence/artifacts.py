@@ -463,10 +463,12 @@ def build_artifacts(
 
 
 def scope_inputs_bytes(
-    rt: ModelRuntime, dtype: str = "float32", progress: bool = True,
+    rt: ModelRuntime, dtype: str = "float32", progress: bool = True, key: str | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
     """Every training example's h_L (influence/scope_inputs.py) as scope_inputs.safetensors
-    bytes, and its manifest info (seconds, bytes, dtype, count, split)."""
+    bytes, and its manifest info (seconds, bytes, dtype, count, split, reused: the rows the
+    runtime's own cache already held, e.g. from the index build, which are not recomputed).
+    key: the file's key (default: the runtime's bundle's, ModelRuntime.scope_inputs_key)."""
     from safetensors.torch import save
 
     from pairdots_server.influence.scope_inputs import ScopeInputs
@@ -476,7 +478,10 @@ def scope_inputs_bytes(
             "scope", f"bundle {rt.name!r}: the model/scope has no split below the scope "
             "(model/scope_split.py), so there are no scope inputs to store")
     t0 = time.perf_counter()
-    cache = ScopeInputs(rt.split, rt.encode_train, rt.n_train, rt.scope_inputs_key(), dtype)
+    cache = ScopeInputs(rt.split, rt.encode_train, rt.n_train,
+                        key if key is not None else rt.scope_inputs_key(), dtype)
+    held = rt.scope_inputs()
+    reused = cache.adopt(held) if held is not None else 0
 
     def report(done: int, total: int) -> None:
         if progress:
@@ -488,16 +493,27 @@ def scope_inputs_bytes(
     content = save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
     info = {"file": SCOPE_INPUTS_FILE, "seconds": round(time.perf_counter() - t0, 2),
             "bytes": len(content), "dtype": dtype, "count": rt.n_train,
-            "split": rt.split.key, "built_at": _now()}
+            "split": rt.split.key, "reused": reused, "built_at": _now()}
     return content, info
 
 
 def add_scope_inputs(bundle_dir: Path, rt: ModelRuntime, dtype: str = "float32",
                      progress: bool = True) -> dict[str, Any]:
     """Compute and add scope_inputs.safetensors to the bundle (crash-safe update; manifest
-    "scope_inputs" records how it was built); returns that info."""
+    "scope_inputs" records how it was built); returns that info. `rt` may be the runtime
+    that built the bundle before it was saved (prepare / import): the file is keyed by the
+    saved bundle's manifest, and the rows its index build computed are reused."""
     from pairdots_server.storage.update import update_bundle
 
-    content, info = scope_inputs_bytes(rt, dtype, progress)
+    if rt.split is None:
+        raise InvalidArgument.for_field(
+            "scope", f"bundle {rt.name!r}: the model/scope has no split below the scope "
+            "(model/scope_split.py), so there are no scope inputs to store")
+    from pairdots_server.influence.scope_inputs import cache_key
+    from pairdots_server.storage.manifest import read_manifest
+
+    files = read_manifest(bundle_dir).get("files", {})
+    key = cache_key(files, rt.max_length, rt.split.key)
+    content, info = scope_inputs_bytes(rt, dtype, progress, key=key)
     update_bundle(bundle_dir, {SCOPE_INPUTS_FILE: content}, {"scope_inputs": info})
     return info

@@ -168,6 +168,24 @@ class ScopeInputs:
             if progress is not None:
                 progress(min(b + step, len(order)), len(order))
 
+    def adopt(self, other: ScopeInputs) -> int:
+        """Take the rows `other` holds (file and computed; converted to this cache's dtype) as
+        computed rows of this one: h_L of the same split and model under another key (the
+        rows an index build computed before its bundle's files had digests). Rows held at a
+        lower precision than this cache's dtype are left to be computed. Returns how many
+        were taken."""
+        if other.split.key != self.split.key or other.count != self.count:
+            raise ValueError("adopt: the other cache is of another split or training set")
+        dt = DTYPES[self.dtype]
+        eps = torch.finfo(dt).eps
+        with other._lock:
+            held = {i: r for i, r in {**other._lru, **other._file}.items()
+                    if torch.finfo(r.dtype).eps <= eps}
+        with self._lock:
+            for i, row in held.items():
+                self._keep(i, row.to(dt).clone() if row.dtype != dt else row)
+        return len(held)
+
     # -- the bundle file ---------------------------------------------------------------------
 
     def to_tensors(self) -> tuple[dict[str, Tensor], dict[str, str]]:
