@@ -9,6 +9,8 @@ calls on other sentences, then one repeat of a warm sentence = s_test cache hit)
   exhaustive  the default solver but no index: every training example scored exactly
               (--exhaustive-top-words words, --exhaustive-calls calls; each word costs one
               full gradient pass over the training set);
+  exact_bf16  the default with TOKEN_INFLUENCE_METHOD_EXACT_BF16: Eq. 8's [UNK] copies through
+              the trunk in bfloat16 (bench/eq8_precision.py measures its agreement);
   eq8_top     the default with Eq. 8 in top-k words mode (--eq8-top-words, settings
               eq8_top_words; bench/scope_inputs.py measures its agreement).
 Exact scoring uses the runtime's scope-input cache (influence/scope_inputs.py): rows from the
@@ -38,6 +40,7 @@ from _common import default_candidates, load_runtime, log, no_stop, sample_sente
 from _results import write_result
 
 from pairdots_server.influence.explain import ExplainAnswer, ExplainQuery, explain
+from pairdots_server.influence.pipeline import TokenInfluence
 from pairdots_server.influence.runtime import ModelRuntime
 from pairdots_server.influence.settings import InfluenceSettings
 from pairdots_server.influence.solver_policy import SolverChoice, SolverSettings
@@ -112,7 +115,7 @@ def main() -> None:
     ap.add_argument("--bundle", required=True)
     ap.add_argument("--sentences", type=int, default=3, help="warm calls per configuration")
     ap.add_argument("--configs", default="default,lissa,exhaustive",
-                    help="comma-separated subset of default,lissa,exhaustive")
+                    help="comma-separated subset of default,lissa,exhaustive,exact_bf16,eq8_top")
     ap.add_argument("--lissa-depth", type=int, default=200, help="LiSSA max iterations")
     ap.add_argument("--exhaustive-top-words", type=int, default=1)
     ap.add_argument("--exhaustive-calls", type=int, default=1,
@@ -145,12 +148,14 @@ def main() -> None:
             base = ExplainQuery(text="", influence=InfluenceSettings(use_index=False),
                                 top_words=args.exhaustive_top_words)
             texts = texts[: max(1, args.exhaustive_calls)]
+        elif name == "exact_bf16":
+            base = ExplainQuery(text="", token_influence=TokenInfluence.EXACT_BF16)
         elif name == "eq8_top":
             base = ExplainQuery(text="", influence=InfluenceSettings(
                 eq8_top_words=args.eq8_top_words))
         else:
             raise SystemExit(f"unknown configuration {name!r}; use default, lissa, exhaustive, "
-                             "eq8_top")
+                             "exact_bf16, eq8_top")
         results[name] = run_config(rt, name, base, texts, k)
 
     log("")

@@ -159,6 +159,7 @@ class TokenInfluenceMethod(enum.IntEnum):
     EXACT = 1
     FIRST_ORDER = 2
     NONE = 3
+    EXACT_BF16 = 4
 
 
 class ExplanationRole(enum.IntEnum):

@@ -77,6 +77,19 @@ def test_requested_settings_are_reported(client: PairdotsClient) -> None:
     assert not s.prediction_influence and expl.target.prediction is None
 
 
+def test_bfloat16_token_influence_is_served_and_reported(client: PairdotsClient) -> None:
+    """EXACT_BF16 runs the [UNK] copies' trunk in bfloat16: the answer says so, and every
+    returned example still has its per-word totals and a responsible word."""
+    opts = InfluenceOptions(token_influence=TokenInfluenceMethod.EXACT_BF16)
+    expl = client.explain(TEXT, model="tiny", top_words=1, examples_per_word=2, influence=opts)
+    assert expl.settings is not None
+    assert expl.settings.token_influence == TokenInfluenceMethod.EXACT_BF16
+    examples = [*expl.target.salient_words[0].supporting, *expl.target.salient_words[0].opposing]
+    assert examples
+    for ex in examples:
+        assert ex.words and ex.responsible_word is not None
+
+
 def _word_influence_lines(lines: list[str]) -> list[str]:
     """The lines of the salient words' training examples (after the first 'salient word')."""
     start = next(i for i, line in enumerate(lines) if "salient word" in line)

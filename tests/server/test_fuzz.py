@@ -119,7 +119,7 @@ FIELDS: dict[str, tuple[st.SearchStrategy[object], st.SearchStrategy[object]]] =
     "solver": (solver_options(valid=True), solver_options(valid=False)),
     "candidate_search": (st.integers(0, 2), st.one_of(st.integers(0, 3), INT32)),
     "candidates": (st.integers(0, 20_000), st.one_of(st.integers(-1, 20_001), INT32)),
-    "token_influence": (st.integers(0, 3), st.one_of(st.integers(0, 4), INT32)),
+    "token_influence": (st.integers(0, 4), st.one_of(st.integers(0, 5), INT32)),
 }
 
 

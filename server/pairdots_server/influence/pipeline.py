@@ -430,6 +430,12 @@ class TokenInfluence(enum.Enum):
     EXACT = "exact"  # one [UNK] copy per token
     FIRST_ORDER = "first_order"  # one mixed second derivative
     NONE = "none"  # not computed
+    EXACT_BF16 = "exact_bf16"  # EXACT with the trunk's products in bfloat16 (trunk_in)
+
+    @property
+    def exact(self) -> bool:
+        """[UNK] copies (EXACT, EXACT_BF16), not the first-order estimate."""
+        return self in (TokenInfluence.EXACT, TokenInfluence.EXACT_BF16)
 
 
 def word_attribution(
@@ -470,6 +476,7 @@ def word_attributions(
     rt: ModelRuntime, s_test: Tensor, indices: Sequence[int],
     method: TokenInfluence = TokenInfluence.EXACT, *, max_tokens: int | None = None,
     memo: ScoreMemo | None = None, top_words: int = 0, keep_word: str | None = None,
+    trunk_precision: torch.dtype | None = None,
 ) -> list[WordAttribution]:
     """Eq. 8 per word for each training example in `indices`, labelled with its own label.
 
@@ -482,7 +489,9 @@ def word_attributions(
     `keep_word` (same Porter stem: the explained word) are scored exactly, the others keep the
     estimate (exact False). FIRST_ORDER: the estimate for every word. Results accumulate in
     memo (by training index), so a word scored exactly once is not scored again. max_tokens
-    None: core/scoring.batch_tokens_for the model's device."""
+    None: core/scoring.batch_tokens_for the model's device. trunk_precision: the dtype of the
+    trunk's matrix products for the exact words' copies (ScopeSplit.trunk_in; None: the
+    model's); EXACT_BF16 is EXACT with bfloat16 there."""
     from pairdots_server.influence.wordmatch import stem
 
     if max_tokens is None:
@@ -490,7 +499,9 @@ def word_attributions(
     known = memo.words if memo is not None else {}
     order = [int(i) for i in dict.fromkeys(int(i) for i in indices)]
     out: dict[int, WordAttribution] = {}
-    if method is not TokenInfluence.EXACT:
+    if method is TokenInfluence.EXACT_BF16:
+        trunk_precision = torch.bfloat16
+    if not method.exact:
         for i in order:
             if i in known:
                 out[i] = known[i]
@@ -526,7 +537,8 @@ def word_attributions(
             missing = sorted(w for w in want - have if e.pieces[w] > 0)
             if missing or att is None:
                 need[i] = missing
-        exact_vals = _exact_words(rt, s_test, {i: encs[i] for i in need}, need, max_tokens)
+        exact_vals = _exact_words(rt, s_test, {i: encs[i] for i in need}, need, max_tokens,
+                                  trunk_precision)
         for i, e in encs.items():
             att = current[i]
             totals = list(att.totals) if att is not None else [0.0] * len(e.words)
@@ -572,7 +584,7 @@ def _first_order(
 
 def _exact_words(
     rt: ModelRuntime, s_test: Tensor, encs: dict[int, EncodedText],
-    words: dict[int, list[int]], max_tokens: int,
+    words: dict[int, list[int]], max_tokens: int, trunk_precision: torch.dtype | None = None,
 ) -> dict[int, dict[int, float]]:
     """Exact Eq. 8 totals of the given words of each training example: one [UNK] copy per
     token of those words, all copies batched -> {index: {word: total}}."""
@@ -582,7 +594,7 @@ def _exact_words(
     rows = [Row(encs[i].embeds[0], encs[i].mask[0], rt.bundle.train[i].label) for i in ids]
     positions = [[t for t in encs[i].word_positions if encs[i].word_ids[t] in set(words[i])]
                  for i in ids]
-    trunk = None if rt.split is None else rt.split.trunk
+    trunk = None if rt.split is None else rt.split.trunk_in(trunk_precision)
     per_token = token_influence_many(
         rt.curvature_logits_fn, rt.params, s_test, rows, positions, rt.unk_embed,
         batch_size=max_tokens, max_tokens=max_tokens, trunk=trunk,
