@@ -252,6 +252,36 @@ def test_scope_input_cache_bound_reaches_the_served_runtime(bundle_root: Path) -
         assert cache is not None and cache.max_bytes == 5 * 2**20
 
 
+def test_default_token_influence_reaches_unspecified_requests(
+    bundle_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pairdots.v1 import pairdots_pb2 as pb
+    from pairdots_server.cli.main import build_parser, server_config
+    from pairdots_server.influence.pipeline import TokenInfluence
+    from pairdots_server.rpc.convert import explain_query
+
+    def parsed(*flags: str) -> ServerConfig:
+        return server_config(build_parser().parse_args(["serve", "--bundles", str(bundle_root),
+                                                        *flags]))
+
+    def method(cfg: ServerConfig, requested: int = 0) -> TokenInfluence:
+        req = pb.ExplainRequest(text="i loved it !")
+        req.influence.token_influence = requested  # type: ignore[assignment]
+        return explain_query(req, cfg.explain).token_influence
+
+    assert method(parsed()) is TokenInfluence.EXACT
+    bf16 = parsed("--default-token-influence", "exact_bf16")
+    assert method(bf16) is TokenInfluence.EXACT_BF16
+    # a request that names a method gets it whatever the server's default
+    assert method(bf16, pb.TOKEN_INFLUENCE_METHOD_EXACT) is TokenInfluence.EXACT
+    assert method(parsed(), pb.TOKEN_INFLUENCE_METHOD_EXACT_BF16) is TokenInfluence.EXACT_BF16
+    monkeypatch.setenv("PAIRDOTS_DEFAULT_TOKEN_INFLUENCE", "exact_bf16")
+    assert method(parsed()) is TokenInfluence.EXACT_BF16
+    monkeypatch.setenv("PAIRDOTS_DEFAULT_TOKEN_INFLUENCE", "fast")
+    with pytest.raises(InvalidArgument, match="default_token_influence"):
+        parsed()
+
+
 # -- SIGTERM under load (the real `pairdots serve` process) ---------------------------------
 
 

@@ -398,10 +398,14 @@ class _TokenInfluenceMethod:
 class _TokenInfluenceMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TokenInfluenceMethod.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     TOKEN_INFLUENCE_METHOD_UNSPECIFIED: _TokenInfluenceMethod.ValueType  # 0
-    """Server default: TOKEN_INFLUENCE_METHOD_EXACT."""
+    """Server default: TOKEN_INFLUENCE_METHOD_EXACT, or EXACT_BF16 where the server runs with
+    `serve --default-token-influence exact_bf16` (chart: server.defaultTokenInfluence).
+    """
     TOKEN_INFLUENCE_METHOD_EXACT: _TokenInfluenceMethod.ValueType  # 1
     """I(z, w) - I(z̃(t, UNK), w) with one UNK-replaced copy of z per token, summed per word.
-    Exact (paper Eq. 8); ~250 ms for a 20-token example with MiniLM on CPU.
+    Exact (paper Eq. 8). On minilm-sst2 (2 CPU cores) the default Explain's ~30 returned
+    examples take 3.5-3.9 s of its 4.4 s warm median: the layers below the influence scope run
+    once per copy, at the float32 peak of the cores (85 % of the time in matrix products).
     """
     TOKEN_INFLUENCE_METHOD_FIRST_ORDER: _TokenInfluenceMethod.ValueType  # 2
     """First-order estimate from one mixed second derivative with respect to z's embeddings.
@@ -414,21 +418,26 @@ class _TokenInfluenceMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_
     TOKEN_INFLUENCE_METHOD_EXACT_BF16: _TokenInfluenceMethod.ValueType  # 4
     """EXACT with the layers below the influence scope run in bfloat16 (autocast) for the
     UNK-replaced copies; the scoped layers and the derivative stay in the model's dtype. On
-    minilm-sst2 (2 CPU cores with AVX512-BF16) Eq. 8 takes 0.49x the time of EXACT, and the
-    responsible word agrees with EXACT's for 98.4 % of 182 returned examples (Spearman of the
-    word totals 0.996, median relative error 1.5 %). On a CPU without native bfloat16 it is
-    slower than EXACT. Models without a scope split (not BERT-style, or a scope that reaches
-    below the encoder layers) run EXACT.
+    minilm-sst2 (2 CPU cores with AVX512-BF16) Eq. 8 takes 0.49x the time of EXACT (default
+    Explain warm median 2.0 s against 4.4 s), and the responsible word agrees with EXACT's
+    for 98.4 % of 182 returned examples (Spearman of the word totals 0.996, median relative
+    error 1.5 %, largest 12 %). On a CPU without native bfloat16 it is slower than EXACT.
+    Models without a scope split (not BERT-style, or a scope that reaches below the encoder
+    layers) run EXACT.
     """
 
 class TokenInfluenceMethod(_TokenInfluenceMethod, metaclass=_TokenInfluenceMethodEnumTypeWrapper):
     """How the responsible word inside a training example is found (paper Eq. 8)."""
 
 TOKEN_INFLUENCE_METHOD_UNSPECIFIED: TokenInfluenceMethod.ValueType  # 0
-"""Server default: TOKEN_INFLUENCE_METHOD_EXACT."""
+"""Server default: TOKEN_INFLUENCE_METHOD_EXACT, or EXACT_BF16 where the server runs with
+`serve --default-token-influence exact_bf16` (chart: server.defaultTokenInfluence).
+"""
 TOKEN_INFLUENCE_METHOD_EXACT: TokenInfluenceMethod.ValueType  # 1
 """I(z, w) - I(z̃(t, UNK), w) with one UNK-replaced copy of z per token, summed per word.
-Exact (paper Eq. 8); ~250 ms for a 20-token example with MiniLM on CPU.
+Exact (paper Eq. 8). On minilm-sst2 (2 CPU cores) the default Explain's ~30 returned
+examples take 3.5-3.9 s of its 4.4 s warm median: the layers below the influence scope run
+once per copy, at the float32 peak of the cores (85 % of the time in matrix products).
 """
 TOKEN_INFLUENCE_METHOD_FIRST_ORDER: TokenInfluenceMethod.ValueType  # 2
 """First-order estimate from one mixed second derivative with respect to z's embeddings.
@@ -441,11 +450,12 @@ TOKEN_INFLUENCE_METHOD_NONE: TokenInfluenceMethod.ValueType  # 3
 TOKEN_INFLUENCE_METHOD_EXACT_BF16: TokenInfluenceMethod.ValueType  # 4
 """EXACT with the layers below the influence scope run in bfloat16 (autocast) for the
 UNK-replaced copies; the scoped layers and the derivative stay in the model's dtype. On
-minilm-sst2 (2 CPU cores with AVX512-BF16) Eq. 8 takes 0.49x the time of EXACT, and the
-responsible word agrees with EXACT's for 98.4 % of 182 returned examples (Spearman of the
-word totals 0.996, median relative error 1.5 %). On a CPU without native bfloat16 it is
-slower than EXACT. Models without a scope split (not BERT-style, or a scope that reaches
-below the encoder layers) run EXACT.
+minilm-sst2 (2 CPU cores with AVX512-BF16) Eq. 8 takes 0.49x the time of EXACT (default
+Explain warm median 2.0 s against 4.4 s), and the responsible word agrees with EXACT's
+for 98.4 % of 182 returned examples (Spearman of the word totals 0.996, median relative
+error 1.5 %, largest 12 %). On a CPU without native bfloat16 it is slower than EXACT.
+Models without a scope split (not BERT-style, or a scope that reaches below the encoder
+layers) run EXACT.
 """
 Global___TokenInfluenceMethod: _TypeAlias = TokenInfluenceMethod  # noqa: Y015
 

@@ -125,6 +125,8 @@ def explain_query(req: pb.ExplainRequest, limits: ExplainLimits) -> ExplainQuery
               f"{infl.candidate_count}")
     token_infl = v.enum("influence.token_influence", infl.token_influence, TOKEN_INFLUENCE,
                         "TokenInfluenceMethod")
+    if infl.token_influence == pb.TOKEN_INFLUENCE_METHOD_UNSPECIFIED:
+        token_infl = TokenInfluence(limits.default_token_influence)  # serve flag
     word_measurement = v.enum("influence.word_measurement", infl.word_measurement,
                               WORD_MEASUREMENTS, "WordMeasurement")
     word_candidates = v.enum("influence.word_candidates", infl.word_candidates,
