@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pairdots_server.core.grads import per_example_loss_grads
-from pairdots_server.core.scoring import influence_jvp
 from pairdots_server.core.params import flatten
+from pairdots_server.core.scoring import influence_jvp
 from pairdots_server.model import cls_layer
 from pairdots_server.model.scope import ScopeSpec
 from pairdots_server.model.scope_split import ScopeSplit

@@ -326,8 +326,8 @@ def test_index_build_by_length_keeps_every_vector_on_its_example(rt64: ModelRunt
     """build_index_dir batches the training set in order of text length; each stored vector
     must still be the projection of its own example's full-model gradient."""
     from pairdots_server.core.grads import per_example_loss_grads
-    from pairdots_server.influence.artifacts import ArtifactConfig, build_index_dir
     from pairdots_server.index.store import load_index_data
+    from pairdots_server.influence.artifacts import ArtifactConfig, build_index_dir
 
     rt = rt64
     lengths = [len(ex.text) for ex in rt.bundle.train]
