@@ -87,3 +87,32 @@ def test_scope_inputs_none_and_default(tiny_dir: Path, tmp_path: Path) -> None:
     row = cache32.rows([3])[0]
     assert float((row.double() - fresh[: row.shape[0]]).abs().max()) <= 1e-6 * float(
         fresh.abs().max())
+
+
+def test_default_index_dimension_grows_with_the_budget(tiny_dir: Path, tmp_path: Path) -> None:
+    """k = 4096 while N · k · 4 bytes fits 256 MiB, then 2048, then 1024; explicit --index-dim
+    and the dense Gaussian projection (its P × k matrix) keep their own; prepare's default
+    reaches the stored index."""
+    from pairdots_server.index.store import load_index_data
+    from pairdots_server.influence.artifacts import INDEX_DEFAULT_BYTES, ArtifactConfig
+
+    cfg = ArtifactConfig()
+    per_4096 = INDEX_DEFAULT_BYTES // (4096 * 4)  # examples that fit at k = 4096
+    assert cfg.resolved_dim(6920) == 4096 and cfg.resolved_dim(per_4096) == 4096
+    assert cfg.resolved_dim(per_4096 + 1) == 2048
+    assert cfg.resolved_dim(2 * per_4096) == 2048
+    assert cfg.resolved_dim(2 * per_4096 + 1) == 1024
+    assert ArtifactConfig(index_dim=64).resolved_dim(10) == 64
+    assert ArtifactConfig(index_projection="gaussian").resolved_dim(10) == 1024
+
+    train = tmp_path / "train.tsv"
+    train.write_text("".join(f"{e.text}\t{e.label}\n" for e in synthetic_examples(24, seed=2)),
+                     encoding="utf-8")
+    assert main([
+        "prepare", "--model", str(tiny_dir), "--train", str(train), "--dev", "",
+        "--name", "k", "--out", str(tmp_path / "bundles"), "--low-rank", "0", "--no-ekfac",
+        "--max-steps", "1", "--batch-size", "8", "--max-length", "32", "--scope-inputs",
+        "none", "--quiet",
+    ]) == 0
+    _, vectors, meta = load_index_data(tmp_path / "bundles" / "k" / "index")
+    assert meta.out_dim == 4096 and vectors.shape == (24, 4096)

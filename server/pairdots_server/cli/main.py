@@ -319,8 +319,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def _add_artifact_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index-dim", type=int, default=None,
-                   help="projection dimension k of the candidate index (default "
-                        "ArtifactConfig.resolved_dim; the index holds N*k*4 bytes)")
+                   help="projection dimension k of the candidate index (default: 4096 when "
+                        "the index (N*k*4 bytes) fits 256 MiB, else 2048 when it fits, else "
+                        "1024; 1024 for --index-projection gaussian)")
     p.add_argument("--index-seed", type=int, default=0, help="projection seed")
     p.add_argument("--index-projection", choices=["sparse_sign", "gaussian"],
                    default="sparse_sign",
