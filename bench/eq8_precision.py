@@ -24,36 +24,12 @@ import time
 
 import torch
 from _common import load_runtime, log, no_stop, sample_sentences
+from _perturb_common import spearman
 from _results import write_result
 
 from pairdots_server.influence import pipeline as steps
 from pairdots_server.influence.explain import ExplainQuery, explain
 from pairdots_server.influence.settings import InfluenceSettings
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties); nan for < 2 values."""
-    if len(a) < 2:
-        return float("nan")
-
-    def ranks(x: list[float]) -> list[float]:
-        order = sorted(range(len(x)), key=lambda i: x[i])
-        r = [0.0] * len(x)
-        i = 0
-        while i < len(x):
-            j = i
-            while j + 1 < len(x) and x[order[j + 1]] == x[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
-    num = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
-    den = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
-    return num / den if den else float("nan")
 
 
 def responsible(totals: list[float], sign: float) -> int:
