@@ -10,6 +10,10 @@ the float32 reference is recomputed the same way. Reported per returned example:
                      as Explain reports it: agreement of bf16 with float32;
   spearman           Spearman of the word totals;
   rel_err            max |Δ| / max |total| over the example's words;
+  gaps               for the examples where the two disagree: float32's lead of its responsible
+                     word over bfloat16's choice, and of its responsible word over its runner-up
+                     (both relative to the largest |total|), against that lead's median over
+                     every example: whether the disagreements are near-ties;
   seconds            Eq. 8 of all returned examples, float32 vs bfloat16, interleaved.
 
 Last line: one JSON object; also bench/results/<--result-name>.json.
@@ -35,6 +39,13 @@ from pairdots_server.influence.settings import InfluenceSettings
 def responsible(totals: list[float], sign: float) -> int:
     """The word of largest total in the example's direction (Explain's responsible word)."""
     return max(range(len(totals)), key=lambda w: (sign * totals[w], -w))
+
+
+def top2_gap(totals: list[float], sign: float) -> float:
+    """How far the responsible word's total leads the runner-up's, in the example's direction
+    (0 for a one-word example)."""
+    ranked = sorted((sign * v for v in totals), reverse=True)
+    return ranked[0] - ranked[1] if len(ranked) > 1 else 0.0
 
 
 def main() -> None:
@@ -72,10 +83,15 @@ def main() -> None:
             for i, ref, low in zip(ids, got["float32"], got["bfloat16"], strict=True):
                 sign = 1.0 if returned[i] >= 0 else -1.0
                 scale = max(abs(v) for v in ref.totals) or 1.0
+                r32, r16 = responsible(ref.totals, sign), responsible(low.totals, sign)
                 rows.append({
                     "train_index": i,
                     "words": len(ref.totals),
-                    "agree": int(responsible(ref.totals, sign) == responsible(low.totals, sign)),
+                    "agree": int(r32 == r16),
+                    # float32's margin of its responsible word over bfloat16's choice, and
+                    # over its own runner-up (relative to the largest |total|)
+                    "gap": sign * (ref.totals[r32] - ref.totals[r16]) / scale,
+                    "top2_gap": top2_gap(ref.totals, sign) / scale,
                     "spearman": spearman(ref.totals, low.totals),
                     "rel_err": max(abs(a - b) for a, b in zip(ref.totals, low.totals,
                                                                strict=True)) / scale,
@@ -91,6 +107,10 @@ def main() -> None:
         "spearman_mean": statistics.fmean(sp), "spearman_min": min(sp),
         "rel_err_median": statistics.median(errs), "rel_err_p90": errs[int(0.9 * (len(errs) - 1))],
         "rel_err_max": errs[-1], "seconds": seconds,
+        "disagreement_gaps": sorted(float(r["gap"]) for r in rows if not r["agree"]),
+        "top2_gap_median": statistics.median(float(r["top2_gap"]) for r in rows),
+        "top2_gap_median_disagreeing": statistics.median(
+            [float(r["top2_gap"]) for r in rows if not r["agree"]] or [float("nan")]),
         "speedup": seconds["float32"] / seconds["bfloat16"],
         "bf16_native": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
     }

@@ -11,6 +11,8 @@ calls on other sentences, then one repeat of a warm sentence = s_test cache hit)
               full gradient pass over the training set);
   exact_bf16  the default with TOKEN_INFLUENCE_METHOD_EXACT_BF16: Eq. 8's [UNK] copies through
               the trunk in bfloat16 (bench/eq8_precision.py measures its agreement);
+  exact       the default with float32 Eq. 8 (TOKEN_INFLUENCE_METHOD_EXACT); the default itself
+              is AUTO: EXACT_BF16 where the device multiplies bfloat16 natively, else EXACT;
   eq8_top     the default with Eq. 8 in top-k words mode (--eq8-top-words, settings
               eq8_top_words; bench/scope_inputs.py measures its agreement).
 Exact scoring uses the runtime's scope-input cache (influence/scope_inputs.py): rows from the
@@ -115,7 +117,8 @@ def main() -> None:
     ap.add_argument("--bundle", required=True)
     ap.add_argument("--sentences", type=int, default=3, help="warm calls per configuration")
     ap.add_argument("--configs", default="default,lissa,exhaustive",
-                    help="comma-separated subset of default,lissa,exhaustive,exact_bf16,eq8_top")
+                    help="comma-separated subset of default,lissa,exhaustive,exact,exact_bf16,"
+                         "eq8_top")
     ap.add_argument("--lissa-depth", type=int, default=200, help="LiSSA max iterations")
     ap.add_argument("--exhaustive-top-words", type=int, default=1)
     ap.add_argument("--exhaustive-calls", type=int, default=1,
@@ -150,12 +153,14 @@ def main() -> None:
             texts = texts[: max(1, args.exhaustive_calls)]
         elif name == "exact_bf16":
             base = ExplainQuery(text="", token_influence=TokenInfluence.EXACT_BF16)
+        elif name == "exact":
+            base = ExplainQuery(text="", token_influence=TokenInfluence.EXACT)
         elif name == "eq8_top":
             base = ExplainQuery(text="", influence=InfluenceSettings(
                 eq8_top_words=args.eq8_top_words))
         else:
             raise SystemExit(f"unknown configuration {name!r}; use default, lissa, exhaustive, "
-                             "exact_bf16, eq8_top")
+                             "exact, exact_bf16, eq8_top")
         results[name] = run_config(rt, name, base, texts, k)
 
     log("")

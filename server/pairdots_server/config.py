@@ -20,7 +20,7 @@ def _require(cond: bool, setting: str, why: str) -> None:
         raise InvalidArgument.for_field(setting, why)
 
 
-DEFAULT_TOKEN_INFLUENCE = ("exact", "exact_bf16")
+DEFAULT_TOKEN_INFLUENCE = ("auto", "exact", "exact_bf16")
 """The Eq. 8 methods a server may default to (influence/pipeline.TokenInfluence values)."""
 
 
@@ -47,10 +47,11 @@ class ExplainLimits:
     # on demand per served bundle, least recently used evicted; 0 = unbounded. Rows from a
     # bundle's scope_inputs.safetensors are not counted (loaded whole at start).
     scope_input_cache_mb: int = 1024
-    # Eq. 8 when a request leaves token_influence unspecified: "exact" (float32 [UNK] copies)
-    # or "exact_bf16" (the copies' trunk in bfloat16: about half the time on CPUs with native
-    # bfloat16, the responsible word agreeing for ~98 %; influence/pipeline.TokenInfluence).
-    default_token_influence: str = "exact"
+    # Eq. 8 when a request leaves token_influence unspecified: "exact" (float32 [UNK] copies),
+    # "exact_bf16" (the copies' trunk in bfloat16: about half the time on CPUs with native
+    # bfloat16, the responsible word agreeing for ~98 %, the rest near-ties), or "auto":
+    # exact_bf16 where it runs natively, else exact (influence/pipeline.resolve_token_influence).
+    default_token_influence: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.max_text_chars > 0, "max_text_chars", "must be > 0")

@@ -86,3 +86,24 @@ def test_exact_bf16_totals_agree_with_exact(rt32: ModelRuntime) -> None:
         assert err <= 0.25 * scale
         differs |= err > 1e-7 * scale
     assert differs
+
+
+def test_auto_resolves_by_device_and_dtype(
+    rt32: ModelRuntime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AUTO is EXACT_BF16 only for a float32 model with a scope split on a device with native
+    bfloat16 products; EXACT_BF16 runs as EXACT where autocast cannot change anything (a
+    float64 model), so the answer names what ran."""
+    resolve, M = steps.resolve_token_influence, steps.TokenInfluence
+    for native in (True, False):
+        monkeypatch.setattr(steps, "native_bfloat16", lambda _device, n=native: n)
+        assert resolve(rt32, M.AUTO) is (M.EXACT_BF16 if native else M.EXACT)
+        assert resolve(rt32, M.EXACT_BF16) is M.EXACT_BF16
+        assert resolve(rt32, M.EXACT) is M.EXACT and resolve(rt32, M.NONE) is M.NONE
+    make_tiny_bundle(tmp_path, "t64", n_train=16, finetune_steps=2, dtype=torch.float64)
+    rt64 = ModelRuntime(load_bundle(tmp_path / "t64"))
+    monkeypatch.setattr(steps, "native_bfloat16", lambda _device: True)
+    assert resolve(rt64, M.AUTO) is M.EXACT and resolve(rt64, M.EXACT_BF16) is M.EXACT
+    monkeypatch.undo()
+    # the real detection on this machine agrees with oneDNN's own check
+    assert steps.native_bfloat16("cpu") == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -61,7 +61,8 @@ def test_memo_scores_are_reused_not_recomputed(rt: ModelRuntime) -> None:
 
 
 def test_explain_answers_equal_the_one_by_one_path(rt: ModelRuntime) -> None:
-    q = ExplainQuery("a gorgeous , witty , seductive movie .", examples_per_word=3)
+    q = ExplainQuery("a gorgeous , witty , seductive movie .", examples_per_word=3,
+                     token_influence=steps.TokenInfluence.EXACT)  # float32 Eq. 8 (not AUTO)
     ans = explain(rt, q, steps.no_stop, default_candidates=8, scoring_batch_size=5)
     label_ans = ans.explanations[0]
     assert label_ans.prediction is not None and label_ans.salient_words

@@ -5,6 +5,8 @@ training example's text. Real server, real tiny bundle."""
 
 from __future__ import annotations
 
+import torch
+
 from pairdots import (
     CandidateSearch,
     Curvature,
@@ -38,7 +40,10 @@ def test_defaults_are_reported_resolved(client: PairdotsClient) -> None:
     assert s.curvature == Curvature.GAUSS_NEWTON
     assert s.candidate_search == CandidateSearch.INDEX == expl.diagnostics.candidate_search
     assert s.candidates == 50  # clamp(2 % of 64, 50, 2000)
-    assert s.token_influence == TokenInfluenceMethod.EXACT
+    # AUTO: bfloat16 copies for this float32 model where the CPU multiplies bfloat16 natively
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert s.token_influence == (
+        TokenInfluenceMethod.EXACT_BF16 if native else TokenInfluenceMethod.EXACT)
     assert s.prediction_influence and expl.target.prediction is not None
     assert expl.prediction.label_names == ("negative", "positive")
     assert expl.label_name(0) == "negative" and expl.label_name(1) == "positive"
@@ -84,6 +89,10 @@ def test_bfloat16_token_influence_is_served_and_reported(client: PairdotsClient)
     expl = client.explain(TEXT, model="tiny", top_words=1, examples_per_word=2, influence=opts)
     assert expl.settings is not None
     assert expl.settings.token_influence == TokenInfluenceMethod.EXACT_BF16
+    exact = client.explain(TEXT, model="tiny", top_words=1, examples_per_word=2,
+                           influence=InfluenceOptions(token_influence=TokenInfluenceMethod.EXACT))
+    assert exact.settings is not None
+    assert exact.settings.token_influence == TokenInfluenceMethod.EXACT
     examples = [*expl.target.salient_words[0].supporting, *expl.target.salient_words[0].opposing]
     assert examples
     for ex in examples:

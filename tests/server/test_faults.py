@@ -269,7 +269,8 @@ def test_default_token_influence_reaches_unspecified_requests(
         req.influence.token_influence = requested  # type: ignore[assignment]
         return explain_query(req, cfg.explain).token_influence
 
-    assert method(parsed()) is TokenInfluence.EXACT
+    assert method(parsed()) is TokenInfluence.AUTO  # resolved per model in explain()
+    assert method(parsed("--default-token-influence", "exact")) is TokenInfluence.EXACT
     bf16 = parsed("--default-token-influence", "exact_bf16")
     assert method(bf16) is TokenInfluence.EXACT_BF16
     # a request that names a method gets it whatever the server's default

@@ -398,8 +398,11 @@ class _TokenInfluenceMethod:
 class _TokenInfluenceMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TokenInfluenceMethod.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     TOKEN_INFLUENCE_METHOD_UNSPECIFIED: _TokenInfluenceMethod.ValueType  # 0
-    """Server default: TOKEN_INFLUENCE_METHOD_EXACT, or EXACT_BF16 where the server runs with
-    `serve --default-token-influence exact_bf16` (chart: server.defaultTokenInfluence).
+    """Server default (`serve --default-token-influence`, chart server.defaultTokenInfluence):
+    auto, which runs EXACT_BF16 for a float32 model with a scope split on a device with
+    native bfloat16 products (CPUs with AVX512-BF16 or AMX, CUDA GPUs that support bfloat16),
+    else EXACT; `exact` or `exact_bf16` pin one. ExplainSettings.token_influence says which
+    ran.
     """
     TOKEN_INFLUENCE_METHOD_EXACT: _TokenInfluenceMethod.ValueType  # 1
     """I(z, w) - I(z̃(t, UNK), w) with one UNK-replaced copy of z per token, summed per word.
@@ -421,17 +424,22 @@ class _TokenInfluenceMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_
     minilm-sst2 (2 CPU cores with AVX512-BF16) Eq. 8 takes 0.46x the time of EXACT (default
     Explain warm median 2.0 s against 4.4 s), and the responsible word agrees with EXACT's
     for 98.4 % of 314 returned examples (Spearman of the word totals 0.997, median relative
-    error 1.5 %, largest 12 %). On a CPU without native bfloat16 it is slower than EXACT.
-    Models without a scope split (not BERT-style, or a scope that reaches below the encoder
-    layers) run EXACT.
+    error 1.5 %, largest 12 %); the 5 examples where it named another word were near-ties
+    (EXACT's choice led by 0.1-5 % of the largest |total|, against a median lead over the
+    runner-up of 38 %). On a CPU without native bfloat16 it is slower than EXACT. Models
+    without a scope split (not BERT-style, or a scope that reaches below the encoder layers)
+    or not in float32 run EXACT, and the answer says EXACT.
     """
 
 class TokenInfluenceMethod(_TokenInfluenceMethod, metaclass=_TokenInfluenceMethodEnumTypeWrapper):
     """How the responsible word inside a training example is found (paper Eq. 8)."""
 
 TOKEN_INFLUENCE_METHOD_UNSPECIFIED: TokenInfluenceMethod.ValueType  # 0
-"""Server default: TOKEN_INFLUENCE_METHOD_EXACT, or EXACT_BF16 where the server runs with
-`serve --default-token-influence exact_bf16` (chart: server.defaultTokenInfluence).
+"""Server default (`serve --default-token-influence`, chart server.defaultTokenInfluence):
+auto, which runs EXACT_BF16 for a float32 model with a scope split on a device with
+native bfloat16 products (CPUs with AVX512-BF16 or AMX, CUDA GPUs that support bfloat16),
+else EXACT; `exact` or `exact_bf16` pin one. ExplainSettings.token_influence says which
+ran.
 """
 TOKEN_INFLUENCE_METHOD_EXACT: TokenInfluenceMethod.ValueType  # 1
 """I(z, w) - I(z̃(t, UNK), w) with one UNK-replaced copy of z per token, summed per word.
@@ -453,9 +461,11 @@ UNK-replaced copies; the scoped layers and the derivative stay in the model's dt
 minilm-sst2 (2 CPU cores with AVX512-BF16) Eq. 8 takes 0.46x the time of EXACT (default
 Explain warm median 2.0 s against 4.4 s), and the responsible word agrees with EXACT's
 for 98.4 % of 314 returned examples (Spearman of the word totals 0.997, median relative
-error 1.5 %, largest 12 %). On a CPU without native bfloat16 it is slower than EXACT.
-Models without a scope split (not BERT-style, or a scope that reaches below the encoder
-layers) run EXACT.
+error 1.5 %, largest 12 %); the 5 examples where it named another word were near-ties
+(EXACT's choice led by 0.1-5 % of the largest |total|, against a median lead over the
+runner-up of 38 %). On a CPU without native bfloat16 it is slower than EXACT. Models
+without a scope split (not BERT-style, or a scope that reaches below the encoder layers)
+or not in float32 run EXACT, and the answer says EXACT.
 """
 Global___TokenInfluenceMethod: _TypeAlias = TokenInfluenceMethod  # noqa: Y015
 

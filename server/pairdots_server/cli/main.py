@@ -521,12 +521,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MiB of scope inputs (hidden states below the influence scope) kept "
                    "per bundle when computed on demand, least recently used dropped first; "
                    "0 = unbounded; a bundle's scope_inputs.safetensors is not counted")
-    s.add_argument("--default-token-influence", default=_env("DEFAULT_TOKEN_INFLUENCE", "exact"),
-                   choices=["exact", "exact_bf16"],
+    s.add_argument("--default-token-influence", default=_env("DEFAULT_TOKEN_INFLUENCE", "auto"),
+                   choices=["auto", "exact", "exact_bf16"],
                    help="Eq. 8 for requests that leave token_influence unspecified: exact "
-                   "(float32 [UNK] copies) or exact_bf16 (their trunk in bfloat16: about half "
+                   "(float32 [UNK] copies), exact_bf16 (their trunk in bfloat16: about half "
                    "the time on CPUs with native bfloat16, GPUs not measured; the responsible "
-                   "word agreed with exact for 98.4 %% of 314 returned examples on minilm-sst2)")
+                   "word agreed with exact for 98.4 %% of 314 returned examples on minilm-sst2, "
+                   "the others were near-ties), or auto (default): exact_bf16 for a float32 "
+                   "model on a device with native bfloat16 products, else exact")
     s.add_argument("--watch-interval-s", default=_env("WATCH_INTERVAL_S", 10), type=float_value,
                    help="seconds between scans of --bundles for new, changed and removed "
                    "bundles (loaded verified, without a restart); 0 = load at start only")

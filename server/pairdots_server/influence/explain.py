@@ -21,7 +21,7 @@ import enum
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import Tensor
 
@@ -52,7 +52,7 @@ class ExplainQuery:
     word_positions: tuple[int, ...] = ()
     examples_per_word: int = 5
     influence: InfluenceSettings = field(default_factory=InfluenceSettings)
-    token_influence: TokenInfluence = TokenInfluence.EXACT
+    token_influence: TokenInfluence = TokenInfluence.AUTO  # resolved in explain()
 
 
 # -- answer --------------------------------------------------------------------------------
@@ -150,6 +150,7 @@ def explain(
     settings = q.influence.resolve(
         rt, default_candidates=default_candidates, scoring_batch_size=scoring_batch_size
     )
+    q = replace(q, token_influence=steps.resolve_token_influence(rt, q.token_influence))
     timer = steps.Timer()
     warnings: list[str] = []
     notes: list[str] = []

@@ -431,11 +431,42 @@ class TokenInfluence(enum.Enum):
     FIRST_ORDER = "first_order"  # one mixed second derivative
     NONE = "none"  # not computed
     EXACT_BF16 = "exact_bf16"  # EXACT with the trunk's products in bfloat16 (trunk_in)
+    AUTO = "auto"  # EXACT_BF16 where it runs natively (resolve_token_influence), else EXACT
 
     @property
     def exact(self) -> bool:
         """[UNK] copies (EXACT, EXACT_BF16), not the first-order estimate."""
         return self in (TokenInfluence.EXACT, TokenInfluence.EXACT_BF16)
+
+
+def native_bfloat16(device: str | torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices natively: a CPU with AVX512-BF16 or AMX
+    (oneDNN's check), a CUDA device that supports bfloat16."""
+    kind = torch.device(device).type
+    try:
+        if kind == "cpu":
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if kind == "cuda":
+            return bool(torch.cuda.is_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+    return False
+
+
+def resolve_token_influence(rt: ModelRuntime, method: TokenInfluence) -> TokenInfluence:
+    """The Eq. 8 method that actually runs: AUTO is EXACT_BF16 where that is both possible and
+    fast, else EXACT; EXACT_BF16 runs as EXACT where it cannot change anything (no scope
+    split, so no trunk to run in bfloat16, or a model not in float32, which autocast leaves
+    alone). Possible and fast: a float32 model with a scope split on a device with native
+    bfloat16 products (native_bfloat16)."""
+    if method not in (TokenInfluence.AUTO, TokenInfluence.EXACT_BF16):
+        return method
+    possible = rt.split is not None and rt.task.dtype == torch.float32
+    if method is TokenInfluence.EXACT_BF16:
+        return method if possible else TokenInfluence.EXACT
+    if possible and native_bfloat16(rt.task.device):
+        return TokenInfluence.EXACT_BF16
+    return TokenInfluence.EXACT
 
 
 def word_attribution(
@@ -499,6 +530,7 @@ def word_attributions(
     known = memo.words if memo is not None else {}
     order = [int(i) for i in dict.fromkeys(int(i) for i in indices)]
     out: dict[int, WordAttribution] = {}
+    method = resolve_token_influence(rt, method)
     if method is TokenInfluence.EXACT_BF16:
         trunk_precision = torch.bfloat16
     if not method.exact:

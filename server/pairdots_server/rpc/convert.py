@@ -82,8 +82,9 @@ WORD_MEASUREMENTS = enum_table(pb.WordMeasurement, "WORD_MEASUREMENT_", WordMeas
                                unspecified=WordMeasurement.MARGIN)
 WORD_CANDIDATES = enum_table(pb.WordCandidates, "WORD_CANDIDATES_", WordCandidates,
                              unspecified=WordCandidates.CONTAINING)
-TOKEN_INFLUENCE = enum_table(pb.TokenInfluenceMethod, "TOKEN_INFLUENCE_METHOD_", TokenInfluence,
-                             unspecified=TokenInfluence.EXACT)
+TOKEN_INFLUENCE = enum_table(pb.TokenInfluenceMethod, "TOKEN_INFLUENCE_METHOD_",
+                             [m for m in TokenInfluence if m is not TokenInfluence.AUTO],
+                             unspecified=TokenInfluence.EXACT)  # AUTO: the serve flag only
 
 
 def explain_query(req: pb.ExplainRequest, limits: ExplainLimits) -> ExplainQuery:
