@@ -76,9 +76,10 @@ def main() -> None:
             s, _ = steps.measurement_s_test(rt, enc, m, settings, no_stop)
             ids = list(returned)
             got: dict[str, list[steps.WordAttribution]] = {}
-            for name, prec in (("float32", None), ("bfloat16", torch.bfloat16)):
+            for name, method in (("float32", steps.TokenInfluence.EXACT),
+                                 ("bfloat16", steps.TokenInfluence.EXACT_BF16)):
                 t0 = time.perf_counter()
-                got[name] = steps.word_attributions(rt, s, ids, trunk_precision=prec)
+                got[name] = steps.word_attributions(rt, s, ids, method)
                 seconds[name] += time.perf_counter() - t0
             for i, ref, low in zip(ids, got["float32"], got["bfloat16"], strict=True):
                 sign = 1.0 if returned[i] >= 0 else -1.0

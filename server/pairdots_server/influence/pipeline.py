@@ -507,7 +507,6 @@ def word_attributions(
     rt: ModelRuntime, s_test: Tensor, indices: Sequence[int],
     method: TokenInfluence = TokenInfluence.EXACT, *, max_tokens: int | None = None,
     memo: ScoreMemo | None = None, top_words: int = 0, keep_word: str | None = None,
-    trunk_precision: torch.dtype | None = None,
 ) -> list[WordAttribution]:
     """Eq. 8 per word for each training example in `indices`, labelled with its own label.
 
@@ -520,9 +519,9 @@ def word_attributions(
     `keep_word` (same Porter stem: the explained word) are scored exactly, the others keep the
     estimate (exact False). FIRST_ORDER: the estimate for every word. Results accumulate in
     memo (by training index), so a word scored exactly once is not scored again. max_tokens
-    None: core/scoring.batch_tokens_for the model's device. trunk_precision: the dtype of the
-    trunk's matrix products for the exact words' copies (ScopeSplit.trunk_in; None: the
-    model's); EXACT_BF16 is EXACT with bfloat16 there."""
+    None: core/scoring.batch_tokens_for the model's device. EXACT_BF16 is EXACT with the
+    copies' trunk in bfloat16 (ScopeSplit.trunk_in); AUTO is resolved first
+    (resolve_token_influence)."""
     from pairdots_server.influence.wordmatch import stem
 
     if max_tokens is None:
@@ -531,8 +530,7 @@ def word_attributions(
     order = [int(i) for i in dict.fromkeys(int(i) for i in indices)]
     out: dict[int, WordAttribution] = {}
     method = resolve_token_influence(rt, method)
-    if method is TokenInfluence.EXACT_BF16:
-        trunk_precision = torch.bfloat16
+    trunk_precision = torch.bfloat16 if method is TokenInfluence.EXACT_BF16 else None
     if not method.exact:
         for i in order:
             if i in known:
