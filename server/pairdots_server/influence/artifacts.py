@@ -482,12 +482,14 @@ def build_artifacts(
 
 
 def scope_inputs_bytes(
-    rt: ModelRuntime, dtype: str = "float32", progress: bool = True, key: str | None = None,
+    rt: ModelRuntime, dtype: str = "float32", progress: bool = True,
+    files: Mapping[str, str] | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
     """Every training example's h_L (influence/scope_inputs.py) as scope_inputs.safetensors
     bytes, and its manifest info (seconds, bytes, dtype, count, split, reused: the rows the
     runtime's own cache already held, e.g. from the index build, which are not recomputed).
-    key: the file's key (default: the runtime's bundle's, ModelRuntime.scope_inputs_key)."""
+    files: the bundle file digests the file is keyed by (ModelRuntime.scope_inputs_key;
+    default the runtime's bundle's)."""
     from safetensors.torch import save
 
     from pairdots_server.influence.scope_inputs import ScopeInputs
@@ -497,8 +499,8 @@ def scope_inputs_bytes(
             "scope", f"bundle {rt.name!r}: the model/scope has no split below the scope "
             "(model/scope_split.py), so there are no scope inputs to store")
     t0 = time.perf_counter()
-    cache = ScopeInputs(rt.split, rt.encode_train, rt.n_train,
-                        key if key is not None else rt.scope_inputs_key(), dtype)
+    cache = ScopeInputs(rt.split, rt.encode_train, rt.n_train, rt.scope_inputs_key(files),
+                        dtype)
     held = rt.scope_inputs()
     reused = cache.adopt(held) if held is not None else 0
 
@@ -522,17 +524,10 @@ def add_scope_inputs(bundle_dir: Path, rt: ModelRuntime, dtype: str = "float32",
     "scope_inputs" records how it was built); returns that info. `rt` may be the runtime
     that built the bundle before it was saved (prepare / import): the file is keyed by the
     saved bundle's manifest, and the rows its index build computed are reused."""
+    from pairdots_server.storage.manifest import read_manifest
     from pairdots_server.storage.update import update_bundle
 
-    if rt.split is None:
-        raise InvalidArgument.for_field(
-            "scope", f"bundle {rt.name!r}: the model/scope has no split below the scope "
-            "(model/scope_split.py), so there are no scope inputs to store")
-    from pairdots_server.influence.scope_inputs import cache_key
-    from pairdots_server.storage.manifest import read_manifest
-
     files = read_manifest(bundle_dir).get("files", {})
-    key = cache_key(files, rt.max_length, rt.split.key)
-    content, info = scope_inputs_bytes(rt, dtype, progress, key=key)
+    content, info = scope_inputs_bytes(rt, dtype, progress, files=files)
     update_bundle(bundle_dir, {SCOPE_INPUTS_FILE: content}, {"scope_inputs": info})
     return info

@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -438,10 +438,13 @@ class ModelRuntime:
                 self._scope_inputs = cache
             return self._scope_inputs
 
-    def scope_inputs_key(self) -> str:
-        """What h_L depends on, hashed (influence/scope_inputs.cache_key)."""
+    def scope_inputs_key(self, files: Mapping[str, str] | None = None) -> str:
+        """What h_L depends on, hashed (influence/scope_inputs.cache_key); files: the file
+        digests to key by (default the served bundle's manifest; prepare passes the saved
+        bundle's, which the unsaved runtime does not have)."""
         assert self.split is not None
-        return cache_key(self.bundle.files, self.max_length, self.split.key)
+        return cache_key(self.bundle.files if files is None else files, self.max_length,
+                         self.split.key)
 
     def _load_scope_inputs(self, cache: ScopeInputs) -> str | None:
         from safetensors import safe_open

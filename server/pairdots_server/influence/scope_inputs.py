@@ -183,7 +183,7 @@ class ScopeInputs:
                     if torch.finfo(r.dtype).eps <= eps}
         with self._lock:
             for i, row in held.items():
-                self._keep(i, row.to(dt).clone() if row.dtype != dt else row)
+                self._keep(i, row.to(dt))  # a new tensor when the dtype differs
         return len(held)
 
     # -- the bundle file ---------------------------------------------------------------------
