@@ -28,6 +28,9 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--full", action="store_true",
                    help="retrain every parameter from the base checkpoint (default: scope only)")
+    p.add_argument("--proximal", action="store_true",
+                   help="retrain the scope to the proximal Bregman response (deterministic; "
+                        "what the damped influence function estimates; model/converged.py)")
     p.add_argument("--epochs", type=int, default=None, help="retrain epochs (default: recipe)")
     p.add_argument("--max-steps", type=int, default=None, help="cap on retrain steps")
     p.add_argument("--solver", choices=["default", "lissa", "cg", "low_rank"], default="default")
@@ -63,7 +66,8 @@ def influence_settings(a: argparse.Namespace) -> InfluenceSettings:
 
 
 def retrain_spec(a: argparse.Namespace, seed: int | None = None) -> RetrainSpec:
-    mode = RetrainMode.FULL if a.full else RetrainMode.SCOPE_ONLY
+    mode = RetrainMode.FULL if a.full else \
+        RetrainMode.SCOPE_PROXIMAL if a.proximal else RetrainMode.SCOPE_ONLY
     return RetrainSpec(mode, epochs=a.epochs, max_steps=a.max_steps, seed=seed)
 
 

@@ -195,6 +195,7 @@ class RetrainMode(enum.IntEnum):
     UNSPECIFIED = 0
     FULL = 1
     SCOPE_ONLY = 2
+    SCOPE_PROXIMAL = 3
 
 
 _E = TypeVar("_E", bound=enum.IntEnum)

@@ -92,6 +92,26 @@ def test_attack_operation_end_to_end(client: PairdotsClient, server: RunningServ
     assert final.progress.create_time is not None
 
 
+def test_attack_with_the_proximal_retrain_is_deterministic(client: PairdotsClient) -> None:
+    """RETRAIN_MODE_SCOPE_PROXIMAL over the wire: the note says what ran, and the same request
+    twice measures the same margins (no batch order or dropout in the retrain)."""
+    def run() -> AttackOutcome:
+        handle = client.attack(TESTS, model="tiny", mode=AttackMode.PREDICTION_MARGIN,
+                               examples_per_test=2, random_candidates=2,
+                               retrain=RetrainOptions(mode=RetrainMode.SCOPE_PROXIMAL))
+        outcome = client.wait_operation(handle.name, timeout=300)
+        assert isinstance(outcome, AttackOutcome)
+        return outcome
+
+    first, second = run(), run()
+    assert any("proximal Bregman response" in n for n in first.notes)
+    assert first.evaluation is not None and first.evaluation.examples == len(TESTS)
+    got = [x.measured_margin for x in first.effects]
+    assert all(m is not None for m in got)
+    assert got == [x.measured_margin for x in second.effects]
+    assert got != [x.margin for x in first.effects]  # the edits moved the served margins
+
+
 def test_repair_operation_saves_a_bundle(client: PairdotsClient, server: RunningServer) -> None:
     handle = client.repair(DEV, model="tiny", examples_per_error=1,
                            retrain=RetrainOptions(mode=RetrainMode.SCOPE_ONLY, epochs=1,

@@ -583,6 +583,15 @@ class _RetrainModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RetrainMo
     """Fine-tune every parameter from the bundle's base checkpoint with the bundle's recipe."""
     RETRAIN_MODE_SCOPE_ONLY: _RetrainMode.ValueType  # 2
     """Fine-tune only the influence scope, starting from the served model (fast)."""
+    RETRAIN_MODE_SCOPE_PROXIMAL: _RetrainMode.ValueType  # 3
+    """Retrain the influence scope to convergence of the proximal Bregman response (Bae et al.,
+    2022): minimise (1/N) Σ_train KL(p_served ‖ p_θ) + (1/N) (Σ_added L − Σ_removed L)
+    + (λ/2)‖θ − θ_served‖² by full-batch L-BFGS, λ the bundle's low-rank damping. What a
+    damped influence function estimates, so the ground truth of the predicted changes;
+    deterministic (no batch order, no dropout, `epochs` ignored) and the served model itself
+    when the training set is unchanged. Needs a BERT-family model whose scope is its top
+    layers, pooler and head (else FAILED_PRECONDITION, reason SCOPE_SPLIT_UNAVAILABLE).
+    """
 
 class RetrainMode(_RetrainMode, metaclass=_RetrainModeEnumTypeWrapper):
     """How retraining runs."""
@@ -593,6 +602,15 @@ RETRAIN_MODE_FULL: RetrainMode.ValueType  # 1
 """Fine-tune every parameter from the bundle's base checkpoint with the bundle's recipe."""
 RETRAIN_MODE_SCOPE_ONLY: RetrainMode.ValueType  # 2
 """Fine-tune only the influence scope, starting from the served model (fast)."""
+RETRAIN_MODE_SCOPE_PROXIMAL: RetrainMode.ValueType  # 3
+"""Retrain the influence scope to convergence of the proximal Bregman response (Bae et al.,
+2022): minimise (1/N) Σ_train KL(p_served ‖ p_θ) + (1/N) (Σ_added L − Σ_removed L)
++ (λ/2)‖θ − θ_served‖² by full-batch L-BFGS, λ the bundle's low-rank damping. What a
+damped influence function estimates, so the ground truth of the predicted changes;
+deterministic (no batch order, no dropout, `epochs` ignored) and the served model itself
+when the training set is unchanged. Needs a BERT-family model whose scope is its top
+layers, pooler and head (else FAILED_PRECONDITION, reason SCOPE_SPLIT_UNAVAILABLE).
+"""
 Global___RetrainMode: _TypeAlias = RetrainMode  # noqa: Y015
 
 class _SubstitutionRelation:
@@ -1732,7 +1750,7 @@ class RetrainOptions(_message.Message):
     enabled: _builtins.bool
     """Retrain and evaluate. When false the result lists the edits only."""
     mode: Global___RetrainMode.ValueType
-    """Full or scope-only."""
+    """Full, scope-only or the scope's proximal response (RetrainMode)."""
     epochs: _builtins.int
     """Epochs, 1..10 (0 is INVALID_ARGUMENT). Unset: the bundle's recipe."""
     save_as: _builtins.str

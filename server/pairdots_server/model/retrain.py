@@ -8,6 +8,9 @@ Two modes:
               used as the starting point instead, and a note says so.
   SCOPE_ONLY  fine-tune only the influence-scope parameters, starting from the served model
               (fast; the paper retrains fully).
+  SCOPE_PROXIMAL  the influence scope retrained to convergence of the proximal Bregman
+              response (model/converged.py): deterministic, the served model itself when
+              nothing changed, and what a damped influence function estimates.
 The served model is never modified: retraining works on a deep copy (or a fresh load).
 """
 
@@ -40,6 +43,7 @@ MAX_EPOCHS = 10
 class RetrainMode(enum.Enum):
     FULL = "full"
     SCOPE_ONLY = "scope_only"
+    SCOPE_PROXIMAL = "scope_proximal"
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,15 @@ def check_save_as(output_root: Path, name: str | None) -> None:
             f"writable ({exc.strerror}); {fix}", reason="OUTPUT_NOT_WRITABLE") from exc
 
 
+def check_supported(rt: ModelRuntime, spec: RetrainSpec | None) -> None:
+    """FailedPrecondition when model `rt` cannot run `spec`'s mode (checked when Attack/Repair
+    is called, not after the search): SCOPE_PROXIMAL needs the scope split."""
+    if spec is not None and spec.mode is RetrainMode.SCOPE_PROXIMAL:
+        from pairdots_server.model.converged import require_split
+
+        require_split(rt)
+
+
 def base_task(
     source: str | Path, labels: Sequence[str], scope: ScopeSpec, device: str, seed: int,
     dtype: torch.dtype | None = None,
@@ -166,6 +179,14 @@ def retrain(
     """A new Task fine-tuned on `new_train` with the bundle's recipe (see the module
     docstring); the served model is left as it is. Returns (task, train result, notes)."""
     report = progress or (lambda stage, done, total: None)
+    if spec.mode is RetrainMode.SCOPE_PROXIMAL:
+        from pairdots_server.model.converged import retrain_converged
+
+        report("retraining", 0, 0)
+        task, result, how = retrain_converged(
+            rt, new_train, should_stop=should_stop,
+            progress=lambda done, total, _j: report("retraining", done, total))
+        return task, result, [how.note()]
     cfg = recipe(rt, spec)
     task, notes = starting_task(rt, spec.mode, cfg.seed)
     report("retraining", 0, 0)

@@ -21,6 +21,7 @@ from pairdots.v1 import pairdots_pb2 as pb
 from pairdots_server.config import ServerConfig
 from pairdots_server.errors import InvalidArgument
 from pairdots_server.influence.runtime import ModelRuntime
+from pairdots_server.model.retrain import check_supported
 from pairdots_server.rpc import batch, convert_jobs, job_results
 from pairdots_server.service.jobs.batch_jobs import KIND as BATCH_KIND
 from pairdots_server.service.jobs.batch_jobs import explain_batch_job
@@ -60,6 +61,7 @@ def _perturb_builder(to_query: Callable[..., Any], to_job: Callable[..., JobFn])
         query, retrain = to_query(
             request, len(runtime.bundle.labels), config.jobs, config.explain, config.output_root
         )
+        check_supported(runtime, retrain)
         return to_job(runtime, query, retrain, job_env(config, runtime))
 
     return build
