@@ -78,6 +78,22 @@ def seeds_and_ns(a: argparse.Namespace, ns: Sequence[int]) -> list[tuple[int, li
     return [(s, list(ns) if k == 0 else list(later)) for k, s in enumerate(seeds)]
 
 
+def seed_free_row(
+    a: argparse.Namespace, rows: Sequence[dict[str, Any]], seed: int, first_seed: int, mode: str,
+    n: int,
+) -> dict[str, Any] | None:
+    """With --proximal the retrain does not depend on the seed (model/converged.py), and the
+    influence searches are seeded by --seed: a later seed's n = 0 and influence rows are the
+    first seed's, copied (marked "same_as_seed") instead of retrained; None otherwise (and
+    for RANDOM, whose draw is per seed)."""
+    if not getattr(a, "proximal", False) or seed == first_seed or mode == "random":
+        return None
+    for r in rows:
+        if (r["seed"], r["mode"], r["n"]) == (first_seed, mode, n):
+            return {**r, "seed": seed, "same_as_seed": first_seed}
+    return None
+
+
 def cached_search(path: Path, key: dict[str, Any], run: Any) -> dict[str, Any]:
     """run() -> a JSON-able dict, kept in `path` with `key`; reused when the key matches (a
     stopped benchmark resumes without searching again)."""

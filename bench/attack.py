@@ -50,6 +50,7 @@ from _perturb_common import (
     log,
     retrain_eval,
     retrain_spec,
+    seed_free_row,
     seeds_and_ns,
     spearman,
     write_edits,
@@ -261,6 +262,10 @@ def main() -> None:
         base = next((r for r in rows if r["seed"] == seed and r["mode"] == "none"), None)
         for mode, n, used, train in edit_sets("attack", rt.bundle.train, mine, seed_ns):
             if (seed, mode, n) in done:
+                continue
+            same = seed_free_row(a, rows, seed, plan[0][0], mode, n)
+            if same is not None:
+                rows.append(same)
                 continue
             res = retrain_eval(rt, train, spec, {"accuracy": sample}, with_margins=True)
             m_after: list[float] = res.pop("accuracy_margins")

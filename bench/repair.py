@@ -41,6 +41,7 @@ from _perturb_common import (
     log,
     retrain_eval,
     retrain_spec,
+    seed_free_row,
     seeds_and_ns,
     write_edits,
 )
@@ -182,6 +183,11 @@ def main() -> None:
                 "random": edits["random" if seed == plan[0][0] else f"random@{seed}"]}
         for mode, n, added, train in edit_sets("repair", rt.bundle.train, mine, seed_ns):
             if (seed, mode, n) in correct:
+                continue
+            same = seed_free_row(a, rows, seed, plan[0][0], mode, n)
+            if same is not None:
+                correct[(seed, mode, n)] = correct[(plan[0][0], mode, n)]
+                rows.append(same)
                 continue
             res = retrain_eval(rt, train, spec, evals)
             c = {k: res.pop(f"{k}_correct") for k in evals}

@@ -210,3 +210,11 @@ def test_model_without_the_split_is_a_failed_precondition(rt: ModelRuntime) -> N
     assert "RETRAIN_MODE_SCOPE_ONLY" in err.value.message
     check_supported(plain, RetrainSpec(RetrainMode.SCOPE_ONLY))  # the others need no split
     check_supported(rt, RetrainSpec(RetrainMode.SCOPE_PROXIMAL))
+
+
+@pytest.mark.parametrize("bad", [{"damping": 0.0}, {"damping": float("nan")},
+                                 {"tolerance": 0.0}, {"max_iterations": 0},
+                                 {"batch_tokens": 0}])
+def test_config_rejects_what_cannot_run(bad: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        converged.ConvergedConfig(**bad)  # type: ignore[arg-type]

@@ -81,14 +81,12 @@ class ConvergedConfig:
 
     def __post_init__(self) -> None:
         if self.damping is not None and not (self.damping > 0 and math.isfinite(self.damping)):
-            raise InvalidArgument.for_field(
-                "retrain.damping", f"must be a positive finite number, got {self.damping}")
+            raise ValueError(f"damping must be a positive finite number, got {self.damping}")
         if not self.tolerance > 0:
-            raise InvalidArgument.for_field(
-                "retrain.tolerance", f"must be > 0, got {self.tolerance}")
-        if self.max_iterations < 1:
-            raise InvalidArgument.for_field(
-                "retrain.max_iterations", f"must be >= 1, got {self.max_iterations}")
+            raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
+        if self.max_iterations < 1 or self.batch_tokens < 1 or self.history < 1:
+            raise ValueError("max_iterations, batch_tokens and history must be >= 1, got "
+                             f"{self.max_iterations}, {self.batch_tokens}, {self.history}")
 
 
 @dataclass(frozen=True)
