@@ -231,6 +231,7 @@ def retrain_eval(
         if with_margins:
             out[f"{name}_margins"] = [round(m, 4) for m in margins(task, ex, rt.max_length)]
     out["total_s"] = round(time.perf_counter() - t0, 1)
+    out["notes"] = list(notes)  # e.g. whether a proximal retrain converged
     for n in notes:
         log(f"note: {n}")
     del task

@@ -92,7 +92,8 @@ class ConvergedConfig:
 @dataclass(frozen=True)
 class ConvergedResult:
     """What the minimisation did: L-BFGS iterations, function evaluations, J and max |∇J| at
-    the returned point, max |∇J| at θ_s, whether the tolerance was reached, λ, the examples added and
+    the returned point, max |∇J| at θ_s, evaluations whose J was not finite (the returned
+    point is then the lowest finite J seen), whether the tolerance was reached, λ, the examples added and
     removed, and the seconds taken."""
 
     iterations: int
@@ -100,6 +101,7 @@ class ConvergedResult:
     objective: float
     grad_max: float
     grad_max_start: float
+    non_finite: int
     converged: bool
     damping: float
     added: int
@@ -107,7 +109,9 @@ class ConvergedResult:
     seconds: float
 
     def note(self) -> str:
-        state = "converged" if self.converged else "stopped before the tolerance"
+        state = "converged" if self.converged else "stopped before the tolerance" + (
+            f" ({self.non_finite} evaluations overflowed; the lowest finite J is kept)"
+            if self.non_finite else "")
         return (f"scope retrained to the proximal Bregman response (λ = {self.damping:.4g}, "
                 f"{self.added} examples added, {self.removed} removed): {state} after "
                 f"{self.iterations} L-BFGS iterations, max |∇J| {self.grad_max_start:.1e} → "
@@ -221,9 +225,11 @@ def minimise(
     leaves = list(params.values())
     evaluations = 0
     last = math.nan
+    best = (math.inf, {k: v.detach().clone() for k, v in params.items()})
+    non_finite = 0  # evaluations whose J was inf or nan (a line-search trial too far out)
 
     def closure() -> Tensor:
-        nonlocal evaluations, last
+        nonlocal evaluations, last, best, non_finite
         if should_stop is not None:
             should_stop()
         opt.zero_grad(set_to_none=False)
@@ -244,6 +250,10 @@ def minimise(
         total += float(prox.detach())  # type: ignore[union-attr]
         evaluations += 1
         last = total
+        if not math.isfinite(total):
+            non_finite += 1
+        elif total < best[0]:
+            best = (total, {k: v.detach().clone() for k, v in params.items()})
         if progress is not None:
             progress(evaluations, cfg.max_iterations * 2, total)
         return torch.tensor(total, dtype=leaves[0].dtype)
@@ -263,10 +273,16 @@ def minimise(
         opt.step(closure)
         iterations = int(opt.state[leaves[0]].get("n_iter", 0))
         closure()  # J and ∇J at the returned point (the last evaluation may be a trial)
+        if not math.isfinite(last) or last > best[0]:  # keep the lowest finite J seen
+            with torch.no_grad():
+                for k, v in params.items():
+                    v.copy_(best[1][k])
+            closure()
     g1 = grad_max()
     result = ConvergedResult(
         iterations=iterations, evaluations=evaluations, objective=last, grad_max=g1,
-        grad_max_start=g0, converged=iterations == 0 or g1 <= cfg.tolerance * g0,
+        grad_max_start=g0, non_finite=non_finite,
+        converged=iterations == 0 or g1 <= cfg.tolerance * g0,
         damping=damping, added=sum(int(b[2].shape[0]) for b in added),
         removed=sum(int(b[2].shape[0]) for b in removed), seconds=time.perf_counter() - t0)
     return {k: v.detach() for k, v in params.items()}, result
