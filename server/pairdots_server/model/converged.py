@@ -42,7 +42,7 @@ import copy
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -63,6 +63,38 @@ if TYPE_CHECKING:
 
 ProgressFn = Callable[[int, int, float], None]  # (evaluation, max evaluations, J)
 Batch = tuple[Tensor, Tensor, Tensor]  # hidden [B,t,D], mask [B,t], labels [B]
+
+
+class TrainingBatches:
+    """The served training set as padded batches of h_L, built from the runtime's scope-input
+    cache on every pass instead of held padded (the cache already holds every row once; a
+    padded float32 copy of a large set would not fit): chunks of indices sorted by length,
+    at most `batch_tokens` padded tokens each."""
+
+    def __init__(self, rt: ModelRuntime, batch_tokens: int) -> None:
+        self.rt = rt
+        train = rt.bundle.train
+        cache = rt.scope_inputs()
+        assert cache is not None
+        lengths = [int(r.shape[0]) for r in cache.rows(range(len(train)))] \
+            if len(cache) >= len(train) else [len(e.text) // 4 + 2 for e in train]
+        order = sorted(range(len(train)), key=lambda i: (lengths[i], i))
+        self.chunks: list[list[int]] = []
+        chunk: list[int] = []
+        for i in order:
+            if chunk and (len(chunk) + 1) * lengths[i] > batch_tokens:
+                self.chunks.append(chunk)
+                chunk = []
+            chunk.append(i)
+        if chunk:
+            self.chunks.append(chunk)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for chunk in self.chunks:
+            yield pad_rows(self.rt.scope_rows(chunk))
 FALLBACK_DAMPING = 1e-2  # λ when the bundle has no low-rank curvature (no λ_max to scale)
 
 
@@ -208,7 +240,7 @@ def length_batches(rows: Sequence[Row], batch_tokens: int) -> list[Batch]:
 
 
 def minimise(
-    split: ScopeSplit, start: dict[str, Tensor], base: Sequence[Batch],
+    split: ScopeSplit, start: dict[str, Tensor], base: Iterable[Batch],
     added: Sequence[Batch], removed: Sequence[Batch], n: int, damping: float,
     cfg: ConvergedConfig, *, should_stop: Callable[[], None] | None = None,
     progress: ProgressFn | None = None,
@@ -310,7 +342,7 @@ def retrain_converged(
         return length_batches(scope_rows_for(rt, examples), cfg.batch_tokens) \
             if examples else []
 
-    base = batches(served_train)
+    base = TrainingBatches(rt, cfg.batch_tokens)
     served = rt.task
     task = Task(copy.deepcopy(served.model), served.tokenizer, list(served.labels), served.scope,
                 served.device)
