@@ -218,3 +218,14 @@ def test_model_without_the_split_is_a_failed_precondition(rt: ModelRuntime) -> N
 def test_config_rejects_what_cannot_run(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         converged.ConvergedConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_a_growing_gradient_is_reported_as_diverged() -> None:
+    common = {"iterations": 100, "evaluations": 200, "objective": -1.0, "non_finite": 0,
+              "damping": 0.05, "added": 685, "removed": 685, "seconds": 1.0}
+    bad = converged.ConvergedResult(grad_max=0.4, grad_max_start=0.01, converged=False,
+                                    **common)  # type: ignore[arg-type]
+    slow = converged.ConvergedResult(grad_max=1e-4, grad_max_start=0.01, converged=False,
+                                     **common)  # type: ignore[arg-type]
+    assert bad.diverged and "DIVERGED" in bad.note() and "fewer edits" in bad.note()
+    assert not slow.diverged and "stopped before the tolerance" in slow.note()

@@ -140,10 +140,23 @@ class ConvergedResult:
     removed: int
     seconds: float
 
+    @property
+    def diverged(self) -> bool:
+        """The minimisation ended with a larger gradient than it started from (or none)."""
+        return not self.converged and not self.grad_max <= self.grad_max_start
+
     def note(self) -> str:
         state = "converged" if self.converged else "stopped before the tolerance" + (
             f" ({self.non_finite} evaluations overflowed; the lowest finite J is kept)"
             if self.non_finite else "")
+        if self.diverged:
+            state = ("DIVERGED: max |∇J| grew, so J has no minimum near the served model for "
+                     "this training set (the −L terms of many removed examples dominate the "
+                     "proximal term); the evaluation after it is not meaningful: apply fewer "
+                     f"edits. It stopped after {self.iterations} L-BFGS iterations")
+            return (f"scope retrained to the proximal Bregman response (λ = {self.damping:.4g}, "
+                    f"{self.added} examples added, {self.removed} removed): {state}, max |∇J| "
+                    f"{self.grad_max_start:.1e} → {self.grad_max:.1e}")
         return (f"scope retrained to the proximal Bregman response (λ = {self.damping:.4g}, "
                 f"{self.added} examples added, {self.removed} removed): {state} after "
                 f"{self.iterations} L-BFGS iterations, max |∇J| {self.grad_max_start:.1e} → "
