@@ -129,7 +129,7 @@ def score_rows(
     lengths = [int(r.mask.sum()) for r in rows]
     order = sorted(range(len(rows)), key=lambda r: (lengths[r], r))
     out = torch.empty(len(rows), dtype=rows[0].embeds.dtype, device=rows[0].embeds.device)
-    for chunk in _batches(order, lengths, batch_size, max_tokens):
+    for chunk in token_batches(order, lengths, batch_size, max_tokens):
         batch = [rows[r] for r in chunk]
         t = max(lengths[r] for r in chunk)  # trim to the longest attended length
         emb, mask, labels = pad_rows([Row(r.embeds[:t], r.mask[:t], r.label) for r in batch])
@@ -142,7 +142,7 @@ def score_rows(
     return out
 
 
-def _batches(
+def token_batches(
     order: Sequence[int], lengths: Sequence[int], batch_size: int, max_tokens: int | None
 ) -> list[list[int]]:
     """Consecutive runs of `order` (ascending length) of at most batch_size rows and, with
@@ -232,7 +232,7 @@ def token_influence_first_order_many(
     lengths = [int(r.mask.sum()) for r in rows]
     order = sorted(range(len(rows)), key=lambda r: (lengths[r], r))
     out: list[Tensor] = [torch.zeros(0)] * len(rows)
-    for chunk in _batches(order, lengths, max_tokens, max_tokens):
+    for chunk in token_batches(order, lengths, max_tokens, max_tokens):
         t = max(lengths[r] for r in chunk)
         emb, mask, labels = pad_rows(
             [Row(rows[r].embeds[:t], rows[r].mask[:t], rows[r].label) for r in chunk]

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pairdots_server.core.scoring import Row, pad_rows
+from pairdots_server.core.scoring import Row, pad_rows, token_batches
 from pairdots_server.errors import FailedPrecondition, InvalidArgument
 from pairdots_server.influence.scope_inputs import DTYPES
 from pairdots_server.model.scope_split import ScopeSplit
@@ -79,15 +79,7 @@ class TrainingBatches:
         lengths = [int(r.shape[0]) for r in cache.rows(range(len(train)))] \
             if len(cache) >= len(train) else [len(e.text) // 4 + 2 for e in train]
         order = sorted(range(len(train)), key=lambda i: (lengths[i], i))
-        self.chunks: list[list[int]] = []
-        chunk: list[int] = []
-        for i in order:
-            if chunk and (len(chunk) + 1) * lengths[i] > batch_tokens:
-                self.chunks.append(chunk)
-                chunk = []
-            chunk.append(i)
-        if chunk:
-            self.chunks.append(chunk)
+        self.chunks = token_batches(order, lengths, len(train), batch_tokens)
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -95,6 +87,8 @@ class TrainingBatches:
     def __iter__(self) -> Iterator[Batch]:
         for chunk in self.chunks:
             yield pad_rows(self.rt.scope_rows(chunk))
+
+
 FALLBACK_DAMPING = 1e-2  # λ when the bundle has no low-rank curvature (no λ_max to scale)
 
 
@@ -146,17 +140,17 @@ class ConvergedResult:
         return not self.converged and not self.grad_max <= self.grad_max_start
 
     def note(self) -> str:
-        state = "converged" if self.converged else "stopped before the tolerance" + (
-            f" ({self.non_finite} evaluations overflowed; the lowest finite J is kept)"
-            if self.non_finite else "")
         if self.diverged:
             state = ("DIVERGED: max |∇J| grew, so J has no minimum near the served model for "
                      "this training set (the −L terms of many removed examples dominate the "
                      "proximal term); the evaluation after it is not meaningful: apply fewer "
-                     f"edits. It stopped after {self.iterations} L-BFGS iterations")
-            return (f"scope retrained to the proximal Bregman response (λ = {self.damping:.4g}, "
-                    f"{self.added} examples added, {self.removed} removed): {state}, max |∇J| "
-                    f"{self.grad_max_start:.1e} → {self.grad_max:.1e}")
+                     "edits. It stopped")
+        elif self.converged:
+            state = "converged"
+        else:
+            state = "stopped before the tolerance" + (
+                f" ({self.non_finite} evaluations overflowed; the lowest finite J is kept)"
+                if self.non_finite else "")
         return (f"scope retrained to the proximal Bregman response (λ = {self.damping:.4g}, "
                 f"{self.added} examples added, {self.removed} removed): {state} after "
                 f"{self.iterations} L-BFGS iterations, max |∇J| {self.grad_max_start:.1e} → "
@@ -238,18 +232,10 @@ def scope_rows_for(rt: ModelRuntime, examples: Sequence[Example]) -> list[Row]:
 def length_batches(rows: Sequence[Row], batch_tokens: int) -> list[Batch]:
     """Rows sorted by length and padded into batches of at most `batch_tokens` padded tokens
     (at least one row each): [(hidden [B,t,D], mask [B,t], labels [B]), ...]."""
-    order = sorted(range(len(rows)), key=lambda i: int(rows[i].embeds.shape[0]))
-    batches: list[Batch] = []
-    chunk: list[int] = []
-    for i in order:
-        t = int(rows[i].embeds.shape[0])
-        if chunk and (len(chunk) + 1) * t > batch_tokens:
-            batches.append(pad_rows([rows[j] for j in chunk]))
-            chunk = []
-        chunk.append(i)
-    if chunk:
-        batches.append(pad_rows([rows[j] for j in chunk]))
-    return batches
+    lengths = [int(r.embeds.shape[0]) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: lengths[i])
+    return [pad_rows([rows[j] for j in chunk])
+            for chunk in token_batches(order, lengths, len(rows), batch_tokens)]
 
 
 def minimise(
